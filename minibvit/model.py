@@ -1,0 +1,374 @@
+"""The Vision Transformer: a composition of the ops in minibvit.ops, forward and backward by hand.
+
+Parameters carry timm's VisionTransformer names and PyTorch shapes (``patch_embed.proj.weight``
+(D, C, p, p), ``blocks.0.attn.qkv.weight`` (3D, D), ...), so a ``state_dict()`` moves between
+minibvit and PyTorch unchanged. A low-bit method is a choice of quantizer per tensor (see
+``minibvit.schemes``); the model code is the same for every method.
+"""
+from dataclasses import dataclass, asdict, fields
+
+import numpy as np
+
+from . import ops
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    qkv_bias: bool = True
+    distilled: bool = False  # DeiT's distillation token and second head
+    global_pool: str = "token"  # "token" (class token) or "mean" (mean of patch tokens)
+    drop_rate: float = 0.0  # dropout after the position embedding, attention proj and MLP
+    attn_drop_rate: float = 0.0  # dropout on the attention probabilities
+    drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over blocks
+    gelu_approximate: str = "none"  # "none" (exact erf) or "tanh"
+    layernorm_eps: float = 1e-6
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"ViTConfig: {msg}")
+
+        for name in ("image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_classes"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, np.integer)) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        need(self.image_size % self.patch_size == 0,
+             f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
+        need(self.embed_dim % self.num_heads == 0,
+             f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
+        need(self.mlp_ratio > 0 and int(self.embed_dim * self.mlp_ratio) > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        need(self.global_pool in ("token", "mean"), f"global_pool must be 'token' or 'mean', got {self.global_pool!r}")
+        need(not (self.distilled and self.global_pool != "token"), "a distilled model pools with global_pool='token'")
+        need(self.gelu_approximate in ("none", "tanh"), f"gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}")
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def num_patches(self):
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_prefix_tokens(self):
+        return 2 if self.distilled else 1
+
+    @property
+    def num_tokens(self):
+        return self.num_patches + self.num_prefix_tokens
+
+    @property
+    def mlp_hidden(self):
+        return int(self.embed_dim * self.mlp_ratio)
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"ViTConfig: unknown fields {sorted(unknown)}; known fields are {sorted(known)}")
+        return cls(**d)
+
+
+PRESETS = {
+    "deit-tiny": dict(image_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "deit-small": dict(image_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "deit-base": dict(image_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    # Small shapes for 2-core CPUs: 32x32 RGB (CIFAR-10, synthetic) and 28x28 grayscale.
+    "cifar": dict(image_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=6, num_heads=3, num_classes=10),
+    "fashion-mnist": dict(image_size=28, patch_size=4, in_chans=1, embed_dim=128, depth=4, num_heads=4, num_classes=10),
+}
+
+
+def preset(name, **overrides):
+    """A ViTConfig from a named preset with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ViTConfig(**{**PRESETS[name], **overrides})
+
+
+def _trunc_normal(rng, shape, std, dtype):
+    """timm's trunc_normal_(std) with bounds +-2 (absolute, so effectively +-2 for std=.02: no
+    truncation in practice); we truncate at 2 std, the usual intent."""
+    x = rng.standard_normal(shape)
+    bad = np.abs(x) > 2.0
+    while bad.any():
+        x[bad] = rng.standard_normal(bad.sum())
+        bad = np.abs(x) > 2.0
+    return (x * std).astype(dtype)
+
+
+class ViT:
+    """A ViT with hand-written backward and a quantizer on any tensor.
+
+    model = ViT(cfg, quantizers=None, dtype=np.float32, seed=0)
+    logits, cache = model.forward(x, training=True, rng=rng)   # x: (B, C, H, W)
+    model.backward(dlogits, cache)                              # fills model.grads
+
+    ``logits`` is (B, classes), or for a distilled model a pair (cls_logits, dist_logits) in
+    training and their mean in evaluation (DeiT). ``quantizers`` maps tensor roles to quantizer
+    objects (see minibvit.schemes.build_quantizers); roles absent from it stay full precision.
+    """
+
+    def __init__(self, cfg, quantizers=None, dtype=np.float32, seed=0):
+        self.cfg = cfg
+        self.dtype = np.dtype(dtype)
+        self.quantizers = dict(quantizers or {})
+        self.params = self._init_params(np.random.default_rng(seed))
+        self.grads = {}
+
+    # ------------------------------------------------------------------------------------------
+    # parameters and state
+
+    def _init_params(self, rng):
+        c, dt = self.cfg, self.dtype
+        D, Hd = c.embed_dim, c.mlp_hidden
+        p = {
+            "cls_token": _trunc_normal(rng, (1, 1, D), 0.02, dt),
+            "pos_embed": _trunc_normal(rng, (1, c.num_tokens, D), 0.02, dt),
+            "patch_embed.proj.weight": _trunc_normal(rng, (D, c.in_chans, c.patch_size, c.patch_size), 0.02, dt),
+            "patch_embed.proj.bias": np.zeros(D, dt),
+        }
+        if c.distilled:
+            p["dist_token"] = _trunc_normal(rng, (1, 1, D), 0.02, dt)
+        for i in range(c.depth):
+            b = f"blocks.{i}"
+            p[f"{b}.norm1.weight"] = np.ones(D, dt)
+            p[f"{b}.norm1.bias"] = np.zeros(D, dt)
+            p[f"{b}.attn.qkv.weight"] = _trunc_normal(rng, (3 * D, D), 0.02, dt)
+            if c.qkv_bias:
+                p[f"{b}.attn.qkv.bias"] = np.zeros(3 * D, dt)
+            p[f"{b}.attn.proj.weight"] = _trunc_normal(rng, (D, D), 0.02, dt)
+            p[f"{b}.attn.proj.bias"] = np.zeros(D, dt)
+            p[f"{b}.norm2.weight"] = np.ones(D, dt)
+            p[f"{b}.norm2.bias"] = np.zeros(D, dt)
+            p[f"{b}.mlp.fc1.weight"] = _trunc_normal(rng, (Hd, D), 0.02, dt)
+            p[f"{b}.mlp.fc1.bias"] = np.zeros(Hd, dt)
+            p[f"{b}.mlp.fc2.weight"] = _trunc_normal(rng, (D, Hd), 0.02, dt)
+            p[f"{b}.mlp.fc2.bias"] = np.zeros(D, dt)
+        p["norm.weight"] = np.ones(D, dt)
+        p["norm.bias"] = np.zeros(D, dt)
+        p["head.weight"] = _trunc_normal(rng, (c.num_classes, D), 0.02, dt)
+        p["head.bias"] = np.zeros(c.num_classes, dt)
+        if c.distilled:
+            p["head_dist.weight"] = _trunc_normal(rng, (c.num_classes, D), 0.02, dt)
+            p["head_dist.bias"] = np.zeros(c.num_classes, dt)
+        return p
+
+    def parameters(self):
+        """All learnable arrays by name: the ViT's own and every quantizer's
+        (``<role>_quant.<param>``, e.g. ``blocks.0.attn.qkv.input_quant.alpha``)."""
+        out = dict(self.params)
+        for role, q in self.quantizers.items():
+            for name, arr in q.params.items():
+                out[f"{role}_quant.{name}"] = arr
+        return out
+
+    def buffers(self):
+        """Non-learnable state (e.g. running activation centres), ``<role>_quant.<buffer>``."""
+        return {f"{role}_quant.{name}": arr for role, q in self.quantizers.items() for name, arr in q.buffers.items()}
+
+    def state_dict(self):
+        """Every parameter and buffer by name (NumPy arrays, PyTorch shapes; not copies)."""
+        return {**self.parameters(), **self.buffers()}
+
+    def load_state_dict(self, state, strict=True):
+        """Copy arrays into the model in place. With strict, missing or unexpected names and any
+        shape mismatch raise a ValueError that lists them."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        bad_shapes = [f"{k}: checkpoint {tuple(np.shape(state[k]))} vs model {own[k].shape}"
+                      for k in own if k in state and tuple(np.shape(state[k])) != own[k].shape]
+        if bad_shapes or (strict and (missing or unexpected)):
+            raise ValueError("state_dict does not match the model:"
+                             + (f"\n  missing: {missing}" if missing else "")
+                             + (f"\n  unexpected: {unexpected}" if unexpected else "")
+                             + (f"\n  shape mismatch: {bad_shapes}" if bad_shapes else ""))
+        for k, arr in own.items():
+            if k in state:
+                arr[...] = np.asarray(state[k], dtype=arr.dtype)
+
+    # ------------------------------------------------------------------------------------------
+    # building blocks with optional quantizers
+
+    def _quant(self, role):
+        return self.quantizers.get(role, ops.IDENTITY)
+
+    def _linear_forward(self, name, x, training, bias=True):
+        """Linear layer ``name`` with its weight and input quantizers (roles ``name.weight`` and
+        ``name.input``)."""
+        wz, xz = self._quant(f"{name}.weight"), self._quant(f"{name}.input")
+        w_q, cw = wz.forward(self.params[f"{name}.weight"], training)
+        x_q, cx = xz.forward(x, training)
+        y, cl = ops.linear_forward(x_q, w_q, self.params.get(f"{name}.bias") if bias else None)
+        return y, (name, wz, xz, cw, cx, cl)
+
+    def _linear_backward(self, dy, cache):
+        name, wz, xz, cw, cx, cl = cache
+        dx_q, dw_q, db = ops.linear_backward(dy, cl)
+        dx, gx = xz.backward(dx_q, cx)
+        dw, gw = wz.backward(dw_q, cw)
+        self._accumulate(f"{name}.weight", dw)
+        if db is not None:
+            self._accumulate(f"{name}.bias", db)
+        self._accumulate_quant(f"{name}.input", gx)
+        self._accumulate_quant(f"{name}.weight", gw)
+        return dx
+
+    def _accumulate(self, name, g):
+        self.grads[name] = self.grads[name] + g if name in self.grads else g
+
+    def _accumulate_quant(self, role, grads):
+        for pname, g in grads.items():
+            self._accumulate(f"{role}_quant.{pname}", g)
+
+    # ------------------------------------------------------------------------------------------
+    # forward
+
+    def _block_forward(self, i, x, training, rng):
+        c, P, b = self.cfg, self.params, f"blocks.{i}"
+        dpr = c.drop_path_rate * i / max(c.depth - 1, 1)
+        h, c_ln1 = ops.layernorm_forward(x, P[f"{b}.norm1.weight"], P[f"{b}.norm1.bias"], c.layernorm_eps)
+        qkv, c_qkv = self._linear_forward(f"{b}.attn.qkv", h, training, bias=c.qkv_bias)
+        (q, k, v), c_split = ops.split_heads_forward(qkv, c.num_heads)
+        attn_quant = {t: self.quantizers[f"{b}.attn.{t}"] for t in ("q", "k", "attn", "v")
+                      if f"{b}.attn.{t}" in self.quantizers}
+        o, c_attn = ops.attention_forward(q, k, v, attn_quant, training, c.attn_drop_rate, rng)
+        o, c_merge = ops.merge_heads_forward(o)
+        a, c_proj = self._linear_forward(f"{b}.attn.proj", o, training)
+        a, c_drop1 = ops.dropout_forward(a, c.drop_rate, rng, training)
+        a, c_dp1 = ops.drop_path_forward(a, dpr, rng, training)
+        x, _ = ops.residual_forward(x, a)
+        h, c_ln2 = ops.layernorm_forward(x, P[f"{b}.norm2.weight"], P[f"{b}.norm2.bias"], c.layernorm_eps)
+        h, c_fc1 = self._linear_forward(f"{b}.mlp.fc1", h, training)
+        h, c_gelu = ops.gelu_forward(h, c.gelu_approximate)
+        h, c_drop2 = ops.dropout_forward(h, c.drop_rate, rng, training)
+        h, c_fc2 = self._linear_forward(f"{b}.mlp.fc2", h, training)
+        h, c_drop3 = ops.dropout_forward(h, c.drop_rate, rng, training)
+        h, c_dp2 = ops.drop_path_forward(h, dpr, rng, training)
+        x, _ = ops.residual_forward(x, h)
+        return x, (c_ln1, c_qkv, c_split, c_attn, c_merge, c_proj, c_drop1, c_dp1,
+                   c_ln2, c_fc1, c_gelu, c_drop2, c_fc2, c_drop3, c_dp2)
+
+    def forward(self, x, training=False, rng=None):
+        """x: (B, C, H, W) normalised images in the model dtype.
+
+        Returns (logits, cache): logits (B, classes), or for a distilled model the pair
+        (cls_logits, dist_logits) when training and their mean when not.
+        rng: numpy Generator for dropout and drop-path (needed only when those rates are > 0).
+        """
+        c, P = self.cfg, self.params
+        expected = (c.in_chans, c.image_size, c.image_size)
+        if x.ndim != 4 or x.shape[1:] != expected:
+            raise ValueError(f"expected images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
+                             f"got {x.shape}; resize the data or change the model config")
+        uses_rng = c.drop_rate > 0 or c.attn_drop_rate > 0 or c.drop_path_rate > 0
+        if training and uses_rng and rng is None:
+            raise ValueError("training with dropout or drop-path needs a numpy Generator: forward(..., rng=...)")
+        x = x.astype(self.dtype, copy=False)
+        pz, pxz = self._quant("patch_embed.proj.weight"), self._quant("patch_embed.proj.input")
+        w_q, c_pw = pz.forward(P["patch_embed.proj.weight"], training)
+        x_q, c_px = pxz.forward(x, training)
+        t, c_pe = ops.patch_embed_forward(x_q, w_q, P["patch_embed.proj.bias"], c.patch_size)
+        t, c_tok = ops.tokens_forward(t, P["pos_embed"], P["cls_token"], P.get("dist_token"))
+        t, c_pos_drop = ops.dropout_forward(t, c.drop_rate, rng, training)
+        c_blocks = []
+        for i in range(c.depth):
+            t, cb = self._block_forward(i, t, training, rng)
+            c_blocks.append(cb)
+        t, c_norm = ops.layernorm_forward(t, P["norm.weight"], P["norm.bias"], c.layernorm_eps)
+        if c.distilled:
+            logits, c_head = self._linear_forward("head", t[:, 0], training)
+            logits_dist, c_head_dist = self._linear_forward("head_dist", t[:, 1], training)
+            c_pool = t.shape
+            out = (logits, logits_dist) if training else (logits + logits_dist) / 2
+        else:
+            pooled, c_pool = ops.pool_forward(t, c.global_pool, c.num_prefix_tokens)
+            out, c_head = self._linear_forward("head", pooled, training)
+            c_head_dist = None
+        cache = (pz, pxz, c_pw, c_px, c_pe, c_tok, c_pos_drop, c_blocks, c_norm, c_pool, c_head, c_head_dist, training)
+        return out, cache
+
+    # ------------------------------------------------------------------------------------------
+    # backward: the forward, reversed
+
+    def _block_backward(self, i, dx, cache):
+        (c_ln1, c_qkv, c_split, c_attn, c_merge, c_proj, c_drop1, c_dp1,
+         c_ln2, c_fc1, c_gelu, c_drop2, c_fc2, c_drop3, c_dp2) = cache
+        b = f"blocks.{i}"
+        dx, dh = ops.residual_backward(dx, None)
+        dh = ops.drop_path_backward(dh, c_dp2)
+        dh = ops.dropout_backward(dh, c_drop3)
+        dh = self._linear_backward(dh, c_fc2)
+        dh = ops.dropout_backward(dh, c_drop2)
+        dh = ops.gelu_backward(dh, c_gelu)
+        dh = self._linear_backward(dh, c_fc1)
+        dh, dg, db = ops.layernorm_backward(dh, c_ln2)
+        self._accumulate(f"{b}.norm2.weight", dg)
+        self._accumulate(f"{b}.norm2.bias", db)
+        dx = dx + dh
+        dx, da = ops.residual_backward(dx, None)
+        da = ops.drop_path_backward(da, c_dp1)
+        da = ops.dropout_backward(da, c_drop1)
+        do = self._linear_backward(da, c_proj)
+        do = ops.merge_heads_backward(do, c_merge)
+        dq, dk, dv, gq = ops.attention_backward(do, c_attn)
+        for name, g in gq.items():
+            tensor, pname = name.split(".", 1)
+            self._accumulate(f"{b}.attn.{tensor}_quant.{pname}", g)
+        dqkv = ops.split_heads_backward(dq, dk, dv, c_split)
+        dh = self._linear_backward(dqkv, c_qkv)
+        dh, dg, db = ops.layernorm_backward(dh, c_ln1)
+        self._accumulate(f"{b}.norm1.weight", dg)
+        self._accumulate(f"{b}.norm1.bias", db)
+        return dx + dh
+
+    def backward(self, dlogits, cache):
+        """Backpropagate d loss / d logits (same structure as forward's logits) through the model.
+        Fills ``self.grads`` (a fresh dict, names as in ``parameters()``) and returns d images."""
+        (pz, pxz, c_pw, c_px, c_pe, c_tok, c_pos_drop, c_blocks, c_norm, c_pool, c_head, c_head_dist,
+         training) = cache
+        c = self.cfg
+        self.grads = {}
+        if c.distilled:
+            if training:
+                dlogits, dlogits_dist = dlogits
+            else:
+                dlogits = dlogits_dist = dlogits / 2
+            dt = np.zeros(c_pool, dtype=self.dtype)
+            dt[:, 1] = self._linear_backward(dlogits_dist, c_head_dist)
+            dt[:, 0] = self._linear_backward(dlogits, c_head)
+        else:
+            dpooled = self._linear_backward(dlogits, c_head)
+            dt = ops.pool_backward(dpooled, c_pool)
+        dt, dg, db = ops.layernorm_backward(dt, c_norm)
+        self._accumulate("norm.weight", dg)
+        self._accumulate("norm.bias", db)
+        for i in reversed(range(c.depth)):
+            dt = self._block_backward(i, dt, c_blocks[i])
+        dt = ops.dropout_backward(dt, c_pos_drop)
+        dt, dpos, dcls, ddist = ops.tokens_backward(dt, c_tok)
+        self._accumulate("pos_embed", dpos)
+        self._accumulate("cls_token", dcls)
+        if ddist is not None:
+            self._accumulate("dist_token", ddist)
+        dx_q, dw_q, db = ops.patch_embed_backward(dt, c_pe)
+        self._accumulate("patch_embed.proj.bias", db)
+        dw, gw = pz.backward(dw_q, c_pw)
+        self._accumulate("patch_embed.proj.weight", dw)
+        self._accumulate_quant("patch_embed.proj.weight", gw)
+        dx, gx = pxz.backward(dx_q, c_px)
+        self._accumulate_quant("patch_embed.proj.input", gx)
+        return dx

@@ -1,0 +1,493 @@
+"""Full-precision ViT ops, each a forward/backward pair written by hand.
+
+Convention (CS231n / llm.c): ``out, cache = op_forward(...)`` and
+``grads = op_backward(dout, cache)``. Every op works in the dtype of its inputs: float32 for
+training, float64 for the reference tests. Shapes use B = batch, N = tokens, D = embedding
+width, H = heads, d = D / H, C = classes.
+
+The element-wise and row-wise hot spots (GELU, LayerNorm, softmax) are Numba kernels that run
+in parallel over rows; everything else is NumPy and BLAS.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+# ----------------------------------------------------------------------------------------------
+# linear
+
+
+def linear_forward(x, w, b=None):
+    """y = x @ w.T + b.
+
+    x: (..., K) input; w: (N, K) weight (PyTorch layout); b: (N,) bias or None.
+    Returns y: (..., N) and the cache.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    y = x2 @ w.T
+    if b is not None:
+        y += b
+    return y.reshape(*x.shape[:-1], w.shape[0]), (x2, w, x.shape, b is not None)
+
+
+def linear_backward(dout, cache):
+    """Returns dx (..., K), dw (N, K), db (N,) or None."""
+    x2, w, x_shape, has_bias = cache
+    d2 = dout.reshape(-1, w.shape[0])
+    dx = (d2 @ w).reshape(x_shape)
+    dw = d2.T @ x2
+    db = d2.sum(axis=0) if has_bias else None
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _layernorm_rows(x, gamma, beta, eps, out, xhat, rstd):
+    rows, n = x.shape
+    for r in prange(rows):
+        mean = 0.0
+        for j in range(n):
+            mean += x[r, j]
+        mean /= n
+        var = 0.0
+        for j in range(n):
+            t = x[r, j] - mean
+            var += t * t
+        var /= n
+        s = 1.0 / math.sqrt(var + eps)
+        rstd[r] = s
+        for j in range(n):
+            h = (x[r, j] - mean) * s
+            xhat[r, j] = h
+            out[r, j] = h * gamma[j] + beta[j]
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _layernorm_rows_backward(dout, xhat, rstd, gamma, dx):
+    rows, n = dout.shape
+    for r in prange(rows):
+        sum_g = 0.0
+        sum_gx = 0.0
+        for j in range(n):
+            g = dout[r, j] * gamma[j]
+            sum_g += g
+            sum_gx += g * xhat[r, j]
+        sum_g /= n
+        sum_gx /= n
+        for j in range(n):
+            g = dout[r, j] * gamma[j]
+            dx[r, j] = (g - sum_g - xhat[r, j] * sum_gx) * rstd[r]
+
+
+def layernorm_forward(x, gamma, beta, eps=1e-6):
+    """LayerNorm over the last axis: y = (x - mean) / sqrt(var + eps) * gamma + beta.
+
+    x: (..., D); gamma, beta: (D,). eps defaults to 1e-6 as in timm's ViT.
+    Returns y: (..., D) and the cache.
+    """
+    x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    out = np.empty_like(x2)
+    xhat = np.empty_like(x2)
+    rstd = np.empty(x2.shape[0], dtype=x.dtype)
+    _layernorm_rows(x2, gamma.astype(x.dtype), beta.astype(x.dtype), x.dtype.type(eps), out, xhat, rstd)
+    return out.reshape(x.shape), (xhat, rstd, gamma, x.shape)
+
+
+def layernorm_backward(dout, cache):
+    """Returns dx (..., D), dgamma (D,), dbeta (D,)."""
+    xhat, rstd, gamma, x_shape = cache
+    d2 = np.ascontiguousarray(dout.reshape(xhat.shape))
+    dx = np.empty_like(d2)
+    _layernorm_rows_backward(d2, xhat, rstd, gamma.astype(d2.dtype), dx)
+    dgamma = np.einsum("ij,ij->j", d2, xhat)
+    dbeta = d2.sum(axis=0)
+    return dx.reshape(x_shape), dgamma, dbeta
+
+
+# ----------------------------------------------------------------------------------------------
+# GELU
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@njit(parallel=True, cache=True)
+def _gelu_erf(x, out, half, one, c):
+    # constants arrive in x's dtype so float32 stays float32 (erff) and float64 stays exact;
+    # c = (1/sqrt 2, 1/sqrt(2 pi))
+    for i in prange(x.size):
+        v = x[i]
+        out[i] = half * v * (one + math.erf(v * c[0]))
+
+
+@njit(parallel=True, cache=True)
+def _gelu_erf_backward(x, dout, dx, half, one, c):
+    for i in prange(x.size):
+        v = x[i]
+        cdf = half * (one + math.erf(v * c[0]))
+        pdf = c[1] * math.exp(-half * v * v)
+        dx[i] = dout[i] * (cdf + v * pdf)
+
+
+@njit(parallel=True, cache=True)
+def _gelu_tanh(x, out, half, one, c):
+    # c = (sqrt(2/pi), 0.044715, 3 * 0.044715)
+    for i in prange(x.size):
+        v = x[i]
+        out[i] = half * v * (one + math.tanh(c[0] * (v + c[1] * v * v * v)))
+
+
+@njit(parallel=True, cache=True)
+def _gelu_tanh_backward(x, dout, dx, half, one, c):
+    for i in prange(x.size):
+        v = x[i]
+        t = math.tanh(c[0] * (v + c[1] * v * v * v))
+        du = c[0] * (one + c[2] * v * v)
+        dx[i] = dout[i] * (half * (one + t) + half * v * (one - t * t) * du)
+
+
+def _gelu_constants(approximate, dtype):
+    if approximate == "none":
+        c = np.array([_INV_SQRT_2, _INV_SQRT_2PI], dtype=dtype)
+    else:
+        c = np.array([_SQRT_2_OVER_PI, 0.044715, 3 * 0.044715], dtype=dtype)
+    return dtype.type(0.5), dtype.type(1.0), c
+
+
+def gelu_forward(x, approximate="none"):
+    """GELU. approximate="none": y = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) (exact);
+    approximate="tanh": y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+    x: any shape. Returns y (same shape) and the cache.
+    """
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")
+    xf = np.ascontiguousarray(x).reshape(-1)
+    out = np.empty_like(xf)
+    (_gelu_erf if approximate == "none" else _gelu_tanh)(xf, out, *_gelu_constants(approximate, xf.dtype))
+    return out.reshape(x.shape), (xf, approximate, x.shape)
+
+
+def gelu_backward(dout, cache):
+    """dx = dout * GELU'(x). Returns dx (same shape as x)."""
+    xf, approximate, shape = cache
+    dx = np.empty_like(xf)
+    kernel = _gelu_erf_backward if approximate == "none" else _gelu_tanh_backward
+    kernel(xf, np.ascontiguousarray(dout, dtype=xf.dtype).reshape(-1), dx, *_gelu_constants(approximate, xf.dtype))
+    return dx.reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax (last axis)
+
+
+@njit(parallel=True, cache=True)
+def _softmax_rows(x, out):
+    rows, n = x.shape
+    for r in prange(rows):
+        m = x[r, 0]
+        for j in range(1, n):
+            if x[r, j] > m:
+                m = x[r, j]
+        s = 0.0
+        for j in range(n):
+            e = math.exp(x[r, j] - m)
+            out[r, j] = e
+            s += e
+        inv = 1.0 / s
+        for j in range(n):
+            out[r, j] *= inv
+
+
+@njit(parallel=True, cache=True)
+def _softmax_rows_backward(y, dout, dx):
+    rows, n = y.shape
+    for r in prange(rows):
+        dot = 0.0
+        for j in range(n):
+            dot += y[r, j] * dout[r, j]
+        for j in range(n):
+            dx[r, j] = y[r, j] * (dout[r, j] - dot)
+
+
+def softmax_forward(x):
+    """Numerically stable softmax over the last axis. x: (..., n). Returns y and the cache."""
+    x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    y = np.empty_like(x2)
+    _softmax_rows(x2, y)
+    return y.reshape(x.shape), y
+
+
+def softmax_backward(dout, cache):
+    """dx = y * (dout - sum(dout * y, -1)). Returns dx (same shape)."""
+    y = cache
+    dx = np.empty_like(y)
+    _softmax_rows_backward(y, np.ascontiguousarray(dout).reshape(y.shape), dx)
+    return dx.reshape(dout.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# multi-head self-attention core
+
+
+class _Identity:
+    """Pass-through used where an attention tensor is not quantized."""
+
+    params, buffers = {}, {}
+
+    def forward(self, x, training):
+        return x, None
+
+    def backward(self, dout, cache):
+        return dout, {}
+
+
+IDENTITY = _Identity()
+
+
+def split_heads_forward(qkv, num_heads):
+    """(B, N, 3D) fused qkv projection -> q, k, v each (B, H, N, d) (timm's layout)."""
+    B, N, threeD = qkv.shape
+    d = threeD // (3 * num_heads)
+    qkv = qkv.reshape(B, N, 3, num_heads, d).transpose(2, 0, 3, 1, 4)
+    return (qkv[0], qkv[1], qkv[2]), qkv.shape
+
+
+def split_heads_backward(dq, dk, dv, cache):
+    """Inverse of split_heads_forward: returns d qkv (B, N, 3D)."""
+    _, B, H, N, d = cache
+    return np.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, N, 3 * H * d)
+
+
+def merge_heads_forward(x):
+    """(B, H, N, d) -> (B, N, H*d)."""
+    B, H, N, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, N, H * d), x.shape
+
+
+def merge_heads_backward(dout, cache):
+    B, H, N, d = cache
+    return dout.reshape(B, N, H, d).transpose(0, 2, 1, 3)
+
+
+def attention_forward(q, k, v, quant=None, training=False, attn_drop=0.0, rng=None):
+    """Scaled dot-product attention, batched over batch and heads (no Python loop per head).
+
+        S = (Q_q K_q^T) / sqrt(d),  A = softmax(S),  A_q = quant_attn(A),  O = A_q V_q
+
+    with Q_q = quant_q(Q), K_q = quant_k(K), V_q = quant_v(V) (identity in full precision; the
+    scale is applied after the product, as in BiT, so that binary Q K^T stays an integer product).
+
+    q, k, v: (B, H, N, d). quant: optional dict with any of the keys "q", "k", "attn", "v" mapping
+    to quantizer objects (see minibvit.quant). attn_drop: dropout rate on A_q (training only).
+    Returns O: (B, H, N, d) and the cache.
+    """
+    quant = quant or {}
+    qz, kz, az, vz = (quant.get(name, IDENTITY) for name in ("q", "k", "attn", "v"))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    q_q, cq = qz.forward(q, training)
+    k_q, ck = kz.forward(k, training)
+    scores = np.matmul(q_q, k_q.swapaxes(-1, -2))
+    scores *= scores.dtype.type(scale)
+    attn, c_soft = softmax_forward(scores)
+    a_q, ca = az.forward(attn, training)
+    a_d, c_drop = dropout_forward(a_q, attn_drop, rng, training)
+    v_q, cv = vz.forward(v, training)
+    out = np.matmul(a_d, v_q)
+    return out, (qz, kz, az, vz, cq, ck, ca, cv, q_q, k_q, a_d, v_q, c_soft, c_drop, scale)
+
+
+def attention_backward(dout, cache):
+    """Returns dq, dk, dv (each (B, H, N, d)) and a dict of quantizer parameter gradients keyed
+    "q.<param>", "k.<param>", "attn.<param>", "v.<param>"."""
+    qz, kz, az, vz, cq, ck, ca, cv, q_q, k_q, a_d, v_q, c_soft, c_drop, scale = cache
+    grads = {}
+    da_d = np.matmul(dout, v_q.swapaxes(-1, -2))
+    dv_q = np.matmul(a_d.swapaxes(-1, -2), dout)
+    dv, g = vz.backward(dv_q, cv)
+    grads.update({f"v.{n}": t for n, t in g.items()})
+    da_q = dropout_backward(da_d, c_drop)
+    dattn, g = az.backward(da_q, ca)
+    grads.update({f"attn.{n}": t for n, t in g.items()})
+    dscores = softmax_backward(dattn, c_soft)
+    dscores *= dscores.dtype.type(scale)
+    dq_q = np.matmul(dscores, k_q)
+    dk_q = np.matmul(dscores.swapaxes(-1, -2), q_q)
+    dq, g = qz.backward(dq_q, cq)
+    grads.update({f"q.{n}": t for n, t in g.items()})
+    dk, g = kz.backward(dk_q, ck)
+    grads.update({f"k.{n}": t for n, t in g.items()})
+    return dq, dk, dv, grads
+
+
+# ----------------------------------------------------------------------------------------------
+# patch embedding, tokens, pooling
+
+
+def patch_embed_forward(x, w, b, patch_size):
+    """Non-overlapping patch convolution (kernel = stride = p) as reshape + matmul.
+
+    x: (B, C, H, W) images; w: (D, C, p, p) conv weight (PyTorch layout); b: (D,).
+    Returns tokens (B, N, D) with N = (H/p)(W/p) in row-major patch order, and the cache.
+    """
+    B, C, H, W = x.shape
+    p = patch_size
+    if H % p or W % p:
+        raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}")
+    gh, gw = H // p, W // p
+    patches = x.reshape(B, C, gh, p, gw, p).transpose(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * p * p)
+    w2 = w.reshape(w.shape[0], -1)
+    out, c_lin = linear_forward(patches, w2, b)
+    return out, (c_lin, x.shape, w.shape, p)
+
+
+def patch_embed_backward(dout, cache):
+    """Returns dx (B, C, H, W), dw (D, C, p, p), db (D,)."""
+    c_lin, x_shape, w_shape, p = cache
+    dpatches, dw2, db = linear_backward(dout, c_lin)
+    B, C, H, W = x_shape
+    gh, gw = H // p, W // p
+    dx = dpatches.reshape(B, gh, gw, C, p, p).transpose(0, 3, 1, 4, 2, 5).reshape(x_shape)
+    return dx, dw2.reshape(w_shape), db
+
+
+def tokens_forward(x, pos_embed, cls_token, dist_token=None):
+    """Prepend the class token (and the distillation token) and add the position embedding.
+
+    x: (B, N, D) patch tokens; cls_token, dist_token: (1, 1, D); pos_embed: (1, N + prefix, D).
+    Returns (B, N + prefix, D), prefix = 1 or 2, and the cache.
+    """
+    B = x.shape[0]
+    prefix = [np.broadcast_to(cls_token, (B, 1, x.shape[2]))]
+    if dist_token is not None:
+        prefix.append(np.broadcast_to(dist_token, (B, 1, x.shape[2])))
+    out = np.concatenate(prefix + [x], axis=1)
+    out += pos_embed
+    return out, len(prefix)
+
+
+def tokens_backward(dout, cache):
+    """Returns dx (B, N, D), dpos_embed (1, N+prefix, D), dcls (1, 1, D), ddist (1, 1, D) or None."""
+    prefix = cache
+    dpos = dout.sum(axis=0, keepdims=True)
+    dcls = dout[:, :1].sum(axis=0, keepdims=True)
+    ddist = dout[:, 1:2].sum(axis=0, keepdims=True) if prefix == 2 else None
+    return dout[:, prefix:], dpos, dcls, ddist
+
+
+def pool_forward(x, mode, num_prefix):
+    """Token pooling. mode "token": the class token x[:, 0]; mode "mean": the mean of the patch
+    tokens x[:, num_prefix:] (timm's global_pool="avg"). x: (B, N, D) -> (B, D)."""
+    if mode == "token":
+        return x[:, 0], (mode, x.shape, num_prefix)
+    if mode == "mean":
+        return x[:, num_prefix:].mean(axis=1), (mode, x.shape, num_prefix)
+    raise ValueError(f"pool mode must be 'token' or 'mean', got {mode!r}")
+
+
+def pool_backward(dout, cache):
+    mode, shape, num_prefix = cache
+    dx = np.zeros(shape, dtype=dout.dtype)
+    if mode == "token":
+        dx[:, 0] = dout
+    else:
+        dx[:, num_prefix:] = dout[:, None, :] / (shape[1] - num_prefix)
+    return dx
+
+
+def residual_forward(x, y):
+    """Residual add x + y (the block's skip connection)."""
+    return x + y, None
+
+
+def residual_backward(dout, cache):
+    """Both branches receive the incoming gradient unchanged."""
+    return dout, dout
+
+
+# ----------------------------------------------------------------------------------------------
+# dropout and stochastic depth (seeded: pass a numpy Generator)
+
+
+def dropout_forward(x, p, rng, training):
+    """Inverted dropout: y = x * m / (1 - p), m ~ Bernoulli(1 - p) drawn from ``rng``.
+    Identity when not training or p == 0."""
+    if not training or p == 0.0:
+        return x, None
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1), got {p}")
+    mask = (rng.random(x.shape, dtype=np.float32) >= p).astype(x.dtype)
+    mask /= x.dtype.type(1.0 - p)
+    return x * mask, mask
+
+
+def dropout_backward(dout, cache):
+    return dout if cache is None else dout * cache
+
+
+def drop_path_forward(x, p, rng, training):
+    """Stochastic depth (Huang et al. 2016): drop a sample's whole residual branch with
+    probability p, scaling kept ones by 1/(1-p). x: (B, ...); one Bernoulli draw per sample."""
+    if not training or p == 0.0:
+        return x, None
+    keep = (rng.random(x.shape[0], dtype=np.float32) >= p).astype(x.dtype) / x.dtype.type(1.0 - p)
+    mask = keep.reshape((-1,) + (1,) * (x.ndim - 1))
+    return x * mask, mask
+
+
+drop_path_backward = dropout_backward
+
+
+# ----------------------------------------------------------------------------------------------
+# losses
+
+
+def _log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def cross_entropy_forward(logits, labels, label_smoothing=0.0):
+    """Mean cross-entropy with label smoothing (as torch.nn.functional.cross_entropy):
+    target q = (1 - eps) onehot(y) + eps / C;  loss = mean_b( -sum_c q_bc log softmax(z_b)_c ).
+
+    logits: (B, C); labels: (B,) integers in [0, C). Returns the scalar loss and the cache.
+    """
+    B, C = logits.shape
+    if labels.shape != (B,):
+        raise ValueError(f"labels must have shape ({B},), got {labels.shape}")
+    logp = _log_softmax(logits)
+    target = np.full_like(logits, label_smoothing / C)
+    target[np.arange(B), labels] += 1.0 - label_smoothing
+    loss = -(target * logp).sum() / B
+    return loss, (logp, target)
+
+
+def cross_entropy_backward(dloss, cache):
+    """d logits = dloss * (softmax(z) - q) / B."""
+    logp, target = cache
+    return (np.exp(logp) - target) * (dloss / logp.shape[0])
+
+
+def kd_soft_forward(student_logits, teacher_logits, temperature):
+    """Soft knowledge distillation (Hinton et al. 2015):
+    loss = tau^2 * mean_b KL(softmax(t_b / tau) || softmax(s_b / tau)).
+
+    student_logits, teacher_logits: (B, C); the teacher is a constant. Returns loss and cache.
+    """
+    tau = temperature
+    logp_s = _log_softmax(student_logits / tau)
+    logp_t = _log_softmax(teacher_logits / tau)
+    p_t = np.exp(logp_t)
+    loss = tau * tau * (p_t * (logp_t - logp_s)).sum() / student_logits.shape[0]
+    return loss, (logp_s, p_t, tau)
+
+
+def kd_soft_backward(dloss, cache):
+    """d student_logits = dloss * tau * (softmax(s / tau) - softmax(t / tau)) / B."""
+    logp_s, p_t, tau = cache
+    return (np.exp(logp_s) - p_t) * (dloss * tau / logp_s.shape[0])

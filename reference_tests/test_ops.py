@@ -1,0 +1,314 @@
+"""Every op's forward and backward against PyTorch (float64, hypothesis-drawn shapes and values),
+by finite differences for the real-valued ops, and the float32 path at float32 tolerance."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from adapter import ops
+
+torch = pytest.importorskip("torch", reason="PyTorch is the reference for these tests (pip install torch==2.13.0)")
+F = torch.nn.functional
+
+RTOL = 1e-10
+ATOL = 1e-12
+
+
+def tt(a):
+    return torch.tensor(np.asarray(a), dtype=torch.float64, requires_grad=True)
+
+
+def close(actual, expected, name, rtol=RTOL, atol=ATOL):
+    expected = expected.detach().numpy() if isinstance(expected, torch.Tensor) else expected
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=f"{name} differs from the reference")
+
+
+# values: ordinary, exact zeros, large and small magnitudes
+finite = st.one_of(
+    st.floats(-3, 3, allow_nan=False, width=64),
+    st.just(0.0),
+    st.floats(-1e3, 1e3, allow_nan=False, width=64),
+    st.floats(-1e-6, 1e-6, allow_nan=False, width=64),
+)
+
+
+def arrays(shape):
+    return hnp.arrays(np.float64, shape, elements=finite)
+
+
+dims = st.integers(1, 7)
+
+
+@settings(max_examples=40)
+@given(data=st.data(), rows=dims, k=dims, n=dims, bias=st.booleans())
+def test_linear(data, rows, k, n, bias):
+    x = data.draw(arrays((2, rows, k)))
+    w = data.draw(arrays((n, k)))
+    b = data.draw(arrays((n,))) if bias else None
+    y, cache = ops.linear_forward(x, w, b)
+    g = data.draw(arrays(y.shape))
+    dx, dw, db = ops.linear_backward(g, cache)
+    xt, wt = tt(x), tt(w)
+    bt = tt(b) if bias else None
+    yt = F.linear(xt, wt, bt)
+    yt.backward(torch.from_numpy(g))
+    scale = 1e-9 * (1 + np.abs(x).max() * np.abs(w).max() * k)  # cancellation in large sums
+    close(y, yt, "linear out", atol=scale)
+    close(dx, xt.grad, "linear dx", atol=1e-9 * (1 + np.abs(g).max() * np.abs(w).max() * n))
+    close(dw, wt.grad, "linear dw", atol=1e-9 * (1 + np.abs(g).max() * np.abs(x).max() * 2 * rows))
+    if bias:
+        close(db, bt.grad, "linear db", atol=1e-9 * (1 + np.abs(g).max() * 2 * rows))
+    else:
+        assert db is None
+
+
+moderate = st.floats(-4, 4, allow_nan=False, width=64)
+
+
+@settings(max_examples=40)
+@given(data=st.data(), rows=dims, d=st.integers(2, 33))
+def test_layernorm(data, rows, d):
+    x = data.draw(hnp.arrays(np.float64, (rows, d), elements=moderate))
+    x[0, 0] = 0.0  # exact zero
+    gamma = data.draw(hnp.arrays(np.float64, (d,), elements=moderate))
+    beta = data.draw(hnp.arrays(np.float64, (d,), elements=moderate))
+    g = data.draw(hnp.arrays(np.float64, (rows, d), elements=moderate))
+    y, cache = ops.layernorm_forward(x, gamma, beta, 1e-6)
+    dx, dgamma, dbeta = ops.layernorm_backward(g, cache)
+    xt, gt, bt = tt(x), tt(gamma), tt(beta)
+    yt = F.layer_norm(xt, (d,), gt, bt, eps=1e-6)
+    yt.backward(torch.from_numpy(g))
+    # a row with tiny variance amplifies rounding by 1/sqrt(var + eps) <= 1e3
+    close(y, yt, "layernorm out", rtol=1e-9, atol=1e-9)
+    close(dx, xt.grad, "layernorm dx", rtol=1e-8, atol=1e-8)
+    close(dgamma, gt.grad, "layernorm dgamma", rtol=1e-9, atol=1e-9)
+    close(dbeta, bt.grad, "layernorm dbeta")
+
+
+@settings(max_examples=40)
+@given(x=hnp.arrays(np.float64, hnp.array_shapes(min_dims=1, max_dims=3, max_side=9), elements=finite),
+       approximate=st.sampled_from(["none", "tanh"]))
+def test_gelu(x, approximate):
+    y, cache = ops.gelu_forward(x, approximate)
+    g = np.cos(np.arange(x.size)).reshape(x.shape)
+    dx = ops.gelu_backward(g, cache)
+    xt = tt(x)
+    yt = F.gelu(xt, approximate=approximate)
+    yt.backward(torch.from_numpy(g))
+    close(y, yt, f"gelu[{approximate}] out")
+    close(dx, xt.grad, f"gelu[{approximate}] dx")
+
+
+@settings(max_examples=40)
+@given(x=hnp.arrays(np.float64, hnp.array_shapes(min_dims=1, max_dims=4, max_side=9), elements=finite))
+def test_softmax(x):
+    y, cache = ops.softmax_forward(x)
+    g = np.sin(np.arange(x.size) + 0.5).reshape(x.shape)
+    dx = ops.softmax_backward(g, cache)
+    xt = tt(x)
+    yt = torch.softmax(xt, dim=-1)
+    yt.backward(torch.from_numpy(g))
+    close(y, yt, "softmax out")
+    close(dx, xt.grad, "softmax dx")
+
+
+@settings(max_examples=30)
+@given(data=st.data(), b=st.integers(1, 3), h=st.integers(1, 3), n=st.integers(1, 9), d=st.integers(1, 6))
+def test_attention_and_heads(data, b, h, n, d):
+    """split heads -> softmax(Q K^T / sqrt(d)) V -> merge heads, against torch's SDPA."""
+    qkv = data.draw(hnp.arrays(np.float64, (b, n, 3 * h * d), elements=moderate))
+    (q, k, v), c_split = ops.split_heads_forward(qkv, h)
+    o, c_attn = ops.attention_forward(q, k, v)
+    m, c_merge = ops.merge_heads_forward(o)
+    g = data.draw(hnp.arrays(np.float64, m.shape, elements=moderate))
+    dq, dk, dv, qgrads = ops.attention_backward(ops.merge_heads_backward(g, c_merge), c_attn)
+    assert qgrads == {}
+    dqkv = ops.split_heads_backward(dq, dk, dv, c_split)
+
+    qkvt = tt(qkv)
+    qt, kt, vt = qkvt.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    mt = F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2).reshape(b, n, h * d)
+    mt.backward(torch.from_numpy(g))
+    close(m, mt, "attention out")
+    close(dqkv, qkvt.grad, "attention d qkv")
+
+
+@settings(max_examples=30)
+@given(data=st.data(), b=st.integers(1, 3), c=st.integers(1, 3), p=st.integers(1, 4), gh=st.integers(1, 3),
+       gw=st.integers(1, 3), dim=st.integers(1, 5))
+def test_patch_embed(data, b, c, p, gh, gw, dim):
+    x = data.draw(hnp.arrays(np.float64, (b, c, gh * p, gw * p), elements=moderate))
+    w = data.draw(hnp.arrays(np.float64, (dim, c, p, p), elements=moderate))
+    bias = data.draw(hnp.arrays(np.float64, (dim,), elements=moderate))
+    y, cache = ops.patch_embed_forward(x, w, bias, p)
+    g = data.draw(hnp.arrays(np.float64, y.shape, elements=moderate))
+    dx, dw, db = ops.patch_embed_backward(g, cache)
+    xt, wt, bt = tt(x), tt(w), tt(bias)
+    yt = F.conv2d(xt, wt, bt, stride=p).flatten(2).transpose(1, 2)
+    yt.backward(torch.from_numpy(g))
+    close(y, yt, "patch_embed out")
+    close(dx, xt.grad, "patch_embed dx")
+    close(dw, wt.grad, "patch_embed dw")
+    close(db, bt.grad, "patch_embed db")
+
+
+@settings(max_examples=30)
+@given(data=st.data(), b=st.integers(1, 3), n=st.integers(1, 6), d=st.integers(1, 5), distilled=st.booleans(),
+       mode=st.sampled_from(["token", "mean"]))
+def test_tokens_and_pool(data, b, n, d, distilled, mode):
+    x = data.draw(hnp.arrays(np.float64, (b, n, d), elements=moderate))
+    prefix = 2 if distilled else 1
+    pos = data.draw(hnp.arrays(np.float64, (1, n + prefix, d), elements=moderate))
+    cls = data.draw(hnp.arrays(np.float64, (1, 1, d), elements=moderate))
+    dist = data.draw(hnp.arrays(np.float64, (1, 1, d), elements=moderate)) if distilled else None
+    t, c_tok = ops.tokens_forward(x, pos, cls, dist)
+    pooled, c_pool = ops.pool_forward(t, mode, prefix)
+    g = data.draw(hnp.arrays(np.float64, pooled.shape, elements=moderate))
+    dx, dpos, dcls, ddist = ops.tokens_backward(ops.pool_backward(g, c_pool), c_tok)
+
+    xt, post, clst = tt(x), tt(pos), tt(cls)
+    parts = [clst.expand(b, -1, -1)]
+    if distilled:
+        distt = tt(dist)
+        parts.append(distt.expand(b, -1, -1))
+    tt_ = torch.cat(parts + [xt], dim=1) + post
+    pt = tt_[:, 0] if mode == "token" else tt_[:, prefix:].mean(dim=1)
+    pt.backward(torch.from_numpy(g))
+    close(pooled, pt, "pool out")
+    close(dx, xt.grad, "tokens dx")
+    close(dpos, post.grad, "dpos_embed")
+    close(dcls, clst.grad, "dcls_token")
+    if distilled:
+        close(ddist, distt.grad, "ddist_token")
+    else:
+        assert ddist is None
+
+
+def test_residual():
+    x, y = np.arange(6.0), np.ones(6)
+    out, cache = ops.residual_forward(x, y)
+    np.testing.assert_array_equal(out, x + y)
+    dx, dy = ops.residual_backward(np.full(6, 2.0), cache)
+    np.testing.assert_array_equal(dx, np.full(6, 2.0))
+    np.testing.assert_array_equal(dy, np.full(6, 2.0))
+
+
+@settings(max_examples=40)
+@given(data=st.data(), b=st.integers(1, 6), c=st.integers(2, 7), smoothing=st.sampled_from([0.0, 0.1, 0.37]))
+def test_cross_entropy(data, b, c, smoothing):
+    z = data.draw(hnp.arrays(np.float64, (b, c), elements=st.floats(-30, 30, allow_nan=False, width=64)))
+    y = np.array(data.draw(st.lists(st.integers(0, c - 1), min_size=b, max_size=b)))
+    loss, cache = ops.cross_entropy_forward(z, y, smoothing)
+    dz = ops.cross_entropy_backward(1.0, cache)
+    zt = tt(z)
+    lt = F.cross_entropy(zt, torch.from_numpy(y), label_smoothing=smoothing)
+    lt.backward()
+    close(loss, lt, "cross-entropy loss")
+    close(dz, zt.grad, "cross-entropy dlogits")
+
+
+@settings(max_examples=40)
+@given(data=st.data(), b=st.integers(1, 6), c=st.integers(2, 7), tau=st.sampled_from([1.0, 2.0, 4.0]))
+def test_kd_soft(data, b, c, tau):
+    s = data.draw(hnp.arrays(np.float64, (b, c), elements=st.floats(-20, 20, allow_nan=False, width=64)))
+    t = data.draw(hnp.arrays(np.float64, (b, c), elements=st.floats(-20, 20, allow_nan=False, width=64)))
+    loss, cache = ops.kd_soft_forward(s, t, tau)
+    ds = ops.kd_soft_backward(1.0, cache)
+    st_ = tt(s)
+    lt = F.kl_div(F.log_softmax(st_ / tau, -1), F.log_softmax(torch.from_numpy(t) / tau, -1),
+                  reduction="batchmean", log_target=True) * tau * tau
+    lt.backward()
+    close(loss, lt, "KD loss", atol=1e-10)
+    close(ds, st_.grad, "KD dlogits")
+
+
+@settings(max_examples=20)
+@given(seed=st.integers(0, 2**31), p=st.sampled_from([0.0, 0.1, 0.5]), shape=hnp.array_shapes(min_dims=2, max_dims=3, max_side=6))
+def test_dropout_and_drop_path(seed, p, shape):
+    x = np.random.default_rng(0).standard_normal(shape)
+    for fwd, bwd in ((ops.dropout_forward, ops.dropout_backward), (ops.drop_path_forward, ops.drop_path_backward)):
+        y1, c1 = fwd(x, p, np.random.default_rng(seed), True)
+        y2, _ = fwd(x, p, np.random.default_rng(seed), True)
+        np.testing.assert_array_equal(y1, y2, err_msg="same seed must give the same mask")
+        kept = y1 != 0
+        np.testing.assert_allclose(y1[kept], x[kept] / (1 - p), rtol=1e-15)
+        mask = bwd(np.ones_like(x), c1)  # the backward multiplies by the same scaled mask
+        assert set(np.unique(mask)) <= {0.0, 1.0 / (1 - p)}
+        np.testing.assert_array_equal(mask * x, y1)
+        assert fwd(x, p, None, False)[0] is x  # identity at evaluation
+    # drop-path drops whole samples
+    y, c = ops.drop_path_forward(np.ones((64, 3, 2)), 0.5, np.random.default_rng(seed), True)
+    per_sample = y.reshape(64, -1)
+    assert np.all((per_sample == 0).all(1) | (per_sample == 2).all(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# finite differences for the real-valued ops
+
+
+def fd_check(f, x, g, analytic, name, eps=1e-6):
+    """Central differences of <g, f(x)> against the analytic gradient."""
+    num = np.zeros_like(x)
+    flat = x.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        fp = np.vdot(g, f(x))
+        flat[i] = old - eps
+        fm = np.vdot(g, f(x))
+        flat[i] = old
+        num.reshape(-1)[i] = (fp - fm) / (2 * eps)
+    np.testing.assert_allclose(analytic, num, rtol=1e-6, atol=1e-7, err_msg=f"{name}: analytic vs finite differences")
+
+
+def test_finite_differences(rng):
+    x = rng.standard_normal((2, 3, 5))
+    gamma, beta = rng.standard_normal(5), rng.standard_normal(5)
+    g = rng.standard_normal((2, 3, 5))
+    _, c = ops.layernorm_forward(x, gamma, beta)
+    dx, dgamma, _ = ops.layernorm_backward(g, c)
+    fd_check(lambda a: ops.layernorm_forward(a, gamma, beta)[0], x, g, dx, "layernorm dx")
+    fd_check(lambda a: ops.layernorm_forward(x, a, beta)[0], gamma.copy(), g, dgamma, "layernorm dgamma")
+    for approx in ("none", "tanh"):
+        _, c = ops.gelu_forward(x, approx)
+        fd_check(lambda a: ops.gelu_forward(a, approx)[0], x.copy(), g, ops.gelu_backward(g, c), f"gelu {approx}")
+    _, c = ops.softmax_forward(x)
+    fd_check(lambda a: ops.softmax_forward(a)[0], x.copy(), g, ops.softmax_backward(g, c), "softmax")
+    q, k, v = (rng.standard_normal((2, 2, 4, 3)) for _ in range(3))
+    go = rng.standard_normal((2, 2, 4, 3))
+    _, c = ops.attention_forward(q, k, v)
+    dq, dk, dv, _ = ops.attention_backward(go, c)
+    fd_check(lambda a: ops.attention_forward(a, k, v)[0], q.copy(), go, dq, "attention dq")
+    fd_check(lambda a: ops.attention_forward(q, a, v)[0], k.copy(), go, dk, "attention dk")
+    fd_check(lambda a: ops.attention_forward(q, k, a)[0], v.copy(), go, dv, "attention dv")
+    z, y = rng.standard_normal((3, 4)), np.array([0, 3, 1])
+    _, c = ops.cross_entropy_forward(z, y, 0.1)
+    fd_check(lambda a: np.array(ops.cross_entropy_forward(a, y, 0.1)[0]), z.copy(), np.array(1.0),
+             ops.cross_entropy_backward(1.0, c), "cross-entropy")
+    t = rng.standard_normal((3, 4))
+    _, c = ops.kd_soft_forward(z, t, 2.0)
+    fd_check(lambda a: np.array(ops.kd_soft_forward(a, t, 2.0)[0]), z.copy(), np.array(1.0),
+             ops.kd_soft_backward(1.0, c), "KD")
+
+
+def test_float32_path_matches_float64(rng):
+    """The float32 training path agrees with float64 at float32 tolerance, and stays float32."""
+    x = rng.standard_normal((4, 9, 16))
+    gamma, beta = rng.standard_normal(16), rng.standard_normal(16)
+    g = rng.standard_normal(x.shape)
+    for fwd, bwd, args in (
+        (ops.layernorm_forward, ops.layernorm_backward, (gamma, beta)),
+        (ops.gelu_forward, ops.gelu_backward, ()),
+        (ops.softmax_forward, ops.softmax_backward, ()),
+    ):
+        y64, c64 = fwd(x, *args)
+        y32, c32 = fwd(x.astype(np.float32), *(a.astype(np.float32) for a in args))
+        assert y32.dtype == np.float32, f"{fwd.__name__} left float32"
+        np.testing.assert_allclose(y32, y64, rtol=2e-5, atol=2e-5, err_msg=f"{fwd.__name__} float32")
+        d64 = bwd(g, c64)
+        d32 = bwd(g.astype(np.float32), c32)
+        d64 = d64 if isinstance(d64, tuple) else (d64,)
+        d32 = d32 if isinstance(d32, tuple) else (d32,)
+        for a32, a64 in zip(d32, d64):
+            assert a32.dtype == np.float32
+            np.testing.assert_allclose(a32, a64, rtol=1e-4, atol=1e-4, err_msg=f"{bwd.__name__} float32")

@@ -1,0 +1,113 @@
+"""Time one training step (forward + backward + AdamW) of the NumPy ViT against the same model in
+PyTorch CPU, same threads, same batch, in one run. Prints images/s for both and the ratio.
+
+    python scripts/bench_train_step.py [--batch 128] [--threads 2] [--steps 5]
+
+Default config (issue 2): 32x32 input, patch 4, dim 192, depth 6, 3 heads, MLP ratio 4.
+"""
+import argparse
+import os
+import sys
+import time
+
+
+def parse():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
+    ap.add_argument("--dim", type=int, default=192)
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="print where the NumPy step spends its time")
+    return ap.parse_args()
+
+
+args = parse()
+# Thread counts must be fixed before numpy/numba/torch start their pools.
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ[var] = str(args.threads)
+if os.environ.get("OPENBLAS_CORETYPE"):
+    print(f"WARNING: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} forces an OpenBLAS kernel; NumPy may be slower than it can be",
+          file=sys.stderr)
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from minibvit import ViT, ViTConfig, ops  # noqa: E402
+from minibvit.optim import AdamW  # noqa: E402
+
+cfg = ViTConfig(image_size=32, patch_size=4, in_chans=3, embed_dim=args.dim, depth=args.depth, num_heads=args.heads,
+                mlp_ratio=4.0, num_classes=10)
+rng = np.random.default_rng(0)
+x = rng.standard_normal((args.batch, 3, 32, 32)).astype(np.float32)
+y = rng.integers(0, 10, args.batch)
+
+
+def numpy_step(model, opt):
+    logits, cache = model.forward(x, training=True)
+    loss, c = ops.cross_entropy_forward(logits, y)
+    model.backward(ops.cross_entropy_backward(1.0, c), cache)
+    opt.step(model.grads)
+    return loss
+
+
+def timeit(step, n):
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+model = ViT(cfg, dtype=np.float32)
+opt = AdamW(model.parameters(), lr=1e-4)
+t_np = timeit(lambda: numpy_step(model, opt), args.steps)
+
+if args.profile:
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(3):
+        numpy_step(model, opt)
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+print(f"config: 32x32, patch 4, dim {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, batch {args.batch}, "
+      f"threads {args.threads}")
+print(f"numpy/numba : {args.batch / t_np:8.1f} img/s  ({t_np * 1e3:.0f} ms/step)")
+if torch is None:
+    print("torch not installed: no PyTorch comparison")
+    sys.exit(0)
+
+torch.set_num_threads(args.threads)
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "reference_tests"))
+from torch_reference import TorchViT  # noqa: E402
+
+tm = TorchViT(cfg, dtype=torch.float32)
+tm.load_numpy(model.state_dict())
+tparams = list(tm.named_params().values())
+topt = torch.optim.AdamW(tparams, lr=1e-4)
+xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+
+def torch_step():
+    topt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(tm(xt), yt)
+    loss.backward()
+    topt.step()
+
+
+t_torch = timeit(torch_step, args.steps)
+print(f"pytorch cpu : {args.batch / t_torch:8.1f} img/s  ({t_torch * 1e3:.0f} ms/step)")
+print(f"ratio numpy/pytorch (throughput): {t_torch / t_np:.2f}")

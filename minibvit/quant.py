@@ -1,0 +1,850 @@
+"""Low-bit quantizers: pure forward/backward pairs with explicit pseudo-gradients, and wrappers.
+
+Every pure quantizer follows the CS231n / llm.c convention
+
+    out, cache = <name>_forward(x, <learnable params>, <options>)
+    dx, d<param>... = <name>_backward(dout, cache)
+
+and computes in the dtype of ``x`` (float32 for training, float64 in the reference tests).
+Learnable scalars are arrays of shape (1,), per-channel ones shape (C,); their gradients come
+back with the same shape and dtype as the parameter. Weights arrive as (out_channels, ...)
+with the channel on axis 0; activations as (..., C) with the channel on the last axis.
+
+Conventions shared by every binarizer: ``sign(0) = +1``, rounding is half to even
+(``np.round``, like ``torch.round``), and a learnable scale (elastic alpha, LSQ step) is floored
+at ``SCALE_FLOOR`` before use, with its gradient passed straight to the raw parameter (BiT's
+code does the same with eps = 1e-5), so a scale that training drives to zero or below can
+recover instead of producing inf/NaN.
+
+The stateful wrappers at the end (``Identity``, ``WeightBinarizer``, ``SignBinarizer``,
+``ElasticBinarizer``, ``Ternarizer``, ``LSQQuantizer``, ``MinMaxQuantizer``, ``Shifted``)
+hold the learnable parameters, and ``make_quantizer(spec)`` builds one from a short spec name
+(``QUANTIZER_SPECS`` lists them).
+"""
+
+import math
+
+import numpy as np
+
+SCALE_FLOOR = 1e-5
+"""Smallest value a learnable scale (elastic alpha, LSQ step) takes in the forward pass."""
+
+STE_KINDS = ("identity", "clipped", "approxsign")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_float_array(x, name):
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{name} must have a floating dtype (float32 or float64), got {x.dtype}")
+
+
+def _check_choice(value, name, choices):
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}")
+
+
+def _check_weight(w):
+    _check_float_array(w, "w")
+    if w.ndim < 2:
+        raise ValueError(
+            f"a weight quantizer needs a weight of shape (out_channels, ...) with ndim >= 2, "
+            f"got shape {w.shape}"
+        )
+
+
+def _check_bits(bits, low=2, high=16):
+    if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or not low <= bits <= high:
+        raise ValueError(f"bits must be an integer in [{low}, {high}], got {bits!r}")
+
+
+def _other_axes(ndim, channel_axis):
+    """Axes to reduce over: all but channel_axis, or all axes when channel_axis is None."""
+    if channel_axis is None:
+        return tuple(range(ndim))
+    return tuple(a for a in range(ndim) if a != channel_axis % ndim)
+
+
+def _normalize_axis(x, channel_axis):
+    if channel_axis is None:
+        return None
+    if not isinstance(channel_axis, (int, np.integer)) or not -x.ndim <= channel_axis < x.ndim:
+        raise ValueError(f"channel_axis={channel_axis!r} is out of range for an input of shape {x.shape}")
+    return int(channel_axis) % x.ndim
+
+
+def _broadcast_shape(ndim, channel_axis):
+    """Shape that broadcasts a (C,) (or (1,)) vector along channel_axis of an ndim array."""
+    shape = [1] * ndim
+    if channel_axis is not None:
+        shape[channel_axis] = -1
+    return shape
+
+
+def _scale_param(param, name, x, channel_axis):
+    """Check a learnable per-tensor (1,) / per-channel (C,) scale; return it floored and
+    broadcastable against x, in x's dtype."""
+    _check_float_array(param, name)
+    expected = (1,) if channel_axis is None else (x.shape[channel_axis],)
+    if param.shape != expected:
+        where = "per tensor" if channel_axis is None else f"per channel on axis {channel_axis}"
+        raise ValueError(f"{name} must have shape {expected} ({where}) for input of shape {x.shape}, got {param.shape}")
+    floored = np.maximum(param.astype(x.dtype, copy=False), x.dtype.type(SCALE_FLOOR))
+    return floored.reshape(_broadcast_shape(x.ndim, channel_axis))
+
+
+def _code_dtype(low, high):
+    for dtype in (np.int8, np.uint8, np.int16, np.uint16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return dtype
+    raise ValueError(f"no integer dtype holds codes in [{low}, {high}]")
+
+
+def _ste_derivative(x, ste):
+    """d sign(x)/dx as the straight-through estimator `ste` defines it; None means 1."""
+    if ste == "identity":
+        return None
+    if ste == "clipped":
+        return (np.abs(x) <= 1).astype(x.dtype)
+    # approxsign: 2 + 2x on [-1, 0], 2 - 2x on (0, 1], 0 elsewhere == max(2 - 2|x|, 0)
+    return np.maximum(2 - 2 * np.abs(x), 0).astype(x.dtype, copy=False)
+
+
+def _apply_ste(dout, derivative):
+    return dout.copy() if derivative is None else dout * derivative
+
+
+# --------------------------------------------------------------------------------------------
+# binary
+
+
+def sign(x):
+    """Binary sign with sign(0) = +1.
+
+    Forward: sign(x) = +1 if x >= 0 else -1, elementwise, in x's dtype.
+
+    Args:
+        x: float array, any shape.
+    Returns:
+        array of x's shape and dtype with values in {-1, +1}.
+    """
+    _check_float_array(x, "x")
+    return np.where(x >= 0, x.dtype.type(1), x.dtype.type(-1))
+
+
+def binarize_forward(x, ste="clipped"):
+    """Sign binarizer with a straight-through pseudo-gradient.
+
+    Forward:  out = sign(x)   (sign(0) = +1)
+    Pseudo-gradient dx = g * d(x) with the STE `ste`:
+        "identity":   d(x) = 1
+        "clipped":    d(x) = 1[|x| <= 1]                 (BNN, Courbariaux et al. 2016, arXiv:1602.02830)
+        "approxsign": d(x) = 2 + 2x on [-1, 0], 2 - 2x on (0, 1], 0 elsewhere
+                                                          (Bi-Real Net, Liu et al. 2018, arXiv:1808.00278)
+    Args:
+        x: float array, any shape.
+        ste: one of STE_KINDS.
+    Returns:
+        out: array of x's shape and dtype, values in {-1, +1}.
+        cache: for binarize_backward.
+    """
+    _check_float_array(x, "x")
+    _check_choice(ste, "ste", STE_KINDS)
+    return sign(x), _ste_derivative(x, ste)
+
+
+def binarize_backward(dout, cache):
+    """Pseudo-gradient of binarize_forward.
+
+    Args:
+        dout: upstream gradient g, shape of x.
+        cache: from binarize_forward.
+    Returns:
+        dx: g * d(x), shape of x.
+    """
+    return _apply_ste(dout, cache)
+
+
+def _binarize_weight(w, scale, center):
+    """Shared by weight_binary_codes / weight_binarize_forward: (W_c, codes, alpha (C,)|(1,))."""
+    _check_weight(w)
+    _check_choice(scale, "scale", ("channel", "tensor", "none"))
+    rows = _other_axes(w.ndim, 0)
+    w_c = w - w.mean(axis=rows, keepdims=True) if center else w
+    codes = np.where(w_c >= 0, 1, -1).astype(np.int8)
+    if scale == "channel":
+        alpha = np.abs(w_c).mean(axis=rows)
+    elif scale == "tensor":
+        alpha = np.abs(w_c).mean().reshape(1)
+    else:
+        alpha = np.ones(1, dtype=w.dtype)
+    return w_c, codes, alpha
+
+
+def weight_binary_codes(w, scale="channel", center=False):
+    """Integer export form of weight_binarize_forward: out == alpha[:, None, ...] * codes.
+
+    Args:
+        w: latent weight, shape (C_out, ...), ndim >= 2.
+        scale, center: as in weight_binarize_forward.
+    Returns:
+        codes: int8 array of w's shape, values in {-1, +1} (sign of the centred weight).
+        alpha: scale in w's dtype, shape (C_out,) for scale="channel", (1,) otherwise
+               (ones for scale="none").
+    """
+    _, codes, alpha = _binarize_weight(w, scale, center)
+    return codes, alpha
+
+
+def weight_binarize_forward(w, scale="channel", center=False, ste="identity"):
+    """Scaled weight binarizer (XNOR-Net / BiT).
+
+    Forward:  W_c = W - mean_row(W) if center else W        (row = one output channel, i.e. all
+                                                              axes but 0; BiT, Liu et al. 2022,
+                                                              arXiv:2205.13016)
+              alpha = mean|W_c| per output channel (scale="channel") or over the whole tensor
+                      (scale="tensor"; XNOR-Net, Rastegari et al. 2016, arXiv:1603.05279),
+                      or 1 (scale="none"); alpha is a constant (detached), as in BiT's code
+              out = alpha * sign(W_c)
+    Pseudo-gradient: dW_c = g * d(W_c) with d = 1 ("identity") or 1[|W_c| <= 1] ("clipped");
+              dW = dW_c - mean_row(dW_c) if center else dW_c   (gradient of the centring)
+    Args:
+        w: latent weight, shape (C_out, ...), ndim >= 2.
+        scale: "channel", "tensor" or "none".
+        center: subtract each output channel's mean before the sign.
+        ste: "identity" or "clipped".
+    Returns:
+        out: array of w's shape and dtype.
+        cache: for weight_binarize_backward.
+    """
+    _check_choice(ste, "ste", ("identity", "clipped"))
+    w_c, codes, alpha = _binarize_weight(w, scale, center)
+    out = alpha.reshape(_broadcast_shape(w.ndim, 0 if scale == "channel" else None)) * codes.astype(w.dtype)
+    return out, (_ste_derivative(w_c, ste), center)
+
+
+def weight_binarize_backward(dout, cache):
+    """Pseudo-gradient of weight_binarize_forward.
+
+    Args:
+        dout: upstream gradient g, shape (C_out, ...).
+        cache: from weight_binarize_forward.
+    Returns:
+        dw: shape (C_out, ...).
+    """
+    derivative, center = cache
+    dw_c = _apply_ste(dout, derivative)
+    if center:
+        dw_c -= dw_c.mean(axis=_other_axes(dw_c.ndim, 0), keepdims=True)
+    return dw_c
+
+
+# --------------------------------------------------------------------------------------------
+# elastic binarizer (BiT) and learnable shift
+
+
+def elastic_alpha_init(x, signed):
+    """Data-driven initial value of the elastic binarizer's scale (BiT).
+
+    alpha0 = 2 * mean|x| (signed) or 4 * mean|x| (unsigned).
+
+    Args:
+        x: first batch of activations, any shape.
+        signed: which binarizer the scale belongs to.
+    Returns:
+        alpha0: shape (1,), x's dtype.
+    """
+    _check_float_array(x, "x")
+    return ((2 if signed else 4) * np.abs(x).mean()).reshape(1).astype(x.dtype, copy=False)
+
+
+def elastic_binarize_forward(x, alpha, signed, alpha_grad="lsq"):
+    """Elastic binarizer with a learnable scale (BiT, Liu et al. 2022, arXiv:2205.13016).
+
+    Forward (alpha floored at SCALE_FLOOR, q = x / alpha):
+        signed:   out = alpha * sign(x)                          in {-alpha, +alpha}
+        unsigned: out = alpha * clamp(round(q), 0, 1)            in {0, alpha}  (round half to even)
+    Pseudo-gradients, with g = dout, N = x.size, s = 1 / sqrt(N):
+        signed:   dx = 1[|q| <= 1] * g
+                  "lsq": dalpha = sum(sign(x) * g) * s                               (BiT)
+                  "gsb": dalpha = sum((sign(x) - 1[|q| <= 1] * q) * g) * s
+                         (refined scale gradient, GSB, Gao et al. 2023, arXiv:2305.07931)
+        unsigned: dx = 1[0 <= q <= 1] * g
+                  dalpha = sum((1[q > 1] + 1[0 <= q <= 1] * (round(q) - q)) * g) * s   (both modes)
+    Args:
+        x: activations, any shape.
+        alpha: learnable scale, shape (1,).
+        signed: binarize to {-alpha, +alpha} (True) or {0, alpha} (False).
+        alpha_grad: "lsq" or "gsb" (only changes the signed case).
+    Returns:
+        out: array of x's shape and dtype.
+        cache: for elastic_binarize_backward.
+    """
+    _check_float_array(x, "x")
+    _check_choice(alpha_grad, "alpha_grad", ("lsq", "gsb"))
+    a = _scale_param(alpha, "alpha", x, None)
+    q = x / a
+    if signed:
+        out = a * sign(x)
+    else:
+        out = a * np.clip(np.round(q), 0, 1)
+    return out, (x, q, signed, alpha_grad, alpha.dtype)
+
+
+def elastic_binarize_backward(dout, cache):
+    """Pseudo-gradients of elastic_binarize_forward.
+
+    Args:
+        dout: upstream gradient g, shape of x.
+        cache: from elastic_binarize_forward.
+    Returns:
+        dx: shape of x.
+        dalpha: shape (1,), alpha's dtype.
+    """
+    x, q, signed, alpha_grad, alpha_dtype = cache
+    grad_scale = 1.0 / math.sqrt(q.size)
+    if signed:
+        inside = np.abs(q) <= 1
+        dx = dout * inside
+        if alpha_grad == "lsq":
+            dalpha_elem = sign(x)
+        else:
+            dalpha_elem = sign(x) - inside * q
+    else:
+        inside = (q >= 0) & (q <= 1)
+        dx = dout * inside
+        dalpha_elem = (q > 1) + inside * (np.round(q) - q)
+    dalpha = (np.sum(dalpha_elem * dout) * grad_scale).reshape(1).astype(alpha_dtype)
+    return dx, dalpha
+
+
+def shift_forward(x, shift):
+    """Learnable per-channel shift applied before a binarizer (BiT's move, ReActNet's RSign
+    threshold; Liu et al. 2020, arXiv:2003.03488).
+
+    Forward:  out = x - shift            (shift broadcast along the last axis, initialised to 0)
+    Gradient: dx = g,  dshift = -sum(g) over all axes but the last
+    Args:
+        x: activations, shape (..., C).
+        shift: learnable, shape (C,).
+    Returns:
+        out: shape (..., C), x's dtype.
+        cache: for shift_backward.
+    """
+    _check_float_array(x, "x")
+    _check_float_array(shift, "shift")
+    if x.ndim < 1 or shift.shape != (x.shape[-1],):
+        raise ValueError(
+            f"shift must have shape (C,) with C = x.shape[-1]; got shift {shift.shape} for x {x.shape}"
+        )
+    return x - shift.astype(x.dtype, copy=False), shift.dtype
+
+
+def shift_backward(dout, cache):
+    """Gradients of shift_forward.
+
+    Args:
+        dout: upstream gradient g, shape (..., C).
+        cache: from shift_forward.
+    Returns:
+        dx: shape (..., C).
+        dshift: shape (C,), shift's dtype.
+    """
+    dshift = -dout.reshape(-1, dout.shape[-1]).sum(axis=0)
+    return dout.copy(), dshift.astype(cache)
+
+
+# --------------------------------------------------------------------------------------------
+# ternary
+
+
+def ternary_codes(w, per_channel=True, delta_factor=0.7):
+    """Integer export form of ternarize_forward: out == alpha[:, None, ...] * codes.
+
+    Delta = delta_factor * mean|W| (per output channel or per tensor),
+    T = sign(W) * 1[|W| > Delta] in {-1, 0, +1},
+    alpha = mean of |W| over the entries with |W| > Delta (0 if there are none, which with
+    delta_factor < 1 happens only for an all-zero channel).
+
+    Args:
+        w: latent weight, shape (C_out, ...), ndim >= 2.
+        per_channel: statistics per output channel (TerViT) or per tensor (TWN).
+        delta_factor: in (0, 1); 0.7 is TWN's approximation of the optimal threshold.
+    Returns:
+        codes: int8 array of w's shape, values in {-1, 0, +1}.
+        alpha: w's dtype, shape (C_out,) per channel, (1,) per tensor.
+        delta: w's dtype, same shape as alpha.
+    """
+    _check_weight(w)
+    if not 0 < delta_factor < 1:
+        raise ValueError(f"delta_factor must be in (0, 1) (TWN uses 0.7), got {delta_factor!r}")
+    axes = _other_axes(w.ndim, 0 if per_channel else None)
+    abs_w = np.abs(w)
+    delta = delta_factor * abs_w.mean(axis=axes, keepdims=True)
+    above = abs_w > delta
+    codes = np.where(above, np.where(w >= 0, 1, -1), 0).astype(np.int8)
+    count = above.sum(axis=axes, keepdims=True)
+    total = np.where(above, abs_w, 0).sum(axis=axes, keepdims=True)
+    alpha = np.where(count > 0, total / np.maximum(count, 1), 0).astype(w.dtype, copy=False)
+    return codes, alpha.reshape(-1), delta.reshape(-1)
+
+
+def ternarize_forward(w, per_channel=True, delta_factor=0.7, ste="identity"):
+    """Ternary weights: TWN (Li et al. 2016, arXiv:1605.04711), channel-wise as in TerViT
+    (Xu et al. 2022, arXiv:2201.08050).
+
+    Forward:  Delta = delta_factor * mean|W|      (per output channel or per tensor)
+              T = sign(W) * 1[|W| > Delta]        in {-1, 0, +1}
+              alpha = mean(|W| where |W| > Delta) (0 when no entry exceeds Delta)
+              out = alpha * T                     (alpha, Delta detached)
+    Pseudo-gradient: dW = g * d(W) with d = 1 ("identity") or 1[|W| <= 1] ("clipped").
+    Args:
+        w: latent weight, shape (C_out, ...), ndim >= 2.
+        per_channel: per output channel (True) or per tensor statistics.
+        delta_factor: threshold factor in (0, 1).
+        ste: "identity" or "clipped".
+    Returns:
+        out: array of w's shape and dtype.
+        cache: for ternarize_backward.
+    """
+    _check_choice(ste, "ste", ("identity", "clipped"))
+    codes, alpha, _ = ternary_codes(w, per_channel, delta_factor)
+    out = alpha.reshape(_broadcast_shape(w.ndim, 0 if per_channel else None)) * codes.astype(w.dtype)
+    return out, _ste_derivative(w, ste)
+
+
+def ternarize_backward(dout, cache):
+    """Pseudo-gradient of ternarize_forward.
+
+    Args:
+        dout: upstream gradient g, shape (C_out, ...).
+        cache: from ternarize_forward.
+    Returns:
+        dw: shape (C_out, ...).
+    """
+    return _apply_ste(dout, cache)
+
+
+# --------------------------------------------------------------------------------------------
+# k-bit uniform: LSQ and min-max
+
+
+def lsq_range(bits, signed):
+    """Integer code range (Qn, Qp) of a b-bit LSQ quantizer.
+
+    signed: Qn = -2^(b-1), Qp = 2^(b-1) - 1;  unsigned: Qn = 0, Qp = 2^b - 1.
+    """
+    _check_bits(bits)
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def lsq_step_init(x, bits, signed, channel_axis=None):
+    """LSQ's initial step size: 2 * mean|x| / sqrt(Qp) (Esser et al. 2020, arXiv:1902.08153).
+
+    Args:
+        x: first batch (activations) or the latent weight, any shape.
+        bits, signed: as in lsq_forward.
+        channel_axis: None for one step per tensor, else the channel axis.
+    Returns:
+        step0: x's dtype, shape (1,) per tensor or (C,) per channel (mean over the other axes).
+    """
+    _check_float_array(x, "x")
+    _, qp = lsq_range(bits, signed)
+    axis = _normalize_axis(x, channel_axis)
+    mean_abs = np.abs(x).mean(axis=_other_axes(x.ndim, axis))
+    return (2 * mean_abs / math.sqrt(qp)).reshape(-1).astype(x.dtype, copy=False)
+
+
+def lsq_codes(x, step, bits, signed, channel_axis=None):
+    """Integer export form of lsq_forward: out == codes * step (broadcast on channel_axis).
+
+    Returns:
+        codes: clamp(round(x / step), Qn, Qp) in the smallest integer dtype that holds [Qn, Qp].
+    """
+    _check_float_array(x, "x")
+    qn, qp = lsq_range(bits, signed)
+    axis = _normalize_axis(x, channel_axis)
+    s = _scale_param(step, "step", x, axis)
+    return np.clip(np.round(x / s), qn, qp).astype(_code_dtype(qn, qp))
+
+
+def lsq_forward(x, step, bits, signed, channel_axis=None):
+    """Learned Step Size Quantization (LSQ, Esser et al. 2020, arXiv:1902.08153).
+
+    Forward (step floored at SCALE_FLOOR, q = x / step):
+        out = clamp(round(q), Qn, Qp) * step       (round half to even; Qn, Qp from lsq_range)
+    Pseudo-gradients, with g = dout, N = number of elements per step (per channel when
+    channel_axis is given), gs = 1 / sqrt(N * Qp):
+        dx    = 1[Qn <= q <= Qp] * g
+        dstep = sum(v * g) * gs  over the elements of each step, with
+                v = Qn if q < Qn, Qp if q > Qp, round(q) - q otherwise
+    Args:
+        x: any shape (weights (C_out, ...) with channel_axis=0, activations (..., C) with -1).
+        step: learnable, shape (1,) (channel_axis None) or (C,) = (x.shape[channel_axis],).
+        bits: integer in [2, 16].
+        signed: signed (two's complement range) or unsigned codes.
+        channel_axis: None for one step per tensor, else the axis holding the channels.
+    Returns:
+        out: array of x's shape and dtype.
+        cache: for lsq_backward.
+    """
+    _check_float_array(x, "x")
+    qn, qp = lsq_range(bits, signed)
+    axis = _normalize_axis(x, channel_axis)
+    s = _scale_param(step, "step", x, axis)
+    q = x / s
+    out = np.clip(np.round(q), qn, qp) * s
+    return out, (q, qn, qp, axis, step.dtype)
+
+
+def lsq_backward(dout, cache):
+    """Pseudo-gradients of lsq_forward.
+
+    Args:
+        dout: upstream gradient g, shape of x.
+        cache: from lsq_forward.
+    Returns:
+        dx: shape of x.
+        dstep: shape of step, step's dtype.
+    """
+    q, qn, qp, axis, step_dtype = cache
+    inside = (q >= qn) & (q <= qp)
+    dx = dout * inside
+    v = np.where(q < qn, qn, np.where(q > qp, qp, np.round(q) - q))
+    reduce_axes = _other_axes(q.ndim, axis)
+    per_step = q.size if axis is None else q.size // q.shape[axis]
+    grad_scale = 1.0 / math.sqrt(per_step * qp)
+    dstep = (np.sum(v * dout, axis=reduce_axes) * grad_scale).reshape(-1).astype(step_dtype)
+    return dx, dstep
+
+
+def minmax_codes(x, bits, signed, channel_axis=None):
+    """Integer export form of minmax_quant_forward: out == (codes - zero_point) * scale.
+
+    signed (symmetric): scale = max|x| / (2^(b-1) - 1), zero_point = 0,
+                        codes = clamp(round(x / scale), -(2^(b-1) - 1), 2^(b-1) - 1)
+    unsigned (asymmetric): lo = min(min x, 0), hi = max(max x, 0) (the range always holds 0, so
+                        zero is exact and the zero point is a valid code),
+                        scale = (hi - lo) / (2^b - 1), zero_point = round(-lo / scale),
+                        codes = clamp(round(x / scale) + zero_point, 0, 2^b - 1)
+    A slice with scale 0 (all zeros) gets scale 1, so its codes are 0 and nothing is NaN.
+
+    Args:
+        x: any shape.
+        bits: integer in [2, 16].
+        signed: symmetric signed or asymmetric unsigned codes.
+        channel_axis: None for per tensor statistics, else the channel axis.
+    Returns:
+        codes: integer array of x's shape (int8 / uint8 for 8 bits).
+        scale: x's dtype, shape (1,) or (C,).
+        zero_point: int32, same shape as scale.
+    """
+    _check_float_array(x, "x")
+    _check_bits(bits)
+    axis = _normalize_axis(x, channel_axis)
+    axes = _other_axes(x.ndim, axis)
+    shape = _broadcast_shape(x.ndim, axis)
+    if signed:
+        qmax = 2 ** (bits - 1) - 1
+        scale = np.abs(x).max(axis=axes) / qmax
+        scale = np.where(scale > 0, scale, 1).astype(x.dtype, copy=False)
+        zero_point = np.zeros(scale.shape, dtype=np.int32)
+        codes = np.clip(np.round(x / scale.reshape(shape)), -qmax, qmax).astype(_code_dtype(-qmax, qmax))
+    else:
+        qmax = 2**bits - 1
+        lo = np.minimum(x.min(axis=axes), 0)
+        hi = np.maximum(x.max(axis=axes), 0)
+        scale = (hi - lo) / qmax
+        scale = np.where(scale > 0, scale, 1).astype(x.dtype, copy=False)
+        zero_point = np.round(-lo / scale).astype(np.int32)
+        codes = np.clip(np.round(x / scale.reshape(shape)) + zero_point.reshape(shape), 0, qmax)
+        codes = codes.astype(_code_dtype(0, qmax))
+    return codes, scale.reshape(-1), zero_point.reshape(-1)
+
+
+def minmax_quant_forward(x, bits, signed, channel_axis=None):
+    """Min-max uniform quantizer with statistics of the current tensor (Jacob et al. 2018,
+    arXiv:1712.05877); TerViT's 8-bit activations and 8-bit patch embedding / head.
+
+    Forward: out = (codes - zero_point) * scale, with codes, scale, zero_point from minmax_codes
+             (signed symmetric over max|x|; unsigned asymmetric over [min(x_min, 0), max(x_max, 0)]).
+    Pseudo-gradient: dx = g (identity STE; the scale statistics are detached).
+    Args:
+        x: any shape.
+        bits: integer in [2, 16].
+        signed: symmetric signed or asymmetric unsigned.
+        channel_axis: None for per tensor statistics, else the channel axis.
+    Returns:
+        out: array of x's shape and dtype.
+        cache: for minmax_quant_backward (nothing is needed).
+    """
+    codes, scale, zero_point = minmax_codes(x, bits, signed, channel_axis)
+    shape = _broadcast_shape(x.ndim, _normalize_axis(x, channel_axis))
+    out = (codes.astype(x.dtype) - zero_point.reshape(shape).astype(x.dtype)) * scale.reshape(shape)
+    return out, None
+
+
+def minmax_quant_backward(dout, cache):
+    """Pseudo-gradient of minmax_quant_forward: dx = g (a copy), shape of x."""
+    return dout.copy()
+
+
+# --------------------------------------------------------------------------------------------
+# stateful wrappers (interface: see the module docstring and docs/quantizers.md)
+
+
+def _nan_param(shape, dtype):
+    return np.full(shape, np.nan, dtype=dtype)
+
+
+class _Quantizer:
+    """Base: no learnable state. Subclasses set params/buffers in __init__."""
+
+    def __init__(self):
+        self.params = {}
+        self.buffers = {}
+
+    def _options(self):
+        return {}
+
+    def __repr__(self):
+        options = ", ".join(f"{k}={v!r}" for k, v in self._options().items())
+        return f"{type(self).__name__}({options})"
+
+    def _ensure_initialised(self, x, training, initial_values):
+        """Fill NaN params from the first training batch; refuse to run eval before that."""
+        for name, param in self.params.items():
+            if np.isnan(param).any():
+                if not training:
+                    raise ValueError(
+                        f"{self!r}: param {name!r} is not initialised: run one training forward or load a checkpoint"
+                    )
+                value = initial_values[name](x)
+                if value.shape != param.shape:
+                    raise ValueError(
+                        f"{self!r}: the first batch (shape {x.shape}) gives {name!r} the shape {value.shape}, "
+                        f"but the param has shape {param.shape}; check channels / channel_axis"
+                    )
+                param[...] = value
+
+
+class Identity(_Quantizer):
+    """Full precision: out = x, dx = g."""
+
+    def forward(self, x, training):
+        return x, None
+
+    def backward(self, dout, cache):
+        return dout.copy(), {}
+
+
+class SignBinarizer(_Quantizer):
+    """sign(x) with a straight-through pseudo-gradient (binarize_forward)."""
+
+    def __init__(self, ste="clipped"):
+        super().__init__()
+        _check_choice(ste, "ste", STE_KINDS)
+        self.ste = ste
+
+    def _options(self):
+        return {"ste": self.ste}
+
+    def forward(self, x, training):
+        return binarize_forward(x, self.ste)
+
+    def backward(self, dout, cache):
+        return binarize_backward(dout, cache), {}
+
+
+class WeightBinarizer(_Quantizer):
+    """alpha * sign(W_c) weight binarizer (weight_binarize_forward); no learnable params."""
+
+    def __init__(self, scale="channel", center=False, ste="identity"):
+        super().__init__()
+        _check_choice(scale, "scale", ("channel", "tensor", "none"))
+        _check_choice(ste, "ste", ("identity", "clipped"))
+        self.scale, self.center, self.ste = scale, bool(center), ste
+
+    def _options(self):
+        return {"scale": self.scale, "center": self.center, "ste": self.ste}
+
+    def forward(self, x, training):
+        return weight_binarize_forward(x, self.scale, self.center, self.ste)
+
+    def backward(self, dout, cache):
+        return weight_binarize_backward(dout, cache), {}
+
+
+class ElasticBinarizer(_Quantizer):
+    """BiT's elastic binarizer (elastic_binarize_forward). Param "alpha" (1,), NaN until the
+    first training forward sets it to elastic_alpha_init(x, signed)."""
+
+    def __init__(self, signed=True, alpha_grad="lsq", dtype=np.float32):
+        super().__init__()
+        _check_choice(alpha_grad, "alpha_grad", ("lsq", "gsb"))
+        self.signed, self.alpha_grad = bool(signed), alpha_grad
+        self.params = {"alpha": _nan_param((1,), dtype)}
+
+    def _options(self):
+        return {"signed": self.signed, "alpha_grad": self.alpha_grad}
+
+    def forward(self, x, training):
+        self._ensure_initialised(x, training, {"alpha": lambda x: elastic_alpha_init(x, self.signed)})
+        return elastic_binarize_forward(x, self.params["alpha"], self.signed, self.alpha_grad)
+
+    def backward(self, dout, cache):
+        dx, dalpha = elastic_binarize_backward(dout, cache)
+        return dx, {"alpha": dalpha}
+
+
+class Ternarizer(_Quantizer):
+    """TWN / TerViT ternary weights (ternarize_forward); no learnable params."""
+
+    def __init__(self, per_channel=True, ste="identity", delta_factor=0.7):
+        super().__init__()
+        _check_choice(ste, "ste", ("identity", "clipped"))
+        if not 0 < delta_factor < 1:
+            raise ValueError(f"delta_factor must be in (0, 1) (TWN uses 0.7), got {delta_factor!r}")
+        self.per_channel, self.ste, self.delta_factor = bool(per_channel), ste, delta_factor
+
+    def _options(self):
+        return {"per_channel": self.per_channel, "ste": self.ste, "delta_factor": self.delta_factor}
+
+    def forward(self, x, training):
+        return ternarize_forward(x, self.per_channel, self.delta_factor, self.ste)
+
+    def backward(self, dout, cache):
+        return ternarize_backward(dout, cache), {}
+
+
+class LSQQuantizer(_Quantizer):
+    """LSQ k-bit quantizer (lsq_forward). Param "step": (1,) per tensor, or (channels,) per
+    channel along channel_axis (0 for weights, -1 for activations); NaN until the first training
+    forward sets it to lsq_step_init."""
+
+    def __init__(self, bits=8, signed=True, per_channel=False, channel_axis=-1, channels=None, dtype=np.float32):
+        super().__init__()
+        _check_bits(bits)
+        if per_channel and (not isinstance(channels, (int, np.integer)) or channels < 1):
+            raise ValueError(
+                f"a per-channel LSQQuantizer needs channels=<number of channels on axis {channel_axis}> "
+                f"to create its step parameter, got channels={channels!r}"
+            )
+        self.bits, self.signed, self.per_channel = bits, bool(signed), bool(per_channel)
+        self.channel_axis = channel_axis if per_channel else None
+        self.params = {"step": _nan_param((channels if per_channel else 1,), dtype)}
+
+    def _options(self):
+        options = {"bits": self.bits, "signed": self.signed, "per_channel": self.per_channel}
+        if self.per_channel:
+            options["channel_axis"] = self.channel_axis
+        return options
+
+    def forward(self, x, training):
+        init = {"step": lambda x: lsq_step_init(x, self.bits, self.signed, self.channel_axis)}
+        self._ensure_initialised(x, training, init)
+        return lsq_forward(x, self.params["step"], self.bits, self.signed, self.channel_axis)
+
+    def backward(self, dout, cache):
+        dx, dstep = lsq_backward(dout, cache)
+        return dx, {"step": dstep}
+
+
+class MinMaxQuantizer(_Quantizer):
+    """Min-max k-bit quantizer on the current tensor's statistics (minmax_quant_forward);
+    per tensor, or per channel along channel_axis (0 for weights, -1 for activations)."""
+
+    def __init__(self, bits=8, signed=True, per_channel=False, channel_axis=-1):
+        super().__init__()
+        _check_bits(bits)
+        self.bits, self.signed, self.per_channel = bits, bool(signed), bool(per_channel)
+        self.channel_axis = channel_axis if per_channel else None
+
+    def _options(self):
+        options = {"bits": self.bits, "signed": self.signed, "per_channel": self.per_channel}
+        if self.per_channel:
+            options["channel_axis"] = self.channel_axis
+        return options
+
+    def forward(self, x, training):
+        return minmax_quant_forward(x, self.bits, self.signed, self.channel_axis)
+
+    def backward(self, dout, cache):
+        return minmax_quant_backward(dout, cache), {}
+
+
+class Shifted(_Quantizer):
+    """Learnable per-channel shift (param "shift", shape (channels,), zeros) on the last axis,
+    followed by `inner` (shift_forward then inner.forward). params holds "shift" plus inner's
+    params (the same arrays); grads come back under the same names."""
+
+    def __init__(self, inner, channels, dtype=np.float32):
+        super().__init__()
+        if not isinstance(channels, (int, np.integer)) or channels < 1:
+            raise ValueError(f"Shifted needs channels=<size of the last axis>, got {channels!r}")
+        if "shift" in inner.params:
+            raise ValueError(f"{inner!r} already has a param named 'shift'; cannot wrap it in Shifted")
+        self.inner = inner
+        self.params = {"shift": np.zeros(channels, dtype=dtype), **inner.params}
+        self.buffers = inner.buffers
+
+    def __repr__(self):
+        return f"Shifted({self.inner!r}, channels={self.params['shift'].shape[0]})"
+
+    def forward(self, x, training):
+        shifted, shift_cache = shift_forward(x, self.params["shift"])
+        out, inner_cache = self.inner.forward(shifted, training)
+        return out, (shift_cache, inner_cache)
+
+    def backward(self, dout, cache):
+        shift_cache, inner_cache = cache
+        d_shifted, grads = self.inner.backward(dout, inner_cache)
+        dx, dshift = shift_backward(d_shifted, shift_cache)
+        return dx, {"shift": dshift, **grads}
+
+
+# --------------------------------------------------------------------------------------------
+# factory
+
+QUANTIZER_SPECS = {
+    "fp": (Identity, {}),
+    "sign": (SignBinarizer, {"ste": "clipped"}),
+    "w_binary": (WeightBinarizer, {"scale": "channel", "center": True, "ste": "clipped"}),
+    "w_xnor": (WeightBinarizer, {"scale": "channel", "center": False, "ste": "clipped"}),
+    "a_elastic_signed": (ElasticBinarizer, {"signed": True, "alpha_grad": "lsq"}),
+    "a_elastic_unsigned": (ElasticBinarizer, {"signed": False, "alpha_grad": "lsq"}),
+    "a_elastic_signed_gsb": (ElasticBinarizer, {"signed": True, "alpha_grad": "gsb"}),
+    "w_ternary_channel": (Ternarizer, {"per_channel": True, "ste": "identity"}),
+    "w_ternary_tensor": (Ternarizer, {"per_channel": False, "ste": "identity"}),
+    "w_lsq8": (LSQQuantizer, {"bits": 8, "signed": True, "per_channel": False, "channel_axis": 0}),
+    "a_lsq8": (LSQQuantizer, {"bits": 8, "signed": True, "per_channel": False, "channel_axis": -1}),
+    "w_minmax8": (MinMaxQuantizer, {"bits": 8, "signed": True, "per_channel": True, "channel_axis": 0}),
+    "a_minmax8_signed": (MinMaxQuantizer, {"bits": 8, "signed": True, "per_channel": False, "channel_axis": -1}),
+    "a_minmax8_unsigned": (MinMaxQuantizer, {"bits": 8, "signed": False, "per_channel": False, "channel_axis": -1}),
+}
+"""Spec name -> (wrapper class, constructor keywords). Names starting with "w_" take a weight
+(channel axis 0), "a_" an activation (channel axis -1); "fp" and "sign" take either."""
+
+
+def make_quantizer(spec, dtype=None, **overrides):
+    """A fresh quantizer wrapper for a spec name of QUANTIZER_SPECS.
+
+    dtype sets the dtype of the learnable params (float32 by default); wrappers without
+    learnable params ignore it, so one call works for every spec. Other keyword overrides
+    replace the spec's constructor keywords, e.g. make_quantizer("w_lsq8", per_channel=True,
+    channels=384). Raises ValueError for an unknown spec (listing the valid ones) and TypeError
+    for a keyword the wrapper does not take.
+    """
+    if spec not in QUANTIZER_SPECS:
+        raise ValueError(f"unknown quantizer spec {spec!r}; valid specs: {', '.join(QUANTIZER_SPECS)}")
+    cls, defaults = QUANTIZER_SPECS[spec]
+    if dtype is not None and cls in (ElasticBinarizer, LSQQuantizer):
+        overrides["dtype"] = dtype
+    return cls(**{**defaults, **overrides})

@@ -19,12 +19,14 @@ Methods (precision of every tensor):
   unsigned 1-bit attention probabilities times binary V; patch embedding and head W8A8 (per-output-
   channel FP32 weight scale, one FP32 activation step); LayerNorm, softmax, GELU, residuals, biases,
   class/position tokens FP32.
-- binaryvit: binary + ASM, one FP32 threshold per channel (last axis) of every activation binarizer.
+- binaryvit: binary + ASM, one FP32 threshold per channel (last axis) of every activation binarizer
+  except the attention probabilities (as minibvit.schemes).
 - gsb: binary, but attention probabilities and V each as `gsb_bases` binary bases (A.V = bases^2 binary
   products), plus the learnable attention bias (heads x N x N), the V shift (heads x head_dim), three FP32
   scales per GSB quantizer, a distillation token and a second head. ViT only.
 - tervit: block linears ternary weights (per-output-channel FP32 scale) x 8-bit activations; both
-  attention matmuls 8-bit x 8-bit; patch embedding and head W8A8.
+  attention matmuls 8-bit x 8-bit; patch embedding and head W8A8. Unsigned 8-bit activations (post-GELU,
+  attention probabilities) also store an int32 zero point.
 Swin's patch-merging reduction is quantized like the block linears; its relative-position-bias tables
 stay FP32.
 """
@@ -318,7 +320,7 @@ def _fp32_part(count):
 
 
 # Storage parts that are quantizer parameters, dropped with count_scales=False.
-QUANTIZER_PARTS = ("weight_scale", "act_scale", "act_threshold", "basis_scales")
+QUANTIZER_PARTS = ("weight_scale", "act_scale", "act_zero_point", "act_threshold", "basis_scales")
 
 
 def _kept(storage, conv):
@@ -327,13 +329,17 @@ def _kept(storage, conv):
     return {k: p for k, p in storage.items() if not k.endswith(QUANTIZER_PARTS)}
 
 
-def _act_quantizer(method, bits, channels, prefix=""):
-    """Parameters of one activation quantizer: the FP32 alpha / 8-bit step, and for binaryvit the
-    per-channel ASM threshold (channels = size of the binarized tensor's last axis)."""
+def _act_quantizer(method, bits, channels, prefix="", unsigned=False, probabilities=False):
+    """Parameters of one activation quantizer (as minibvit.schemes sets them up): the FP32 alpha or 8-bit
+    step; the int32 zero point of an unsigned (asymmetric) 8-bit quantizer; for binaryvit the per-channel
+    ASM threshold (channels = the binarized tensor's last axis) in front of every activation binarizer
+    but the attention probabilities."""
     if bits == FP32:
         return {}
     parts = {f"{prefix}act_scale": _fp32_part(1)}
-    if method == "binaryvit" and bits == 1:
+    if bits == 8 and unsigned:
+        parts[f"{prefix}act_zero_point"] = Part(1, 4)
+    if method == "binaryvit" and bits == 1 and not probabilities:
         parts[f"{prefix}act_threshold"] = _fp32_part(channels)
     return parts
 
@@ -346,7 +352,7 @@ def _quantize_flops(bits):
 # row builders
 
 
-def _linear(name, group, rows, k, n, bias, bits, method, conv):
+def _linear(name, group, rows, k, n, bias, bits, method, conv, unsigned_input=False):
     """A linear layer applied to `rows` input rows of width k, output width n."""
     w_bits, a_bits = bits
     storage = {"weight": Part(k * n, _weight_bytes(w_bits, k, n, conv))}
@@ -354,7 +360,7 @@ def _linear(name, group, rows, k, n, bias, bits, method, conv):
         storage["weight_scale"] = _fp32_part(n)  # per output channel
     if bias:
         storage["bias"] = _fp32_part(n)
-    storage.update(_act_quantizer(method, a_bits, k))
+    storage.update(_act_quantizer(method, a_bits, k, unsigned=unsigned_input))
     macs = rows * k * n
     flops, bops = _mac_cost(w_bits, a_bits, macs, conv)
     if conv.elementwise:
@@ -380,7 +386,7 @@ def _attention(prefix, method, conv, heads, head_dim, scores, outputs, macs, tok
 
     scores: attention-score elements (B x windows x heads x n x n); outputs: elements of Q, K, V and of
     A.V (B x tokens x D); macs: MACs of each of the two matmuls; tokens: n, the keys per attention row
-    (the channels of the attention-probability binarizer, and GSB's heads x n x n bias); bias_table:
+    (GSB's heads x n x n bias); bias_table:
     FP32 relative-position-bias entries (Swin)."""
     rows = []
     qk_bits, av_bits = _METHOD_BITS[method]["qk"], _METHOD_BITS[method]["av"]
@@ -411,7 +417,7 @@ def _attention(prefix, method, conv, heads, head_dim, scores, outputs, macs, tok
                       + outputs * nb * nb * ELEMENTWISE_FLOPS["gsb_combine"])
         label = f"{nb}x{nb} 1b x 1b"
     else:
-        storage = {**_act_quantizer(method, av_bits[0], tokens, "attn."),
+        storage = {**_act_quantizer(method, av_bits[0], tokens, "attn.", unsigned=True, probabilities=True),
                    **_act_quantizer(method, av_bits[1], dim, "v.")}
         flops, bops = _mac_cost(*av_bits, macs, conv)
         if ew:
@@ -425,7 +431,8 @@ def _attention(prefix, method, conv, heads, head_dim, scores, outputs, macs, tok
 def _mlp(prefix, rows, dim, hidden, bits, method, conv):
     return [_linear(f"{prefix}.fc1", "block linears", rows, dim, hidden, True, bits, method, conv),
             _elementwise(f"{prefix}.gelu", "GELU", rows * hidden, "gelu", conv),
-            _linear(f"{prefix}.fc2", "block linears", rows, hidden, dim, True, bits, method, conv)]
+            _linear(f"{prefix}.fc2", "block linears", rows, hidden, dim, True, bits, method, conv,
+                    unsigned_input=True)]  # post-GELU
 
 
 # ------------------------------------------------------------------------------------------------

@@ -221,8 +221,9 @@ def test_binary_and_ternary_linear_packed_bytes(dim, hidden):
     assert row.packed_bytes == words + 4 * N + 4 * N + 4  # + weight scales + bias + activation alpha
     assert row.params == K * N + N + N + 1 and row.fp32_bytes == 4 * row.params
     assert fc2("binaryvit").packed_bytes == row.packed_bytes + 4 * K  # + ASM thresholds on the input
+    assert fc2("binaryvit", count_scales=False).packed_bytes == words + 4 * N
     assert fc2("binary", count_scales=False).packed_bytes == words + 4 * N  # weight + bias
-    assert fc2("tervit").packed_bytes == 2 * words + 4 * N + 4 * N + 4  # two bit-planes
+    assert fc2("tervit").packed_bytes == 2 * words + 4 * N + 4 * N + 4 + 4  # two bit-planes; step, zero point
     entropy = fc2("tervit", ternary_bits="log2(3)")
     assert entropy.storage["weight"].nbytes == pytest.approx(K * N * math.log2(3) / 8, rel=1e-12)
     assert fc2("fp").packed_bytes == 4 * (K * N + N)
@@ -245,9 +246,13 @@ def test_method_extras_are_counted():
     binary = cost.model_cost("deit-small", "binary")
     binaryvit = cost.model_cost("deit-small", "binaryvit")
     gsb = cost.model_cost("deit-small", "gsb")
-    # ASM: one threshold per channel of every binarizer: qkv, proj, fc1 inputs D, fc2 input 4D, Q, K, V D,
-    # attention probabilities N (the key axis)
-    assert binaryvit.totals.params - binary.totals.params == depth * (3 * D + 4 * D + 3 * D + N)
+    # ASM: one threshold per channel of every binarizer but the attention probabilities: qkv, proj, fc1
+    # inputs D, fc2 input 4D, Q, K, V D
+    assert binaryvit.totals.params - binary.totals.params == depth * (3 * D + 4 * D + 3 * D)
+    # TerViT: an int32 zero point on each unsigned 8-bit activation (post-GELU, attention probabilities)
+    tervit = cost.model_cost("deit-small", "tervit")
+    assert tervit.totals.params - binary.totals.params == depth * 2
+    assert {r.name: r for r in tervit.rows}["blocks.0.mlp.fc2"].storage["act_zero_point"] == cost.Part(1, 4)
     # GSB: distillation token, second head, one more token in pos_embed; per block heads x N' x N'
     # attention bias, heads x head_dim V shift, 3 + 3 basis scales in place of 2 alphas
     n = N + 1

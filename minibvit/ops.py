@@ -11,7 +11,9 @@ in parallel over rows; everything else is NumPy and BLAS.
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 # ----------------------------------------------------------------------------------------------
 # linear
@@ -115,10 +117,61 @@ _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
+@intrinsic
+def _as_float32(typingctx, bits):
+    """Reinterpret int32 bits as float32 (an LLVM bitcast, which vectorizes)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@njit(inline="always", fastmath=True)
+def _exp_f32(x):
+    """exp(x) for float32 as 2^n * 2^f (n = round(x log2 e), |f| <= 1/2, degree-6 polynomial for
+    2^f, relative error < 2e-6): unlike libm's expf it vectorizes, which makes the GELU kernels
+    several times faster."""
+    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    y = x * np.float32(1.4426950408889634)
+    n = math.floor(y + np.float32(0.5))
+    f = y - n
+    p = np.float32(1.0) + f * (np.float32(0.6931471805599453) + f * (np.float32(0.2402265069591007) + f * (
+        np.float32(0.05550410866482158) + f * (np.float32(0.009618129107628477) + f * (
+            np.float32(0.0013333558146428443) + f * np.float32(0.00015403530393381606))))))
+    return p * _as_float32((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
+@njit(inline="always")
+def _phi_fast(v):
+    """Phi(v) = erfc(-v / sqrt 2) / 2 through Numerical Recipes' Chebyshev erfc (relative error
+    < 1.2e-7) and _exp_f32; about 2e-6 relative in all. Branch-free so the loop vectorizes."""
+    z = abs(v) * np.float32(0.7071067811865476)
+    t = np.float32(1.0) / (np.float32(1.0) + np.float32(0.5) * z)
+    poly = np.float32(-1.26551223) + t * (np.float32(1.00002368) + t * (np.float32(0.37409196) + t * (
+        np.float32(0.09678418) + t * (np.float32(-0.18628806) + t * (np.float32(0.27886807) + t * (
+            np.float32(-1.13520398) + t * (np.float32(1.48851587) + t * (np.float32(-0.82215223)
+                                                                       + t * np.float32(0.17087277)))))))))
+    half_erfc = np.float32(0.5) * t * _exp_f32(-z * z + poly)  # = Phi(-|v|)
+    return half_erfc if v < 0 else np.float32(1.0) - half_erfc
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _gelu_erf_f32(x, out):
+    for i in prange(x.size):
+        out[i] = x[i] * _phi_fast(x[i])
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _gelu_erf_f32_backward(x, dout, dx):
+    for i in prange(x.size):
+        v = x[i]
+        pdf = np.float32(0.3989422804014327) * _exp_f32(np.float32(-0.5) * v * v)
+        dx[i] = dout[i] * (_phi_fast(v) + v * pdf)
+
+
 @njit(parallel=True, cache=True)
 def _gelu_erf(x, out, half, one, c):
-    # constants arrive in x's dtype so float32 stays float32 (erff) and float64 stays exact;
-    # c = (1/sqrt 2, 1/sqrt(2 pi))
+    # float64 (and other dtypes): libm erf, exact to the last bits; c = (1/sqrt 2, 1/sqrt(2 pi))
     for i in prange(x.size):
         v = x[i]
         out[i] = half * v * (one + math.erf(v * c[0]))
@@ -161,6 +214,7 @@ def _gelu_constants(approximate, dtype):
 def gelu_forward(x, approximate="none"):
     """GELU. approximate="none": y = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) (exact);
     approximate="tanh": y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+    float64 uses libm's erf; float32 a vectorized erfc approximation (relative error about 2e-6).
 
     x: any shape. Returns y (same shape) and the cache.
     """
@@ -168,7 +222,10 @@ def gelu_forward(x, approximate="none"):
         raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")
     xf = np.ascontiguousarray(x).reshape(-1)
     out = np.empty_like(xf)
-    (_gelu_erf if approximate == "none" else _gelu_tanh)(xf, out, *_gelu_constants(approximate, xf.dtype))
+    if approximate == "none" and xf.dtype == np.float32:
+        _gelu_erf_f32(xf, out)
+    else:
+        (_gelu_erf if approximate == "none" else _gelu_tanh)(xf, out, *_gelu_constants(approximate, xf.dtype))
     return out.reshape(x.shape), (xf, approximate, x.shape)
 
 
@@ -176,8 +233,12 @@ def gelu_backward(dout, cache):
     """dx = dout * GELU'(x). Returns dx (same shape as x)."""
     xf, approximate, shape = cache
     dx = np.empty_like(xf)
-    kernel = _gelu_erf_backward if approximate == "none" else _gelu_tanh_backward
-    kernel(xf, np.ascontiguousarray(dout, dtype=xf.dtype).reshape(-1), dx, *_gelu_constants(approximate, xf.dtype))
+    dout = np.ascontiguousarray(dout, dtype=xf.dtype).reshape(-1)
+    if approximate == "none" and xf.dtype == np.float32:
+        _gelu_erf_f32_backward(xf, dout, dx)
+    else:
+        kernel = _gelu_erf_backward if approximate == "none" else _gelu_tanh_backward
+        kernel(xf, dout, dx, *_gelu_constants(approximate, xf.dtype))
     return dx.reshape(shape)
 
 

@@ -1,0 +1,163 @@
+"""Binary GEMM (minibvit.kernels.binary_gemm) against NumPy float32 matmul, and torch.matmul when
+torch is importable, on ViT linear-layer shapes. Prints a table and the median speedups; asserts
+nothing about speed (it does check every binary result against the float matmul of the +-1 matrices).
+
+    python scripts/bench_gemm.py [--threads 1 2] [--repeats 15] [--rows 520 1576]
+                                 [--dims 192 384 768 1536] [--wide-vectors]
+
+Shapes: M in --rows (8*65 and 8*197 tokens: a batch of 8 at 64 or 196 patches plus the class token),
+every (K, N) pair from --dims. Modes:
+    packed        binary_gemm on activations packed beforehand (weights are always packed offline)
+    with packing  pack_signs(x) + binary_gemm, i.e. what a binary linear layer pays per call
+Each time is the minimum over --repeats interleaved runs (the machine may be shared; the minimum is
+the least disturbed run); the summary is the median over shapes of numpy_time / binary_time.
+
+--wide-vectors re-runs this script with NUMBA_CPU_FEATURES = host features + "-prefer-256-bit", which
+lets LLVM use 512-bit vectors on AVX-512 CPUs (see docs/kernels.md). If OPENBLAS_CORETYPE or
+OPENBLAS_L2_SIZE are set they are removed for this process (they pin a possibly slower OpenBLAS
+kernel) and the script re-runs itself; the output says so.
+"""
+import argparse
+import os
+import sys
+import time
+
+_REEXEC_MARK = "MINIBVIT_BENCH_GEMM_REEXEC"
+
+
+def parse():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--rows", type=int, nargs="+", default=[8 * 65, 8 * 197])
+    ap.add_argument("--dims", type=int, nargs="+", default=[192, 384, 768, 1536])
+    ap.add_argument("--wide-vectors", action="store_true",
+                    help="compile the kernels with 512-bit vectors (NUMBA_CPU_FEATURES=...,-prefer-256-bit)")
+    return ap.parse_args()
+
+
+def reexec_if_needed(args):
+    """Fix the environment that numpy/numba read at import time, then re-run this script once."""
+    if os.environ.get(_REEXEC_MARK):
+        return
+    env = dict(os.environ)
+    notes = []
+    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        if var in env:
+            notes.append(f"unset {var}={env.pop(var)} (it pins an OpenBLAS kernel; unset for a fair NumPy number)")
+    if args.wide_vectors and "NUMBA_CPU_FEATURES" not in env:
+        import llvmlite.binding as llvm
+        env["NUMBA_CPU_FEATURES"] = llvm.get_host_cpu_features().flatten() + ",-prefer-256-bit"
+        notes.append("set NUMBA_CPU_FEATURES=<host features>,-prefer-256-bit (--wide-vectors)")
+    if notes:
+        env[_REEXEC_MARK] = "; ".join(notes)
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+args = parse()
+reexec_if_needed(args)
+
+import numpy as np  # noqa: E402
+import numba  # noqa: E402
+import threadpoolctl  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from minibvit import kernels  # noqa: E402
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+
+def header():
+    import llvmlite.binding as llvm
+    ones = np.ones((4, 64), np.float32)
+    kernels.binary_gemm(kernels.pack_signs(ones), kernels.pack_weight(ones), 64)  # compile; start the thread pool
+    if os.environ.get(_REEXEC_MARK):
+        print(f"re-executed with: {os.environ[_REEXEC_MARK]}")
+    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        if var in os.environ:
+            print(f"WARNING: {var}={os.environ[var]} is set: it forces an OpenBLAS kernel and can make NumPy "
+                  f"float32 matmul slower than it should be; the speedups below are then inflated.", file=sys.stderr)
+    features = llvm.get_host_cpu_features()
+    wide = [f for f in ("avx2", "avx512f", "avx512vpopcntdq") if features.get(f)]
+    print(f"host CPU: {llvm.get_host_cpu_name()} ({', '.join(wide)}); "
+          f"NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', '<host>')}; "
+          f"NUMBA_CPU_FEATURES={'<host>' if 'NUMBA_CPU_FEATURES' not in os.environ else '<host>,-prefer-256-bit' if os.environ['NUMBA_CPU_FEATURES'].endswith('-prefer-256-bit') else os.environ['NUMBA_CPU_FEATURES']}")
+    for info in threadpoolctl.threadpool_info():
+        if info["user_api"] == "blas":
+            print(f"NumPy BLAS: {info['internal_api']} {info.get('version')} kernel={info.get('architecture')} "
+                  f"threading={info.get('threading_layer')}")
+    print(f"numpy {np.__version__}, numba {numba.__version__} (threading layer {numba.threading_layer()}), "
+          f"torch {torch.__version__ if torch else 'not importable'}")
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (other processes make every number noisier)")
+
+
+def best_times(candidates, repeats):
+    """min over `repeats` interleaved rounds of each candidate's wall time (seconds)."""
+    for fn in candidates.values():
+        fn()
+    best = {name: float("inf") for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def run(threads):
+    numba.set_num_threads(threads)
+    if torch is not None:
+        torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    cols = ["numpy", "torch", "binary", "binary+pack"]
+    print(f"\n== {threads} thread(s): times in ms (min of {args.repeats}); speedup = numpy / binary ==")
+    print(f"{'M':>5} {'K':>5} {'N':>5} | " + " ".join(f"{c:>11}" for c in cols)
+          + f" | {'x packed':>8} {'x w/ pack':>9}" + (f" {'x torch':>8}" if torch else ""))
+    speedups = {"packed": [], "with packing": [], "packed vs torch": []}
+    with threadpoolctl.threadpool_limits(limits=threads, user_api="blas"):
+        for m in args.rows:
+            for k in args.dims:
+                for n in args.dims:
+                    x = rng.standard_normal((m, k), dtype=np.float32)
+                    x[:, 0] = 0.0
+                    w = rng.standard_normal((n, k), dtype=np.float32)
+                    w_packed_t = kernels.pack_weight(w)
+                    x_packed = kernels.pack_signs(x)
+                    expected = np.where(x >= 0, 1.0, -1.0).astype(np.float32) @ np.where(w >= 0, 1.0, -1.0).astype(np.float32).T
+                    got = kernels.binary_gemm(x_packed, w_packed_t, k)
+                    if not np.array_equal(got, expected.astype(np.int32)):
+                        raise SystemExit(f"binary_gemm disagrees with the float matmul of signs at M={m} K={k} N={n}")
+                    candidates = {
+                        "numpy": lambda: x @ w.T,
+                        "binary": lambda: kernels.binary_gemm(x_packed, w_packed_t, k),
+                        "binary+pack": lambda: kernels.binary_gemm(kernels.pack_signs(x), w_packed_t, k),
+                    }
+                    if torch is not None:
+                        xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+                        candidates["torch"] = lambda: torch.matmul(xt, wt.T)
+                    t = best_times(candidates, args.repeats)
+                    speedups["packed"].append(t["numpy"] / t["binary"])
+                    speedups["with packing"].append(t["numpy"] / t["binary+pack"])
+                    row = " ".join(f"{t[c] * 1e3:11.3f}" if c in t else f"{'-':>11}" for c in cols)
+                    line = f"{m:5d} {k:5d} {n:5d} | {row} | {speedups['packed'][-1]:8.2f} {speedups['with packing'][-1]:9.2f}"
+                    if torch is not None:
+                        speedups["packed vs torch"].append(t["torch"] / t["binary"])
+                        line += f" {speedups['packed vs torch'][-1]:8.2f}"
+                    print(line, flush=True)
+    print(f"median speedup over NumPy float32 at {threads} thread(s): "
+          f"packed {np.median(speedups['packed']):.2f}x, with activation packing {np.median(speedups['with packing']):.2f}x"
+          + (f"; packed over torch.matmul {np.median(speedups['packed vs torch']):.2f}x" if torch is not None else ""))
+    return speedups
+
+
+header()
+summary = {t: run(t) for t in args.threads}
+print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
+print("summary (median over shapes):")
+for t, s in summary.items():
+    print(f"  {t} thread(s): packed {np.median(s['packed']):.2f}x, with packing {np.median(s['with packing']):.2f}x"
+          + (f", packed vs torch {np.median(s['packed vs torch']):.2f}x" if s["packed vs torch"] else ""))

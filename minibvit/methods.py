@@ -471,6 +471,11 @@ class ASM:
         dx = dy - dy.mean(axis=-1, keepdims=True) if self.center == "token" else dy
         return dx, {**grads, "shift": -dy.reshape(-1, self.channels).sum(axis=0)}
 
+    def integer_form(self, cache):
+        """The inner binarizer's (levels, scale) form, if it has one (see quant._Quantizer)."""
+        inner = getattr(self.inner, "integer_form", None)
+        return None if inner is None else inner(cache)
+
     def __repr__(self):
         return f"ASM(center={self.center!r}, momentum={self.momentum}, inner={self.inner!r})"
 

@@ -352,14 +352,33 @@ def attention_forward(q, k, v, quant=None, training=False, attn_drop=0.0, rng=No
     scale = 1.0 / math.sqrt(q.shape[-1])
     q_q, cq = qz.forward(q, training)
     k_q, ck = kz.forward(k, training)
-    scores = np.matmul(q_q, k_q.swapaxes(-1, -2))
+    scores = _quantized_matmul(q_q, k_q.swapaxes(-1, -2), qz, cq, kz, ck, transpose_b=True)
     scores *= scores.dtype.type(scale)
     attn, c_soft = softmax_forward(scores)
     a_q, ca = az.forward(attn, training)
     a_d, c_drop = dropout_forward(a_q, attn_drop, rng, training)
     v_q, cv = vz.forward(v, training)
-    out = np.matmul(a_d, v_q)
+    if c_drop is None:
+        out = _quantized_matmul(a_d, v_q, az, ca, vz, cv)
+    else:
+        out = np.matmul(a_d, v_q)
     return out, (qz, kz, az, vz, cq, ck, ca, cv, q_q, k_q, a_d, v_q, c_soft, c_drop, scale)
+
+
+def _quantized_matmul(a, b, qa, ca, qb, cb, transpose_b=False):
+    """a @ b; when both operands are quantized as levels * scalar scale (quantizer.integer_form),
+    computed as (levels_a @ levels_b) * (scale_a * scale_b): the integer product is exact in floating
+    point (while its magnitude stays below 2^24 in float32), so an exact 0 stays 0 and the packed
+    inference engine, which computes the same integers with popcounts, gets the same bits."""
+    fa, fb = getattr(qa, "integer_form", None), getattr(qb, "integer_form", None)
+    ia = fa(ca) if fa else None
+    ib = fb(cb) if fb else None
+    if ia is None or ib is None:
+        return np.matmul(a, b)
+    levels_b = ib[0].swapaxes(-1, -2) if transpose_b else ib[0]
+    out = np.matmul(ia[0], levels_b)
+    out *= ia[1] * ib[1]
+    return out
 
 
 def attention_backward(dout, cache):

@@ -583,12 +583,13 @@ def minmax_quant_forward(x, bits, signed, channel_axis=None):
         channel_axis: None for per tensor statistics, else the channel axis.
     Returns:
         out: array of x's shape and dtype.
-        cache: for minmax_quant_backward (nothing is needed).
+        cache: (codes - zero_point in x's dtype, scale); the backward needs nothing.
     """
     codes, scale, zero_point = minmax_codes(x, bits, signed, channel_axis)
     shape = _broadcast_shape(x.ndim, _normalize_axis(x, channel_axis))
-    out = (codes.astype(x.dtype) - zero_point.reshape(shape).astype(x.dtype)) * scale.reshape(shape)
-    return out, None
+    levels = codes.astype(x.dtype) - zero_point.reshape(shape).astype(x.dtype)
+    out = levels * scale.reshape(shape)
+    return out, (levels, scale)
 
 
 def minmax_quant_backward(dout, cache):
@@ -610,6 +611,13 @@ class _Quantizer:
     def __init__(self):
         self.params = {}
         self.buffers = {}
+
+    def integer_form(self, cache):
+        """(levels, scale) with forward's out == levels * scale exactly, levels small integers (in
+        the input dtype) and scale a scalar, or None when the output has no such form. Lets a
+        product of two quantized tensors be computed on the integers and scaled once, as the packed
+        inference engine does, so both give the same bits."""
+        return None
 
     def _options(self):
         return {}
@@ -703,6 +711,11 @@ class ElasticBinarizer(_Quantizer):
         dx, dalpha = elastic_binarize_backward(dout, cache)
         return dx, {"alpha": dalpha}
 
+    def integer_form(self, cache):
+        x, q, signed, _, _ = cache
+        levels = sign(x) if signed else np.clip(np.round(q), 0, 1)
+        return levels, _scale_param(self.params["alpha"], "alpha", x, None).reshape(())
+
 
 class Ternarizer(_Quantizer):
     """TWN / TerViT ternary weights (ternarize_forward); no learnable params."""
@@ -778,6 +791,10 @@ class MinMaxQuantizer(_Quantizer):
 
     def backward(self, dout, cache):
         return minmax_quant_backward(dout, cache), {}
+
+    def integer_form(self, cache):
+        levels, scale = cache
+        return None if self.per_channel else (levels, scale.reshape(()))
 
 
 class Shifted(_Quantizer):

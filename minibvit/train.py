@@ -187,8 +187,7 @@ def _state_tensors(model, opt):
 
 def save_training_state(path, model, opt, meta):
     tensors, opt_meta = _state_tensors(model, opt)
-    checkpoint.save_checkpoint(path, {k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                               {**meta, "optimizer": opt_meta})
+    checkpoint.save_checkpoint(path, tensors, {**meta, "optimizer": opt_meta})
 
 
 def load_model(path, expect_config=None):
@@ -311,7 +310,10 @@ def _activation_diagnostics(model, x):
     entropies, errors = [], []
     for role, q in captured:
         t = seen[role]
-        shift = methods.asm_fold_threshold(q) if isinstance(q, methods.ASM) else 0.0
+        shift = 0.0
+        if isinstance(q, methods.ASM):  # the threshold the sign bit is taken against
+            shift = (t.mean(axis=-1, keepdims=True) + q.params["shift"] if q.center == "token"
+                     else methods.asm_fold_threshold(q))
         alpha = (q.inner if isinstance(q, methods.ASM) else q).params["alpha"]
         entropies.append(methods.sign_entropy(t - shift))
         if np.any(t):  # an all-zero input (e.g. after a collapsed attention) has no relative error

@@ -9,10 +9,12 @@ use nothing else from minibvit. Contract:
   shapes) with ``forward(x, training, rng) -> (logits, cache)``, ``backward(dlogits, cache)`` that fills
   ``.grads`` (same names), ``parameters()`` and ``state_dict()``.
 - ``AdamW(params, lr, betas, eps, weight_decay)`` with ``step(grads)``; ``clip_grad_norm``; ``cosine_lr``.
+- ``quant`` (quantizer pure functions and wrappers, see docs/quantizers.md), ``methods`` (GSB, GRS,
+  ASM, diagnostics), ``schemes`` (per-method quantizer tables), ``data``, ``checkpoint``, ``train``.
 """
 import numpy as np
 
-from minibvit import ops  # noqa: F401  (re-exported)
+from minibvit import checkpoint, data, methods, ops, quant, schemes, train  # noqa: F401  (re-exported)
 from minibvit.model import ViT, ViTConfig  # noqa: F401
 from minibvit.optim import SGD, AdamW, clip_grad_norm, cosine_lr  # noqa: F401
 

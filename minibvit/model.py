@@ -212,8 +212,21 @@ class ViT:
         wz, xz = self._quant(f"{name}.weight"), self._quant(f"{name}.input")
         w_q, cw = wz.forward(self.params[f"{name}.weight"], training)
         x_q, cx = xz.forward(x, training)
-        y, cl = ops.linear_forward(x_q, w_q, self.params.get(f"{name}.bias") if bias else None)
+        y, cl = ops.linear_forward(x_q, w_q, self.params.get(f"{name}.bias") if bias else None,
+                                   levels=self._integer_levels(xz, cx, wz, cw))
         return y, (name, wz, xz, cw, cx, cl)
+
+    @staticmethod
+    def _integer_levels(xz, cx, wz, cw):
+        """(x_levels, w_levels, scale) when both operands are integer levels times a per-tensor input
+        scale and a per-output-channel weight scale (binary, ternary, 8-bit): the product is then
+        computed exactly on the levels, as the packed engine does."""
+        fx, fw = getattr(xz, "integer_form", None), getattr(wz, "integer_form", None)
+        ix = fx(cx) if fx else None
+        iw = fw(cw) if fw else None
+        if ix is None or iw is None or np.ndim(ix[1]) != 0:
+            return None
+        return ix[0], iw[0], ix[1] * iw[1]
 
     def _linear_backward(self, dy, cache):
         name, wz, xz, cw, cx, cl = cache

@@ -19,17 +19,35 @@ from numba.extending import intrinsic
 # linear
 
 
-def linear_forward(x, w, b=None):
+def linear_forward(x, w, b=None, levels=None):
     """y = x @ w.T + b.
 
     x: (..., K) input; w: (N, K) weight (PyTorch layout); b: (N,) bias or None.
-    Returns y: (..., N) and the cache.
+    levels: optional integer form of quantized operands, (x_levels (..., K), w_levels (N, K), scale
+        (N,) or ()) with x @ w.T == (x_levels @ w_levels.T) * scale. y is then computed that way: the
+        integer product is exact (in float64 when it could exceed float32's 2^24), so y has the same
+        bits as an integer kernel's output scaled by the same (N,) vector and added to the same bias.
+    Returns y: (..., N) and the cache (the backward uses x and w).
     """
     x2 = x.reshape(-1, x.shape[-1])
-    y = x2 @ w.T
+    if levels is None:
+        y = x2 @ w.T
+    else:
+        y = integer_matmul(levels[0].reshape(x2.shape), levels[1].T)
+        y *= levels[2]
     if b is not None:
         y += b
     return y.reshape(*x.shape[:-1], w.shape[0]), (x2, w, x.shape, b is not None)
+
+
+def integer_matmul(a, b):
+    """a @ b for integer-valued float arrays, exact: in a's dtype while every partial sum is an
+    integer below 2^24 (float32) or 2^53, else in float64 and cast back."""
+    bound = a.shape[-1] * float(np.abs(a).max(initial=0)) * float(np.abs(b).max(initial=0))
+    exact_limit = 2.0 ** (np.finfo(a.dtype).nmant + 1)
+    if bound < exact_limit:
+        return np.matmul(a, b)
+    return np.matmul(a.astype(np.float64), b.astype(np.float64)).astype(a.dtype)
 
 
 def linear_backward(dout, cache):
@@ -376,7 +394,7 @@ def _quantized_matmul(a, b, qa, ca, qb, cb, transpose_b=False):
     if ia is None or ib is None:
         return np.matmul(a, b)
     levels_b = ib[0].swapaxes(-1, -2) if transpose_b else ib[0]
-    out = np.matmul(ia[0], levels_b)
+    out = integer_matmul(ia[0], levels_b)
     out *= ia[1] * ib[1]
     return out
 

@@ -224,8 +224,9 @@ def weight_binarize_forward(w, scale="channel", center=False, ste="identity"):
     """
     _check_choice(ste, "ste", ("identity", "clipped"))
     w_c, codes, alpha = _binarize_weight(w, scale, center)
-    out = alpha.reshape(_broadcast_shape(w.ndim, 0 if scale == "channel" else None)) * codes.astype(w.dtype)
-    return out, (_ste_derivative(w_c, ste), center)
+    levels = codes.astype(w.dtype)
+    out = alpha.reshape(_broadcast_shape(w.ndim, 0 if scale == "channel" else None)) * levels
+    return out, (_ste_derivative(w_c, ste), center, levels, alpha)
 
 
 def weight_binarize_backward(dout, cache):
@@ -237,7 +238,7 @@ def weight_binarize_backward(dout, cache):
     Returns:
         dw: shape (C_out, ...).
     """
-    derivative, center = cache
+    derivative, center = cache[:2]
     dw_c = _apply_ste(dout, derivative)
     if center:
         dw_c -= dw_c.mean(axis=_other_axes(dw_c.ndim, 0), keepdims=True)
@@ -414,8 +415,9 @@ def ternarize_forward(w, per_channel=True, delta_factor=0.7, ste="identity"):
     """
     _check_choice(ste, "ste", ("identity", "clipped"))
     codes, alpha, _ = ternary_codes(w, per_channel, delta_factor)
-    out = alpha.reshape(_broadcast_shape(w.ndim, 0 if per_channel else None)) * codes.astype(w.dtype)
-    return out, _ste_derivative(w, ste)
+    levels = codes.astype(w.dtype)
+    out = alpha.reshape(_broadcast_shape(w.ndim, 0 if per_channel else None)) * levels
+    return out, (_ste_derivative(w, ste), levels, alpha)
 
 
 def ternarize_backward(dout, cache):
@@ -427,7 +429,7 @@ def ternarize_backward(dout, cache):
     Returns:
         dw: shape (C_out, ...).
     """
-    return _apply_ste(dout, cache)
+    return _apply_ste(dout, cache[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -613,10 +615,10 @@ class _Quantizer:
         self.buffers = {}
 
     def integer_form(self, cache):
-        """(levels, scale) with forward's out == levels * scale exactly, levels small integers (in
-        the input dtype) and scale a scalar, or None when the output has no such form. Lets a
-        product of two quantized tensors be computed on the integers and scaled once, as the packed
-        inference engine does, so both give the same bits."""
+        """(levels, scale) with forward's out == levels * scale exactly: levels small integers in the
+        input dtype, scale a scalar () or, for a weight (channel axis 0), one per output channel (C,);
+        None when the output has no such form. Lets a product of two quantized tensors be computed on
+        the integers and scaled once, as the packed inference engine does, so both give the same bits."""
         return None
 
     def _options(self):
@@ -689,6 +691,10 @@ class WeightBinarizer(_Quantizer):
     def backward(self, dout, cache):
         return weight_binarize_backward(dout, cache), {}
 
+    def integer_form(self, cache):
+        _, _, levels, alpha = cache
+        return levels, (alpha.reshape(-1) if self.scale == "channel" else alpha.reshape(()))
+
 
 class ElasticBinarizer(_Quantizer):
     """BiT's elastic binarizer (elastic_binarize_forward). Param "alpha" (1,), NaN until the
@@ -735,6 +741,10 @@ class Ternarizer(_Quantizer):
 
     def backward(self, dout, cache):
         return ternarize_backward(dout, cache), {}
+
+    def integer_form(self, cache):
+        _, levels, alpha = cache
+        return levels, (alpha.reshape(-1) if self.per_channel else alpha.reshape(()))
 
 
 class LSQQuantizer(_Quantizer):
@@ -794,7 +804,9 @@ class MinMaxQuantizer(_Quantizer):
 
     def integer_form(self, cache):
         levels, scale = cache
-        return None if self.per_channel else (levels, scale.reshape(()))
+        if not self.per_channel:
+            return levels, scale.reshape(())
+        return (levels, scale.reshape(-1)) if self.channel_axis == 0 else None
 
 
 class Shifted(_Quantizer):

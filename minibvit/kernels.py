@@ -23,10 +23,9 @@ from numba.extending import intrinsic, overload
 
 WORD_BITS = 64
 _ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
-_PANEL_COLS = 256       # output columns per task: one weight panel [W, _PANEL_COLS] per task
+_PANEL_COLS = 256       # at most this many output columns per task (one weight panel [W, cols] each)
+_COL_ALIGN = 32         # panel widths are multiples of this (whole vectors, aligned rows)
 _TASK_ROWS = 64         # output rows per task
-_TILE_ROWS = 4          # rows sharing each weight-vector load in the inner loop
-_JAM_WORDS = 3          # words of K summed in registers before one accumulator update
 
 
 def _words(k):
@@ -38,22 +37,21 @@ def _words(k):
 # ---------------------------------------------------------------------------------------------
 
 @intrinsic
-def popcount64(typingctx, x):
-    """Population count of a uint64 through LLVM's ``llvm.ctpop.i64``.
+def popcount(typingctx, x):
+    """Population count of an integer's bit pattern (two's complement for signed types) through
+    LLVM's ``llvm.ctpop`` at the integer's own width; returns the same type.
 
-    LLVM lowers it to POPCNT / VPOPCNTQ when the compile target has them and to a bit-trick
-    sequence (vectorised with PSHUFB on AVX2) otherwise, so it is correct on every x86-64 CPU.
-    ``np.bitwise_count`` has no Numba implementation, hence this intrinsic.
+    LLVM lowers it to POPCNT / VPOPCNTD / VPOPCNTQ when the compile target has them and to a
+    bit-trick sequence (vectorised with PSHUFB on AVX2) otherwise, so it is correct on every
+    x86-64 CPU. ``np.bitwise_count`` has no Numba implementation, hence this intrinsic.
     """
     if not isinstance(x, types.Integer):
         return None
 
     def codegen(context, builder, signature, args):
-        (value,) = args
-        value = context.cast(builder, value, signature.args[0], types.uint64)
-        return builder.ctpop(value)
+        return builder.ctpop(args[0])
 
-    return types.uint64(x), codegen
+    return x(x), codegen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +198,7 @@ def pack_ternary_weight(w):
 
 # ---------------------------------------------------------------------------------------------
 # the popcount matmul core: out[b, m, n] = row_offset[b, m] + col_offset[b, n]
-#                              + acc_weight * sum_w popcount(combine(a[b, m, w], planes[b, w, n]))
+#                                          - 2 * sum_w popcount(combine(a[b, m, w], planes[b, w, n]))
 # combine(a, x, y) = a ^ x (y is None), a & y (x is None), (a ^ x) & y (both given).
 # ---------------------------------------------------------------------------------------------
 
@@ -214,18 +212,27 @@ def _aligned_empty(rows, cols, dtype):
 
 
 @njit(cache=True)
-def _copy_panel(planes, b, n0, nb):
-    """Aligned [W, _PANEL_COLS] copy of planes[b, :, n0:n0+nb], zero-padded; None stays None."""
+def _column_blocks(n_cols):
+    """(number of column blocks, block width): equal blocks of at most _PANEL_COLS columns,
+    the width rounded up to _COL_ALIGN (N=384 -> 2 x 192 rather than 256 + 128)."""
+    n_blocks = (n_cols + _PANEL_COLS - 1) // _PANEL_COLS
+    width = (n_cols + n_blocks - 1) // n_blocks
+    return n_blocks, (width + _COL_ALIGN - 1) // _COL_ALIGN * _COL_ALIGN
+
+
+@njit(cache=True)
+def _copy_panel(planes, b, n0, nb, width):
+    """Aligned [W, width] copy of planes[b, :, n0:n0+nb], zero-padded; None stays None."""
     if planes is None:
         return None
     n_words = planes.shape[1]
-    panel = _aligned_empty(n_words, _PANEL_COLS, np.uint64)
+    panel = _aligned_empty(n_words, width, np.uint64)
     for w in range(n_words):
         src = planes[b, w, n0:n0 + nb]
         dst = panel[w]
         for j in range(nb):
             dst[j] = src[j]
-        for j in range(nb, _PANEL_COLS):
+        for j in range(nb, width):
             dst[j] = 0
     return panel
 
@@ -249,126 +256,116 @@ def _combine_overload(a, xp, yp, w, j):
     return lambda a, xp, yp, w, j: (a ^ xp[w, j]) & yp[w, j]
 
 
-@njit(cache=True, boundscheck=False)
-def _tile4(a, m, xp, yp, acc):
-    """acc[r, j] = sum_w popcount(combine(a[m + r, w], panel[w, j])) for r < 4, all panel columns.
+def _accumulate_row(arow, xp, yp, acc):
+    """acc[j] = sum_w popcount(combine(arow[w], panel[w, j])) for every panel column j < len(acc).
 
-    Three words are summed in registers per accumulator update (unroll-and-jam), which halves
-    the accumulator loads and stores that otherwise bound the loop."""
-    n_words = a.shape[1]
-    c0 = acc[0]
-    c1 = acc[1]
-    c2 = acc[2]
-    c3 = acc[3]
-    for j in range(_PANEL_COLS):
-        c0[j] = 0
-        c1[j] = 0
-        c2[j] = 0
-        c3[j] = 0
-    w = 0
-    while w + 3 <= n_words:
-        a00, a01, a02 = a[m, w], a[m, w + 1], a[m, w + 2]
-        a10, a11, a12 = a[m + 1, w], a[m + 1, w + 1], a[m + 1, w + 2]
-        a20, a21, a22 = a[m + 2, w], a[m + 2, w + 1], a[m + 2, w + 2]
-        a30, a31, a32 = a[m + 3, w], a[m + 3, w + 1], a[m + 3, w + 2]
-        for j in range(_PANEL_COLS):
-            c0[j] += (popcount64(_combine(a00, xp, yp, w, j)) + popcount64(_combine(a01, xp, yp, w + 1, j))
-                      + popcount64(_combine(a02, xp, yp, w + 2, j)))
-            c1[j] += (popcount64(_combine(a10, xp, yp, w, j)) + popcount64(_combine(a11, xp, yp, w + 1, j))
-                      + popcount64(_combine(a12, xp, yp, w + 2, j)))
-            c2[j] += (popcount64(_combine(a20, xp, yp, w, j)) + popcount64(_combine(a21, xp, yp, w + 1, j))
-                      + popcount64(_combine(a22, xp, yp, w + 2, j)))
-            c3[j] += (popcount64(_combine(a30, xp, yp, w, j)) + popcount64(_combine(a31, xp, yp, w + 1, j))
-                      + popcount64(_combine(a32, xp, yp, w + 2, j)))
-        w += 3
+    Three words are summed in registers per accumulator update (unroll-and-jam), so the
+    accumulator is loaded and stored once per three words; the first pass assigns instead of
+    adding, which saves zeroing it."""
+    n_words = arow.shape[0]
+    width = acc.shape[0]
+    if n_words % 3 == 0:
+        a0, a1, a2 = arow[0], arow[1], arow[2]
+        for j in range(width):
+            acc[j] = (popcount(_combine(a0, xp, yp, 0, j)) + popcount(_combine(a1, xp, yp, 1, j))
+                      + popcount(_combine(a2, xp, yp, 2, j)))
+        w = 3
+    else:
+        a0 = arow[0]
+        for j in range(width):
+            acc[j] = popcount(_combine(a0, xp, yp, 0, j))
+        w = 1
+        if n_words % 3 == 2:
+            a0 = arow[1]
+            for j in range(width):
+                acc[j] += popcount(_combine(a0, xp, yp, 1, j))
+            w = 2
     while w < n_words:
-        a0, a1, a2, a3 = a[m, w], a[m + 1, w], a[m + 2, w], a[m + 3, w]
-        for j in range(_PANEL_COLS):
-            c0[j] += popcount64(_combine(a0, xp, yp, w, j))
-            c1[j] += popcount64(_combine(a1, xp, yp, w, j))
-            c2[j] += popcount64(_combine(a2, xp, yp, w, j))
-            c3[j] += popcount64(_combine(a3, xp, yp, w, j))
-        w += 1
+        a0, a1, a2 = arow[w], arow[w + 1], arow[w + 2]
+        for j in range(width):
+            acc[j] += (popcount(_combine(a0, xp, yp, w, j)) + popcount(_combine(a1, xp, yp, w + 1, j))
+                       + popcount(_combine(a2, xp, yp, w + 2, j)))
+        w += 3
+
+
+def _store_row(acc, acc_weight, orow, base, coff, rs, cs, bias):
+    """Epilogue of one output row segment, fused while acc is in L1 (n = n0 + j, j < len(orow)):
+    value = base + coff[j] + acc_weight * acc[j]      (coff None -> 0)
+    integer: orow[j] = value                                 (rs is None)
+    scaled:  orow[j] = float32(value) * rs * cs[j] + bias[j]"""
+    for j in range(orow.shape[0]):
+        value = base + (0 if coff is None else coff[j]) + acc_weight * np.int64(acc[j])
+        orow[j] = value if rs is None else np.float32(value) * rs * cs[j] + bias[j]
+
+
+# Per-row helpers are inlined into the row loop (Numba-level inlining, variants picked by argument
+# types): a real call per row, with its array reference counting, costs as much as a whole row
+# when K is small. acc_weight is a literal, so no 64-bit multiply is emitted.
+overload(_accumulate_row, inline="always")(lambda arow, xp, yp, acc: _accumulate_row)
+
+
+@overload(_store_row, inline="always", prefer_literal=True)
+def _store_row_overload(acc, acc_weight, orow, base, coff, rs, cs, bias):
+    if not isinstance(acc_weight, types.IntegerLiteral):
+        return None
+    weight = acc_weight.literal_value
+    if isinstance(coff, types.NoneType) and isinstance(rs, types.NoneType):
+        def store(acc, acc_weight, orow, base, coff, rs, cs, bias):
+            for j in range(orow.shape[0]):
+                orow[j] = base + weight * np.int64(acc[j])
+    elif isinstance(rs, types.NoneType):
+        def store(acc, acc_weight, orow, base, coff, rs, cs, bias):
+            for j in range(orow.shape[0]):
+                orow[j] = base + coff[j] + weight * np.int64(acc[j])
+    elif isinstance(coff, types.NoneType):
+        def store(acc, acc_weight, orow, base, coff, rs, cs, bias):
+            for j in range(orow.shape[0]):
+                orow[j] = np.float32(base + weight * np.int64(acc[j])) * rs * cs[j] + bias[j]
+    else:
+        def store(acc, acc_weight, orow, base, coff, rs, cs, bias):
+            for j in range(orow.shape[0]):
+                orow[j] = np.float32(base + coff[j] + weight * np.int64(acc[j])) * rs * cs[j] + bias[j]
+    return store
 
 
 @njit(cache=True, boundscheck=False)
-def _tile1(a, m, xp, yp, acc):
-    """One-row version of _tile4 (for the last M % 4 rows), into acc[0]."""
-    n_words = a.shape[1]
-    c0 = acc[0]
-    for j in range(_PANEL_COLS):
-        c0[j] = 0
-    for w in range(n_words):
-        a0 = a[m, w]
-        for j in range(_PANEL_COLS):
-            c0[j] += popcount64(_combine(a0, xp, yp, w, j))
-
-
-@njit(cache=True, boundscheck=False)
-def _store_rows(acc, acc_weight, n_rows, out, b, m, n0, nb, row_offset, col_offset, row_scale, col_scale, bias):
-    """Epilogue of one tile, fused while acc is in L1; value = row_offset + col_offset + acc_weight * acc.
-
-    integer: out[b, m + r, n0 + j] = value
-    scaled:  out[b, m + r, n0 + j] = float32(value) * row_scale[m + r] * col_scale[n0 + j] + bias[n0 + j]"""
-    for r in range(n_rows):
-        crow = acc[r]
-        orow = out[b, m + r, n0:n0 + nb]
-        base = row_offset[b, m + r]
-        if row_scale is None:
-            if col_offset is None:
-                for j in range(nb):
-                    orow[j] = base + acc_weight * np.int64(crow[j])
-            else:
-                coff = col_offset[b, n0:n0 + nb]
-                for j in range(nb):
-                    orow[j] = base + coff[j] + acc_weight * np.int64(crow[j])
-        else:
-            rs = row_scale[m + r]
-            cs = col_scale[n0:n0 + nb]
-            bi = bias[n0:n0 + nb]
-            if col_offset is None:
-                for j in range(nb):
-                    orow[j] = np.float32(base + acc_weight * np.int64(crow[j])) * rs * cs[j] + bi[j]
-            else:
-                coff = col_offset[b, n0:n0 + nb]
-                for j in range(nb):
-                    orow[j] = np.float32(base + coff[j] + acc_weight * np.int64(crow[j])) * rs * cs[j] + bi[j]
+def _panel_rows(a, b, m0, m1, xp, yp, n0, nb, width, row_offset, col_offset, row_scale, col_scale, bias, out):
+    """Rows m0..m1-1 of batch b against one panel [W, width] (columns n0..n0+nb-1), epilogue included."""
+    acc = _aligned_empty(1, width, np.uint64)[0]
+    coff = None if col_offset is None else col_offset[b, n0:n0 + nb]
+    cs = None if col_scale is None else col_scale[n0:n0 + nb]
+    bi = None if bias is None else bias[n0:n0 + nb]
+    for m in range(m0, m1):
+        _accumulate_row(a[b, m], xp, yp, acc)
+        rs = None if row_scale is None else row_scale[m]
+        _store_row(acc, -2, out[b, m, n0:n0 + nb], row_offset[b, m], coff, rs, cs, bi)
 
 
 @njit(parallel=True, cache=True, boundscheck=False)
-def _popcount_matmul(a, x_planes, y_planes, acc_weight, row_offset, col_offset, row_scale, col_scale, bias, out):
-    """Fill out [B, M, N] with row_offset + col_offset + acc_weight * popcount sums (see the
-    section comment), or its float epilogue. a [B, M, W]; x_planes, y_planes [B, W, N] or None;
+def _popcount_matmul(a, x_planes, y_planes, row_offset, col_offset, row_scale, col_scale, bias, out):
+    """Fill out [B, M, N] with row_offset + col_offset - 2 * popcount sums (see the section
+    comment), or its float epilogue. a [B, M, W]; x_planes, y_planes [B, W, N] or None;
     row_offset [B, M] int64; col_offset [B, N] int64 or None; scales/bias float32 [M]/[N]/[N] or
     None (all three None -> integer out, else all three given -> float out).
 
-    Parallel over (batch, block of _PANEL_COLS columns, block of _TASK_ROWS rows); each task
-    copies its weight panel to an aligned buffer once and sweeps its rows over it."""
+    Parallel over (batch, block of columns, block of _TASK_ROWS rows); each task copies its
+    weight panel to an aligned, zero-padded buffer once and sweeps its rows over it (the panel
+    stays in L1/L2)."""
     n_batch, n_rows, _ = a.shape
     n_cols = out.shape[2]
     row_blocks = (n_rows + _TASK_ROWS - 1) // _TASK_ROWS
-    col_blocks = (n_cols + _PANEL_COLS - 1) // _PANEL_COLS
+    col_blocks, width = _column_blocks(n_cols)
     for task in prange(n_batch * col_blocks * row_blocks):
         b = task // (col_blocks * row_blocks)
         col_block = (task // row_blocks) % col_blocks
         row_block = task % row_blocks
-        n0 = col_block * _PANEL_COLS
-        nb = min(_PANEL_COLS, n_cols - n0)
+        n0 = col_block * width
+        nb = min(width, n_cols - n0)
         m0 = row_block * _TASK_ROWS
         m1 = min(m0 + _TASK_ROWS, n_rows)
-        xp = _copy_panel(x_planes, b, n0, nb)
-        yp = _copy_panel(y_planes, b, n0, nb)
-        acc = _aligned_empty(_TILE_ROWS, _PANEL_COLS, np.uint64)
-        ab = a[b]
-        m = m0
-        while m + 4 <= m1:
-            _tile4(ab, m, xp, yp, acc)
-            _store_rows(acc, acc_weight, 4, out, b, m, n0, nb, row_offset, col_offset, row_scale, col_scale, bias)
-            m += 4
-        while m < m1:
-            _tile1(ab, m, xp, yp, acc)
-            _store_rows(acc, acc_weight, 1, out, b, m, n0, nb, row_offset, col_offset, row_scale, col_scale, bias)
-            m += 1
+        xp = _copy_panel(x_planes, b, n0, nb, width)
+        yp = _copy_panel(y_planes, b, n0, nb, width)
+        _panel_rows(a, b, m0, m1, xp, yp, n0, nb, width, row_offset, col_offset, row_scale, col_scale, bias, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,14 +405,14 @@ def _epilogue_args(n_rows, n_cols, row_scale, col_scale, bias):
     return tuple(args)
 
 
-def _matmul(a, x_planes, y_planes, row_offset, col_offset, epilogue, n_cols, acc_weight=-2):
+def _matmul(a, x_planes, y_planes, row_offset, col_offset, epilogue, n_cols):
     n_batch, n_rows, _ = a.shape
     if epilogue is None:
         out = np.empty((n_batch, n_rows, n_cols), np.int32)
-        _popcount_matmul(a, x_planes, y_planes, acc_weight, row_offset, col_offset, None, None, None, out)
+        _popcount_matmul(a, x_planes, y_planes, row_offset, col_offset, None, None, None, out)
     else:
         out = np.empty((n_batch, n_rows, n_cols), np.float32)
-        _popcount_matmul(a, x_planes, y_planes, acc_weight, row_offset, col_offset, *epilogue, out)
+        _popcount_matmul(a, x_planes, y_planes, row_offset, col_offset, *epilogue, out)
     return out
 
 
@@ -699,66 +696,59 @@ def _expand_ternary_quads(w_nonzero, w_sign, k, n_cols_padded):
     return out
 
 
-@njit(cache=True)
-def _quad_tuple(row, kq):
-    return row[kq], row[kq + 1], row[kq + 2], row[kq + 3]
+def _quad_row(arow, panel, n_groups, acc):
+    """acc[:16 * n_groups] = sum_kq dot4(arow[kq], panel[kq]), _QUAD_JAM quads per accumulator update."""
+    n_quads = arow.shape[0]
+    acc[:] = 0
+    kq = 0
+    while kq + _QUAD_JAM <= n_quads:
+        quads = (arow[kq], arow[kq + 1], arow[kq + 2], arow[kq + 3])
+        for g in range(n_groups):
+            _dot4_accumulate(acc, g, quads, panel, kq)
+        kq += _QUAD_JAM
+    while kq < n_quads:
+        quads = (arow[kq],)
+        for g in range(n_groups):
+            _dot4_accumulate(acc, g, quads, panel, kq)
+        kq += 1
+
+
+overload(_quad_row, inline="always")(lambda arow, panel, n_groups, acc: _quad_row)
 
 
 @njit(cache=True, boundscheck=False)
-def _quad_tile(a_quads, m, n_rows, panel, n_groups, acc):
-    """acc[r, :16*n_groups] = sum_kq dot4(a_quads[m + r, kq], panel[kq]) for r < n_rows (1 or 4)."""
-    n_quads = a_quads.shape[1]
-    acc[:, :] = 0
-    kq = 0
-    while kq + _QUAD_JAM <= n_quads:
-        if n_rows == 4:
-            x0 = _quad_tuple(a_quads[m], kq)
-            x1 = _quad_tuple(a_quads[m + 1], kq)
-            x2 = _quad_tuple(a_quads[m + 2], kq)
-            x3 = _quad_tuple(a_quads[m + 3], kq)
-            for g in range(n_groups):
-                _dot4_accumulate(acc[0], g, x0, panel, kq)
-                _dot4_accumulate(acc[1], g, x1, panel, kq)
-                _dot4_accumulate(acc[2], g, x2, panel, kq)
-                _dot4_accumulate(acc[3], g, x3, panel, kq)
-        else:
-            x0 = _quad_tuple(a_quads[m], kq)
-            for g in range(n_groups):
-                _dot4_accumulate(acc[0], g, x0, panel, kq)
-        kq += _QUAD_JAM
-    while kq < n_quads:
-        for r in range(n_rows):
-            x = (a_quads[m + r, kq],)
-            for g in range(n_groups):
-                _dot4_accumulate(acc[r], g, x, panel, kq)
-        kq += 1
+def _quad_panel_rows(a_quads, m0, m1, panel, n0, nb, row_offset, col_offset, row_scale, col_scale, bias, out):
+    """Rows m0..m1-1 against the weight quads of columns n0..n0+nb-1, epilogue included."""
+    acc = _aligned_empty(1, _QUAD_GROUP * ((nb + _QUAD_GROUP - 1) // _QUAD_GROUP), np.int32)[0]
+    n_groups = acc.shape[0] // _QUAD_GROUP
+    coff = col_offset[0, n0:n0 + nb]
+    cs = None if col_scale is None else col_scale[n0:n0 + nb]
+    bi = None if bias is None else bias[n0:n0 + nb]
+    for m in range(m0, m1):
+        _quad_row(a_quads[m], panel, n_groups, acc)
+        rs = None if row_scale is None else row_scale[m]
+        _store_row(acc, 1, out[0, m, n0:n0 + nb], row_offset[0, m], coff, rs, cs, bi)
 
 
 @njit(parallel=True, cache=True, boundscheck=False)
 def _quad_matmul(a_quads, w_quads, row_offset, col_offset, row_scale, col_scale, bias, out):
     """out[0, m, n] = row_offset[0, m] + col_offset[0, n] + sum_kq dot4(a_quads[m, kq], w_quads[kq, n]),
-    or its float epilogue (see _store_rows). Same task grid as _popcount_matmul; the weight quads
+    or its float epilogue (see _store_row). Same task grid as _popcount_matmul; the weight quads
     are read in place (their rows are 64-byte aligned)."""
     n_rows = a_quads.shape[0]
     n_cols = out.shape[2]
     row_blocks = (n_rows + _TASK_ROWS - 1) // _TASK_ROWS
-    col_blocks = (n_cols + _PANEL_COLS - 1) // _PANEL_COLS
+    col_blocks, width = _column_blocks(n_cols)
     for task in prange(col_blocks * row_blocks):
         col_block = task // row_blocks
         row_block = task % row_blocks
-        n0 = col_block * _PANEL_COLS
-        nb = min(_PANEL_COLS, n_cols - n0)
-        n_groups = (nb + _QUAD_GROUP - 1) // _QUAD_GROUP
+        n0 = col_block * width
+        nb = min(width, n_cols - n0)
         m0 = row_block * _TASK_ROWS
         m1 = min(m0 + _TASK_ROWS, n_rows)
-        panel = w_quads[:, 4 * n0:4 * (n0 + _QUAD_GROUP * n_groups)]
-        acc = _aligned_empty(_TILE_ROWS, _PANEL_COLS, np.int32)
-        m = m0
-        while m < m1:
-            rows = 4 if m + 4 <= m1 else 1
-            _quad_tile(a_quads, m, rows, panel, n_groups, acc)
-            _store_rows(acc, 1, rows, out, 0, m, n0, nb, row_offset, col_offset, row_scale, col_scale, bias)
-            m += rows
+        padded = _QUAD_GROUP * ((nb + _QUAD_GROUP - 1) // _QUAD_GROUP)
+        panel = w_quads[:, 4 * n0:4 * (n0 + padded)]
+        _quad_panel_rows(a_quads, m0, m1, panel, n0, nb, row_offset, col_offset, row_scale, col_scale, bias, out)
 
 
 def _int8_quads(a_int8, k):
@@ -869,9 +859,9 @@ def gsb_partial_products(a_bases, v_signs, v_masks, K):
     n_batch, _, n_rows, n_words = a.shape
     n_dim = s.shape[1]
     planes = np.concatenate([s, t[:, 0] & s, t[:, 1] & s, t[:, 0], t[:, 1]], axis=1)     # [B, 5D, W]
-    counts = _matmul(a.reshape(n_batch, 3 * n_rows, n_words), None, _transpose_words(planes),
-                     np.zeros((n_batch, 3 * n_rows), np.int64), None, None, 5 * n_dim, acc_weight=1)
-    counts = counts.reshape(n_batch, 3, n_rows, 5, n_dim).transpose(0, 1, 3, 2, 4)     # [B, 3, 5, M, D]
+    minus_twice = _matmul(a.reshape(n_batch, 3 * n_rows, n_words), None, _transpose_words(planes),
+                          np.zeros((n_batch, 3 * n_rows), np.int64), None, None, 5 * n_dim)   # -2 popcount(P & U)
+    counts = (minus_twice // -2).reshape(n_batch, 3, n_rows, 5, n_dim).transpose(0, 1, 3, 2, 4)  # [B, 3, 5, M, D]
     row_pop = _row_popcount(a)[:, :, :, None]                                             # [B, 3, M, 1]
     out = np.empty((n_batch, 3, 3, n_rows, n_dim), np.int32)
     out[:, :, 0] = row_pop - 2 * counts[:, :, 0]

@@ -64,17 +64,23 @@ def gemm_cases(draw):
 
 @njit
 def _popcounts(x):
-    out = np.empty(x.shape[0], np.uint64)
+    out = np.empty_like(x)
     for i in range(x.shape[0]):
-        out[i] = kn.popcount64(x[i])
+        out[i] = kn.popcount(x[i])
     return out
 
 
-def test_popcount64_matches_numpy():
+@pytest.mark.parametrize("dtype", [np.uint64, np.uint32, np.int64])
+def test_popcount_matches_numpy(dtype):
+    """Counts the bits of the two's-complement pattern (np.bitwise_count counts |x| for signed x)."""
     rng = np.random.default_rng(0)
-    x = np.concatenate([np.array([0, 1, 2**63, 2**64 - 1, 2**32 - 1, 0x5555555555555555], np.uint64),
-                        rng.integers(0, 2**64 - 1, size=500, dtype=np.uint64, endpoint=True)])
-    np.testing.assert_array_equal(_popcounts(x), np.bitwise_count(x))
+    edges = np.array([0, 1, 2**31, 2**32 - 1, 2**63, 2**64 - 1, 0x5555555555555555], np.uint64)
+    words = np.concatenate([edges, rng.integers(0, 2**64 - 1, size=500, dtype=np.uint64, endpoint=True)])
+    unsigned = words if np.dtype(dtype).itemsize == 8 else words.astype(np.uint32)   # keeps the low bits
+    x = unsigned.view(dtype)
+    got = _popcounts(x)
+    assert got.dtype == x.dtype
+    np.testing.assert_array_equal(got.view(unsigned.dtype), np.bitwise_count(unsigned))
 
 
 @SETTINGS

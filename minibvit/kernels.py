@@ -15,6 +15,7 @@ Layouts:
 Every fast kernel ``f`` has a plain NumPy ``f_reference`` beside it; the tests hold them bit-exact.
 See docs/kernels.md for the measured speed and the AVX2 / AVX-512 notes.
 """
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -25,7 +26,7 @@ WORD_BITS = 64
 _ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 _PANEL_COLS = 256       # at most this many output columns per task (one weight panel [W, cols] each)
 _COL_ALIGN = 32         # panel widths are multiples of this (whole vectors, aligned rows)
-_TASK_ROWS = 64         # output rows per task
+_TASK_ROWS = 128        # about this many output rows per task
 
 
 def _words(k):
@@ -58,6 +59,42 @@ def popcount(typingctx, x):
 # packing
 # ---------------------------------------------------------------------------------------------
 
+def _word_packer(nonzero_is_one):
+    """An intrinsic word(row, start) -> uint64 whose bit j is predicate(row[start + j]), j < 64, with
+    predicate x < 0 (floats; NaN gives 0) or x != 0. It loads the 64 elements as one vector and
+    bitcasts the 64 comparison results to an i64, which LLVM turns into vector compares and mask
+    moves (VCMPPS + KMOV on AVX-512, VMOVMSKPS on AVX2)."""
+
+    @intrinsic
+    def word(typingctx, row, start):
+        if not isinstance(row, types.Array) or row.ndim != 1 or row.layout != "C":
+            return None
+
+        def codegen(context, builder, signature, args):
+            row_arg, start_v = args
+            arr = context.make_array(signature.args[0])(context, builder, row_arg)
+            element = context.get_value_type(signature.args[0].dtype)
+            vector_t = ir.VectorType(element, 64)
+            ptr = builder.bitcast(builder.gep(arr.data, [start_v]), vector_t.as_pointer())
+            values = builder.load(ptr, align=signature.args[0].dtype.bitwidth // 8)
+            zero = ir.Constant(vector_t, [0] * 64) if isinstance(element, ir.IntType) else ir.Constant(vector_t, [0.0] * 64)
+            if isinstance(element, ir.IntType):
+                bits = builder.icmp_unsigned("!=", values, zero)
+            elif nonzero_is_one:
+                bits = builder.fcmp_unordered("!=", values, zero)
+            else:
+                bits = builder.fcmp_ordered("<", values, zero)
+            return builder.bitcast(bits, ir.IntType(64))
+
+        return types.uint64(row, start), codegen
+
+    return word
+
+
+_sign_word = _word_packer(nonzero_is_one=False)
+_nonzero_word = _word_packer(nonzero_is_one=True)
+
+
 @njit(parallel=True, cache=True)
 def _pack_rows(x, nonzero_is_one):
     """uint64 [R, ceil(K/64)] from x [R, K]: bit = (x < 0), or (x != 0) if nonzero_is_one."""
@@ -68,15 +105,7 @@ def _pack_rows(x, nonzero_is_one):
     for r in prange(rows):
         row = x[r]
         for w in range(full_words):
-            chunk = row[64 * w:64 * w + 64]
-            word = np.uint64(0)
-            if nonzero_is_one:
-                for j in range(64):
-                    word |= np.uint64(chunk[j] != 0) << np.uint64(j)
-            else:
-                for j in range(64):
-                    word |= np.uint64(chunk[j] < 0) << np.uint64(j)
-            out[r, w] = word
+            out[r, w] = _nonzero_word(row, 64 * w) if nonzero_is_one else _sign_word(row, 64 * w)
         if full_words < n_words:
             word = np.uint64(0)
             for j in range(64 * full_words, k):
@@ -221,6 +250,17 @@ def _column_blocks(n_cols):
 
 
 @njit(cache=True)
+def _row_blocks(n_rows, other_blocks, threads):
+    """(number of row blocks, rows per block): about _TASK_ROWS rows each, and a task count
+    (row blocks x other_blocks) that is a multiple of the thread count, so Numba's static split of
+    the tasks gives every thread the same amount of work."""
+    n_blocks = (n_rows + _TASK_ROWS - 1) // _TASK_ROWS
+    while (n_blocks * other_blocks) % threads != 0 and n_blocks < n_rows:
+        n_blocks += 1
+    return n_blocks, (n_rows + n_blocks - 1) // n_blocks
+
+
+@njit(cache=True)
 def _copy_panel(planes, b, n0, nb, width):
     """Aligned [W, width] copy of planes[b, :, n0:n0+nb], zero-padded; None stays None."""
     if planes is None:
@@ -342,27 +382,28 @@ def _panel_rows(a, b, m0, m1, xp, yp, n0, nb, width, row_offset, col_offset, row
 
 
 @njit(parallel=True, cache=True, boundscheck=False)
-def _popcount_matmul(a, x_planes, y_planes, row_offset, col_offset, row_scale, col_scale, bias, out):
+def _popcount_matmul(a, x_planes, y_planes, row_offset, col_offset, row_scale, col_scale, bias, out, threads):
     """Fill out [B, M, N] with row_offset + col_offset - 2 * popcount sums (see the section
     comment), or its float epilogue. a [B, M, W]; x_planes, y_planes [B, W, N] or None;
     row_offset [B, M] int64; col_offset [B, N] int64 or None; scales/bias float32 [M]/[N]/[N] or
-    None (all three None -> integer out, else all three given -> float out).
+    None (all three None -> integer out, else all three given -> float out); threads: Numba's
+    current thread count.
 
-    Parallel over (batch, block of columns, block of _TASK_ROWS rows); each task copies its
+    Parallel over (batch, block of columns, block of rows); each task copies its
     weight panel to an aligned, zero-padded buffer once and sweeps its rows over it (the panel
     stays in L1/L2)."""
     n_batch, n_rows, _ = a.shape
     n_cols = out.shape[2]
-    row_blocks = (n_rows + _TASK_ROWS - 1) // _TASK_ROWS
     col_blocks, width = _column_blocks(n_cols)
+    row_blocks, height = _row_blocks(n_rows, n_batch * col_blocks, threads)
     for task in prange(n_batch * col_blocks * row_blocks):
         b = task // (col_blocks * row_blocks)
         col_block = (task // row_blocks) % col_blocks
         row_block = task % row_blocks
         n0 = col_block * width
         nb = min(width, n_cols - n0)
-        m0 = row_block * _TASK_ROWS
-        m1 = min(m0 + _TASK_ROWS, n_rows)
+        m0 = row_block * height
+        m1 = min(m0 + height, n_rows)
         xp = _copy_panel(x_planes, b, n0, nb, width)
         yp = _copy_panel(y_planes, b, n0, nb, width)
         _panel_rows(a, b, m0, m1, xp, yp, n0, nb, width, row_offset, col_offset, row_scale, col_scale, bias, out)
@@ -409,10 +450,10 @@ def _matmul(a, x_planes, y_planes, row_offset, col_offset, epilogue, n_cols):
     n_batch, n_rows, _ = a.shape
     if epilogue is None:
         out = np.empty((n_batch, n_rows, n_cols), np.int32)
-        _popcount_matmul(a, x_planes, y_planes, row_offset, col_offset, None, None, None, out)
+        _popcount_matmul(a, x_planes, y_planes, row_offset, col_offset, None, None, None, out, numba.get_num_threads())
     else:
         out = np.empty((n_batch, n_rows, n_cols), np.float32)
-        _popcount_matmul(a, x_planes, y_planes, row_offset, col_offset, *epilogue, out)
+        _popcount_matmul(a, x_planes, y_planes, row_offset, col_offset, *epilogue, out, numba.get_num_threads())
     return out
 
 
@@ -731,21 +772,21 @@ def _quad_panel_rows(a_quads, m0, m1, panel, n0, nb, row_offset, col_offset, row
 
 
 @njit(parallel=True, cache=True, boundscheck=False)
-def _quad_matmul(a_quads, w_quads, row_offset, col_offset, row_scale, col_scale, bias, out):
+def _quad_matmul(a_quads, w_quads, row_offset, col_offset, row_scale, col_scale, bias, out, threads):
     """out[0, m, n] = row_offset[0, m] + col_offset[0, n] + sum_kq dot4(a_quads[m, kq], w_quads[kq, n]),
     or its float epilogue (see _store_row). Same task grid as _popcount_matmul; the weight quads
     are read in place (their rows are 64-byte aligned)."""
     n_rows = a_quads.shape[0]
     n_cols = out.shape[2]
-    row_blocks = (n_rows + _TASK_ROWS - 1) // _TASK_ROWS
     col_blocks, width = _column_blocks(n_cols)
+    row_blocks, height = _row_blocks(n_rows, col_blocks, threads)
     for task in prange(col_blocks * row_blocks):
         col_block = task // row_blocks
         row_block = task % row_blocks
         n0 = col_block * width
         nb = min(width, n_cols - n0)
-        m0 = row_block * _TASK_ROWS
-        m1 = min(m0 + _TASK_ROWS, n_rows)
+        m0 = row_block * height
+        m1 = min(m0 + height, n_rows)
         padded = _QUAD_GROUP * ((nb + _QUAD_GROUP - 1) // _QUAD_GROUP)
         panel = w_quads[:, 4 * n0:4 * (n0 + padded)]
         _quad_panel_rows(a_quads, m0, m1, panel, n0, nb, row_offset, col_offset, row_scale, col_scale, bias, out)
@@ -793,10 +834,10 @@ def ternary_gemm_int8(a_int8, w_nonzero, w_sign, K, row_scale=None, col_scale=No
     row_offset = np.zeros((1, n_rows), np.int64)
     if epilogue is None:
         out = np.empty((1, n_rows, n_cols), np.int32)
-        _quad_matmul(a_quads, w_quads, row_offset, col_offset, None, None, None, out)
+        _quad_matmul(a_quads, w_quads, row_offset, col_offset, None, None, None, out, numba.get_num_threads())
     else:
         out = np.empty((1, n_rows, n_cols), np.float32)
-        _quad_matmul(a_quads, w_quads, row_offset, col_offset, *epilogue, out)
+        _quad_matmul(a_quads, w_quads, row_offset, col_offset, *epilogue, out, numba.get_num_threads())
     return out[0]
 
 

@@ -626,7 +626,7 @@ def ternary_gemm_binary_reference(a_packed, w_nonzero, w_sign, K, row_scale=None
 # ---------------------------------------------------------------------------------------------
 
 _QUAD_GROUP = 16     # int32 lanes (output columns) per 512-bit step
-_QUAD_JAM = 4        # K-quads summed per accumulator update
+_QUAD_JAM = 8        # K-quads summed per accumulator update
 _I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 _V64I8, _V16I32 = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16)
 
@@ -743,7 +743,8 @@ def _quad_row(arow, panel, n_groups, acc):
     acc[:] = 0
     kq = 0
     while kq + _QUAD_JAM <= n_quads:
-        quads = (arow[kq], arow[kq + 1], arow[kq + 2], arow[kq + 3])
+        quads = (arow[kq], arow[kq + 1], arow[kq + 2], arow[kq + 3], arow[kq + 4], arow[kq + 5], arow[kq + 6],
+                 arow[kq + 7])
         for g in range(n_groups):
             _dot4_accumulate(acc, g, quads, panel, kq)
         kq += _QUAD_JAM

@@ -3,7 +3,7 @@ torch is importable, on ViT linear-layer shapes. Prints a table and the median s
 nothing about speed (it does check every binary result against the float matmul of the +-1 matrices).
 
     python scripts/bench_gemm.py [--threads 1 2] [--repeats 15] [--rows 520 1576]
-                                 [--dims 192 384 768 1536] [--wide-vectors]
+                                 [--dims 192 384 768 1536] [--wide-vectors] [--ternary]
 
 Shapes: M in --rows (8*65 and 8*197 tokens: a batch of 8 at 64 or 196 patches plus the class token),
 every (K, N) pair from --dims. Modes:
@@ -11,6 +11,9 @@ every (K, N) pair from --dims. Modes:
     with packing  pack_signs(x) + binary_gemm, i.e. what a binary linear layer pays per call
 Each time is the minimum over --repeats interleaved runs (the machine may be shared; the minimum is
 the least disturbed run); the summary is the median over shapes of numpy_time / binary_time.
+
+--ternary adds a second table: ternary weights (TerViT) with int8 activations (ternary_gemm_int8)
+and with binary activations (ternary_gemm_binary), both against the same NumPy float32 matmul.
 
 --wide-vectors re-runs this script with NUMBA_CPU_FEATURES = host features + "-prefer-256-bit", which
 lets LLVM use 512-bit vectors on AVX-512 CPUs (see docs/kernels.md). If OPENBLAS_CORETYPE or
@@ -31,6 +34,7 @@ def parse():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--rows", type=int, nargs="+", default=[8 * 65, 8 * 197])
     ap.add_argument("--dims", type=int, nargs="+", default=[192, 384, 768, 1536])
+    ap.add_argument("--ternary", action="store_true", help="also time the ternary-weight kernels")
     ap.add_argument("--wide-vectors", action="store_true",
                     help="compile the kernels with 512-bit vectors (NUMBA_CPU_FEATURES=...,-prefer-256-bit)")
     return ap.parse_args()
@@ -154,10 +158,46 @@ def run(threads):
     return speedups
 
 
+def run_ternary(threads):
+    numba.set_num_threads(threads)
+    rng = np.random.default_rng(1)
+    print(f"\n== ternary weights, {threads} thread(s): times in ms (min of {args.repeats}); speedup = numpy / kernel ==")
+    print(f"{'M':>5} {'K':>5} {'N':>5} | {'numpy':>9} {'int8 x tern':>11} {'bin x tern':>10} | {'x int8':>7} {'x bin':>7}")
+    speedups = {"int8": [], "binary": []}
+    with threadpoolctl.threadpool_limits(limits=threads, user_api="blas"):
+        for m in args.rows:
+            for k in args.dims:
+                for n in args.dims:
+                    x = rng.standard_normal((m, k), dtype=np.float32)
+                    w = rng.standard_normal((n, k), dtype=np.float32)
+                    a_int8 = rng.integers(-128, 128, size=(m, k)).astype(np.int8)
+                    ternary = rng.integers(-1, 2, size=(n, k))
+                    nonzero, sign = kernels.pack_ternary_weight(ternary)
+                    x_packed = kernels.pack_signs(x)
+                    if not np.array_equal(kernels.ternary_gemm_int8(a_int8, nonzero, sign, k),
+                                          a_int8.astype(np.int64) @ ternary.T):
+                        raise SystemExit(f"ternary_gemm_int8 disagrees with the integer matmul at M={m} K={k} N={n}")
+                    t = best_times({
+                        "numpy": lambda: x @ w.T,
+                        "int8": lambda: kernels.ternary_gemm_int8(a_int8, nonzero, sign, k),
+                        "binary": lambda: kernels.ternary_gemm_binary(x_packed, nonzero, sign, k),
+                    }, args.repeats)
+                    for name in speedups:
+                        speedups[name].append(t["numpy"] / t[name])
+                    print(f"{m:5d} {k:5d} {n:5d} | {t['numpy'] * 1e3:9.3f} {t['int8'] * 1e3:11.3f} {t['binary'] * 1e3:10.3f} | "
+                          f"{speedups['int8'][-1]:7.2f} {speedups['binary'][-1]:7.2f}", flush=True)
+    print(f"median speedup over NumPy float32 at {threads} thread(s): int8 x ternary {np.median(speedups['int8']):.2f}x, "
+          f"binary x ternary {np.median(speedups['binary']):.2f}x")
+    return speedups
+
+
 header()
 summary = {t: run(t) for t in args.threads}
+ternary = {t: run_ternary(t) for t in args.threads} if args.ternary else {}
 print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
 print("summary (median over shapes):")
 for t, s in summary.items():
     print(f"  {t} thread(s): packed {np.median(s['packed']):.2f}x, with packing {np.median(s['with packing']):.2f}x"
-          + (f", packed vs torch {np.median(s['packed vs torch']):.2f}x" if s["packed vs torch"] else ""))
+          + (f", packed vs torch {np.median(s['packed vs torch']):.2f}x" if s["packed vs torch"] else "")
+          + (f"; int8 x ternary {np.median(ternary[t]['int8']):.2f}x, binary x ternary {np.median(ternary[t]['binary']):.2f}x"
+             if t in ternary else ""))

@@ -23,7 +23,6 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 WORD_BITS = 64
-_ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 _PANEL_COLS = 256       # at most this many output columns per task (one weight panel [W, cols] each)
 _COL_ALIGN = 32         # panel widths are multiples of this (whole vectors, aligned rows)
 _TASK_ROWS = 128        # about this many output rows per task
@@ -448,12 +447,10 @@ def _epilogue_args(n_rows, n_cols, row_scale, col_scale, bias):
 
 def _matmul(a, x_planes, y_planes, row_offset, col_offset, epilogue, n_cols):
     n_batch, n_rows, _ = a.shape
-    if epilogue is None:
-        out = np.empty((n_batch, n_rows, n_cols), np.int32)
-        _popcount_matmul(a, x_planes, y_planes, row_offset, col_offset, None, None, None, out, numba.get_num_threads())
-    else:
-        out = np.empty((n_batch, n_rows, n_cols), np.float32)
-        _popcount_matmul(a, x_planes, y_planes, row_offset, col_offset, *epilogue, out, numba.get_num_threads())
+    out = np.empty((n_batch, n_rows, n_cols), np.int32 if epilogue is None else np.float32)
+    if out.size:
+        _popcount_matmul(a, x_planes, y_planes, row_offset, col_offset, *(epilogue or (None, None, None)), out,
+                         numba.get_num_threads())
     return out
 
 
@@ -833,12 +830,10 @@ def ternary_gemm_int8(a_int8, w_nonzero, w_sign, K, row_scale=None, col_scale=No
     col_offset = -128 * (_row_popcount(nz.T) - 2 * _row_popcount((nz & sign).T))[None]
     a_quads = np.ascontiguousarray(_int8_quads(np.ascontiguousarray(a), k))
     row_offset = np.zeros((1, n_rows), np.int64)
-    if epilogue is None:
-        out = np.empty((1, n_rows, n_cols), np.int32)
-        _quad_matmul(a_quads, w_quads, row_offset, col_offset, None, None, None, out, numba.get_num_threads())
-    else:
-        out = np.empty((1, n_rows, n_cols), np.float32)
-        _quad_matmul(a_quads, w_quads, row_offset, col_offset, *epilogue, out, numba.get_num_threads())
+    out = np.empty((1, n_rows, n_cols), np.int32 if epilogue is None else np.float32)
+    if out.size:
+        _quad_matmul(a_quads, w_quads, row_offset, col_offset, *(epilogue or (None, None, None)), out,
+                     numba.get_num_threads())
     return out[0]
 
 

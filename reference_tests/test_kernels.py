@@ -180,6 +180,14 @@ def test_binary_gemm_large_tiles_exact():
     np.testing.assert_array_equal(got, signs(x) @ signs(w).T)
 
 
+def test_empty_outputs():
+    """M = 0 or N = 0 give empty results of the right shape and dtype."""
+    assert kn.binary_gemm(np.zeros((0, 2), np.uint64), np.zeros((2, 5), np.uint64), 100).shape == (0, 5)
+    assert kn.binary_gemm(np.zeros((3, 2), np.uint64), np.zeros((2, 0), np.uint64), 100, bias=np.zeros(0)).dtype == np.float32
+    nz, sign = kn.pack_ternary_weight(np.zeros((0, 10), int))
+    assert kn.ternary_gemm_int8(np.ones((4, 10), np.int8), nz, sign, 10).shape == (4, 0)
+
+
 def test_binary_gemm_rejects_bad_input():
     a = np.zeros((3, 2), np.uint64)
     wt = np.zeros((2, 4), np.uint64)

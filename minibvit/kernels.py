@@ -58,45 +58,47 @@ def popcount(typingctx, x):
 # packing
 # ---------------------------------------------------------------------------------------------
 
-def _word_packer(nonzero_is_one):
-    """An intrinsic word(row, start) -> uint64 whose bit j is predicate(row[start + j]), j < 64, with
-    predicate x < 0 (floats; NaN gives 0) or x != 0. It loads the 64 elements as one vector and
+def _bit(value):
+    """The packed bit of one element: value < 0 for floats (sign bit; NaN and -0.0 give 0),
+    value != 0 for integers (masks)."""
+    return value < 0 if isinstance(value, (float, np.floating)) else value != 0
+
+
+@overload(_bit, inline="always")
+def _bit_overload(value):
+    if isinstance(value, types.Float):
+        return lambda value: np.uint64(value < 0)
+    return lambda value: np.uint64(value != 0)
+
+
+@intrinsic
+def _bits64(typingctx, row, start):
+    """uint64 whose bit j is _bit(row[start + j]), j < 64. Loads the 64 elements as one vector and
     bitcasts the 64 comparison results to an i64, which LLVM turns into vector compares and mask
     moves (VCMPPS + KMOV on AVX-512, VMOVMSKPS on AVX2)."""
+    if not (isinstance(row, types.Array) and row.ndim == 1 and row.layout == "C"
+            and isinstance(row.dtype, (types.Float, types.Integer))):
+        return None
 
-    @intrinsic
-    def word(typingctx, row, start):
-        if not isinstance(row, types.Array) or row.ndim != 1 or row.layout != "C":
-            return None
+    def codegen(context, builder, signature, args):
+        row_arg, start_v = args
+        dtype = signature.args[0].dtype
+        arr = context.make_array(signature.args[0])(context, builder, row_arg)
+        vector_t = ir.VectorType(context.get_value_type(dtype), 64)
+        ptr = builder.bitcast(builder.gep(arr.data, [start_v]), vector_t.as_pointer())
+        values = builder.load(ptr, align=dtype.bitwidth // 8)
+        if isinstance(dtype, types.Float):
+            bits = builder.fcmp_ordered("<", values, ir.Constant(vector_t, [0.0] * 64))
+        else:
+            bits = builder.icmp_unsigned("!=", values, ir.Constant(vector_t, [0] * 64))
+        return builder.bitcast(bits, ir.IntType(64))
 
-        def codegen(context, builder, signature, args):
-            row_arg, start_v = args
-            arr = context.make_array(signature.args[0])(context, builder, row_arg)
-            element = context.get_value_type(signature.args[0].dtype)
-            vector_t = ir.VectorType(element, 64)
-            ptr = builder.bitcast(builder.gep(arr.data, [start_v]), vector_t.as_pointer())
-            values = builder.load(ptr, align=signature.args[0].dtype.bitwidth // 8)
-            zero = ir.Constant(vector_t, [0] * 64) if isinstance(element, ir.IntType) else ir.Constant(vector_t, [0.0] * 64)
-            if isinstance(element, ir.IntType):
-                bits = builder.icmp_unsigned("!=", values, zero)
-            elif nonzero_is_one:
-                bits = builder.fcmp_unordered("!=", values, zero)
-            else:
-                bits = builder.fcmp_ordered("<", values, zero)
-            return builder.bitcast(bits, ir.IntType(64))
-
-        return types.uint64(row, start), codegen
-
-    return word
-
-
-_sign_word = _word_packer(nonzero_is_one=False)
-_nonzero_word = _word_packer(nonzero_is_one=True)
+    return types.uint64(row, start), codegen
 
 
 @njit(parallel=True, cache=True)
-def _pack_rows(x, nonzero_is_one):
-    """uint64 [R, ceil(K/64)] from x [R, K]: bit = (x < 0), or (x != 0) if nonzero_is_one."""
+def _pack_rows(x):
+    """uint64 [R, ceil(K/64)] from x [R, K]: bit = _bit(x) (x < 0 for floats, x != 0 for integers)."""
     rows, k = x.shape
     n_words = (k + 63) // 64
     full_words = k // 64
@@ -104,12 +106,11 @@ def _pack_rows(x, nonzero_is_one):
     for r in prange(rows):
         row = x[r]
         for w in range(full_words):
-            out[r, w] = _nonzero_word(row, 64 * w) if nonzero_is_one else _sign_word(row, 64 * w)
+            out[r, w] = _bits64(row, 64 * w)
         if full_words < n_words:
             word = np.uint64(0)
             for j in range(64 * full_words, k):
-                bit = (row[j] != 0) if nonzero_is_one else (row[j] < 0)
-                word |= np.uint64(bit) << np.uint64(j - 64 * full_words)
+                word |= _bit(row[j]) << np.uint64(j - 64 * full_words)
             out[r, full_words] = word
     return out
 
@@ -135,7 +136,7 @@ def pack_signs(x):
     x, rows = _as_rows(x, "x")
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"pack_signs expects a float array, got {x.dtype}; use pack_bits for masks")
-    return _pack_rows(rows, False).reshape(x.shape[:-1] + (_words(x.shape[-1]),))
+    return _pack_rows(rows).reshape(x.shape[:-1] + (_words(x.shape[-1]),))
 
 
 def pack_bits(mask):
@@ -147,9 +148,9 @@ def pack_bits(mask):
         uint64 [..., ceil(K/64)], tail bits 0.
     """
     mask, rows = _as_rows(mask, "mask")
-    if rows.dtype == np.bool_:
-        rows = rows.view(np.uint8)
-    return _pack_rows(rows, True).reshape(mask.shape[:-1] + (_words(mask.shape[-1]),))
+    if rows.dtype != np.bool_:
+        rows = rows != 0
+    return _pack_rows(rows.view(np.uint8)).reshape(mask.shape[:-1] + (_words(mask.shape[-1]),))
 
 
 def _packbits_reference(bits):

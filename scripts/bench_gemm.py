@@ -48,6 +48,9 @@ def reexec_if_needed(args):
     notes = []
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         if var in env:
+            print(f"WARNING: {var}={env[var]} is set in the environment. It pins an OpenBLAS kernel that can make "
+                  f"NumPy float32 matmul slower than it should be (inflating every speedup below); this benchmark "
+                  f"unsets it for its own process and re-runs itself.", file=sys.stderr)
             notes.append(f"unset {var}={env.pop(var)} (it pins an OpenBLAS kernel; unset for a fair NumPy number)")
     if args.wide_vectors and "NUMBA_CPU_FEATURES" not in env:
         import llvmlite.binding as llvm

@@ -264,21 +264,58 @@ def _loss(stage, cfg, logits, y, teacher_logits):
     return ce, ops.cross_entropy_backward(1.0, c)
 
 
-def _diagnostics(model, binarized, prev_signs):
-    """Per-step binarization diagnostics averaged over the binarized layers."""
+def _binarized_latent(model, role):
+    """The tensor whose sign a weight binarizer takes: the latent weight, centred per output channel
+    when the binarizer centres it (BiT's w_binary), so that GRS and the diagnostics act on the real
+    decision boundary."""
+    w = model.params[role]
+    return w - w.mean(axis=tuple(range(1, w.ndim)), keepdims=True) if model.quantizers[role].center else w
+
+
+def _grs_step(model, binarized, lam, variant):
+    """Add BinaryViT's GRS gradient to every binarized weight's gradient. For a centred binarizer
+    the regularizer acts on W_c = W - mean(W) and its gradient is pulled back through the centring."""
+    for role in binarized:
+        g = methods.grs_gradient(_binarized_latent(model, role), lam, variant)
+        if model.quantizers[role].center:
+            g -= g.mean(axis=tuple(range(1, g.ndim)), keepdims=True)
+        model.grads[role] = model.grads[role] + g
+
+
+class _FlipCounter:
+    """Sign flips of the binarized latent weights, counted at EVERY step and averaged per step over
+    the logging interval (so the rate does not depend on --log-every)."""
+
+    def __init__(self):
+        self.prev, self.flips, self.steps = {}, 0.0, 0
+
+    def update(self, model, binarized):
+        rates = []
+        for role in binarized:
+            latent = _binarized_latent(model, role)
+            if role in self.prev:
+                rates.append(methods.sign_flip_rate(self.prev[role], latent))
+            self.prev[role] = latent.copy()
+        if rates:
+            self.flips += float(np.mean(rates))
+            self.steps += 1
+
+    def take(self):
+        rate = self.flips / self.steps if self.steps else None
+        self.flips, self.steps = 0.0, 0
+        return rate
+
+
+def _diagnostics(model, binarized, flip_counter):
+    """Binarization diagnostics averaged over the binarized layers."""
     if not binarized:
         return {}
-    flips, near_zero, bimod = [], [], []
-    for role in binarized:
-        w = model.params[role]
-        if role in prev_signs:
-            flips.append(methods.sign_flip_rate(prev_signs[role], w))
-        near_zero.append(methods.near_zero_mass(w))
-        bimod.append(methods.bimodality(w))
-        prev_signs[role] = w.copy()
-    out = {"near_zero_mass": float(np.mean(near_zero)), "bimodality": float(np.mean(bimod))}
-    if flips:
-        out["flip_rate"] = float(np.mean(flips))
+    latents = [_binarized_latent(model, role) for role in binarized]
+    out = {"near_zero_mass": float(np.mean([methods.near_zero_mass(w) for w in latents])),
+           "bimodality": float(np.mean([methods.bimodality(w) for w in latents]))}
+    rate = flip_counter.take()
+    if rate is not None:
+        out["flip_rate"] = rate
     return out
 
 
@@ -374,7 +411,7 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
 
     old_handler = signal.signal(signal.SIGINT, on_sigint)
     log = open(os.path.join(out_dir, "log.jsonl"), "a")
-    prev_signs = {}
+    flip_counter = _FlipCounter()
     done_steps = 0
     try:
         from tqdm import tqdm
@@ -398,8 +435,7 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
                 model.backward(dlogits, cache)
                 if use_grs:
                     lam = methods.grs_lambda(gstep, cfg.grs_lambda, int(cfg.grs_warmup_epochs * steps))
-                    for role in binarized:
-                        model.grads[role] = model.grads[role] + methods.grs_gradient(model.params[role], lam, cfg.grs_variant)
+                    _grs_step(model, binarized, lam, cfg.grs_variant)
                 gnorm = clip_grad_norm(model.grads, cfg.clip_grad or None)
                 opt.step(model.grads, lr=lr)
                 pred = (logits[0] + logits[1]) / 2 if isinstance(logits, tuple) else logits
@@ -408,8 +444,9 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
                 loss_sum += float(loss) * len(y)
                 record = {"stage": stage.name, "epoch": epoch, "step": step, "global_step": gstep, "lr": lr,
                           "loss": float(loss), "grad_norm": gnorm}
+                flip_counter.update(model, binarized)
                 if gstep % cfg.log_every == 0:
-                    record.update(_diagnostics(model, binarized, prev_signs))
+                    record.update(_diagnostics(model, binarized, flip_counter))
                     record.update(_activation_diagnostics(model, x[: min(len(x), 32)]))
                 log.write(json.dumps(record) + "\n")
                 elapsed = time.perf_counter() - t0

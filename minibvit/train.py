@@ -264,20 +264,21 @@ def _loss(stage, cfg, logits, y, teacher_logits):
     return ce, ops.cross_entropy_backward(1.0, c)
 
 
-def _binarized_latent(model, role):
+def binarized_latent(model, role):
     """The tensor whose sign a weight binarizer takes: the latent weight, centred per output channel
     when the binarizer centres it (BiT's w_binary), so that GRS and the diagnostics act on the real
-    decision boundary."""
+    decision boundary. A role without a centring binarizer (e.g. a full-precision model) gives W."""
     w = model.params[role]
-    return w - w.mean(axis=tuple(range(1, w.ndim)), keepdims=True) if model.quantizers[role].center else w
+    centred = getattr(model.quantizers.get(role), "center", False)
+    return w - w.mean(axis=tuple(range(1, w.ndim)), keepdims=True) if centred else w
 
 
 def _grs_step(model, binarized, lam, variant):
     """Add BinaryViT's GRS gradient to every binarized weight's gradient. For a centred binarizer
     the regularizer acts on W_c = W - mean(W) and its gradient is pulled back through the centring."""
     for role in binarized:
-        g = methods.grs_gradient(_binarized_latent(model, role), lam, variant)
-        if model.quantizers[role].center:
+        g = methods.grs_gradient(binarized_latent(model, role), lam, variant)
+        if getattr(model.quantizers[role], "center", False):
             g -= g.mean(axis=tuple(range(1, g.ndim)), keepdims=True)
         model.grads[role] = model.grads[role] + g
 
@@ -292,7 +293,7 @@ class _FlipCounter:
     def update(self, model, binarized):
         rates = []
         for role in binarized:
-            latent = _binarized_latent(model, role)
+            latent = binarized_latent(model, role)
             if role in self.prev:
                 rates.append(methods.sign_flip_rate(self.prev[role], latent))
             self.prev[role] = latent.copy()
@@ -310,7 +311,7 @@ def _diagnostics(model, binarized, flip_counter):
     """Binarization diagnostics averaged over the binarized layers."""
     if not binarized:
         return {}
-    latents = [_binarized_latent(model, role) for role in binarized]
+    latents = [binarized_latent(model, role) for role in binarized]
     out = {"near_zero_mass": float(np.mean([methods.near_zero_mass(w) for w in latents])),
            "bimodality": float(np.mean([methods.bimodality(w) for w in latents]))}
     rate = flip_counter.take()

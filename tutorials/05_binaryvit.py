@@ -88,8 +88,9 @@ save_figure(fig, "05_grs_pull")
 # | BinaryViT | `binaryvit` | 0.01 (the default) | yes |
 # | strong GRS | `binaryvit` | 0.1 | yes |
 #
-# `log_every=1` records the diagnostics after every step: `flip_rate` (the fraction of binarized latent
-# weights whose sign changed in that step), `near_zero_mass` (fraction with $|W| < 0.1\,\alpha_c$),
+# `log_every=1` records the diagnostics after every step, on the tensor whose sign the binarizer takes
+# (`train.binarized_latent`: the latent weight centred per output channel, $W_c = W - \bar W$, for BiT's
+# `w_binary`): `flip_rate` (the fraction of binarized latent weights whose sign changed in that step), `near_zero_mass` (fraction with $|W| < 0.1\,\alpha_c$),
 # `bimodality` (the moment coefficient of $W/\alpha$: $1/3$ for a Gaussian, 1 for two spikes at $\pm\alpha$)
 # and `sign_entropy` of the activation binarizers.
 
@@ -172,12 +173,13 @@ for name, (method, lam) in runs.items():
     first, _ = train.load_model(f"{out}/{method}/last.safetensors")
     final, _ = train.load_model(f"{run_dir(name.replace(' ', '-'))}/{method}/last.safetensors")
     roles = schemes.binarized_weight_roles(final.quantizers)
-    net = np.mean([methods.sign_flip_rate(first.params[r], final.params[r]) for r in roles])
+    net = np.mean([methods.sign_flip_rate(train.binarized_latent(first, r), train.binarized_latent(final, r))
+                   for r in roles])
     total = summary[name]["flips"].sum()
     assert total >= net - 1e-12, name
     # the last logged diagnostics are those of the last checkpoint's weights
-    near_zero = np.mean([np.mean(np.abs(final.params[r]) < 0.1 * np.abs(final.params[r]).mean(axis=1, keepdims=True))
-                         for r in roles])
+    latents = [train.binarized_latent(final, r) for r in roles]
+    near_zero = np.mean([np.mean(np.abs(w) < 0.1 * np.abs(w).mean(axis=1, keepdims=True)) for w in latents])
     assert abs(near_zero - summary[name]["near_zero"]) < 1e-12, name
     summary[name]["net"], summary[name]["total"] = net, total
     print(f"{name:12s}: {total:.4f} flips per weight counted step by step, net change of sign {net:.4f}"
@@ -194,10 +196,10 @@ for name in ("ASM only", "BinaryViT", "strong GRS"):
     shown[name], _ = train.load_model(f"{run_dir(name.replace(' ', '-'))}/binaryvit/last.safetensors")
 roles = schemes.binarized_weight_roles(shown["ASM only"].quantizers)
 for name, m in shown.items():
-    counts = sum(methods.weight_histogram(m.params[r], bins=121)[0] for r in roles)
-    edges = methods.weight_histogram(m.params[roles[0]], bins=121)[1]
+    counts = sum(methods.weight_histogram(train.binarized_latent(m, r), bins=121)[0] for r in roles)
+    edges = methods.weight_histogram(train.binarized_latent(m, roles[0]), bins=121)[1]
     assert counts.sum() == sum(m.params[r].size for r in roles)
-    bimodality = np.mean([methods.bimodality(m.params[r]) for r in roles])
+    bimodality = np.mean([methods.bimodality(train.binarized_latent(m, r)) for r in roles])
     ax.stairs(counts / counts.sum(), edges, label=f"{name} (bimodality {bimodality:.2f})")
 ax.set(xlabel=r"latent weight / per-channel mean$|W|$", ylabel="fraction", title="binarized latent weights at the end")
 ax.legend(fontsize=8)

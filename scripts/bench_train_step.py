@@ -31,10 +31,10 @@ if os.environ.get("OPENBLAS_CORETYPE"):
     print(f"WARNING: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} forces an OpenBLAS kernel; NumPy may be slower than it can be",
           file=sys.stderr)
 
-import numpy as np  # noqa: E402
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from minibvit import ViT, ViTConfig, ops  # noqa: E402
+from minibvit import ViT, ViTConfig, ops  # noqa: E402  (first: it sets the thread-pool environment)
+
+import numpy as np  # noqa: E402
 from minibvit.optim import AdamW  # noqa: E402
 
 cfg = ViTConfig(image_size=32, patch_size=4, in_chans=3, embed_dim=args.dim, depth=args.depth, num_heads=args.heads,
@@ -52,20 +52,14 @@ def numpy_step(model, opt):
     return loss
 
 
-def timeit(step, n):
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def timed(step):
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
 
 
 model = ViT(cfg, dtype=np.float32)
 opt = AdamW(model.parameters(), lr=1e-4)
-t_np = timeit(lambda: numpy_step(model, opt), args.steps)
 
 if args.profile:
     import cProfile
@@ -85,8 +79,9 @@ except ImportError:
 
 print(f"config: 32x32, patch 4, dim {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, batch {args.batch}, "
       f"threads {args.threads}")
-print(f"numpy/numba : {args.batch / t_np:8.1f} img/s  ({t_np * 1e3:.0f} ms/step)")
 if torch is None:
+    times = [timed(lambda: numpy_step(model, opt)) for _ in range(args.steps + 2)][2:]
+    print(f"numpy/numba : {args.batch / np.median(times):8.1f} img/s  ({np.median(times) * 1e3:.0f} ms/step)")
     print("torch not installed: no PyTorch comparison")
     sys.exit(0)
 
@@ -108,6 +103,15 @@ def torch_step():
     topt.step()
 
 
-t_torch = timeit(torch_step, args.steps)
+# Interleaved: each round times one NumPy step and one PyTorch step, so a change in machine load
+# during the run affects both; 2 warm-up rounds, then the median of --steps rounds.
+t_np, t_torch = [], []
+for i in range(args.steps + 2):
+    a, b = timed(lambda: numpy_step(model, opt)), timed(torch_step)
+    if i >= 2:
+        t_np.append(a)
+        t_torch.append(b)
+t_np, t_torch = float(np.median(t_np)), float(np.median(t_torch))
+print(f"numpy/numba : {args.batch / t_np:8.1f} img/s  ({t_np * 1e3:.0f} ms/step)")
 print(f"pytorch cpu : {args.batch / t_torch:8.1f} img/s  ({t_torch * 1e3:.0f} ms/step)")
 print(f"ratio numpy/pytorch (throughput): {t_torch / t_np:.2f}")

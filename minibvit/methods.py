@@ -311,6 +311,12 @@ class GSBValueQuantizer:
         dy, dalpha = gsb_value_backward(dout, cache)
         return dy, {"shift": -dy.sum(axis=(0, 2)), "alpha": dalpha}
 
+    def basis_form(self, cache):
+        """([S, T1 S, T2 S], (a1, a2, a3)): V_q = sum_k a_k * basis_k with integer bases (S = sign)."""
+        v, a, t1, t2, _ = cache
+        s = sign(v)
+        return [s, t1 * s, t2 * s], a
+
     def __repr__(self):
         return f"GSBValueQuantizer(heads={self.heads}, head_dim={self.head_dim}, mode={self.mode!r})"
 
@@ -344,6 +350,11 @@ class GSBAttnQuantizer:
         """Returns da (B, heads, N, N) and grads {"bias": (heads, N, N), "alpha": (3,)}."""
         dy, dalpha = gsb_attn_backward(dout, cache)
         return dy, {"bias": dy.sum(axis=0), "alpha": dalpha}
+
+    def basis_form(self, cache):
+        """([clamp(round(A/a1), 0, 1), T1, T2], (a1, a2, a3)): A_q = sum_k a_k * basis_k, {0, 1} bases."""
+        a, al, t1, t2, _, _ = cache
+        return [np.clip(np.rint(a / al[0]), 0, 1), t1.astype(a.dtype), t2.astype(a.dtype)], al
 
     def __repr__(self):
         return (f"GSBAttnQuantizer(heads={self.heads}, tokens={self.tokens}, mode={self.mode!r}, "

@@ -383,11 +383,27 @@ def attention_forward(q, k, v, quant=None, training=False, attn_drop=0.0, rng=No
     return out, (qz, kz, az, vz, cq, ck, ca, cv, q_q, k_q, a_d, v_q, c_soft, c_drop, scale)
 
 
+def _basis_matmul(form_a, form_b, transpose_b, dtype):
+    """(sum_i a_i P_i) @ (sum_j b_j U_j) for operands that are sums of scaled integer bases (GSB):
+    sum_ij (a_i b_j) (P_i @ U_j), each P_i @ U_j exact, accumulated in float64 in the order
+    (0, 0), (0, 1), ..., then cast, as the packed engine combines its popcount products."""
+    (bases_a, scales_a), (bases_b, scales_b) = form_a, form_b
+    out = 0.0
+    for pa, sa in zip(bases_a, scales_a):
+        for pb, sb in zip(bases_b, scales_b):
+            product = integer_matmul(pa, pb.swapaxes(-1, -2) if transpose_b else pb)
+            out = out + (np.float64(sa) * np.float64(sb)) * product
+    return out.astype(dtype)
+
+
 def _quantized_matmul(a, b, qa, ca, qb, cb, transpose_b=False):
     """a @ b; when both operands are quantized as levels * scalar scale (quantizer.integer_form),
     computed as (levels_a @ levels_b) * (scale_a * scale_b): the integer product is exact in floating
     point (while its magnitude stays below 2^24 in float32), so an exact 0 stays 0 and the packed
     inference engine, which computes the same integers with popcounts, gets the same bits."""
+    ba, bb = getattr(qa, "basis_form", None), getattr(qb, "basis_form", None)
+    if ba and bb:
+        return _basis_matmul(ba(ca), bb(cb), transpose_b, a.dtype)
     fa, fb = getattr(qa, "integer_form", None), getattr(qb, "integer_form", None)
     ia = fa(ca) if fa else None
     ib = fb(cb) if fb else None

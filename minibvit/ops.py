@@ -144,7 +144,12 @@ def _as_float32(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
-@njit(inline="always", fastmath=True)
+# No "contract"/"reassoc": the vectorized body and the scalar remainder of a loop must round alike,
+# so that an element's value does not depend on where it falls in the thread chunks.
+_EXACT_FASTMATH = {"nnan", "ninf", "nsz"}
+
+
+@njit(inline="always", fastmath=_EXACT_FASTMATH)
 def _exp_f32(x):
     """exp(x) for float32 as 2^n * 2^f (n = round(x log2 e), |f| <= 1/2, degree-6 polynomial for
     2^f, relative error < 2e-6): unlike libm's expf it vectorizes, which makes the GELU kernels
@@ -173,13 +178,13 @@ def _phi_fast(v):
     return half_erfc if v < 0 else np.float32(1.0) - half_erfc
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=_EXACT_FASTMATH)
 def _gelu_erf_f32(x, out):
     for i in prange(x.size):
         out[i] = x[i] * _phi_fast(x[i])
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=_EXACT_FASTMATH)
 def _gelu_erf_f32_backward(x, dout, dx):
     for i in prange(x.size):
         v = x[i]

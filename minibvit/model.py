@@ -87,7 +87,7 @@ PRESETS = {
     "deit-base": dict(image_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
     # Small shapes for 2-core CPUs: 32x32 RGB (CIFAR-10, synthetic) and 28x28 grayscale.
     "cifar": dict(image_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=6, num_heads=3, num_classes=10),
-    "fashion-mnist": dict(image_size=28, patch_size=4, in_chans=1, embed_dim=128, depth=4, num_heads=4, num_classes=10),
+    "fashion-mnist": dict(image_size=28, patch_size=7, in_chans=1, embed_dim=96, depth=4, num_heads=4, num_classes=10),
 }
 
 

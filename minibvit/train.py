@@ -56,7 +56,7 @@ class TrainConfig:
     batch_size: int = None
     lr: float = None
     min_lr: float = 1e-5
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 0.5
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     clip_grad: float = 5.0
@@ -114,7 +114,7 @@ class TrainConfig:
 
 # Per-dataset defaults sized for a 2-core CPU.
 DATASET_DEFAULTS = {
-    "fashion-mnist": dict(model="fashion-mnist", epochs=5, batch_size=128, lr=1e-3),
+    "fashion-mnist": dict(model="fashion-mnist", epochs=5, batch_size=64, lr=2e-3),
     "cifar10": dict(model="cifar", epochs=30, batch_size=128, lr=1e-3),
     "synthetic": dict(model="cifar", embed_dim=64, depth=2, num_heads=2, patch_size=8, epochs=8, batch_size=64, lr=2e-3),
     "imagefolder": dict(model="cifar", epochs=30, batch_size=64, lr=1e-3),

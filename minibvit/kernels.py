@@ -15,6 +15,8 @@ Layouts:
 Every fast kernel ``f`` has a plain NumPy ``f_reference`` beside it; the tests hold them bit-exact.
 See docs/kernels.md for the measured speed and the AVX2 / AVX-512 notes.
 """
+import contextlib
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -26,10 +28,30 @@ WORD_BITS = 64
 _PANEL_COLS = 256       # at most this many output columns per task (one weight panel [W, cols] each)
 _COL_ALIGN = 32         # panel widths are multiples of this (whole vectors, aligned rows)
 _TASK_ROWS = 128        # about this many output rows per task
+# Below these sizes a kernel runs on the calling thread only: waking the other threads costs tens of
+# microseconds (more in a VM), about what one core needs for this much work.
+_PARALLEL_MIN_WORDS = 1 << 20       # popcount matmuls: M * N * W words
+_PARALLEL_MIN_MACS = 1 << 23        # int8 x ternary: M * N * K multiply-adds
+_PARALLEL_MIN_ELEMENTS = 1 << 18    # packing: elements
 
 
 def _words(k):
     return (k + WORD_BITS - 1) // WORD_BITS
+
+
+@contextlib.contextmanager
+def _threads_for(work, parallel_min):
+    """Yield the thread count a prange kernel should use: Numba's current one, or 1 (set for the
+    duration) when work < parallel_min."""
+    threads = numba.get_num_threads()
+    if work >= parallel_min or threads == 1:
+        yield threads
+        return
+    numba.set_num_threads(1)
+    try:
+        yield 1
+    finally:
+        numba.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +158,9 @@ def pack_signs(x):
     x, rows = _as_rows(x, "x")
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"pack_signs expects a float array, got {x.dtype}; use pack_bits for masks")
-    return _pack_rows(rows).reshape(x.shape[:-1] + (_words(x.shape[-1]),))
+    with _threads_for(rows.size, _PARALLEL_MIN_ELEMENTS):
+        packed = _pack_rows(rows)
+    return packed.reshape(x.shape[:-1] + (_words(x.shape[-1]),))
 
 
 def pack_bits(mask):
@@ -150,7 +174,9 @@ def pack_bits(mask):
     mask, rows = _as_rows(mask, "mask")
     if rows.dtype != np.bool_:
         rows = rows != 0
-    return _pack_rows(rows.view(np.uint8)).reshape(mask.shape[:-1] + (_words(mask.shape[-1]),))
+    with _threads_for(rows.size, _PARALLEL_MIN_ELEMENTS):
+        packed = _pack_rows(rows.view(np.uint8))
+    return packed.reshape(mask.shape[:-1] + (_words(mask.shape[-1]),))
 
 
 def _packbits_reference(bits):
@@ -389,17 +415,19 @@ def _popcount_matmul(a, x_planes, y_planes, row_offset, col_offset, row_scale, c
     None (all three None -> integer out, else all three given -> float out); threads: Numba's
     current thread count.
 
-    Parallel over (batch, block of columns, block of rows); each task copies its
-    weight panel to an aligned, zero-padded buffer once and sweeps its rows over it (the panel
-    stays in L1/L2)."""
+    Parallel over (batch, block of rows, block of columns), columns fastest: Numba's static
+    schedule then hands each thread whole rows of the output, so no two threads write into the
+    same cache line (interleaved column blocks made two threads slower than one). Each task
+    copies its weight panel to an aligned, zero-padded buffer once and sweeps its rows over it
+    (the panel stays in L1/L2)."""
     n_batch, n_rows, _ = a.shape
     n_cols = out.shape[2]
     col_blocks, width = _column_blocks(n_cols)
     row_blocks, height = _row_blocks(n_rows, n_batch * col_blocks, threads)
-    for task in prange(n_batch * col_blocks * row_blocks):
-        b = task // (col_blocks * row_blocks)
-        col_block = (task // row_blocks) % col_blocks
-        row_block = task % row_blocks
+    for task in prange(n_batch * row_blocks * col_blocks):
+        b = task // (row_blocks * col_blocks)
+        row_block = (task // col_blocks) % row_blocks
+        col_block = task % col_blocks
         n0 = col_block * width
         nb = min(width, n_cols - n0)
         m0 = row_block * height
@@ -450,8 +478,9 @@ def _matmul(a, x_planes, y_planes, row_offset, col_offset, epilogue, n_cols):
     n_batch, n_rows, _ = a.shape
     out = np.empty((n_batch, n_rows, n_cols), np.int32 if epilogue is None else np.float32)
     if out.size:
-        _popcount_matmul(a, x_planes, y_planes, row_offset, col_offset, *(epilogue or (None, None, None)), out,
-                         numba.get_num_threads())
+        with _threads_for(out.size * a.shape[2], _PARALLEL_MIN_WORDS) as threads:
+            _popcount_matmul(a, x_planes, y_planes, row_offset, col_offset, *(epilogue or (None, None, None)), out,
+                             threads)
     return out
 
 
@@ -779,9 +808,9 @@ def _quad_matmul(a_quads, w_quads, row_offset, col_offset, row_scale, col_scale,
     n_cols = out.shape[2]
     col_blocks, width = _column_blocks(n_cols)
     row_blocks, height = _row_blocks(n_rows, col_blocks, threads)
-    for task in prange(col_blocks * row_blocks):
-        col_block = task // row_blocks
-        row_block = task % row_blocks
+    for task in prange(row_blocks * col_blocks):
+        row_block = task // col_blocks
+        col_block = task % col_blocks
         n0 = col_block * width
         nb = min(width, n_cols - n0)
         m0 = row_block * height
@@ -826,15 +855,16 @@ def ternary_gemm_int8(a_int8, w_nonzero, w_sign, K, row_scale=None, col_scale=No
     n_rows, n_cols = a.shape[0], nz.shape[1]
     epilogue = _epilogue_args(n_rows, n_cols, row_scale, col_scale, bias)
     n_cols_padded = -(-n_cols // _QUAD_GROUP) * _QUAD_GROUP
-    w_quads = _expand_ternary_quads(nz, sign, k, n_cols_padded)
+    with _threads_for(n_cols * k, _PARALLEL_MIN_ELEMENTS):
+        w_quads = _expand_ternary_quads(nz, sign, k, n_cols_padded)
     # sum_k a t = sum_k (a + 128) t - 128 sum_k t
     col_offset = -128 * (_row_popcount(nz.T) - 2 * _row_popcount((nz & sign).T))[None]
     a_quads = np.ascontiguousarray(_int8_quads(np.ascontiguousarray(a), k))
     row_offset = np.zeros((1, n_rows), np.int64)
     out = np.empty((1, n_rows, n_cols), np.int32 if epilogue is None else np.float32)
     if out.size:
-        _quad_matmul(a_quads, w_quads, row_offset, col_offset, *(epilogue or (None, None, None)), out,
-                     numba.get_num_threads())
+        with _threads_for(out.size * k, _PARALLEL_MIN_MACS) as threads:
+            _quad_matmul(a_quads, w_quads, row_offset, col_offset, *(epilogue or (None, None, None)), out, threads)
     return out[0]
 
 

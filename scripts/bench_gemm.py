@@ -9,7 +9,7 @@ Shapes: M in --rows (8*65 and 8*197 tokens: a batch of 8 at 64 or 196 patches pl
 every (K, N) pair from --dims. Modes:
     packed        binary_gemm on activations packed beforehand (weights are always packed offline)
     with packing  pack_signs(x) + binary_gemm, i.e. what a binary linear layer pays per call
-Each time is the minimum over --repeats interleaved runs (the machine may be shared; the minimum is
+Each time is the minimum over --repeats back-to-back runs (the machine may be shared; the minimum is
 the least disturbed run); the summary is the median over shapes of numpy_time / binary_time.
 
 --ternary adds a second table: ternary weights (TerViT) with int8 activations (ternary_gemm_int8)
@@ -103,12 +103,17 @@ def header():
 
 
 def best_times(candidates, repeats):
-    """min over `repeats` interleaved rounds of each candidate's wall time (seconds)."""
-    for fn in candidates.values():
+    """min over `repeats` back-to-back calls of each candidate's wall time (seconds).
+
+    Candidates are timed one after the other, not interleaved, with a pause before each: OpenBLAS
+    worker threads keep spinning for ~0.1 s after a NumPy matmul and Numba's OpenMP workers for a
+    while after a kernel, and a spinning pool of one library takes the second core from the other."""
+    best = {}
+    for name, fn in candidates.items():
+        time.sleep(0.25)
         fn()
-    best = {name: float("inf") for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
+        best[name] = float("inf")
+        for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)

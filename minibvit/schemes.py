@@ -82,7 +82,7 @@ SCHEMES = {
 class SchemeOptions:
     """Method switches that choose among a quantizer's variants."""
 
-    asm_center: str = "median"  # ASM data-driven centre: "median", "mean", "token" or "none"
+    asm_center: str = "mean"  # ASM data-driven centre: "mean", "median", "token" or "none"
     asm_momentum: float = 0.1
     gsb_mode: str = "official"  # "official" (the published code's gradients) or "principled"
     gsb_max_over: str = "tensor"  # GSB attention masks: max over the whole tensor or per "row"

@@ -70,7 +70,7 @@ class TrainConfig:
     grs_lambda: float = 1e-2  # BinaryViT GRS strength (0 = off)
     grs_variant: str = "l2"
     grs_warmup_epochs: float = 1.0
-    asm_center: str = "median"
+    asm_center: str = "mean"
     gsb_mode: str = "official"
     gsb_max_over: str = "tensor"
     save_every: int = 200  # steps between mid-epoch checkpoints

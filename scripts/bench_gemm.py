@@ -2,15 +2,16 @@
 torch is importable, on ViT linear-layer shapes. Prints a table and the median speedups; asserts
 nothing about speed (it does check every binary result against the float matmul of the +-1 matrices).
 
-    python scripts/bench_gemm.py [--threads 1 2] [--repeats 15] [--rows 520 1576]
+    python scripts/bench_gemm.py [--threads 1 2] [--repeats 15] [--rounds 3] [--rows 520 1576]
                                  [--dims 192 384 768 1536] [--wide-vectors] [--ternary]
 
 Shapes: M in --rows (8*65 and 8*197 tokens: a batch of 8 at 64 or 196 patches plus the class token),
 every (K, N) pair from --dims. Modes:
     packed        binary_gemm on activations packed beforehand (weights are always packed offline)
     with packing  pack_signs(x) + binary_gemm, i.e. what a binary linear layer pays per call
-Each time is the minimum over --repeats back-to-back runs (the machine may be shared; the minimum is
-the least disturbed run); the summary is the median over shapes of numpy_time / binary_time.
+Each time is the minimum over --rounds passes x --repeats back-to-back runs (the machine may be
+shared; the minimum is the least disturbed run); the summary is the median over shapes of
+numpy_time / binary_time.
 
 --ternary adds a second table: ternary weights (TerViT) with int8 activations (ternary_gemm_int8)
 and with binary activations (ternary_gemm_binary), both against the same NumPy float32 matmul.
@@ -31,7 +32,8 @@ _REEXEC_MARK = "MINIBVIT_BENCH_GEMM_REEXEC"
 def parse():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=15, help="back-to-back timed calls per candidate and pass")
+    ap.add_argument("--rounds", type=int, default=3, help="passes over all shapes; each time is the minimum over all")
     ap.add_argument("--rows", type=int, nargs="+", default=[8 * 65, 8 * 197])
     ap.add_argument("--dims", type=int, nargs="+", default=[192, 384, 768, 1536])
     ap.add_argument("--ternary", action="store_true", help="also time the ternary-weight kernels")
@@ -110,7 +112,7 @@ def best_times(candidates, repeats):
     while after a kernel, and a spinning pool of one library takes the second core from the other."""
     best = {}
     for name, fn in candidates.items():
-        time.sleep(0.25)
+        time.sleep(0.15)
         fn()
         best[name] = float("inf")
         for _ in range(repeats):
@@ -120,82 +122,104 @@ def best_times(candidates, repeats):
     return best
 
 
+def shapes():
+    return [(m, k, n) for m in args.rows for k in args.dims for n in args.dims]
+
+
+def time_shapes(make_candidates):
+    """{shape: {candidate: seconds}}: the minimum over --rounds passes over all shapes, each pass
+    timing every candidate with best_times (slow periods of a shared machine last seconds, so one
+    pass can be unlucky throughout)."""
+    best = {}
+    for _ in range(args.rounds):
+        for index, shape in enumerate(shapes()):
+            times = best_times(make_candidates(shape, np.random.default_rng(index)), args.repeats)
+            previous = best.setdefault(shape, times)
+            for name, value in times.items():
+                previous[name] = min(previous[name], value)
+    return best
+
+
+def binary_candidates(shape, rng):
+    m, k, n = shape
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    x[:, 0] = 0.0
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    w_packed_t = kernels.pack_weight(w)
+    x_packed = kernels.pack_signs(x)
+    expected = np.where(x >= 0, 1.0, -1.0).astype(np.float32) @ np.where(w >= 0, 1.0, -1.0).astype(np.float32).T
+    if not np.array_equal(kernels.binary_gemm(x_packed, w_packed_t, k), expected.astype(np.int32)):
+        raise SystemExit(f"binary_gemm disagrees with the float matmul of signs at M={m} K={k} N={n}")
+    candidates = {
+        "numpy": lambda: x @ w.T,
+        "binary": lambda: kernels.binary_gemm(x_packed, w_packed_t, k),
+        "binary+pack": lambda: kernels.binary_gemm(kernels.pack_signs(x), w_packed_t, k),
+    }
+    if torch is not None:
+        xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+        candidates["torch"] = lambda: torch.matmul(xt, wt.T)
+    return candidates
+
+
 def run(threads):
     numba.set_num_threads(threads)
     if torch is not None:
         torch.set_num_threads(threads)
-    rng = np.random.default_rng(0)
     cols = ["numpy", "torch", "binary", "binary+pack"]
-    print(f"\n== {threads} thread(s): times in ms (min of {args.repeats}); speedup = numpy / binary ==")
+    print(f"\n== {threads} thread(s): times in ms (min of {args.rounds} x {args.repeats}); speedup = numpy / binary ==")
     print(f"{'M':>5} {'K':>5} {'N':>5} | " + " ".join(f"{c:>11}" for c in cols)
           + f" | {'x packed':>8} {'x w/ pack':>9}" + (f" {'x torch':>8}" if torch else ""))
     speedups = {"packed": [], "with packing": [], "packed vs torch": []}
     with threadpoolctl.threadpool_limits(limits=threads, user_api="blas"):
-        for m in args.rows:
-            for k in args.dims:
-                for n in args.dims:
-                    x = rng.standard_normal((m, k), dtype=np.float32)
-                    x[:, 0] = 0.0
-                    w = rng.standard_normal((n, k), dtype=np.float32)
-                    w_packed_t = kernels.pack_weight(w)
-                    x_packed = kernels.pack_signs(x)
-                    expected = np.where(x >= 0, 1.0, -1.0).astype(np.float32) @ np.where(w >= 0, 1.0, -1.0).astype(np.float32).T
-                    got = kernels.binary_gemm(x_packed, w_packed_t, k)
-                    if not np.array_equal(got, expected.astype(np.int32)):
-                        raise SystemExit(f"binary_gemm disagrees with the float matmul of signs at M={m} K={k} N={n}")
-                    candidates = {
-                        "numpy": lambda: x @ w.T,
-                        "binary": lambda: kernels.binary_gemm(x_packed, w_packed_t, k),
-                        "binary+pack": lambda: kernels.binary_gemm(kernels.pack_signs(x), w_packed_t, k),
-                    }
-                    if torch is not None:
-                        xt, wt = torch.from_numpy(x), torch.from_numpy(w)
-                        candidates["torch"] = lambda: torch.matmul(xt, wt.T)
-                    t = best_times(candidates, args.repeats)
-                    speedups["packed"].append(t["numpy"] / t["binary"])
-                    speedups["with packing"].append(t["numpy"] / t["binary+pack"])
-                    row = " ".join(f"{t[c] * 1e3:11.3f}" if c in t else f"{'-':>11}" for c in cols)
-                    line = f"{m:5d} {k:5d} {n:5d} | {row} | {speedups['packed'][-1]:8.2f} {speedups['with packing'][-1]:9.2f}"
-                    if torch is not None:
-                        speedups["packed vs torch"].append(t["torch"] / t["binary"])
-                        line += f" {speedups['packed vs torch'][-1]:8.2f}"
-                    print(line, flush=True)
+        times = time_shapes(binary_candidates)
+    for (m, k, n), t in times.items():
+        speedups["packed"].append(t["numpy"] / t["binary"])
+        speedups["with packing"].append(t["numpy"] / t["binary+pack"])
+        row = " ".join(f"{t[c] * 1e3:11.3f}" if c in t else f"{'-':>11}" for c in cols)
+        line = f"{m:5d} {k:5d} {n:5d} | {row} | {speedups['packed'][-1]:8.2f} {speedups['with packing'][-1]:9.2f}"
+        if torch is not None:
+            speedups["packed vs torch"].append(t["torch"] / t["binary"])
+            line += f" {speedups['packed vs torch'][-1]:8.2f}"
+        print(line)
     print(f"median speedup over NumPy float32 at {threads} thread(s): "
           f"packed {np.median(speedups['packed']):.2f}x, with activation packing {np.median(speedups['with packing']):.2f}x"
-          + (f"; packed over torch.matmul {np.median(speedups['packed vs torch']):.2f}x" if torch is not None else ""))
+          + (f"; packed over torch.matmul {np.median(speedups['packed vs torch']):.2f}x" if torch is not None else ""),
+          flush=True)
     return speedups
+
+
+def ternary_candidates(shape, rng):
+    m, k, n = shape
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    a_int8 = rng.integers(-128, 128, size=(m, k)).astype(np.int8)
+    ternary = rng.integers(-1, 2, size=(n, k))
+    nonzero, sign = kernels.pack_ternary_weight(ternary)
+    x_packed = kernels.pack_signs(x)
+    if not np.array_equal(kernels.ternary_gemm_int8(a_int8, nonzero, sign, k), a_int8.astype(np.int64) @ ternary.T):
+        raise SystemExit(f"ternary_gemm_int8 disagrees with the integer matmul at M={m} K={k} N={n}")
+    return {
+        "numpy": lambda: x @ w.T,
+        "int8": lambda: kernels.ternary_gemm_int8(a_int8, nonzero, sign, k),
+        "binary": lambda: kernels.ternary_gemm_binary(x_packed, nonzero, sign, k),
+    }
 
 
 def run_ternary(threads):
     numba.set_num_threads(threads)
-    rng = np.random.default_rng(1)
-    print(f"\n== ternary weights, {threads} thread(s): times in ms (min of {args.repeats}); speedup = numpy / kernel ==")
+    print(f"\n== ternary weights, {threads} thread(s): times in ms (min of {args.rounds} x {args.repeats}); "
+          f"speedup = numpy / kernel ==")
     print(f"{'M':>5} {'K':>5} {'N':>5} | {'numpy':>9} {'int8 x tern':>11} {'bin x tern':>10} | {'x int8':>7} {'x bin':>7}")
     speedups = {"int8": [], "binary": []}
     with threadpoolctl.threadpool_limits(limits=threads, user_api="blas"):
-        for m in args.rows:
-            for k in args.dims:
-                for n in args.dims:
-                    x = rng.standard_normal((m, k), dtype=np.float32)
-                    w = rng.standard_normal((n, k), dtype=np.float32)
-                    a_int8 = rng.integers(-128, 128, size=(m, k)).astype(np.int8)
-                    ternary = rng.integers(-1, 2, size=(n, k))
-                    nonzero, sign = kernels.pack_ternary_weight(ternary)
-                    x_packed = kernels.pack_signs(x)
-                    if not np.array_equal(kernels.ternary_gemm_int8(a_int8, nonzero, sign, k),
-                                          a_int8.astype(np.int64) @ ternary.T):
-                        raise SystemExit(f"ternary_gemm_int8 disagrees with the integer matmul at M={m} K={k} N={n}")
-                    t = best_times({
-                        "numpy": lambda: x @ w.T,
-                        "int8": lambda: kernels.ternary_gemm_int8(a_int8, nonzero, sign, k),
-                        "binary": lambda: kernels.ternary_gemm_binary(x_packed, nonzero, sign, k),
-                    }, args.repeats)
-                    for name in speedups:
-                        speedups[name].append(t["numpy"] / t[name])
-                    print(f"{m:5d} {k:5d} {n:5d} | {t['numpy'] * 1e3:9.3f} {t['int8'] * 1e3:11.3f} {t['binary'] * 1e3:10.3f} | "
-                          f"{speedups['int8'][-1]:7.2f} {speedups['binary'][-1]:7.2f}", flush=True)
+        times = time_shapes(ternary_candidates)
+    for (m, k, n), t in times.items():
+        for name in speedups:
+            speedups[name].append(t["numpy"] / t[name])
+        print(f"{m:5d} {k:5d} {n:5d} | {t['numpy'] * 1e3:9.3f} {t['int8'] * 1e3:11.3f} {t['binary'] * 1e3:10.3f} | "
+              f"{speedups['int8'][-1]:7.2f} {speedups['binary'][-1]:7.2f}")
     print(f"median speedup over NumPy float32 at {threads} thread(s): int8 x ternary {np.median(speedups['int8']):.2f}x, "
-          f"binary x ternary {np.median(speedups['binary']):.2f}x")
+          f"binary x ternary {np.median(speedups['binary']):.2f}x", flush=True)
     return speedups
 
 

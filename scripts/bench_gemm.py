@@ -104,16 +104,20 @@ def header():
     print(f"load average at start: {os.getloadavg()[0]:.2f} (other processes make every number noisier)")
 
 
-def best_times(candidates, repeats):
+def best_times(candidates, repeats, warmup_seconds=0.2):
     """min over `repeats` back-to-back calls of each candidate's wall time (seconds).
 
-    Candidates are timed one after the other, not interleaved, with a pause before each: OpenBLAS
-    worker threads keep spinning for ~0.1 s after a NumPy matmul and Numba's OpenMP workers for a
-    while after a kernel, and a spinning pool of one library takes the second core from the other."""
+    Candidates are timed one after the other, not interleaved, each after warmup_seconds of
+    untimed calls: OpenBLAS worker threads keep spinning for ~0.1 s after a NumPy matmul (taking
+    the second core from the next candidate), and an idle vCPU runs slowly for tens of
+    milliseconds after it wakes up. Without the warm-up, a fast kernel's whole timed block fits in
+    that window and its two-thread time came out no better than its one-thread time."""
     best = {}
     for name, fn in candidates.items():
-        time.sleep(0.15)
+        warm_until = time.perf_counter() + warmup_seconds
         fn()
+        while time.perf_counter() < warm_until:
+            fn()
         best[name] = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()

@@ -31,8 +31,8 @@ _TASK_ROWS = 128        # about this many output rows per task
 # Below these sizes a kernel runs on the calling thread only: waking the other threads costs tens of
 # microseconds (more in a VM), about what one core needs for this much work.
 _PARALLEL_MIN_WORDS = 1 << 21       # popcount matmuls: M * N * W words
-_PARALLEL_MIN_MACS = 1 << 23        # int8 x ternary: M * N * K multiply-adds
-_PARALLEL_MIN_ELEMENTS = 1 << 18    # packing: elements
+_PARALLEL_MIN_MACS = 1 << 24        # int8 x ternary: M * N * K multiply-adds
+_PARALLEL_MIN_ELEMENTS = 1 << 20    # packing: elements
 
 
 def _words(k):

@@ -3,7 +3,7 @@ torch is importable, on ViT linear-layer shapes. Prints a table and the median s
 nothing about speed (it does check every binary result against the float matmul of the +-1 matrices).
 
     python scripts/bench_gemm.py [--threads 1 2] [--repeats 15] [--rounds 3] [--rows 520 1576]
-                                 [--dims 192 384 768 1536] [--wide-vectors] [--ternary]
+                                 [--dims 192 384 768 1536] [--wide-vectors] [--omp-spin] [--ternary]
 
 Shapes: M in --rows (8*65 and 8*197 tokens: a batch of 8 at 64 or 196 patches plus the class token),
 every (K, N) pair from --dims. Modes:
@@ -15,6 +15,11 @@ numpy_time / binary_time.
 
 --ternary adds a second table: ternary weights (TerViT) with int8 activations (ternary_gemm_int8)
 and with binary activations (ternary_gemm_binary), both against the same NumPy float32 matmul.
+
+--omp-spin re-runs this script with GOMP_SPINCOUNT=300000 (unless set), libgomp's documented default
+spin count: Numba's OpenMP worker then spins ~10 ms after a parallel region before it sleeps, as
+OpenBLAS's workers do (~0.1 s). Without it, in this setup libgomp put the worker to sleep almost at
+once and waking it cost ~50 us per call on a VM.
 
 --wide-vectors re-runs this script with NUMBA_CPU_FEATURES = host features + "-prefer-256-bit", which
 lets LLVM use 512-bit vectors on AVX-512 CPUs (see docs/kernels.md). If OPENBLAS_CORETYPE or
@@ -37,6 +42,8 @@ def parse():
     ap.add_argument("--rows", type=int, nargs="+", default=[8 * 65, 8 * 197])
     ap.add_argument("--dims", type=int, nargs="+", default=[192, 384, 768, 1536])
     ap.add_argument("--ternary", action="store_true", help="also time the ternary-weight kernels")
+    ap.add_argument("--omp-spin", action="store_true",
+                    help="let OpenMP workers spin a few ms between parallel regions (GOMP_SPINCOUNT=300000)")
     ap.add_argument("--wide-vectors", action="store_true",
                     help="compile the kernels with 512-bit vectors (NUMBA_CPU_FEATURES=...,-prefer-256-bit)")
     return ap.parse_args()
@@ -58,6 +65,9 @@ def reexec_if_needed(args):
         import llvmlite.binding as llvm
         env["NUMBA_CPU_FEATURES"] = llvm.get_host_cpu_features().flatten() + ",-prefer-256-bit"
         notes.append("set NUMBA_CPU_FEATURES=<host features>,-prefer-256-bit (--wide-vectors)")
+    if args.omp_spin and "GOMP_SPINCOUNT" not in env:
+        env["GOMP_SPINCOUNT"] = "300000"
+        notes.append("set GOMP_SPINCOUNT=300000 (--omp-spin)")
     if notes:
         env[_REEXEC_MARK] = "; ".join(notes)
         sys.stdout.flush()
@@ -94,7 +104,8 @@ def header():
     wide = [f for f in ("avx2", "avx512f", "avx512vpopcntdq") if features.get(f)]
     print(f"host CPU: {llvm.get_host_cpu_name()} ({', '.join(wide)}); "
           f"NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', '<host>')}; "
-          f"NUMBA_CPU_FEATURES={'<host>' if 'NUMBA_CPU_FEATURES' not in os.environ else '<host>,-prefer-256-bit' if os.environ['NUMBA_CPU_FEATURES'].endswith('-prefer-256-bit') else os.environ['NUMBA_CPU_FEATURES']}")
+          f"NUMBA_CPU_FEATURES={'<host>' if 'NUMBA_CPU_FEATURES' not in os.environ else '<host>,-prefer-256-bit' if os.environ['NUMBA_CPU_FEATURES'].endswith('-prefer-256-bit') else os.environ['NUMBA_CPU_FEATURES']}; "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '<default>')}")
     for info in threadpoolctl.threadpool_info():
         if info["user_api"] == "blas":
             print(f"NumPy BLAS: {info['internal_api']} {info.get('version')} kernel={info.get('architecture')} "

@@ -379,8 +379,16 @@ _OTHER_CPU_CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("cpu_name,features", [("haswell", _HASWELL_FEATURES), ("x86-64", _BASELINE_FEATURES)],
-                         ids=["avx2-only", "baseline-x86-64"])
+def _host_wide_vectors():
+    """(host CPU name, host features + "-prefer-256-bit"): the opt-in 512-bit code generation that
+    docs/kernels.md describes; on a CPU without AVX-512 it compiles the same code as the default."""
+    import llvmlite.binding as llvm
+    return llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten() + ",-prefer-256-bit"
+
+
+@pytest.mark.parametrize("cpu_name,features", [("haswell", _HASWELL_FEATURES), ("x86-64", _BASELINE_FEATURES),
+                                               _host_wide_vectors()],
+                         ids=["avx2-only", "baseline-x86-64", "host-512-bit-vectors"])
 def test_kernels_on_other_cpus(cpu_name, features):
     env = dict(os.environ, NUMBA_CPU_NAME=cpu_name, NUMBA_CPU_FEATURES=features,
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(kn.__file__))),

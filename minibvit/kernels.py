@@ -28,11 +28,14 @@ WORD_BITS = 64
 _PANEL_COLS = 256       # at most this many output columns per task (one weight panel [W, cols] each)
 _COL_ALIGN = 32         # panel widths are multiples of this (whole vectors, aligned rows)
 _TASK_ROWS = 128        # about this many output rows per task
-# Below these sizes a kernel runs on the calling thread only: waking the other threads costs tens of
-# microseconds (more in a VM), about what one core needs for this much work.
-_PARALLEL_MIN_WORDS = 1 << 21       # popcount matmuls: M * N * W words
+# Below these sizes a kernel runs on the calling thread only: even a spinning OpenMP worker
+# (minibvit's GOMP_SPINCOUNT default) costs a few microseconds to start, a sleeping one ~50 us in a VM.
+# Measured at 2 threads on the 8 shapes M in {520, 1576}, K, N in {192, 384}: popcount threshold 2M
+# words 4.6x median over NumPy, 512K words 8.1x, 128K words 8.2x; packing threshold 1M -> 256K elements
+# took the with-packing median from 5.2x to 6.0x.
+_PARALLEL_MIN_WORDS = 1 << 19       # popcount matmuls: M * N * W words
 _PARALLEL_MIN_MACS = 1 << 24        # int8 x ternary: M * N * K multiply-adds
-_PARALLEL_MIN_ELEMENTS = 1 << 20    # packing: elements
+_PARALLEL_MIN_ELEMENTS = 1 << 18    # packing: elements
 
 
 def _words(k):

@@ -16,7 +16,8 @@ Use from a benchmark:
 Kinds (arrays are passed through an .npz file, settings as JSON; no pickle):
     train-step   TorchViT float32 + AdamW(lr): one step = zero_grad, forward, cross-entropy, backward, step.
                  arrays: the state dict (timm names), "x" [B, C, H, W] float32, "y" [B] int64.
-    inference    TorchViT float32 forward under torch.inference_mode. arrays: state dict, "x".
+    inference    TorchViT float32 forward under torch.inference_mode. arrays: the state dict; each time()
+                 call names the batch size (seeded random images).
     matmul       torch.matmul(x, w.T) on seeded float32 data; each time() call names the shape (m, k, n).
 
 The worker is this file run as a script: `python scripts/torch_baseline.py <setup dir>`; it reads
@@ -60,10 +61,12 @@ class BaselineProcess:
             self.close()
             raise RuntimeError(f"the PyTorch baseline worker ({kind}) did not start; its error is printed above")
 
-    def time(self, runs, warmup_seconds=0.0, shape=None, threads=None):
+    def time(self, runs, warmup_seconds=0.0, shape=None, batch=None, threads=None):
         """Wall times (seconds) of `runs` back-to-back runs, after warmup_seconds of untimed runs;
-        shape (m, k, n) for matmul; threads changes the worker's thread count from here on."""
-        request = {"runs": runs, "warmup_seconds": warmup_seconds, "shape": shape, "threads": threads}
+        shape (m, k, n) for matmul, batch for inference; threads changes the worker's thread count
+        from here on."""
+        request = {"runs": runs, "warmup_seconds": warmup_seconds, "shape": shape, "batch": batch,
+                   "threads": threads}
         self._proc.stdin.write(json.dumps(request) + "\n")
         self._proc.stdin.flush()
         answer = self._proc.stdout.readline()
@@ -118,12 +121,19 @@ def _build(setup, arrays):
             opt.step()
         return step
     if kind == "inference":
+        import numpy as np
         model = _load_model(setup["config"], arrays)
-        x = torch.from_numpy(arrays["x"])
+        cfg = setup["config"]
+        images = {}
 
         def forward(request):
+            batch = request["batch"]
+            if batch not in images:
+                rng = np.random.default_rng(batch)
+                images[batch] = torch.from_numpy(rng.standard_normal(
+                    (batch, cfg["in_chans"], cfg["image_size"], cfg["image_size"]), dtype=np.float32))
             with torch.inference_mode():
-                model(x)
+                model(images[batch])
         return forward
     if kind == "matmul":
         import numpy as np

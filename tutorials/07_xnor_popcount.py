@@ -474,7 +474,7 @@ save_figure(fig, "07_speed")
 #   (an XOR, a popcount, an add, plus loads and the accumulator traffic), while one float32 FMA
 #   instruction does 8 or 16 multiply-adds and two can issue per cycle. `docs/kernels.md` explains the
 #   kernel's organisation, including why its popcount step is written on explicit 512-bit vectors.
-#   (The table above was measured before that change; the one printed above is current.)
+#   (The table above was measured before that change; what the cell prints on your machine is current.)
 #
 # On another machine the numbers will differ (a CPU without `VPOPCNTQ` runs popcount as a short
 # sequence of byte lookups; a different BLAS changes the float32 column): the table printed above is the

@@ -85,21 +85,33 @@ def _layernorm_rows(x, gamma, beta, eps, out, xhat, rstd):
             out[r, j] = h * gamma[j] + beta[j]
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def _layernorm_rows_backward(dout, xhat, rstd, gamma, dx):
+# Reductions that only training uses may be reassociated (vectorized sums); the forward kernels keep
+# their in-order sums, which the packed inference engine reproduces bit for bit.
+_REDUCE_FASTMATH = {"reassoc", "contract", "nsz"}
+# Row reductions over the batch (dgamma, dbeta) are summed in this many fixed chunks of rows, in
+# parallel, and the chunks then added: the result does not depend on the number of threads.
+_ROW_CHUNKS = 16
+
+
+@njit(parallel=True, cache=True, fastmath=_REDUCE_FASTMATH)
+def _layernorm_rows_backward(dout, xhat, rstd, gamma, dx, dgamma_chunks, dbeta_chunks):
     rows, n = dout.shape
-    for r in prange(rows):
-        sum_g = 0.0
-        sum_gx = 0.0
-        for j in range(n):
-            g = dout[r, j] * gamma[j]
-            sum_g += g
-            sum_gx += g * xhat[r, j]
-        sum_g /= n
-        sum_gx /= n
-        for j in range(n):
-            g = dout[r, j] * gamma[j]
-            dx[r, j] = (g - sum_g - xhat[r, j] * sum_gx) * rstd[r]
+    chunks = dgamma_chunks.shape[0]
+    for c in prange(chunks):
+        dgamma, dbeta = dgamma_chunks[c], dbeta_chunks[c]
+        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
+            sum_g = 0.0
+            sum_gx = 0.0
+            for j in range(n):
+                g = dout[r, j] * gamma[j]
+                sum_g += g
+                sum_gx += g * xhat[r, j]
+                dgamma[j] += dout[r, j] * xhat[r, j]
+                dbeta[j] += dout[r, j]
+            sum_g /= n
+            sum_gx /= n
+            for j in range(n):
+                dx[r, j] = (dout[r, j] * gamma[j] - sum_g - xhat[r, j] * sum_gx) * rstd[r]
 
 
 def layernorm_forward(x, gamma, beta, eps=1e-6):
@@ -121,10 +133,10 @@ def layernorm_backward(dout, cache):
     xhat, rstd, gamma, x_shape = cache
     d2 = np.ascontiguousarray(dout.reshape(xhat.shape))
     dx = np.empty_like(d2)
-    _layernorm_rows_backward(d2, xhat, rstd, gamma.astype(d2.dtype), dx)
-    dgamma = np.einsum("ij,ij->j", d2, xhat)
-    dbeta = d2.sum(axis=0)
-    return dx.reshape(x_shape), dgamma, dbeta
+    dgamma = np.zeros((_ROW_CHUNKS, d2.shape[1]))  # float64 partial sums of dout * xhat and dout
+    dbeta = np.zeros((_ROW_CHUNKS, d2.shape[1]))
+    _layernorm_rows_backward(d2, xhat, rstd, gamma.astype(d2.dtype), dx, dgamma, dbeta)
+    return dx.reshape(x_shape), dgamma.sum(axis=0).astype(d2.dtype), dbeta.sum(axis=0).astype(d2.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,6 +159,8 @@ def _as_float32(typingctx, bits):
 # No "contract"/"reassoc": the vectorized body and the scalar remainder of a loop must round alike,
 # so that an element's value does not depend on where it falls in the thread chunks.
 _EXACT_FASTMATH = {"nnan", "ninf", "nsz"}
+# error_model="numpy": a float division by zero gives inf instead of raising ZeroDivisionError; the
+# check for it would keep LLVM from vectorizing the loops.
 
 
 @njit(inline="always", fastmath=_EXACT_FASTMATH)
@@ -156,7 +170,7 @@ def _exp_f32(x):
     several times faster."""
     x = min(max(x, np.float32(-87.0)), np.float32(88.0))
     y = x * np.float32(1.4426950408889634)
-    n = math.floor(y + np.float32(0.5))
+    n = np.floor(y + np.float32(0.5))  # float32 (math.floor would give an int64 and float64 arithmetic)
     f = y - n
     p = np.float32(1.0) + f * (np.float32(0.6931471805599453) + f * (np.float32(0.2402265069591007) + f * (
         np.float32(0.05550410866482158) + f * (np.float32(0.009618129107628477) + f * (
@@ -178,13 +192,13 @@ def _phi_fast(v):
     return half_erfc if v < 0 else np.float32(1.0) - half_erfc
 
 
-@njit(parallel=True, cache=True, fastmath=_EXACT_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=_EXACT_FASTMATH, error_model="numpy")
 def _gelu_erf_f32(x, out):
     for i in prange(x.size):
         out[i] = x[i] * _phi_fast(x[i])
 
 
-@njit(parallel=True, cache=True, fastmath=_EXACT_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=_EXACT_FASTMATH, error_model="numpy")
 def _gelu_erf_f32_backward(x, dout, dx):
     for i in prange(x.size):
         v = x[i]
@@ -287,7 +301,7 @@ def _softmax_rows(x, out):
             out[r, j] *= inv
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=_REDUCE_FASTMATH)
 def _softmax_rows_backward(y, dout, dx):
     rows, n = y.shape
     for r in prange(rows):
@@ -344,7 +358,10 @@ def split_heads_forward(qkv, num_heads):
 def split_heads_backward(dq, dk, dv, cache):
     """Inverse of split_heads_forward: returns d qkv (B, N, 3D)."""
     _, B, H, N, d = cache
-    return np.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, N, 3 * H * d)
+    dqkv = np.empty((B, N, 3, H, d), dtype=dq.dtype)
+    for i, grad in enumerate((dq, dk, dv)):  # one strided copy each, straight into the fused layout
+        dqkv[:, :, i] = grad.transpose(0, 2, 1, 3)
+    return dqkv.reshape(B, N, 3 * H * d)
 
 
 def merge_heads_forward(x):

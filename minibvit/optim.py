@@ -5,6 +5,7 @@ Parameters are updated in place (the model and its quantizers hold references to
 import math
 
 import numpy as np
+from numba import njit
 
 _NO_DECAY_NAMES = ("cls_token", "dist_token", "pos_embed")
 
@@ -13,6 +14,16 @@ def decays(name, param):
     """Whether weight decay applies: only to matrices and conv kernels of linear layers, never to
     norms, biases, tokens, position embeddings or quantizer parameters (scales, shifts, steps)."""
     return param.ndim >= 2 and name not in _NO_DECAY_NAMES and "_quant." not in name
+
+
+@njit(cache=True, error_model="numpy")  # no ZeroDivisionError check: the loop vectorizes
+def _adamw_update(p, g, m, v, b1, b2, lr, decay, eps, bc1, bc2):
+    """AdamW's update of one flat parameter in one pass, in the dtype of the scalars (the
+    parameter's); decay = 1 - lr * wd, or 1 without decay."""
+    for i in range(p.size):
+        m[i] = b1 * m[i] + (1.0 - b1) * g[i]
+        v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i]
+        p[i] = p[i] * decay - (lr / bc1) * m[i] / (math.sqrt(v[i] / bc2) + eps)
 
 
 class AdamW:
@@ -42,16 +53,11 @@ class AdamW:
             g = grads.get(k)
             if g is None:
                 continue
-            m, v = self.m[k], self.v[k]
-            m *= b1
-            m += (1.0 - b1) * g
-            v *= b2
-            v += (1.0 - b2) * np.square(g)
-            if self.weight_decay and decays(k, p):
-                p *= 1.0 - lr * self.weight_decay
-            denom = np.sqrt(v / bc2)
-            denom += self.eps
-            p -= (lr / bc1) * m / denom
+            decay = 1.0 - lr * self.weight_decay if self.weight_decay and decays(k, p) else 1.0
+            scalars = (p.dtype.type(s) for s in (b1, b2, lr, decay, self.eps, bc1, bc2))
+            # flat views of the (contiguous) parameter and moments: the kernel updates them in place
+            _adamw_update(p.reshape(-1), np.ascontiguousarray(g, dtype=p.dtype).reshape(-1), self.m[k].reshape(-1),
+                          self.v[k].reshape(-1), *scalars)
 
     def state_dict(self):
         state = {f"m.{k}": v for k, v in self.m.items()}

@@ -9,7 +9,10 @@ The element-wise and row-wise hot spots (GELU, LayerNorm, softmax) are Numba ker
 in parallel over rows; everything else is NumPy and BLAS.
 """
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -163,6 +166,36 @@ _EXACT_FASTMATH = {"nnan", "ninf", "nsz"}
 # check for it would keep LLVM from vectorizing the loops.
 
 
+@intrinsic
+def _fma_f32(typingctx, a, b, c):
+    """a * b + c for float32 with a single rounding (LLVM's fma): unlike a "contract" fast-math flag it
+    fuses in the vectorized loop body and in its scalar remainder alike."""
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(fma, args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+@njit(inline="always")
+def _horner_f32(t, coeffs):
+    """coeffs[0] + coeffs[1] t + coeffs[2] t^2 + ... by Horner's rule with fused multiply-adds."""
+    acc = coeffs[-1]
+    for i in range(len(coeffs) - 2, -1, -1):
+        acc = _fma_f32(acc, t, coeffs[i])
+    return acc
+
+
+# 2^f for |f| <= 1/2 (degree 6) and Numerical Recipes' erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z / 2)
+_EXP2_COEFFS = tuple(np.float32(c) for c in (
+    1.0, 0.6931471805599453, 0.2402265069591007, 0.05550410866482158, 0.009618129107628477,
+    0.0013333558146428443, 0.00015403530393381606))
+_ERFC_COEFFS = tuple(np.float32(c) for c in (
+    -1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398, 1.48851587,
+    -0.82215223, 0.17087277))
+
+
 @njit(inline="always", fastmath=_EXACT_FASTMATH)
 def _exp_f32(x):
     """exp(x) for float32 as 2^n * 2^f (n = round(x log2 e), |f| <= 1/2, degree-6 polynomial for
@@ -171,24 +204,16 @@ def _exp_f32(x):
     x = min(max(x, np.float32(-87.0)), np.float32(88.0))
     y = x * np.float32(1.4426950408889634)
     n = np.floor(y + np.float32(0.5))  # float32 (math.floor would give an int64 and float64 arithmetic)
-    f = y - n
-    p = np.float32(1.0) + f * (np.float32(0.6931471805599453) + f * (np.float32(0.2402265069591007) + f * (
-        np.float32(0.05550410866482158) + f * (np.float32(0.009618129107628477) + f * (
-            np.float32(0.0013333558146428443) + f * np.float32(0.00015403530393381606))))))
-    return p * _as_float32((np.int32(n) + np.int32(127)) << np.int32(23))
+    return _horner_f32(y - n, _EXP2_COEFFS) * _as_float32((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
-@njit(inline="always")
+@njit(inline="always", fastmath=_EXACT_FASTMATH)
 def _phi_fast(v):
     """Phi(v) = erfc(-v / sqrt 2) / 2 through Numerical Recipes' Chebyshev erfc (relative error
     < 1.2e-7) and _exp_f32; about 2e-6 relative in all. Branch-free so the loop vectorizes."""
     z = abs(v) * np.float32(0.7071067811865476)
-    t = np.float32(1.0) / (np.float32(1.0) + np.float32(0.5) * z)
-    poly = np.float32(-1.26551223) + t * (np.float32(1.00002368) + t * (np.float32(0.37409196) + t * (
-        np.float32(0.09678418) + t * (np.float32(-0.18628806) + t * (np.float32(0.27886807) + t * (
-            np.float32(-1.13520398) + t * (np.float32(1.48851587) + t * (np.float32(-0.82215223)
-                                                                       + t * np.float32(0.17087277)))))))))
-    half_erfc = np.float32(0.5) * t * _exp_f32(-z * z + poly)  # = Phi(-|v|)
+    t = np.float32(1.0) / _fma_f32(np.float32(0.5), z, np.float32(1.0))
+    half_erfc = np.float32(0.5) * t * _exp_f32(_fma_f32(-z, z, _horner_f32(t, _ERFC_COEFFS)))  # = Phi(-|v|)
     return half_erfc if v < 0 else np.float32(1.0) - half_erfc
 
 
@@ -203,7 +228,7 @@ def _gelu_erf_f32_backward(x, dout, dx):
     for i in prange(x.size):
         v = x[i]
         pdf = np.float32(0.3989422804014327) * _exp_f32(np.float32(-0.5) * v * v)
-        dx[i] = dout[i] * (_phi_fast(v) + v * pdf)
+        dx[i] = dout[i] * _fma_f32(v, pdf, _phi_fast(v))
 
 
 @njit(parallel=True, cache=True)
@@ -331,6 +356,42 @@ def softmax_backward(dout, cache):
 # ----------------------------------------------------------------------------------------------
 # multi-head self-attention core
 
+_matmul_pool = None
+
+
+def _forget_matmul_pool():
+    global _matmul_pool
+    _matmul_pool = None
+
+
+os.register_at_fork(after_in_child=_forget_matmul_pool)  # a forked child has none of the pool's threads
+
+
+def _stacked_matmul(a, b):
+    """a @ b for stacks of matrices, (S, ..., M, K) @ (S, ..., K, N) -> (S, ..., M, N), the stack
+    split across threads.
+
+    NumPy computes a stacked product as one BLAS call per matrix, all on the calling thread, and
+    attention's N x N and N x d matrices are too small for BLAS to use a second thread. So the stack
+    is cut along its first axis into one slice per Numba thread (numba.get_num_threads()); NumPy
+    releases the GIL during the products, so the slices run at the same time. Every matrix gets the
+    same BLAS call as in np.matmul(a, b), hence the same bits.
+    """
+    global _matmul_pool
+    parts = min(numba.get_num_threads(), a.shape[0])
+    if parts < 2 or a.ndim < 3 or a.shape[:-2] != b.shape[:-2]:
+        return np.matmul(a, b)
+    out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
+    if _matmul_pool is None:
+        _matmul_pool = ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS, thread_name_prefix="minibvit-matmul")
+    bounds = np.linspace(0, a.shape[0], parts + 1).astype(int)
+    slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    futures = [_matmul_pool.submit(np.matmul, a[s], b[s], out=out[s]) for s in slices[1:]]
+    np.matmul(a[slices[0]], b[slices[0]], out=out[slices[0]])
+    for f in futures:
+        f.result()
+    return out
+
 
 class _Identity:
     """Pass-through used where an attention tensor is not quantized."""
@@ -401,7 +462,7 @@ def attention_forward(q, k, v, quant=None, training=False, attn_drop=0.0, rng=No
     if c_drop is None:
         out = _quantized_matmul(a_d, v_q, az, ca, vz, cv)
     else:
-        out = np.matmul(a_d, v_q)
+        out = _stacked_matmul(a_d, v_q)
     return out, (qz, kz, az, vz, cq, ck, ca, cv, q_q, k_q, a_d, v_q, c_soft, c_drop, scale)
 
 
@@ -430,7 +491,7 @@ def _quantized_matmul(a, b, qa, ca, qb, cb, transpose_b=False):
     ia = fa(ca) if fa else None
     ib = fb(cb) if fb else None
     if ia is None or ib is None:
-        return np.matmul(a, b)
+        return _stacked_matmul(a, b)
     levels_b = ib[0].swapaxes(-1, -2) if transpose_b else ib[0]
     out = integer_matmul(ia[0], levels_b)
     out *= ia[1] * ib[1]
@@ -442,8 +503,8 @@ def attention_backward(dout, cache):
     "q.<param>", "k.<param>", "attn.<param>", "v.<param>"."""
     qz, kz, az, vz, cq, ck, ca, cv, q_q, k_q, a_d, v_q, c_soft, c_drop, scale = cache
     grads = {}
-    da_d = np.matmul(dout, v_q.swapaxes(-1, -2))
-    dv_q = np.matmul(a_d.swapaxes(-1, -2), dout)
+    da_d = _stacked_matmul(dout, v_q.swapaxes(-1, -2))
+    dv_q = _stacked_matmul(a_d.swapaxes(-1, -2), dout)
     dv, g = vz.backward(dv_q, cv)
     grads.update({f"v.{n}": t for n, t in g.items()})
     da_q = dropout_backward(da_d, c_drop)
@@ -451,8 +512,8 @@ def attention_backward(dout, cache):
     grads.update({f"attn.{n}": t for n, t in g.items()})
     dscores = softmax_backward(dattn, c_soft)
     dscores *= dscores.dtype.type(scale)
-    dq_q = np.matmul(dscores, k_q)
-    dk_q = np.matmul(dscores.swapaxes(-1, -2), q_q)
+    dq_q = _stacked_matmul(dscores, k_q)
+    dk_q = _stacked_matmul(dscores.swapaxes(-1, -2), q_q)
     dq, g = qz.backward(dq_q, cq)
     grads.update({f"q.{n}": t for n, t in g.items()})
     dk, g = kz.backward(dk_q, ck)

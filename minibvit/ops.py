@@ -420,9 +420,24 @@ def split_heads_backward(dq, dk, dv, cache):
     """Inverse of split_heads_forward: returns d qkv (B, N, 3D)."""
     _, B, H, N, d = cache
     dqkv = np.empty((B, N, 3, H, d), dtype=dq.dtype)
-    for i, grad in enumerate((dq, dk, dv)):  # one strided copy each, straight into the fused layout
-        dqkv[:, :, i] = grad.transpose(0, 2, 1, 3)
+    _interleave_heads(dq, dk, dv, dqkv)
     return dqkv.reshape(B, N, 3 * H * d)
+
+
+@njit(parallel=True, cache=True)
+def _interleave_heads(dq, dk, dv, out):
+    """out[b, n, :, h] = (dq, dk, dv)[:, b, h, n]: one pass, in parallel over the batch (a NumPy
+    strided copy runs on one thread at memory speed)."""
+    B, H, N, d = dq.shape
+    for b in prange(B):
+        for n in range(N):
+            for h in range(H):
+                for j in range(d):
+                    out[b, n, 0, h, j] = dq[b, h, n, j]
+                for j in range(d):
+                    out[b, n, 1, h, j] = dk[b, h, n, j]
+                for j in range(d):
+                    out[b, n, 2, h, j] = dv[b, h, n, j]
 
 
 def merge_heads_forward(x):

@@ -91,8 +91,8 @@ def _layernorm_rows(x, gamma, beta, eps, out, xhat, rstd):
 # Reductions that only training uses may be reassociated (vectorized sums); the forward kernels keep
 # their in-order sums, which the packed inference engine reproduces bit for bit.
 _REDUCE_FASTMATH = {"reassoc", "contract", "nsz"}
-# Row reductions over the batch (dgamma, dbeta) are summed in this many fixed chunks of rows, in
-# parallel, and the chunks then added: the result does not depend on the number of threads.
+# Row reductions over the batch (dgamma, dbeta, a bias gradient) are summed in this many fixed chunks
+# of rows, in parallel, and the chunks then added: the result does not depend on the number of threads.
 _ROW_CHUNKS = 16
 
 
@@ -136,10 +136,10 @@ def layernorm_backward(dout, cache):
     xhat, rstd, gamma, x_shape = cache
     d2 = np.ascontiguousarray(dout.reshape(xhat.shape))
     dx = np.empty_like(d2)
-    dgamma = np.zeros((_ROW_CHUNKS, d2.shape[1]))  # float64 partial sums of dout * xhat and dout
-    dbeta = np.zeros((_ROW_CHUNKS, d2.shape[1]))
+    dgamma = np.zeros((_ROW_CHUNKS, d2.shape[1]), dtype=d2.dtype)  # partial sums of dout * xhat and dout
+    dbeta = np.zeros((_ROW_CHUNKS, d2.shape[1]), dtype=d2.dtype)
     _layernorm_rows_backward(d2, xhat, rstd, gamma.astype(d2.dtype), dx, dgamma, dbeta)
-    return dx.reshape(x_shape), dgamma.sum(axis=0).astype(d2.dtype), dbeta.sum(axis=0).astype(d2.dtype)
+    return dx.reshape(x_shape), dgamma.sum(axis=0), dbeta.sum(axis=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,52 +217,85 @@ def _phi_fast(v):
     return half_erfc if v < 0 else np.float32(1.0) - half_erfc
 
 
-@njit(parallel=True, cache=True, fastmath=_EXACT_FASTMATH, error_model="numpy")
-def _gelu_erf_f32(x, out):
-    for i in prange(x.size):
-        out[i] = x[i] * _phi_fast(x[i])
+# The GELU kernels work on rows: x (rows, n) is the output of the preceding linear layer before its
+# bias (n,), or the pre-activation itself when bias is None (Numba compiles that case without it).
+# The backward kernels also sum dx over the rows into the bias gradient, in _ROW_CHUNKS fixed
+# chunks of rows (partial sums in x's dtype: float64 ones would double the float32 kernel's time), in
+# the same pass.
 
 
 @njit(parallel=True, cache=True, fastmath=_EXACT_FASTMATH, error_model="numpy")
-def _gelu_erf_f32_backward(x, dout, dx):
-    for i in prange(x.size):
-        v = x[i]
-        pdf = np.float32(0.3989422804014327) * _exp_f32(np.float32(-0.5) * v * v)
-        dx[i] = dout[i] * _fma_f32(v, pdf, _phi_fast(v))
+def _gelu_erf_f32(x, bias, out):
+    rows, n = x.shape
+    for r in prange(rows):
+        for j in range(n):
+            v = x[r, j] if bias is None else x[r, j] + bias[j]
+            out[r, j] = v * _phi_fast(v)
+
+
+@njit(parallel=True, cache=True, fastmath=_EXACT_FASTMATH, error_model="numpy")
+def _gelu_erf_f32_backward(x, bias, dout, dx, dbias_chunks):
+    rows, n = x.shape
+    chunks = dbias_chunks.shape[0]
+    for c in prange(chunks):
+        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
+            for j in range(n):
+                v = x[r, j] if bias is None else x[r, j] + bias[j]
+                pdf = np.float32(0.3989422804014327) * _exp_f32(np.float32(-0.5) * v * v)
+                g = dout[r, j] * _fma_f32(v, pdf, _phi_fast(v))
+                dx[r, j] = g
+                if bias is not None:
+                    dbias_chunks[c, j] += g
 
 
 @njit(parallel=True, cache=True)
-def _gelu_erf(x, out, half, one, c):
+def _gelu_erf(x, bias, out, half, one, c):
     # float64 (and other dtypes): libm erf, exact to the last bits; c = (1/sqrt 2, 1/sqrt(2 pi))
-    for i in prange(x.size):
-        v = x[i]
-        out[i] = half * v * (one + math.erf(v * c[0]))
+    rows, n = x.shape
+    for r in prange(rows):
+        for j in range(n):
+            v = x[r, j] if bias is None else x[r, j] + bias[j]
+            out[r, j] = half * v * (one + math.erf(v * c[0]))
 
 
 @njit(parallel=True, cache=True)
-def _gelu_erf_backward(x, dout, dx, half, one, c):
-    for i in prange(x.size):
-        v = x[i]
-        cdf = half * (one + math.erf(v * c[0]))
-        pdf = c[1] * math.exp(-half * v * v)
-        dx[i] = dout[i] * (cdf + v * pdf)
+def _gelu_erf_backward(x, bias, dout, dx, dbias_chunks, half, one, c):
+    rows, n = x.shape
+    chunks = dbias_chunks.shape[0]
+    for k in prange(chunks):
+        for r in range(k * rows // chunks, (k + 1) * rows // chunks):
+            for j in range(n):
+                v = x[r, j] if bias is None else x[r, j] + bias[j]
+                cdf = half * (one + math.erf(v * c[0]))
+                pdf = c[1] * math.exp(-half * v * v)
+                dx[r, j] = dout[r, j] * (cdf + v * pdf)
+                if bias is not None:
+                    dbias_chunks[k, j] += dx[r, j]
 
 
 @njit(parallel=True, cache=True)
-def _gelu_tanh(x, out, half, one, c):
+def _gelu_tanh(x, bias, out, half, one, c):
     # c = (sqrt(2/pi), 0.044715, 3 * 0.044715)
-    for i in prange(x.size):
-        v = x[i]
-        out[i] = half * v * (one + math.tanh(c[0] * (v + c[1] * v * v * v)))
+    rows, n = x.shape
+    for r in prange(rows):
+        for j in range(n):
+            v = x[r, j] if bias is None else x[r, j] + bias[j]
+            out[r, j] = half * v * (one + math.tanh(c[0] * (v + c[1] * v * v * v)))
 
 
 @njit(parallel=True, cache=True)
-def _gelu_tanh_backward(x, dout, dx, half, one, c):
-    for i in prange(x.size):
-        v = x[i]
-        t = math.tanh(c[0] * (v + c[1] * v * v * v))
-        du = c[0] * (one + c[2] * v * v)
-        dx[i] = dout[i] * (half * (one + t) + half * v * (one - t * t) * du)
+def _gelu_tanh_backward(x, bias, dout, dx, dbias_chunks, half, one, c):
+    rows, n = x.shape
+    chunks = dbias_chunks.shape[0]
+    for k in prange(chunks):
+        for r in range(k * rows // chunks, (k + 1) * rows // chunks):
+            for j in range(n):
+                v = x[r, j] if bias is None else x[r, j] + bias[j]
+                t = math.tanh(c[0] * (v + c[1] * v * v * v))
+                du = c[0] * (one + c[2] * v * v)
+                dx[r, j] = dout[r, j] * (half * (one + t) + half * v * (one - t * t) * du)
+                if bias is not None:
+                    dbias_chunks[k, j] += dx[r, j]
 
 
 def _gelu_constants(approximate, dtype):
@@ -273,35 +306,41 @@ def _gelu_constants(approximate, dtype):
     return dtype.type(0.5), dtype.type(1.0), c
 
 
-def gelu_forward(x, approximate="none"):
-    """GELU. approximate="none": y = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) (exact);
-    approximate="tanh": y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+def gelu_forward(x, approximate="none", bias=None):
+    """GELU, optionally of x + bias. approximate="none": y = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))
+    (exact); approximate="tanh": y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
     float64 uses libm's erf; float32 a vectorized erfc approximation (relative error about 2e-6).
 
-    x: any shape. Returns y (same shape) and the cache.
+    x: (..., n); bias: (n,) or None, the preceding linear layer's bias, added in the same pass over
+    the data as the GELU (the same float additions as linear_forward's). Returns y (same shape as x)
+    and the cache.
     """
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")
-    xf = np.ascontiguousarray(x).reshape(-1)
-    out = np.empty_like(xf)
-    if approximate == "none" and xf.dtype == np.float32:
-        _gelu_erf_f32(xf, out)
+    x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1] if x.ndim else 1)
+    if bias is not None:
+        bias = bias.astype(x2.dtype, copy=False)
+    out = np.empty_like(x2)
+    if approximate == "none" and x2.dtype == np.float32:
+        _gelu_erf_f32(x2, bias, out)
     else:
-        (_gelu_erf if approximate == "none" else _gelu_tanh)(xf, out, *_gelu_constants(approximate, xf.dtype))
-    return out.reshape(x.shape), (xf, approximate, x.shape)
+        kernel = _gelu_erf if approximate == "none" else _gelu_tanh
+        kernel(x2, bias, out, *_gelu_constants(approximate, x2.dtype))
+    return out.reshape(x.shape), (x2, bias, approximate, x.shape)
 
 
 def gelu_backward(dout, cache):
-    """dx = dout * GELU'(x). Returns dx (same shape as x)."""
-    xf, approximate, shape = cache
-    dx = np.empty_like(xf)
-    dout = np.ascontiguousarray(dout, dtype=xf.dtype).reshape(-1)
-    if approximate == "none" and xf.dtype == np.float32:
-        _gelu_erf_f32_backward(xf, dout, dx)
+    """dx = dout * GELU'(x + bias). Returns dx (same shape as x) and dbias (n,), or None without bias."""
+    x2, bias, approximate, shape = cache
+    dx = np.empty_like(x2)
+    dout = np.ascontiguousarray(dout, dtype=x2.dtype).reshape(x2.shape)
+    dbias = np.zeros((_ROW_CHUNKS, x2.shape[1]), dtype=x2.dtype)
+    if approximate == "none" and x2.dtype == np.float32:
+        _gelu_erf_f32_backward(x2, bias, dout, dx, dbias)
     else:
         kernel = _gelu_erf_backward if approximate == "none" else _gelu_tanh_backward
-        kernel(xf, dout, dx, *_gelu_constants(approximate, xf.dtype))
-    return dx.reshape(shape)
+        kernel(x2, bias, dout, dx, dbias, *_gelu_constants(approximate, x2.dtype))
+    return dx.reshape(shape), None if bias is None else dbias.sum(axis=0)
 
 
 # ----------------------------------------------------------------------------------------------

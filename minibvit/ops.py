@@ -5,8 +5,9 @@ Convention (CS231n / llm.c): ``out, cache = op_forward(...)`` and
 training, float64 for the reference tests. Shapes use B = batch, N = tokens, D = embedding
 width, H = heads, d = D / H, C = classes.
 
-The element-wise and row-wise hot spots (GELU, LayerNorm, softmax) are Numba kernels that run
-in parallel over rows; everything else is NumPy and BLAS.
+The element-wise and row-wise hot spots (GELU, LayerNorm, softmax, the heads' layout change in the
+backward) are Numba kernels that run in parallel over rows; everything else is NumPy and BLAS, with
+attention's stacks of small matrix products split across threads (_stacked_matmul).
 """
 import math
 import os

@@ -20,9 +20,10 @@ def decays(name, param):
 def _adamw_update(p, g, m, v, b1, b2, lr, decay, eps, bc1, bc2):
     """AdamW's update of one flat parameter in one pass, in the dtype of the scalars (the
     parameter's); decay = 1 - lr * wd, or 1 without decay."""
+    one = p.dtype.type(1.0)
     for i in range(p.size):
-        m[i] = b1 * m[i] + (1.0 - b1) * g[i]
-        v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i]
+        m[i] = b1 * m[i] + (one - b1) * g[i]
+        v[i] = b2 * v[i] + (one - b2) * g[i] * g[i]
         p[i] = p[i] * decay - (lr / bc1) * m[i] / (math.sqrt(v[i] / bc2) + eps)
 
 
@@ -37,11 +38,14 @@ class AdamW:
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05):
         if lr < 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
             raise ValueError(f"invalid AdamW settings lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+        not_contiguous = [k for k, p in params.items() if not p.flags.c_contiguous]
+        if not_contiguous:
+            raise ValueError(f"AdamW updates parameters through flat views; not C-contiguous: {not_contiguous}")
         self.params = params
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.step_count = 0
-        self.m = {k: np.zeros_like(p) for k, p in params.items()}
-        self.v = {k: np.zeros_like(p) for k, p in params.items()}
+        self.m = {k: np.zeros(p.shape, p.dtype) for k, p in params.items()}
+        self.v = {k: np.zeros(p.shape, p.dtype) for k, p in params.items()}
 
     def step(self, grads, lr=None):
         lr = self.lr if lr is None else lr

@@ -263,15 +263,15 @@ class ViT:
         a, c_proj = self._linear_forward(f"{b}.attn.proj", o, training)
         a, c_drop1 = ops.dropout_forward(a, c.drop_rate, rng, training)
         a, c_dp1 = ops.drop_path_forward(a, dpr, rng, training)
-        x, _ = ops.residual_forward(x, a)
+        x, _ = ops.residual_forward(x, a, out=a)  # a: the branch's fresh output, reused for the sum
         h, c_ln2 = ops.layernorm_forward(x, P[f"{b}.norm2.weight"], P[f"{b}.norm2.bias"], c.layernorm_eps)
-        h, c_fc1 = self._linear_forward(f"{b}.mlp.fc1", h, training)
-        h, c_gelu = ops.gelu_forward(h, c.gelu_approximate)
+        h, c_fc1 = self._linear_forward(f"{b}.mlp.fc1", h, training, bias=False)  # its bias: in the GELU pass
+        h, c_gelu = ops.gelu_forward(h, c.gelu_approximate, bias=P[f"{b}.mlp.fc1.bias"])
         h, c_drop2 = ops.dropout_forward(h, c.drop_rate, rng, training)
         h, c_fc2 = self._linear_forward(f"{b}.mlp.fc2", h, training)
         h, c_drop3 = ops.dropout_forward(h, c.drop_rate, rng, training)
         h, c_dp2 = ops.drop_path_forward(h, dpr, rng, training)
-        x, _ = ops.residual_forward(x, h)
+        x, _ = ops.residual_forward(x, h, out=h)
         return x, (c_ln1, c_qkv, c_split, c_attn, c_merge, c_proj, c_drop1, c_dp1,
                    c_ln2, c_fc1, c_gelu, c_drop2, c_fc2, c_drop3, c_dp2)
 
@@ -326,12 +326,13 @@ class ViT:
         dh = ops.dropout_backward(dh, c_drop3)
         dh = self._linear_backward(dh, c_fc2)
         dh = ops.dropout_backward(dh, c_drop2)
-        dh = ops.gelu_backward(dh, c_gelu)
+        dh, db = ops.gelu_backward(dh, c_gelu)
+        self._accumulate(f"{b}.mlp.fc1.bias", db)
         dh = self._linear_backward(dh, c_fc1)
         dh, dg, db = ops.layernorm_backward(dh, c_ln2)
         self._accumulate(f"{b}.norm2.weight", dg)
         self._accumulate(f"{b}.norm2.bias", db)
-        dx = dx + dh
+        dx = np.add(dx, dh, out=dh)  # the skip and branch gradients meet (dh: fresh from the LayerNorm)
         dx, da = ops.residual_backward(dx, None)
         da = ops.drop_path_backward(da, c_dp1)
         da = ops.dropout_backward(da, c_drop1)
@@ -346,7 +347,7 @@ class ViT:
         dh, dg, db = ops.layernorm_backward(dh, c_ln1)
         self._accumulate(f"{b}.norm1.weight", dg)
         self._accumulate(f"{b}.norm1.bias", db)
-        return dx + dh
+        return np.add(dx, dh, out=dh)
 
     def backward(self, dlogits, cache):
         """Backpropagate d loss / d logits (same structure as forward's logits) through the model.

@@ -5,11 +5,15 @@ Convention (CS231n / llm.c): ``out, cache = op_forward(...)`` and
 training, float64 for the reference tests. Shapes use B = batch, N = tokens, D = embedding
 width, H = heads, d = D / H, C = classes.
 
-The element-wise and row-wise hot spots (GELU, LayerNorm, softmax) are Numba kernels that run
-in parallel over rows; everything else is NumPy and BLAS.
+The element-wise and row-wise hot spots (GELU, LayerNorm, softmax, the heads' layout change in the
+backward) are Numba kernels that run in parallel over rows; everything else is NumPy and BLAS, with
+attention's stacks of small matrix products split across threads (_stacked_matmul).
 """
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -85,21 +89,33 @@ def _layernorm_rows(x, gamma, beta, eps, out, xhat, rstd):
             out[r, j] = h * gamma[j] + beta[j]
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def _layernorm_rows_backward(dout, xhat, rstd, gamma, dx):
+# Reductions that only training uses may be reassociated (vectorized sums); the forward kernels keep
+# their in-order sums, which the packed inference engine reproduces bit for bit.
+_REDUCE_FASTMATH = {"reassoc", "contract", "nsz"}
+# Row reductions over the batch (dgamma, dbeta, a bias gradient) are summed in this many fixed chunks
+# of rows, in parallel, and the chunks then added: the result does not depend on the number of threads.
+_ROW_CHUNKS = 16
+
+
+@njit(parallel=True, cache=True, fastmath=_REDUCE_FASTMATH)
+def _layernorm_rows_backward(dout, xhat, rstd, gamma, dx, dgamma_chunks, dbeta_chunks):
     rows, n = dout.shape
-    for r in prange(rows):
-        sum_g = 0.0
-        sum_gx = 0.0
-        for j in range(n):
-            g = dout[r, j] * gamma[j]
-            sum_g += g
-            sum_gx += g * xhat[r, j]
-        sum_g /= n
-        sum_gx /= n
-        for j in range(n):
-            g = dout[r, j] * gamma[j]
-            dx[r, j] = (g - sum_g - xhat[r, j] * sum_gx) * rstd[r]
+    chunks = dgamma_chunks.shape[0]
+    for c in prange(chunks):
+        dgamma, dbeta = dgamma_chunks[c], dbeta_chunks[c]
+        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
+            sum_g = 0.0
+            sum_gx = 0.0
+            for j in range(n):
+                g = dout[r, j] * gamma[j]
+                sum_g += g
+                sum_gx += g * xhat[r, j]
+                dgamma[j] += dout[r, j] * xhat[r, j]
+                dbeta[j] += dout[r, j]
+            sum_g /= n
+            sum_gx /= n
+            for j in range(n):
+                dx[r, j] = (dout[r, j] * gamma[j] - sum_g - xhat[r, j] * sum_gx) * rstd[r]
 
 
 def layernorm_forward(x, gamma, beta, eps=1e-6):
@@ -121,10 +137,10 @@ def layernorm_backward(dout, cache):
     xhat, rstd, gamma, x_shape = cache
     d2 = np.ascontiguousarray(dout.reshape(xhat.shape))
     dx = np.empty_like(d2)
-    _layernorm_rows_backward(d2, xhat, rstd, gamma.astype(d2.dtype), dx)
-    dgamma = np.einsum("ij,ij->j", d2, xhat)
-    dbeta = d2.sum(axis=0)
-    return dx.reshape(x_shape), dgamma, dbeta
+    dgamma = np.zeros((_ROW_CHUNKS, d2.shape[1]), dtype=d2.dtype)  # partial sums of dout * xhat and dout
+    dbeta = np.zeros((_ROW_CHUNKS, d2.shape[1]), dtype=d2.dtype)
+    _layernorm_rows_backward(d2, xhat, rstd, gamma.astype(d2.dtype), dx, dgamma, dbeta)
+    return dx.reshape(x_shape), dgamma.sum(axis=0), dbeta.sum(axis=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,6 +163,38 @@ def _as_float32(typingctx, bits):
 # No "contract"/"reassoc": the vectorized body and the scalar remainder of a loop must round alike,
 # so that an element's value does not depend on where it falls in the thread chunks.
 _EXACT_FASTMATH = {"nnan", "ninf", "nsz"}
+# error_model="numpy": a float division by zero gives inf instead of raising ZeroDivisionError; the
+# check for it would keep LLVM from vectorizing the loops.
+
+
+@intrinsic
+def _fma_f32(typingctx, a, b, c):
+    """a * b + c for float32 with a single rounding (LLVM's fma): unlike a "contract" fast-math flag it
+    fuses in the vectorized loop body and in its scalar remainder alike."""
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(fma, args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+@njit(inline="always")
+def _horner_f32(t, coeffs):
+    """coeffs[0] + coeffs[1] t + coeffs[2] t^2 + ... by Horner's rule with fused multiply-adds."""
+    acc = coeffs[-1]
+    for i in range(len(coeffs) - 2, -1, -1):
+        acc = _fma_f32(acc, t, coeffs[i])
+    return acc
+
+
+# 2^f for |f| <= 1/2 (degree 6) and Numerical Recipes' erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z / 2)
+_EXP2_COEFFS = tuple(np.float32(c) for c in (
+    1.0, 0.6931471805599453, 0.2402265069591007, 0.05550410866482158, 0.009618129107628477,
+    0.0013333558146428443, 0.00015403530393381606))
+_ERFC_COEFFS = tuple(np.float32(c) for c in (
+    -1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398, 1.48851587,
+    -0.82215223, 0.17087277))
 
 
 @njit(inline="always", fastmath=_EXACT_FASTMATH)
@@ -156,74 +204,99 @@ def _exp_f32(x):
     several times faster."""
     x = min(max(x, np.float32(-87.0)), np.float32(88.0))
     y = x * np.float32(1.4426950408889634)
-    n = math.floor(y + np.float32(0.5))
-    f = y - n
-    p = np.float32(1.0) + f * (np.float32(0.6931471805599453) + f * (np.float32(0.2402265069591007) + f * (
-        np.float32(0.05550410866482158) + f * (np.float32(0.009618129107628477) + f * (
-            np.float32(0.0013333558146428443) + f * np.float32(0.00015403530393381606))))))
-    return p * _as_float32((np.int32(n) + np.int32(127)) << np.int32(23))
+    n = np.floor(y + np.float32(0.5))  # float32 (math.floor would give an int64 and float64 arithmetic)
+    return _horner_f32(y - n, _EXP2_COEFFS) * _as_float32((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
-@njit(inline="always")
+@njit(inline="always", fastmath=_EXACT_FASTMATH)
 def _phi_fast(v):
     """Phi(v) = erfc(-v / sqrt 2) / 2 through Numerical Recipes' Chebyshev erfc (relative error
     < 1.2e-7) and _exp_f32; about 2e-6 relative in all. Branch-free so the loop vectorizes."""
     z = abs(v) * np.float32(0.7071067811865476)
-    t = np.float32(1.0) / (np.float32(1.0) + np.float32(0.5) * z)
-    poly = np.float32(-1.26551223) + t * (np.float32(1.00002368) + t * (np.float32(0.37409196) + t * (
-        np.float32(0.09678418) + t * (np.float32(-0.18628806) + t * (np.float32(0.27886807) + t * (
-            np.float32(-1.13520398) + t * (np.float32(1.48851587) + t * (np.float32(-0.82215223)
-                                                                       + t * np.float32(0.17087277)))))))))
-    half_erfc = np.float32(0.5) * t * _exp_f32(-z * z + poly)  # = Phi(-|v|)
+    t = np.float32(1.0) / _fma_f32(np.float32(0.5), z, np.float32(1.0))
+    half_erfc = np.float32(0.5) * t * _exp_f32(_fma_f32(-z, z, _horner_f32(t, _ERFC_COEFFS)))  # = Phi(-|v|)
     return half_erfc if v < 0 else np.float32(1.0) - half_erfc
 
 
-@njit(parallel=True, cache=True, fastmath=_EXACT_FASTMATH)
-def _gelu_erf_f32(x, out):
-    for i in prange(x.size):
-        out[i] = x[i] * _phi_fast(x[i])
+# The GELU kernels work on rows: x (rows, n) is the output of the preceding linear layer before its
+# bias (n,), or the pre-activation itself when bias is None (Numba compiles that case without it).
+# The backward kernels also sum dx over the rows into the bias gradient, in _ROW_CHUNKS fixed
+# chunks of rows (partial sums in x's dtype: float64 ones would double the float32 kernel's time), in
+# the same pass.
 
 
-@njit(parallel=True, cache=True, fastmath=_EXACT_FASTMATH)
-def _gelu_erf_f32_backward(x, dout, dx):
-    for i in prange(x.size):
-        v = x[i]
-        pdf = np.float32(0.3989422804014327) * _exp_f32(np.float32(-0.5) * v * v)
-        dx[i] = dout[i] * (_phi_fast(v) + v * pdf)
+@njit(parallel=True, cache=True, fastmath=_EXACT_FASTMATH, error_model="numpy")
+def _gelu_erf_f32(x, bias, out):
+    rows, n = x.shape
+    for r in prange(rows):
+        for j in range(n):
+            v = x[r, j] if bias is None else x[r, j] + bias[j]
+            out[r, j] = v * _phi_fast(v)
+
+
+@njit(parallel=True, cache=True, fastmath=_EXACT_FASTMATH, error_model="numpy")
+def _gelu_erf_f32_backward(x, bias, dout, dx, dbias_chunks):
+    rows, n = x.shape
+    chunks = dbias_chunks.shape[0]
+    for c in prange(chunks):
+        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
+            for j in range(n):
+                v = x[r, j] if bias is None else x[r, j] + bias[j]
+                pdf = np.float32(0.3989422804014327) * _exp_f32(np.float32(-0.5) * v * v)
+                g = dout[r, j] * _fma_f32(v, pdf, _phi_fast(v))
+                dx[r, j] = g
+                if bias is not None:
+                    dbias_chunks[c, j] += g
 
 
 @njit(parallel=True, cache=True)
-def _gelu_erf(x, out, half, one, c):
+def _gelu_erf(x, bias, out, half, one, c):
     # float64 (and other dtypes): libm erf, exact to the last bits; c = (1/sqrt 2, 1/sqrt(2 pi))
-    for i in prange(x.size):
-        v = x[i]
-        out[i] = half * v * (one + math.erf(v * c[0]))
+    rows, n = x.shape
+    for r in prange(rows):
+        for j in range(n):
+            v = x[r, j] if bias is None else x[r, j] + bias[j]
+            out[r, j] = half * v * (one + math.erf(v * c[0]))
 
 
 @njit(parallel=True, cache=True)
-def _gelu_erf_backward(x, dout, dx, half, one, c):
-    for i in prange(x.size):
-        v = x[i]
-        cdf = half * (one + math.erf(v * c[0]))
-        pdf = c[1] * math.exp(-half * v * v)
-        dx[i] = dout[i] * (cdf + v * pdf)
+def _gelu_erf_backward(x, bias, dout, dx, dbias_chunks, half, one, c):
+    rows, n = x.shape
+    chunks = dbias_chunks.shape[0]
+    for k in prange(chunks):
+        for r in range(k * rows // chunks, (k + 1) * rows // chunks):
+            for j in range(n):
+                v = x[r, j] if bias is None else x[r, j] + bias[j]
+                cdf = half * (one + math.erf(v * c[0]))
+                pdf = c[1] * math.exp(-half * v * v)
+                dx[r, j] = dout[r, j] * (cdf + v * pdf)
+                if bias is not None:
+                    dbias_chunks[k, j] += dx[r, j]
 
 
 @njit(parallel=True, cache=True)
-def _gelu_tanh(x, out, half, one, c):
+def _gelu_tanh(x, bias, out, half, one, c):
     # c = (sqrt(2/pi), 0.044715, 3 * 0.044715)
-    for i in prange(x.size):
-        v = x[i]
-        out[i] = half * v * (one + math.tanh(c[0] * (v + c[1] * v * v * v)))
+    rows, n = x.shape
+    for r in prange(rows):
+        for j in range(n):
+            v = x[r, j] if bias is None else x[r, j] + bias[j]
+            out[r, j] = half * v * (one + math.tanh(c[0] * (v + c[1] * v * v * v)))
 
 
 @njit(parallel=True, cache=True)
-def _gelu_tanh_backward(x, dout, dx, half, one, c):
-    for i in prange(x.size):
-        v = x[i]
-        t = math.tanh(c[0] * (v + c[1] * v * v * v))
-        du = c[0] * (one + c[2] * v * v)
-        dx[i] = dout[i] * (half * (one + t) + half * v * (one - t * t) * du)
+def _gelu_tanh_backward(x, bias, dout, dx, dbias_chunks, half, one, c):
+    rows, n = x.shape
+    chunks = dbias_chunks.shape[0]
+    for k in prange(chunks):
+        for r in range(k * rows // chunks, (k + 1) * rows // chunks):
+            for j in range(n):
+                v = x[r, j] if bias is None else x[r, j] + bias[j]
+                t = math.tanh(c[0] * (v + c[1] * v * v * v))
+                du = c[0] * (one + c[2] * v * v)
+                dx[r, j] = dout[r, j] * (half * (one + t) + half * v * (one - t * t) * du)
+                if bias is not None:
+                    dbias_chunks[k, j] += dx[r, j]
 
 
 def _gelu_constants(approximate, dtype):
@@ -234,35 +307,41 @@ def _gelu_constants(approximate, dtype):
     return dtype.type(0.5), dtype.type(1.0), c
 
 
-def gelu_forward(x, approximate="none"):
-    """GELU. approximate="none": y = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) (exact);
-    approximate="tanh": y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+def gelu_forward(x, approximate="none", bias=None):
+    """GELU, optionally of x + bias. approximate="none": y = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))
+    (exact); approximate="tanh": y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
     float64 uses libm's erf; float32 a vectorized erfc approximation (relative error about 2e-6).
 
-    x: any shape. Returns y (same shape) and the cache.
+    x: (..., n); bias: (n,) or None, the preceding linear layer's bias, added in the same pass over
+    the data as the GELU (the same float additions as linear_forward's). Returns y (same shape as x)
+    and the cache.
     """
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")
-    xf = np.ascontiguousarray(x).reshape(-1)
-    out = np.empty_like(xf)
-    if approximate == "none" and xf.dtype == np.float32:
-        _gelu_erf_f32(xf, out)
+    x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1] if x.ndim else 1)
+    if bias is not None:
+        bias = bias.astype(x2.dtype, copy=False)
+    out = np.empty_like(x2)
+    if approximate == "none" and x2.dtype == np.float32:
+        _gelu_erf_f32(x2, bias, out)
     else:
-        (_gelu_erf if approximate == "none" else _gelu_tanh)(xf, out, *_gelu_constants(approximate, xf.dtype))
-    return out.reshape(x.shape), (xf, approximate, x.shape)
+        kernel = _gelu_erf if approximate == "none" else _gelu_tanh
+        kernel(x2, bias, out, *_gelu_constants(approximate, x2.dtype))
+    return out.reshape(x.shape), (x2, bias, approximate, x.shape)
 
 
 def gelu_backward(dout, cache):
-    """dx = dout * GELU'(x). Returns dx (same shape as x)."""
-    xf, approximate, shape = cache
-    dx = np.empty_like(xf)
-    dout = np.ascontiguousarray(dout, dtype=xf.dtype).reshape(-1)
-    if approximate == "none" and xf.dtype == np.float32:
-        _gelu_erf_f32_backward(xf, dout, dx)
+    """dx = dout * GELU'(x + bias). Returns dx (same shape as x) and dbias (n,), or None without bias."""
+    x2, bias, approximate, shape = cache
+    dx = np.empty_like(x2)
+    dout = np.ascontiguousarray(dout, dtype=x2.dtype).reshape(x2.shape)
+    dbias = np.zeros((_ROW_CHUNKS, x2.shape[1]), dtype=x2.dtype)
+    if approximate == "none" and x2.dtype == np.float32:
+        _gelu_erf_f32_backward(x2, bias, dout, dx, dbias)
     else:
         kernel = _gelu_erf_backward if approximate == "none" else _gelu_tanh_backward
-        kernel(xf, dout, dx, *_gelu_constants(approximate, xf.dtype))
-    return dx.reshape(shape)
+        kernel(x2, bias, dout, dx, dbias, *_gelu_constants(approximate, x2.dtype))
+    return dx.reshape(shape), None if bias is None else dbias.sum(axis=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,7 +366,7 @@ def _softmax_rows(x, out):
             out[r, j] *= inv
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=_REDUCE_FASTMATH)
 def _softmax_rows_backward(y, dout, dx):
     rows, n = y.shape
     for r in prange(rows):
@@ -317,6 +396,42 @@ def softmax_backward(dout, cache):
 # ----------------------------------------------------------------------------------------------
 # multi-head self-attention core
 
+_matmul_pool = None
+
+
+def _forget_matmul_pool():
+    global _matmul_pool
+    _matmul_pool = None
+
+
+os.register_at_fork(after_in_child=_forget_matmul_pool)  # a forked child has none of the pool's threads
+
+
+def _stacked_matmul(a, b):
+    """a @ b for stacks of matrices, (S, ..., M, K) @ (S, ..., K, N) -> (S, ..., M, N), the stack
+    split across threads.
+
+    NumPy computes a stacked product as one BLAS call per matrix, all on the calling thread, and
+    attention's N x N and N x d matrices are too small for BLAS to use a second thread. So the stack
+    is cut along its first axis into one slice per Numba thread (numba.get_num_threads()); NumPy
+    releases the GIL during the products, so the slices run at the same time. Every matrix gets the
+    same BLAS call as in np.matmul(a, b), hence the same bits.
+    """
+    global _matmul_pool
+    parts = min(numba.get_num_threads(), a.shape[0])
+    if parts < 2 or a.ndim < 3 or a.shape[:-2] != b.shape[:-2]:
+        return np.matmul(a, b)
+    out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
+    if _matmul_pool is None:
+        _matmul_pool = ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS, thread_name_prefix="minibvit-matmul")
+    bounds = np.linspace(0, a.shape[0], parts + 1).astype(int)
+    slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    futures = [_matmul_pool.submit(np.matmul, a[s], b[s], out=out[s]) for s in slices[1:]]
+    np.matmul(a[slices[0]], b[slices[0]], out=out[slices[0]])
+    for f in futures:
+        f.result()
+    return out
+
 
 class _Identity:
     """Pass-through used where an attention tensor is not quantized."""
@@ -344,7 +459,25 @@ def split_heads_forward(qkv, num_heads):
 def split_heads_backward(dq, dk, dv, cache):
     """Inverse of split_heads_forward: returns d qkv (B, N, 3D)."""
     _, B, H, N, d = cache
-    return np.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, N, 3 * H * d)
+    dqkv = np.empty((B, N, 3, H, d), dtype=dq.dtype)
+    _interleave_heads(dq, dk, dv, dqkv)
+    return dqkv.reshape(B, N, 3 * H * d)
+
+
+@njit(parallel=True, cache=True)
+def _interleave_heads(dq, dk, dv, out):
+    """out[b, n, :, h] = (dq, dk, dv)[:, b, h, n]: one pass, in parallel over the batch (a NumPy
+    strided copy runs on one thread at memory speed)."""
+    B, H, N, d = dq.shape
+    for b in prange(B):
+        for n in range(N):
+            for h in range(H):
+                for j in range(d):
+                    out[b, n, 0, h, j] = dq[b, h, n, j]
+                for j in range(d):
+                    out[b, n, 1, h, j] = dk[b, h, n, j]
+                for j in range(d):
+                    out[b, n, 2, h, j] = dv[b, h, n, j]
 
 
 def merge_heads_forward(x):
@@ -384,7 +517,7 @@ def attention_forward(q, k, v, quant=None, training=False, attn_drop=0.0, rng=No
     if c_drop is None:
         out = _quantized_matmul(a_d, v_q, az, ca, vz, cv)
     else:
-        out = np.matmul(a_d, v_q)
+        out = _stacked_matmul(a_d, v_q)
     return out, (qz, kz, az, vz, cq, ck, ca, cv, q_q, k_q, a_d, v_q, c_soft, c_drop, scale)
 
 
@@ -413,7 +546,7 @@ def _quantized_matmul(a, b, qa, ca, qb, cb, transpose_b=False):
     ia = fa(ca) if fa else None
     ib = fb(cb) if fb else None
     if ia is None or ib is None:
-        return np.matmul(a, b)
+        return _stacked_matmul(a, b)
     levels_b = ib[0].swapaxes(-1, -2) if transpose_b else ib[0]
     out = integer_matmul(ia[0], levels_b)
     out *= ia[1] * ib[1]
@@ -425,8 +558,8 @@ def attention_backward(dout, cache):
     "q.<param>", "k.<param>", "attn.<param>", "v.<param>"."""
     qz, kz, az, vz, cq, ck, ca, cv, q_q, k_q, a_d, v_q, c_soft, c_drop, scale = cache
     grads = {}
-    da_d = np.matmul(dout, v_q.swapaxes(-1, -2))
-    dv_q = np.matmul(a_d.swapaxes(-1, -2), dout)
+    da_d = _stacked_matmul(dout, v_q.swapaxes(-1, -2))
+    dv_q = _stacked_matmul(a_d.swapaxes(-1, -2), dout)
     dv, g = vz.backward(dv_q, cv)
     grads.update({f"v.{n}": t for n, t in g.items()})
     da_q = dropout_backward(da_d, c_drop)
@@ -434,8 +567,8 @@ def attention_backward(dout, cache):
     grads.update({f"attn.{n}": t for n, t in g.items()})
     dscores = softmax_backward(dattn, c_soft)
     dscores *= dscores.dtype.type(scale)
-    dq_q = np.matmul(dscores, k_q)
-    dk_q = np.matmul(dscores.swapaxes(-1, -2), q_q)
+    dq_q = _stacked_matmul(dscores, k_q)
+    dk_q = _stacked_matmul(dscores.swapaxes(-1, -2), q_q)
     dq, g = qz.backward(dq_q, cq)
     grads.update({f"q.{n}": t for n, t in g.items()})
     dk, g = kz.backward(dk_q, ck)
@@ -518,9 +651,10 @@ def pool_backward(dout, cache):
     return dx
 
 
-def residual_forward(x, y):
-    """Residual add x + y (the block's skip connection)."""
-    return x + y, None
+def residual_forward(x, y, out=None):
+    """Residual add x + y (the block's skip connection). out: optional array to write the sum into
+    (e.g. y, a branch output nothing else holds, to save an allocation)."""
+    return np.add(x, y, out=out), None
 
 
 def residual_backward(dout, cache):

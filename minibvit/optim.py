@@ -5,6 +5,7 @@ Parameters are updated in place (the model and its quantizers hold references to
 import math
 
 import numpy as np
+from numba import njit
 
 _NO_DECAY_NAMES = ("cls_token", "dist_token", "pos_embed")
 
@@ -13,6 +14,17 @@ def decays(name, param):
     """Whether weight decay applies: only to matrices and conv kernels of linear layers, never to
     norms, biases, tokens, position embeddings or quantizer parameters (scales, shifts, steps)."""
     return param.ndim >= 2 and name not in _NO_DECAY_NAMES and "_quant." not in name
+
+
+@njit(cache=True, error_model="numpy")  # no ZeroDivisionError check: the loop vectorizes
+def _adamw_update(p, g, m, v, b1, b2, lr, decay, eps, bc1, bc2):
+    """AdamW's update of one flat parameter in one pass, in the dtype of the scalars (the
+    parameter's); decay = 1 - lr * wd, or 1 without decay."""
+    one = p.dtype.type(1.0)
+    for i in range(p.size):
+        m[i] = b1 * m[i] + (one - b1) * g[i]
+        v[i] = b2 * v[i] + (one - b2) * g[i] * g[i]
+        p[i] = p[i] * decay - (lr / bc1) * m[i] / (math.sqrt(v[i] / bc2) + eps)
 
 
 class AdamW:
@@ -26,11 +38,14 @@ class AdamW:
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05):
         if lr < 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
             raise ValueError(f"invalid AdamW settings lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+        not_contiguous = [k for k, p in params.items() if not p.flags.c_contiguous]
+        if not_contiguous:
+            raise ValueError(f"AdamW updates parameters through flat views; not C-contiguous: {not_contiguous}")
         self.params = params
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.step_count = 0
-        self.m = {k: np.zeros_like(p) for k, p in params.items()}
-        self.v = {k: np.zeros_like(p) for k, p in params.items()}
+        self.m = {k: np.zeros(p.shape, p.dtype) for k, p in params.items()}
+        self.v = {k: np.zeros(p.shape, p.dtype) for k, p in params.items()}
 
     def step(self, grads, lr=None):
         lr = self.lr if lr is None else lr
@@ -42,16 +57,11 @@ class AdamW:
             g = grads.get(k)
             if g is None:
                 continue
-            m, v = self.m[k], self.v[k]
-            m *= b1
-            m += (1.0 - b1) * g
-            v *= b2
-            v += (1.0 - b2) * np.square(g)
-            if self.weight_decay and decays(k, p):
-                p *= 1.0 - lr * self.weight_decay
-            denom = np.sqrt(v / bc2)
-            denom += self.eps
-            p -= (lr / bc1) * m / denom
+            decay = 1.0 - lr * self.weight_decay if self.weight_decay and decays(k, p) else 1.0
+            scalars = (p.dtype.type(s) for s in (b1, b2, lr, decay, self.eps, bc1, bc2))
+            # flat views of the (contiguous) parameter and moments: the kernel updates them in place
+            _adamw_update(p.reshape(-1), np.ascontiguousarray(g, dtype=p.dtype).reshape(-1), self.m[k].reshape(-1),
+                          self.v[k].reshape(-1), *scalars)
 
     def state_dict(self):
         state = {f"m.{k}": v for k, v in self.m.items()}

@@ -85,18 +85,25 @@ def test_layernorm(data, rows, d):
     close(dbeta, bt.grad, "layernorm dbeta")
 
 
-@settings(max_examples=40)
-@given(x=hnp.arrays(np.float64, hnp.array_shapes(min_dims=1, max_dims=3, max_side=9), elements=finite),
-       approximate=st.sampled_from(["none", "tanh"]))
-def test_gelu(x, approximate):
-    y, cache = ops.gelu_forward(x, approximate)
+@settings(max_examples=60)
+@given(data=st.data(), x=hnp.arrays(np.float64, hnp.array_shapes(min_dims=1, max_dims=3, max_side=9), elements=finite),
+       approximate=st.sampled_from(["none", "tanh"]), with_bias=st.booleans())
+def test_gelu(data, x, approximate, with_bias):
+    """GELU(x) and GELU(x + bias) (the fused bias of the linear layer before it)."""
+    b = data.draw(arrays((x.shape[-1],))) if with_bias else None
+    y, cache = ops.gelu_forward(x, approximate, bias=b)
     g = np.cos(np.arange(x.size)).reshape(x.shape)
-    dx = ops.gelu_backward(g, cache)
+    dx, db = ops.gelu_backward(g, cache)
     xt = tt(x)
-    yt = F.gelu(xt, approximate=approximate)
+    bt = tt(b) if with_bias else None
+    yt = F.gelu(xt + bt if with_bias else xt, approximate=approximate)
     yt.backward(torch.from_numpy(g))
     close(y, yt, f"gelu[{approximate}] out")
     close(dx, xt.grad, f"gelu[{approximate}] dx")
+    if with_bias:
+        close(db, bt.grad, f"gelu[{approximate}] dbias", atol=1e-10)
+    else:
+        assert db is None
 
 
 @settings(max_examples=40)
@@ -270,8 +277,10 @@ def test_finite_differences(rng):
     fd_check(lambda a: ops.layernorm_forward(a, gamma, beta)[0], x, g, dx, "layernorm dx")
     fd_check(lambda a: ops.layernorm_forward(x, a, beta)[0], gamma.copy(), g, dgamma, "layernorm dgamma")
     for approx in ("none", "tanh"):
-        _, c = ops.gelu_forward(x, approx)
-        fd_check(lambda a: ops.gelu_forward(a, approx)[0], x.copy(), g, ops.gelu_backward(g, c), f"gelu {approx}")
+        _, c = ops.gelu_forward(x, approx, bias=beta)
+        dx, dbias = ops.gelu_backward(g, c)
+        fd_check(lambda a: ops.gelu_forward(a, approx, bias=beta)[0], x.copy(), g, dx, f"gelu {approx}")
+        fd_check(lambda a: ops.gelu_forward(x, approx, bias=a)[0], beta.copy(), g, dbias, f"gelu {approx} bias")
     _, c = ops.softmax_forward(x)
     fd_check(lambda a: ops.softmax_forward(a)[0], x.copy(), g, ops.softmax_backward(g, c), "softmax")
     q, k, v = (rng.standard_normal((2, 2, 4, 3)) for _ in range(3))
@@ -298,13 +307,14 @@ def test_float32_path_matches_float64(rng):
     g = rng.standard_normal(x.shape)
     for fwd, bwd, args in (
         (ops.layernorm_forward, ops.layernorm_backward, (gamma, beta)),
-        (ops.gelu_forward, ops.gelu_backward, ()),
+        (lambda x, b: ops.gelu_forward(x, bias=b), ops.gelu_backward, (beta,)),
         (ops.softmax_forward, ops.softmax_backward, ()),
     ):
         y64, c64 = fwd(x, *args)
         y32, c32 = fwd(x.astype(np.float32), *(a.astype(np.float32) for a in args))
-        assert y32.dtype == np.float32, f"{fwd.__name__} left float32"
-        np.testing.assert_allclose(y32, y64, rtol=2e-5, atol=2e-5, err_msg=f"{fwd.__name__} float32")
+        op = bwd.__name__.removesuffix("_backward")
+        assert y32.dtype == np.float32, f"{op} forward left float32"
+        np.testing.assert_allclose(y32, y64, rtol=2e-5, atol=2e-5, err_msg=f"{op} forward float32")
         d64 = bwd(g, c64)
         d32 = bwd(g.astype(np.float32), c32)
         d64 = d64 if isinstance(d64, tuple) else (d64,)

@@ -26,7 +26,8 @@ def parse():
     ap.add_argument("--dim", type=int, default=192)
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--heads", type=int, default=3)
-    ap.add_argument("--profile", action="store_true", help="print where the NumPy step spends its time")
+    ap.add_argument("--profile", action="store_true",
+                    help="print where the NumPy step spends its time (per op, over --steps steps) and exit")
     return ap.parse_args()
 
 
@@ -70,15 +71,42 @@ model = ViT(cfg, dtype=np.float32)
 opt = AdamW(model.parameters(), lr=1e-4)
 
 if args.profile:
-    import cProfile
-    import pstats
+    # Exclusive wall time per op (an op's time minus the ops it calls), summed over a step: every
+    # *_forward / *_backward function of minibvit.ops and its Numba kernels, and AdamW.step.
+    from collections import defaultdict
 
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(3):
+    from minibvit import optim
+
+    op_time, child_time = defaultdict(float), []
+
+    def timed_op(fn, label):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            child_time.append(0.0)
+            try:
+                return fn(*a, **k)
+            finally:
+                dt = time.perf_counter() - t0
+                op_time[label] += dt - child_time.pop()
+                if child_time:
+                    child_time[-1] += dt
+
+        return wrapper
+
+    for name in dir(ops):
+        if name.endswith(("_forward", "_backward", "_matmul", "_rows")) or name.startswith("_gelu_"):
+            setattr(ops, name, timed_op(getattr(ops, name), name))
+    optim.AdamW.step = timed_op(optim.AdamW.step, "AdamW.step")
+    for _ in range(2):
         numpy_step(model, opt)
-    prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+    op_time.clear()
+    t_steps = [timed(lambda: numpy_step(model, opt)) for _ in range(args.steps)]
+    print(f"NumPy step: {np.mean(t_steps) * 1e3:.0f} ms (mean of {args.steps}); exclusive time per op and step:")
+    for name, t in sorted(op_time.items(), key=lambda kv: -kv[1]):
+        if t / args.steps >= 0.5e-3:
+            print(f"  {name:28s} {t / args.steps * 1e3:7.1f} ms")
+    print(f"  {'(rest: model code, Python)':28s} {(np.mean(t_steps) - sum(op_time.values()) / args.steps) * 1e3:7.1f} ms")
+    sys.exit(0)
 
 print(f"config: 32x32, patch 4, dim {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, batch {args.batch}, "
       f"threads {args.threads}; set by minibvit: {minibvit.ENV_DEFAULTS_SET or 'nothing'}")

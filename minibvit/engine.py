@@ -44,8 +44,10 @@ Packed file: safetensors with the minibvit metadata of minibvit.checkpoint (``ki
 """
 import math
 import os
+from collections import namedtuple
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -300,6 +302,41 @@ def _pack_signed_row(y, centre, shift, words):
         words[full] = word
 
 
+@njit(inline="always")
+def _residual_norm_pack_rows(x, add, acc, colsum, scale, bias, add_mode, gamma, beta, eps, shift, bits, h,
+                             out_mode, r0, r1):
+    """_residual_norm_pack on rows r0 .. r1 - 1 (one thread)."""
+    n = x.shape[1]
+    for r in range(r0, r1):
+        xr = x[r]
+        if add_mode == 1:
+            ar = add[r]
+            for j in range(n):
+                xr[j] = xr[j] + ar[j]
+        elif add_mode == 2:
+            cr = acc[r]
+            for j in range(n):
+                y = np.float32((cr[j] + colsum[j]) // 2) * scale[j]
+                xr[j] = xr[j] + (y + bias[j])
+    if out_mode == 0:
+        return
+    buf = np.empty((4, n), np.float32)
+    r = r0
+    while r < r1:
+        if r + 4 <= r1:
+            _layernorm_rows4(x[r], x[r + 1], x[r + 2], x[r + 3], gamma, beta, eps, buf)
+            count = 4
+        else:
+            _layernorm_row(x[r], gamma, beta, eps, buf[0])
+            count = 1
+        for k in range(count):
+            if out_mode == 1:
+                _pack_signed_row(buf[k], np.float32(0.0), shift, bits[r + k])
+            else:
+                h[r + k] = buf[k]
+        r += count
+
+
 @njit(parallel=True, cache=True)
 def _residual_norm_pack(x, add, acc, colsum, scale, bias, add_mode, gamma, beta, eps, shift, bits, h, out_mode):
     """The residual add that ends a sub-block, fused with the next LayerNorm and the sign packing
@@ -311,38 +348,11 @@ def _residual_norm_pack(x, add, acc, colsum, scale, bias, add_mode, gamma, beta,
     out_mode 0: nothing more;  1: bits [M, W] = packed sign(LN(x) - shift) (threshold per column);
         2: h [M, D] = LN(x) (float32), for an ASM 'token' centre computed by NumPy afterwards.
     """
-    rows, n = x.shape
+    rows = x.shape[0]
     tasks = (rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(tasks):
-        r0, r1 = task * _ROWS_PER_TASK, min(rows, (task + 1) * _ROWS_PER_TASK)
-        for r in range(r0, r1):
-            xr = x[r]
-            if add_mode == 1:
-                ar = add[r]
-                for j in range(n):
-                    xr[j] = xr[j] + ar[j]
-            elif add_mode == 2:
-                cr = acc[r]
-                for j in range(n):
-                    y = np.float32((cr[j] + colsum[j]) // 2) * scale[j]
-                    xr[j] = xr[j] + (y + bias[j])
-        if out_mode == 0:
-            continue
-        buf = np.empty((4, n), np.float32)
-        r = r0
-        while r < r1:
-            if r + 4 <= r1:
-                _layernorm_rows4(x[r], x[r + 1], x[r + 2], x[r + 3], gamma, beta, eps, buf)
-                count = 4
-            else:
-                _layernorm_row(x[r], gamma, beta, eps, buf[0])
-                count = 1
-            for k in range(count):
-                if out_mode == 1:
-                    _pack_signed_row(buf[k], np.float32(0.0), shift, bits[r + k])
-                else:
-                    h[r + k] = buf[k]
-            r += count
+        _residual_norm_pack_rows(x, add, acc, colsum, scale, bias, add_mode, gamma, beta, eps, shift, bits, h,
+                                 out_mode, task * _ROWS_PER_TASK, min(rows, (task + 1) * _ROWS_PER_TASK))
 
 
 @njit(parallel=True, cache=True)
@@ -400,13 +410,6 @@ def _pack_interval_row(acc, lo, hi, invert, words):
         words[full] = word
 
 
-@njit(parallel=True, cache=True)
-def _pack_intervals(acc, lo, hi, invert, bits):
-    """bits [M, W] from an integer accumulator acc [M, C] and per-column decision intervals."""
-    for r in prange(acc.shape[0]):
-        _pack_interval_row(acc[r], lo, hi, invert, bits[r])
-
-
 @njit(inline="always")
 def _transpose_bits64(a):
     """In-place transpose of a 64 x 64 bit matrix, row i = word a[i], column j = bit j: afterwards
@@ -424,47 +427,50 @@ def _transpose_bits64(a):
         mask ^= mask << np.uint64(s)
 
 
-@njit(parallel=True, cache=True)
-def _pack_qkv_intervals(acc, lo, hi, invert, n_batch, n_tokens, n_heads, qk_bits, vt_bits):
-    """_pack_qkv from the integer qkv accumulator acc [B*N, 3D] (binary_gemm without epilogue) and
-    the per-column decision intervals of the q, k, v binarizers. v's bits are packed along d per
-    token, then turned into vt_bits by 64 x 64 bit transposes."""
+@njit(inline="always")
+def _pack_qkv_intervals(acc, lo, hi, invert, n_images, n_tokens, n_heads, q_bits, k_words, v_words):
+    """The q, k, v binarizers' bits from the integer qkv accumulator acc [b*N, 3D] (no epilogue)
+    through per-column decision intervals, per (image, head) t, in the layouts the attention
+    products read (kernels' popcount-matmul operands, planes word-major):
+    q_bits [b*H, N, Wd]: q packed along the head dim d;  k_words [b*H, Wd, N]: the same for k,
+    word-major;  v_words [b*H, Wn, d]: v packed along the tokens, word-major (64 x 64 bit
+    transposes of v packed along d)."""
     dim = acc.shape[1] // 3
     d = dim // n_heads
-    d_words, n_words = qk_bits.shape[3], vt_bits.shape[2]
-    for task in prange(n_batch * n_heads):
+    d_words, n_words = q_bits.shape[2], v_words.shape[1]
+    v_rows = np.zeros((64 * n_words, d_words), np.uint64)    # rows past the last token stay 0
+    k_row = np.empty(d_words, np.uint64)
+    block = np.empty(64, np.uint64)
+    for task in range(n_images * n_heads):
         b = task // n_heads
         hd = (task % n_heads) * d
-        v_rows = np.zeros((64 * n_words, d_words), np.uint64)
         for n in range(n_tokens):
             row = acc[b * n_tokens + n]
             for t in range(3):
                 c0 = t * dim + hd
-                words = qk_bits[t, task, n] if t < 2 else v_rows[n]
+                words = q_bits[task, n] if t == 0 else k_row if t == 1 else v_rows[n]
                 _pack_interval_row(row[c0:c0 + d], lo[c0:c0 + d], hi[c0:c0 + d], invert[c0:c0 + d], words)
-        block = np.empty(64, np.uint64)
+            for g in range(d_words):
+                k_words[task, g, n] = k_row[g]
         for g in range(d_words):
             for w in range(n_words):
                 block[:] = v_rows[64 * w:64 * w + 64, g]
                 _transpose_bits64(block)
                 for j in range(min(64, d - 64 * g)):
-                    vt_bits[task, 64 * g + j, w] = block[j]
+                    v_words[task, w, 64 * g + j] = block[j]
 
 
-@njit(parallel=True, cache=True)
+@njit(inline="always")
 def _pack_heads_intervals(o, lo, hi, invert, n_tokens, n_heads, bits):
-    """Merge the heads of the integer attention output o [B*H, N, d] (and_bmm) and pack the proj
-    input's bits from per-column decision intervals: bits [B*N, Wd]."""
+    """Merge the heads of the integer attention output o [b*H, N, d] and pack the proj input's
+    bits from per-column decision intervals: bits [b*N, Wd]."""
     n_bh, _, d = o.shape
-    rows = (n_bh // n_heads) * n_tokens
-    tasks = (rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
-    for task in prange(tasks):
-        merged = np.empty(n_heads * d, np.int32)
-        for r in range(task * _ROWS_PER_TASK, min(rows, (task + 1) * _ROWS_PER_TASK)):
-            b, n = r // n_tokens, r % n_tokens
-            for hh in range(n_heads):
-                merged[hh * d:(hh + 1) * d] = o[b * n_heads + hh, n]
-            _pack_interval_row(merged, lo, hi, invert, bits[r])
+    merged = np.empty(n_heads * d, np.int32)
+    for r in range((n_bh // n_heads) * n_tokens):
+        b, n = r // n_tokens, r % n_tokens
+        for hh in range(n_heads):
+            merged[hh * d:(hh + 1) * d] = o[b * n_heads + hh, n]
+        _pack_interval_row(merged, lo, hi, invert, bits[r])
 
 
 @njit(parallel=True, cache=True)
@@ -645,35 +651,41 @@ def _pack_attention_row(scores, exps, top, total, d, alpha, words):
     _pack_at_least(scores, lo, words)
 
 
+@njit(inline="always")
+def _softmax_rows(scores, table, monotone, probs, alpha, p_bits, r0, r1):
+    """_softmax on rows r0 .. r1 - 1 (one thread)."""
+    d = (table.shape[0] - 1) // 2
+    if not (monotone and p_bits.shape[0]):
+        _softmax_task(scores, table, r0, r1, np.empty((4, scores.shape[1]), np.float32), probs, alpha, p_bits)
+        return
+    r = r0
+    while r + 4 <= r1:
+        s0, s1, s2, s3 = scores[r], scores[r + 1], scores[r + 2], scores[r + 3]
+        top0, top1, top2, top3 = s0.max(), s1.max(), s2.max(), s3.max()
+        e0, e1, e2, e3 = table[top0 + d], table[top1 + d], table[top2 + d], table[top3 + d]
+        t0, t1, t2, t3 = _exp_sums4(s0, s1, s2, s3, e0, e1, e2, e3, d)
+        _pack_attention_row(s0, e0, top0, t0, d, alpha, p_bits[r])
+        _pack_attention_row(s1, e1, top1, t1, d, alpha, p_bits[r + 1])
+        _pack_attention_row(s2, e2, top2, t2, d, alpha, p_bits[r + 2])
+        _pack_attention_row(s3, e3, top3, t3, d, alpha, p_bits[r + 3])
+        r += 4
+    while r < r1:
+        top = scores[r].max()
+        _pack_attention_row(scores[r], table[top + d], top, _exp_sum(scores[r], table[top + d], d), d, alpha,
+                            p_bits[r])
+        r += 1
+
+
 @njit(parallel=True, cache=True)
 def _softmax(scores, table, monotone, probs, alpha, p_bits):
     """Attention probabilities of binary scores [R, N] (int32, R = B*H*N rows): into probs [R, N]
     when p_bits is empty, else binarized to {0, 1} and packed along the keys into p_bits [R, Wn]
     (through thresholds on the scores when every table row is non-decreasing: ``monotone``)."""
-    rows, n = scores.shape
-    d = (table.shape[0] - 1) // 2
+    rows = scores.shape[0]
     tasks = (rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(tasks):
-        r0, r1 = task * _ROWS_PER_TASK, min(rows, (task + 1) * _ROWS_PER_TASK)
-        if not (monotone and p_bits.shape[0]):
-            _softmax_task(scores, table, r0, r1, np.empty((4, n), np.float32), probs, alpha, p_bits)
-            continue
-        r = r0
-        while r + 4 <= r1:
-            s0, s1, s2, s3 = scores[r], scores[r + 1], scores[r + 2], scores[r + 3]
-            top0, top1, top2, top3 = s0.max(), s1.max(), s2.max(), s3.max()
-            e0, e1, e2, e3 = table[top0 + d], table[top1 + d], table[top2 + d], table[top3 + d]
-            t0, t1, t2, t3 = _exp_sums4(s0, s1, s2, s3, e0, e1, e2, e3, d)
-            _pack_attention_row(s0, e0, top0, t0, d, alpha, p_bits[r])
-            _pack_attention_row(s1, e1, top1, t1, d, alpha, p_bits[r + 1])
-            _pack_attention_row(s2, e2, top2, t2, d, alpha, p_bits[r + 2])
-            _pack_attention_row(s3, e3, top3, t3, d, alpha, p_bits[r + 3])
-            r += 4
-        while r < r1:
-            top = scores[r].max()
-            _pack_attention_row(scores[r], table[top + d], top, _exp_sum(scores[r], table[top + d], d), d, alpha,
-                                p_bits[r])
-            r += 1
+        _softmax_rows(scores, table, monotone, probs, alpha, p_bits, task * _ROWS_PER_TASK,
+                      min(rows, (task + 1) * _ROWS_PER_TASK))
 
 
 def table_is_monotone(table):
@@ -735,6 +747,137 @@ def _int8_matmul(a, w):
                 total += np.int32(am[k]) * np.int32(wn[k])
             out[m, n] = total
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# binary / binaryvit with every decision tabulated: the whole network in one parallel region
+#
+# Waking OpenMP's sleeping worker and waiting for it at the end of a region cost ~50 us each on
+# the 2-core VM these were measured on, and a forward ran ~10 Numba regions per block: at batch 8
+# two threads were no faster than one. Here each thread takes a contiguous share of the images
+# and runs all blocks on them, a few images at a time; the blocks treat every image on its own, so
+# the bits are those of the per-kernel path. The popcount products call kernels' one-thread core
+# (_panel_rows on aligned weight panels, the layout of kernels.binary_gemm's tasks).
+# ---------------------------------------------------------------------------------------------
+
+_BinaryNet = namedtuple("_BinaryNet", [
+    "norm1_weight", "norm1_bias", "qkv_threshold",        # [L, D] float32: norm1, qkv input binarizer
+    "qkv_panels", "qkv_lo", "qkv_hi", "qkv_invert",       # panels [L, blocks, Wd, width]; intervals [L, 3D]
+    "exp_tables", "exp_monotone", "attn_alpha",           # [L, 2d+1, 2d+1], [L] bool, [L] float32
+    "heads_lo", "heads_hi", "heads_invert",               # proj input intervals [L, D]
+    "proj_panels", "proj_scale", "proj_bias",             # proj epilogue [L, D]
+    "norm2_weight", "norm2_bias", "fc1_threshold",        # [L, D]
+    "fc1_panels", "fc1_lo", "fc1_hi", "fc1_invert",       # fc2 input intervals [L, Hd]
+    "fc2_panels", "fc2_colsum", "fc2_scale", "fc2_bias",  # fc2 epilogue [L, D]
+    "eps"])
+
+
+@njit(cache=True)
+def _weight_panels(w_packed_T):
+    """A packed weight [W, N] as kernels' aligned, zero-padded panels [blocks, W, width]."""
+    n_words, n_cols = w_packed_T.shape
+    blocks, width = kernels._column_blocks(n_cols)
+    panels = kernels._aligned_empty(blocks * n_words, width, np.uint64).reshape((blocks, n_words, width))
+    planes = w_packed_T.reshape((1, n_words, n_cols))
+    for cb in range(blocks):
+        panels[cb] = kernels._copy_panel(planes, 0, cb * width, min(width, n_cols - cb * width), width)
+    return panels
+
+
+@njit(inline="always")
+def _gemm_rows(a, panels, row_offset, row_scale, col_scale, bias, out):
+    """out[0] = binary_gemm of a[0] [M, W] with the weight of `panels` (see _weight_panels), one
+    thread: int32 (row_scale None) or its float32 epilogue."""
+    n_cols, width = out.shape[2], panels.shape[2]
+    for cb in range(panels.shape[0]):
+        n0 = cb * width
+        kernels._panel_rows(a, 0, 0, a.shape[1], panels[cb], None, n0, min(width, n_cols - n0), width,
+                            row_offset, None, row_scale, col_scale, bias, out)
+
+
+@njit(inline="always")
+def _batched_rows(a, t, x_planes, y_planes, row_offset, out):
+    """out[t] = kernels._popcount_matmul's product of a[t] with the planes of batch entry t, one
+    thread: x_planes given: row_offset - 2 popcount(a ^ x) (binary_bmm); y_planes given:
+    row_offset - 2 popcount(a & y) (and_bmm)."""
+    n_cols = out.shape[2]
+    blocks, width = kernels._column_blocks(n_cols)
+    for cb in range(blocks):
+        n0 = cb * width
+        nb = min(width, n_cols - n0)
+        kernels._panel_rows(a, t, 0, a.shape[1], kernels._copy_panel(x_planes, t, n0, nb, width),
+                            kernels._copy_panel(y_planes, t, n0, nb, width), n0, nb, width, row_offset, None, None,
+                            None, None, out)
+
+
+@njit(cache=True)
+def _binary_net_chunk(x, n_images, n_tokens, n_heads, net):
+    """Every block of the binary network on the stream x [b*N, D] of n_images images, in place."""
+    rows, dim = x.shape
+    d = dim // n_heads
+    hidden = net.fc1_lo.shape[1]
+    bh = n_images * n_heads
+    d_words, n_words = (d + 63) // 64, (n_tokens + 63) // 64
+    bits = np.empty((1, rows, (dim + 63) // 64), np.uint64)
+    h_bits = np.empty((1, rows, (hidden + 63) // 64), np.uint64)
+    qkv = np.empty((1, rows, 3 * dim), np.int32)
+    q_bits = np.empty((bh, n_tokens, d_words), np.uint64)
+    k_words = np.empty((bh, d_words, n_tokens), np.uint64)
+    v_words = np.empty((bh, n_words, d), np.uint64)
+    scores = np.empty((bh, n_tokens, n_tokens), np.int32)
+    p_bits = np.empty((bh, n_tokens, n_words), np.uint64)
+    p_count = np.empty((bh, n_tokens), np.int64)
+    o = np.empty((bh, n_tokens, d), np.int32)
+    proj = np.empty((1, rows, dim), np.float32)
+    fc1 = np.empty((1, rows, hidden), np.int32)
+    fc2 = np.empty((1, rows, dim), np.int32)
+    dim_offset = np.full((1, rows), dim, np.int64)
+    hidden_offset = np.full((1, rows), hidden, np.int64)
+    d_offset = np.full((bh, n_tokens), d, np.int64)
+    ones = np.ones(rows, np.float32)
+    no_probs = np.empty((0, n_tokens), np.float32)
+    colsum, scale, bias = net.fc2_colsum[0], net.fc2_scale[0], net.fc2_bias[0]
+    _residual_norm_pack_rows(x, x, fc2[0], colsum, scale, bias, 0, net.norm1_weight[0], net.norm1_bias[0], net.eps,
+                             net.qkv_threshold[0], bits[0], x, 1, 0, rows)
+    depth = net.norm1_weight.shape[0]
+    for layer in range(depth):
+        _gemm_rows(bits, net.qkv_panels[layer], dim_offset, None, None, None, qkv)
+        _pack_qkv_intervals(qkv[0], net.qkv_lo[layer], net.qkv_hi[layer], net.qkv_invert[layer], n_images, n_tokens,
+                            n_heads, q_bits, k_words, v_words)
+        for t in range(bh):
+            _batched_rows(q_bits, t, k_words, None, d_offset, scores)
+            _softmax_rows(scores[t], net.exp_tables[layer], net.exp_monotone[layer], no_probs,
+                          net.attn_alpha[layer], p_bits[t], 0, n_tokens)
+            for n in range(n_tokens):
+                count = 0
+                for w in range(n_words):
+                    count += kernels.popcount(p_bits[t, n, w])
+                p_count[t, n] = count
+            _batched_rows(p_bits, t, None, v_words, p_count, o)
+        _pack_heads_intervals(o, net.heads_lo[layer], net.heads_hi[layer], net.heads_invert[layer], n_tokens, n_heads,
+                              bits[0])
+        _gemm_rows(bits, net.proj_panels[layer], dim_offset, ones, net.proj_scale[layer], net.proj_bias[layer], proj)
+        _residual_norm_pack_rows(x, proj[0], fc2[0], colsum, scale, bias, 1, net.norm2_weight[layer],
+                                 net.norm2_bias[layer], net.eps, net.fc1_threshold[layer], bits[0], x, 1, 0, rows)
+        _gemm_rows(bits, net.fc1_panels[layer], dim_offset, None, None, None, fc1)
+        for r in range(rows):
+            _pack_interval_row(fc1[0, r], net.fc1_lo[layer], net.fc1_hi[layer], net.fc1_invert[layer], h_bits[0, r])
+        _gemm_rows(h_bits, net.fc2_panels[layer], hidden_offset, None, None, None, fc2)
+        following = min(layer + 1, depth - 1)
+        _residual_norm_pack_rows(x, proj[0], fc2[0], net.fc2_colsum[layer], net.fc2_scale[layer], net.fc2_bias[layer],
+                                 2, net.norm1_weight[following], net.norm1_bias[following], net.eps,
+                                 net.qkv_threshold[following], bits[0], x, 1 if layer + 1 < depth else 0, 0, rows)
+
+
+@njit(parallel=True, cache=True)
+def _binary_net(x, n_images, n_tokens, n_heads, net, groups, step):
+    """Every block on the stream x [B*N, D] (float32, in place): one parallel task per group of
+    images (contiguous shares), each run through _binary_net_chunk `step` images at a time."""
+    for g in prange(groups):
+        i0, i1 = g * n_images // groups, (g + 1) * n_images // groups
+        for s0 in range(i0, i1, step):
+            s1 = min(s0 + step, i1)
+            _binary_net_chunk(x[s0 * n_tokens:s1 * n_tokens], s1 - s0, n_tokens, n_heads, net)
 
 
 def linear_values(k, scale, bias):
@@ -839,6 +982,7 @@ class PackedViT:
         # images per chunk of the binary / binaryvit blocks: fc1's int32 output within CHUNK_BYTES
         self.chunk_images = max(1, CHUNK_BYTES // (4 * cfg.num_tokens * cfg.mlp_hidden))
         self.blocks = [self._block(f"blocks.{i}") for i in range(cfg.depth)]
+        self.net = self._binary_net()
         self._dummy_f = np.zeros((1, 1), _F32)
         self._dummy_i = np.zeros((1, 1), np.int32)
         self._dummy_v = np.zeros(1, _F32)
@@ -970,6 +1114,38 @@ class PackedViT:
             blk["heads_intervals"] = decision_intervals(decision_table(values, proj_input.shift))
         return blk
 
+    def _binary_net(self):
+        """The stacked per-block arrays of _binary_net when every decision of every block is
+        tabulated (binary, binaryvit without the 'token' centre), else None."""
+        names = ("qkv_intervals", "heads_intervals", "fc1_intervals")
+        if self.scheme not in ("binary", "binaryvit") or any(blk.get(n) is None for blk in self.blocks for n in names):
+            return None
+
+        def stack(get, dtype=None):
+            return np.ascontiguousarray(np.stack([get(blk) for blk in self.blocks]), dtype)
+
+        def intervals(name):
+            return tuple(stack(lambda blk, i=i: blk[name][i]) for i in range(3))
+
+        def panels(name):
+            return stack(lambda blk: _weight_panels(blk[name]["bits"]))
+
+        return _BinaryNet(
+            stack(lambda blk: blk["norm1"][0], _F32), stack(lambda blk: blk["norm1"][1], _F32),
+            stack(lambda blk: blk["attn.qkv"]["input"].shift, _F32),
+            panels("attn.qkv"), *intervals("qkv_intervals"),
+            stack(lambda blk: blk["exp_table"]), stack(lambda blk: blk["exp_monotone"]),
+            stack(lambda blk: blk["attn"].scale, _F32),
+            *intervals("heads_intervals"),
+            panels("attn.proj"), stack(lambda blk: blk["attn.proj"]["scale"], _F32),
+            stack(lambda blk: blk["attn.proj"]["bias"], _F32),
+            stack(lambda blk: blk["norm2"][0], _F32), stack(lambda blk: blk["norm2"][1], _F32),
+            stack(lambda blk: blk["mlp.fc1"]["input"].shift, _F32),
+            panels("mlp.fc1"), *intervals("fc1_intervals"),
+            panels("mlp.fc2"), stack(lambda blk: blk["mlp.fc2"]["colsum"]),
+            stack(lambda blk: blk["mlp.fc2"]["scale"], _F32), stack(lambda blk: blk["mlp.fc2"]["bias"], _F32),
+            _F32(self.cfg.layernorm_eps))
+
     # -- forward ------------------------------------------------------------------------------
 
     def forward(self, x):
@@ -987,6 +1163,9 @@ class PackedViT:
         if self.scheme == "tervit":
             for blk in self.blocks:
                 stream = self._tervit_block(blk, stream, B)
+        elif self.net is not None:
+            groups = min(B, numba.get_num_threads())
+            _binary_net(stream, B, N, c.num_heads, self.net, groups, self.chunk_images)
         elif self.scheme == "gsb":
             self._binary_blocks(stream, B)
         else:
@@ -1080,9 +1259,6 @@ class PackedViT:
         """fc1 then GELU then the fc2 input binarizer: packed bits [M, ceil(Hd / 64)] (+-1 recoding)."""
         c, fc1, binarizer = self.cfg, blk["mlp.fc1"], blk["mlp.fc2"]["input"]
         out = np.empty((bits.shape[0], (c.mlp_hidden + 63) // 64), np.uint64)
-        if blk.get("fc1_intervals") is not None:
-            _pack_intervals(kernels.binary_gemm(bits, fc1["bits"], c.embed_dim), *blk["fc1_intervals"], out)
-            return out
         f = kernels.binary_gemm(bits, fc1["bits"], c.embed_dim, col_scale=fc1["scale"], bias=fc1["bias"])
         g, _ = ops.gelu_forward(f, c.gelu_approximate)
         centres = np.zeros(g.shape[0], _F32)
@@ -1099,10 +1275,6 @@ class PackedViT:
         d = D // H
         qk_bits = np.empty((2, B * H, N, (d + 63) // 64), np.uint64)
         vt_bits = np.zeros((B * H, d, (N + 63) // 64), np.uint64)
-        if blk.get("qkv_intervals") is not None:
-            _pack_qkv_intervals(kernels.binary_gemm(bits, qkv["bits"], D), *blk["qkv_intervals"], B, N, H,
-                                qk_bits, vt_bits)
-            return qk_bits, vt_bits, None
         values = kernels.binary_gemm(bits, qkv["bits"], D, col_scale=qkv["scale"], bias=qkv["bias"])
         views = values.reshape(B, N, 3, H, d).transpose(2, 0, 3, 1, 4)   # q, k, v (B, H, N, d), as the model
         centres = np.zeros((3, B * H * N), _F32)
@@ -1130,9 +1302,6 @@ class PackedViT:
                      blk["attn"].scale, p_bits)
             o, o_scale = kernels.and_bmm(p_bits.reshape(B * H, N, -1), vt_bits, N), blk["s_av"]
         bits = np.zeros((B * N, (D + 63) // 64), np.uint64)
-        if blk.get("heads_intervals") is not None:
-            _pack_heads_intervals(o, *blk["heads_intervals"], N, H, bits)
-            return bits
         binarizer = blk["attn.proj"]["input"]
         centres = np.zeros(B * N, _F32)
         if binarizer.token:

@@ -278,9 +278,9 @@ def test_layernorm_and_sign_pack_bit_exact(n, seed, zeros):
 
 
 @njit
-def _pack_interval_rows(acc, lo, hi, invert, bits):
+def _pack_interval_rows(acc, lo, span, flip, bits):
     for r in range(acc.shape[0]):
-        engine._pack_interval_row(acc[r], lo, hi, invert, bits[r])
+        engine._pack_interval_range(acc[r], lo, span, flip, 0, acc.shape[1], bits[r])
 
 
 @settings(max_examples=30, deadline=None)
@@ -295,7 +295,7 @@ def test_decision_intervals_reproduce_tables(n, seed, k):
     assert intervals is not None
     acc = rng.integers(-k, k + 1, (7, n)).astype(np.int32)
     bits = np.empty((7, -(-n // 64)), np.uint64)
-    _pack_interval_rows(acc, *intervals, bits)
+    _pack_interval_rows(acc, *engine._interval_operands(intervals), bits)
     np.testing.assert_array_equal(bits, kernels.pack_bits(table[np.arange(n), acc + k]))
     if 2 * k + 1 >= 5:
         table[0] = False

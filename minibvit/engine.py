@@ -504,6 +504,13 @@ def _interval_tail(acc, lo, span, flip, c0, n, full, words):
     words[full] = word
 
 
+@njit(cache=True)
+def _pack_interval_rows(acc, lo, span, flip, bits):
+    """bits [M, W] of every row of acc [M, C] (_pack_interval_range)."""
+    for r in range(acc.shape[0]):
+        _pack_interval_range(acc[r], lo, span, flip, 0, acc.shape[1], bits[r])
+
+
 def _interval_operands(intervals):
     """decision_intervals' (lo, hi, invert) as the int32 (lo, span, flip) of _pack_interval_range;
     an empty interval (lo = K + 1 > hi = K) becomes the single integer K + 1, never reached."""
@@ -562,7 +569,7 @@ def _pack_qkv_intervals(acc, lo, span, flip, n_images, n_tokens, n_heads, q_bits
                     v_words[task, w, 64 * g + j] = block[j]
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _pack_heads_intervals(o, lo, span, flip, n_tokens, n_heads, bits):
     """Merge the heads of the integer attention output o [b*H, N, d] and pack the proj input's
     bits from per-column decision intervals: bits [b*N, Wd]."""
@@ -845,11 +852,14 @@ def _pack_unsigned_rows(g, centres, shift, alpha, bits):
 
 @njit(parallel=True, cache=True)
 def _max_abs(x):
-    """max |x| over a flat float32 array (a max is exact in any order)."""
-    m = np.float32(0.0)
+    """max |x| over a flat float32 array (a max is exact in any order), found as the largest
+    |x| bit pattern: for floats of one sign the bit patterns are ordered as the values, and an
+    integer max vectorizes (a float max does not, without fastmath). A NaN gives a NaN."""
+    bits = x.view(np.int32)
+    m = np.int32(0)
     for i in prange(x.size):
-        m = max(m, abs(x[i]))
-    return m
+        m = max(m, bits[i] & np.int32(0x7FFFFFFF))
+    return np.array([m], np.int32).view(np.float32)[0]
 
 
 @njit(parallel=True, cache=True)
@@ -1000,9 +1010,7 @@ def _binary_net_chunk(x, n_images, n_tokens, n_heads, net):
         _residual_norm_pack_rows(x, proj[0], fc2[0], colsum, scale, bias, 1, net.norm2_weight[layer],
                                  net.norm2_bias[layer], net.eps, net.fc1_threshold[layer], bits[0], x, 1, 0, rows)
         _gemm_rows(bits, net.fc1_panels[layer], dim_offset, None, None, None, fc1)
-        for r in range(rows):
-            _pack_interval_range(fc1[0, r], net.fc1_lo[layer], net.fc1_span[layer], net.fc1_flip[layer], 0, hidden,
-                                 h_bits[0, r])
+        _pack_interval_rows(fc1[0], net.fc1_lo[layer], net.fc1_span[layer], net.fc1_flip[layer], h_bits[0])
         _gemm_rows(h_bits, net.fc2_panels[layer], hidden_offset, None, None, None, fc2)
         following = min(layer + 1, depth - 1)
         _residual_norm_pack_rows(x, proj[0], fc2[0], net.fc2_colsum[layer], net.fc2_scale[layer], net.fc2_bias[layer],
@@ -1120,10 +1128,11 @@ class PackedViT:
         self._unsigned8 = quant.make_quantizer("a_minmax8_unsigned")
         self.heads = [self._head(name) for name in (("head", "head_dist") if cfg.distilled else ("head",))]
         self.inv_sqrt_d = _F32(1.0 / math.sqrt(cfg.embed_dim // cfg.num_heads))   # ops.attention_forward's
-        # images per chunk of the binary / binaryvit blocks: fc1's int32 output within CHUNK_BYTES
-        self.chunk_images = max(1, CHUNK_BYTES // (4 * cfg.num_tokens * cfg.mlp_hidden))
         self.blocks = [self._block(f"blocks.{i}") for i in range(cfg.depth)]
         self.net = self._binary_net()
+        # images per chunk of the binary / binaryvit blocks: one at a time per thread in _binary_net
+        # (best measured, with 2), else fc1's int32 output within CHUNK_BYTES
+        self.chunk_images = 1 if self.net is not None else max(1, CHUNK_BYTES // (4 * cfg.num_tokens * cfg.mlp_hidden))
         self._dummy_f = np.zeros((1, 1), _F32)
         self._dummy_i = np.zeros((1, 1), np.int32)
         self._dummy_v = np.zeros(1, _F32)

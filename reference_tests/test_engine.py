@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from numba import njit
 
 from adapter import ViT, ViTConfig, checkpoint, data, methods, ops, quant, schemes
 from minibvit import engine, infer, kernels  # noqa: E402  (the lead routes these through adapter.py)
@@ -277,12 +276,6 @@ def test_layernorm_and_sign_pack_bit_exact(n, seed, zeros):
     np.testing.assert_array_equal(bits, expected)
 
 
-@njit
-def _pack_interval_rows(acc, lo, span, flip, bits):
-    for r in range(acc.shape[0]):
-        engine._pack_interval_range(acc[r], lo, span, flip, 0, acc.shape[1], bits[r])
-
-
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 130), st.integers(0, 2 ** 32 - 1), st.sampled_from([1, 2, 3, 64]))
 def test_decision_intervals_reproduce_tables(n, seed, k):
@@ -295,7 +288,7 @@ def test_decision_intervals_reproduce_tables(n, seed, k):
     assert intervals is not None
     acc = rng.integers(-k, k + 1, (7, n)).astype(np.int32)
     bits = np.empty((7, -(-n // 64)), np.uint64)
-    _pack_interval_rows(acc, *engine._interval_operands(intervals), bits)
+    engine._pack_interval_rows(acc, *engine._interval_operands(intervals), bits)
     np.testing.assert_array_equal(bits, kernels.pack_bits(table[np.arange(n), acc + k]))
     if 2 * k + 1 >= 5:
         table[0] = False

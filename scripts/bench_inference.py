@@ -14,18 +14,29 @@ minimum over --repeats runs, the runs of the compared implementations interleave
 shared: the minimum is the least disturbed run; re-run when numbers look noisy), each run after a
 pause of PAUSE seconds so that the threads one runtime leaves spinning (OpenBLAS, PyTorch's OpenMP)
 do not slow down the next one.
+
+Each runtime gets its usual environment. minibvit is imported before NumPy, as `python -m
+minibvit...` does, so that its defaults for Numba's OpenMP (OMP_WAIT_POLICY=PASSIVE) and OpenBLAS
+(OPENBLAS_THREAD_TIMEOUT=4) take effect; imported after NumPy, OpenBLAS's worker spun for ~0.1 s
+after the patch embedding on the core the engine's second thread needs. PyTorch loads its own
+OpenMP runtime, which reads OMP_WAIT_POLICY when it loads: it is imported with the variable as the
+user set it (or unset), since minibvit's PASSIVE default made PyTorch ~1.5x slower at batch 8. A
+GOMP_SPINCOUNT exported by the user applies to both OpenMP runtimes.
 """
-import argparse
-import dataclasses
 import os
 import sys
-import tempfile
-import time
 
-import numpy as np
-
+_USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference_tests"))
+import minibvit  # noqa: E402,F401  (before NumPy, see above)
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 from minibvit import checkpoint, engine, schemes  # noqa: E402
 from minibvit.model import ViT, preset  # noqa: E402
@@ -44,6 +55,25 @@ def parse():
     ap.add_argument("--sizes-only", action="store_true",
                     help="only export and print the packed file sizes (any of binary, binaryvit, gsb, tervit)")
     return ap.parse_args()
+
+
+def import_torch():
+    """torch, imported with OMP_WAIT_POLICY as the user set it (see the module docstring), or None.
+    Before Numba's thread pool starts: once Numba has loaded the system's libgomp, PyTorch's
+    libraries bind to that one (same soname) instead of PyTorch's own copy, with minibvit's policy."""
+    minibvit_policy = os.environ.get("OMP_WAIT_POLICY")
+    if _USER_WAIT_POLICY is None:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = _USER_WAIT_POLICY
+    try:
+        import torch
+    except ImportError:
+        return None
+    finally:
+        if minibvit_policy is not None:
+            os.environ["OMP_WAIT_POLICY"] = minibvit_policy
+    return torch
 
 
 def packed_model(cfg, method, workdir, rng):
@@ -68,19 +98,21 @@ def main():
     import numba
     from threadpoolctl import threadpool_info, threadpool_limits
 
+    torch = import_torch()  # before Numba starts its threads, see import_torch
     numba.set_num_threads(args.threads)
-    threadpool_limits(args.threads)
-    try:
-        import torch
+    threadpool_limits(args.threads, user_api="blas")
+    if torch is None:
+        print("torch is not installed: no PyTorch column")
+    else:
         from torch_reference import TorchViT
         torch.set_num_threads(args.threads)
-    except ImportError:
-        torch = None
-        print("torch is not installed: no PyTorch column")
     blas = ", ".join(f"{i['internal_api']} {i.get('version')} ({i.get('architecture')})" for i in threadpool_info()
                      if i["user_api"] == "blas")
     print(f"threads {args.threads}; numpy BLAS: {blas}; numba threading layer {numba.config.THREADING_LAYER}"
           + (f"; torch {torch.__version__}" if torch else ""))
+    print(f"numba: OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; torch: OMP_WAIT_POLICY={_USER_WAIT_POLICY}; "
+          f"both: GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; "
+          f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT')}")
     rng = np.random.default_rng(0)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:

@@ -1,17 +1,26 @@
 """minibvit: a from-scratch NumPy/Numba reference implementation of low-bit Vision Transformers."""
 import os
 
-# Numba's parallel kernels run on an OpenMP pool and NumPy's matmuls on OpenBLAS's pthreads. With
-# OpenMP's default active wait, the two pools spin against each other on the same cores: a LayerNorm
-# after a matmul took 6.8 ms instead of 0.2 ms (2 cores). Passive waiting removes that. setdefault
-# keeps any value the user set; it must happen before Numba starts its thread pool.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# Likewise OpenBLAS's workers keep polling for a while after each matmul and slow down the Numba
-# kernel that follows; a short timeout (2^4 cycles) took a training step of the benchmark model from
-# 1.45 s to 1.07 s on 2 cores. Effective only when minibvit is imported before NumPy loads OpenBLAS.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# Thread-pool settings, applied only where the user has not set the variable (ENV_DEFAULTS_SET records
+# which ones minibvit set; benchmarks start their PyTorch baselines without them). They are read when
+# the libraries load, so import minibvit before NumPy and Numba. Both settings are process-wide: they
+# also apply to PyTorch in the same process (one OpenMP runtime per process).
+#
+# OMP_WAIT_POLICY=PASSIVE: Numba's parallel kernels run on an OpenMP pool and NumPy's matmuls on
+# OpenBLAS's pthreads. With OpenMP's default active wait the two pools spin against each other on the
+# same cores: a LayerNorm after a matmul took 6.8 ms instead of 0.2 ms (2 cores).
+# OPENBLAS_THREAD_TIMEOUT=4: likewise OpenBLAS's workers keep polling for a while after each matmul
+# and slow down the Numba kernel that follows; a short timeout (2^4 cycles) took a training step of
+# the benchmark model from 1.45 s to 1.07 s on 2 cores.
+# GOMP_SPINCOUNT=30000 (libgomp only; it takes precedence over PASSIVE's zero): a worker spins briefly
+# (libgomp estimates ~0.3 ms) before it sleeps. Waking a sleeping worker cost ~50 us per parallel
+# region on a VM, as much as a small binary GEMM: at 2 threads the median binary GEMM speedup
+# (scripts/bench_gemm.py) went from 7.1x to 9.5x, while the training step did not change (+-3 %).
+_THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "30000", "OPENBLAS_THREAD_TIMEOUT": "4"}
+ENV_DEFAULTS_SET = {name: value for name, value in _THREAD_ENV.items() if name not in os.environ}
+os.environ.update(ENV_DEFAULTS_SET)
 
 from .model import PRESETS, ViT, ViTConfig, preset  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ViT", "ViTConfig", "PRESETS", "preset", "__version__"]
+__all__ = ["ViT", "ViTConfig", "PRESETS", "preset", "ENV_DEFAULTS_SET", "__version__"]

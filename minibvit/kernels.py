@@ -28,11 +28,14 @@ WORD_BITS = 64
 _PANEL_COLS = 256       # at most this many output columns per task (one weight panel [W, cols] each)
 _COL_ALIGN = 32         # panel widths are multiples of this (whole vectors, aligned rows)
 _TASK_ROWS = 128        # about this many output rows per task
-# Below these sizes a kernel runs on the calling thread only: waking the other threads costs tens of
-# microseconds (more in a VM), about what one core needs for this much work.
-_PARALLEL_MIN_WORDS = 1 << 21       # popcount matmuls: M * N * W words
+# Below these sizes a kernel runs on the calling thread only: even a spinning OpenMP worker
+# (minibvit's GOMP_SPINCOUNT default) costs a few microseconds to start, a sleeping one ~50 us in a VM.
+# Measured at 2 threads on the 8 shapes M in {520, 1576}, K, N in {192, 384}: popcount threshold 2M
+# words 4.6x median over NumPy, 512K words 8.1x, 128K words 8.2x; packing threshold 1M -> 256K elements
+# took the with-packing median from 5.2x to 6.0x.
+_PARALLEL_MIN_WORDS = 1 << 19       # popcount matmuls: M * N * W words
 _PARALLEL_MIN_MACS = 1 << 24        # int8 x ternary: M * N * K multiply-adds
-_PARALLEL_MIN_ELEMENTS = 1 << 20    # packing: elements
+_PARALLEL_MIN_ELEMENTS = 1 << 18    # packing: elements
 
 
 def _words(k):
@@ -286,11 +289,8 @@ def _row_blocks(n_rows, other_blocks, threads):
     return n_blocks, (n_rows + n_blocks - 1) // n_blocks
 
 
-@njit(cache=True)
 def _copy_panel(planes, b, n0, nb, width):
     """Aligned [W, width] copy of planes[b, :, n0:n0+nb], zero-padded; None stays None."""
-    if planes is None:
-        return None
     n_words = planes.shape[1]
     panel = _aligned_empty(n_words, width, np.uint64)
     for w in range(n_words):
@@ -303,55 +303,106 @@ def _copy_panel(planes, b, n0, nb, width):
     return panel
 
 
-def _combine(a, xp, yp, w, j):
-    """The word fed to popcount: a ^ x (yp is None), a & y (xp is None), (a ^ x) & y (both)."""
-    if yp is None:
-        return a ^ xp[w, j]
-    if xp is None:
-        return a & yp[w, j]
-    return (a ^ xp[w, j]) & yp[w, j]
+@overload(_copy_panel)
+def _copy_panel_overload(planes, b, n0, nb, width):
+    # picked by type, so a panel is an array (not an Optional) in the kernels that use it
+    if isinstance(planes, types.NoneType):
+        return lambda planes, b, n0, nb, width: None
+    return _copy_panel
 
 
-@overload(_combine, inline="always")
-def _combine_overload(a, xp, yp, w, j):
-    # chosen by argument types at compile time and inlined, so the inner loops stay branch-free
-    if isinstance(yp, types.NoneType):
-        return lambda a, xp, yp, w, j: a ^ xp[w, j]
-    if isinstance(xp, types.NoneType):
-        return lambda a, xp, yp, w, j: a & yp[w, j]
-    return lambda a, xp, yp, w, j: (a ^ xp[w, j]) & yp[w, j]
+_POP_LANES = 8        # uint64 lanes per explicit vector step: one 512-bit register
+_POP_JAM = 3          # words summed in registers per accumulator update (unroll-and-jam)
+_V8I64 = ir.VectorType(ir.IntType(64), _POP_LANES)
+
+
+def _make_popcount_accumulate(assign):
+    """The intrinsic below; assign=True stores the sums, False adds them to acc."""
+    return intrinsic(lambda typingctx, acc, group, words, xp, yp, w: _popcount_accumulate_typer(
+        typingctx, acc, group, words, xp, yp, w, assign))
+
+
+def _popcount_accumulate_typer(typingctx, acc, group, words, xp, yp, w, assign):
+    """acc[8g:8g+8] (= if assign, else +=) sum_i popcount(combine(words[i], xp/yp[w+i, 8g:8g+8]))
+
+    combine(a, x, y) = a ^ x (yp None), a & y (xp None), (a ^ x) & y (both given). acc: uint64 1-D,
+    64-byte aligned; words: UniTuple of uint64; xp, yp: uint64 2-D aligned panels [W, width] (width a
+    multiple of 8) or None.
+
+    The eight lanes are written as an explicit <8 x i64> vector, so LLVM emits one 512-bit VPOPCNTQ
+    per step on AVX-512 (VPOPCNTDQ) CPUs even where its loop vectoriser would pick 256-bit vectors
+    (`prefer-256-bit` tuning), two 256-bit PSHUFB sequences on AVX2, and smaller pieces elsewhere."""
+    if not (isinstance(acc, types.Array) and isinstance(words, types.UniTuple)):
+        return None
+    panels = [p for p in (xp, yp) if not isinstance(p, types.NoneType)]
+    if not panels or not all(isinstance(p, types.Array) and p.ndim == 2 for p in panels):
+        return None
+    n_words = words.count
+    has_x, has_y = not isinstance(xp, types.NoneType), not isinstance(yp, types.NoneType)
+
+    def codegen(context, builder, signature, args):
+        acc_arg, group_v, words_v, xp_arg, yp_arg, w_v = args
+        module = builder.module
+        ctpop = cgutils.get_or_insert_function(module, ir.FunctionType(_V8I64, [_V8I64]), "llvm.ctpop.v8i64")
+        acc_arr = context.make_array(signature.args[0])(context, builder, acc_arg)
+        lane0 = builder.mul(group_v, ir.Constant(group_v.type, _POP_LANES))
+
+        def panel_row(ty, arg, word):
+            arr = context.make_array(ty)(context, builder, arg)
+            row_items = cgutils.unpack_tuple(builder, arr.shape, 2)[1]
+            offset = builder.add(builder.mul(builder.add(w_v, ir.Constant(w_v.type, word)), row_items), lane0)
+            ptr = builder.bitcast(builder.gep(arr.data, [offset]), _V8I64.as_pointer())
+            return builder.load(ptr, align=64)
+
+        total = None
+        for i in range(n_words):
+            word = builder.extract_value(words_v, i)
+            splat = builder.insert_element(ir.Constant(_V8I64, ir.Undefined), word, ir.Constant(ir.IntType(32), 0))
+            splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(ir.IntType(32), _POP_LANES),
+                                                                     [0] * _POP_LANES))
+            bits = builder.xor(splat, panel_row(signature.args[3], xp_arg, i)) if has_x else splat
+            if has_y:
+                bits = builder.and_(bits, panel_row(signature.args[4], yp_arg, i))
+            count = builder.call(ctpop, [bits])
+            total = count if total is None else builder.add(total, count)
+        acc_ptr = builder.bitcast(builder.gep(acc_arr.data, [lane0]), _V8I64.as_pointer())
+        if not assign:
+            total = builder.add(builder.load(acc_ptr, align=64), total)
+        builder.store(total, acc_ptr, align=64)
+        return context.get_dummy_value()
+
+    return types.void(acc, group, words, xp, yp, w), codegen
+
+
+_popcount_assign = _make_popcount_accumulate(assign=True)
+_popcount_add = _make_popcount_accumulate(assign=False)
 
 
 def _accumulate_row(arow, xp, yp, acc):
     """acc[j] = sum_w popcount(combine(arow[w], panel[w, j])) for every panel column j < len(acc).
 
-    Three words are summed in registers per accumulator update (unroll-and-jam), so the
-    accumulator is loaded and stored once per three words; the first pass assigns instead of
-    adding, which saves zeroing it."""
+    _POP_JAM words are summed in registers per accumulator update, so the accumulator is loaded
+    and stored once per three words; the first pass (1 to 3 words) assigns instead of adding,
+    which saves zeroing it."""
     n_words = arow.shape[0]
-    width = acc.shape[0]
-    if n_words % 3 == 0:
-        a0, a1, a2 = arow[0], arow[1], arow[2]
-        for j in range(width):
-            acc[j] = (popcount(_combine(a0, xp, yp, 0, j)) + popcount(_combine(a1, xp, yp, 1, j))
-                      + popcount(_combine(a2, xp, yp, 2, j)))
-        w = 3
+    n_groups = acc.shape[0] // _POP_LANES
+    head = n_words - (n_words - 1) // _POP_JAM * _POP_JAM
+    if head == 3:
+        words3 = (arow[0], arow[1], arow[2])
+        for g in range(n_groups):
+            _popcount_assign(acc, g, words3, xp, yp, 0)
+    elif head == 2:
+        words2 = (arow[0], arow[1])
+        for g in range(n_groups):
+            _popcount_assign(acc, g, words2, xp, yp, 0)
     else:
-        a0 = arow[0]
-        for j in range(width):
-            acc[j] = popcount(_combine(a0, xp, yp, 0, j))
-        w = 1
-        if n_words % 3 == 2:
-            a0 = arow[1]
-            for j in range(width):
-                acc[j] += popcount(_combine(a0, xp, yp, 1, j))
-            w = 2
-    while w < n_words:
-        a0, a1, a2 = arow[w], arow[w + 1], arow[w + 2]
-        for j in range(width):
-            acc[j] += (popcount(_combine(a0, xp, yp, w, j)) + popcount(_combine(a1, xp, yp, w + 1, j))
-                       + popcount(_combine(a2, xp, yp, w + 2, j)))
-        w += 3
+        words1 = (arow[0],)
+        for g in range(n_groups):
+            _popcount_assign(acc, g, words1, xp, yp, 0)
+    for w in range(head, n_words, _POP_JAM):
+        words3 = (arow[w], arow[w + 1], arow[w + 2])
+        for g in range(n_groups):
+            _popcount_add(acc, g, words3, xp, yp, w)
 
 
 def _store_row(acc, acc_weight, orow, base, coff, rs, cs, bias):

@@ -3,7 +3,7 @@ torch is importable, on ViT linear-layer shapes. Prints a table and the median s
 nothing about speed (it does check every binary result against the float matmul of the +-1 matrices).
 
     python scripts/bench_gemm.py [--threads 1 2] [--repeats 15] [--rounds 3] [--rows 520 1576]
-                                 [--dims 192 384 768 1536] [--wide-vectors] [--omp-spin] [--ternary]
+                                 [--dims 192 384 768 1536] [--wide-vectors] [--ternary]
 
 Shapes: M in --rows (8*65 and 8*197 tokens: a batch of 8 at 64 or 196 patches plus the class token),
 every (K, N) pair from --dims. Modes:
@@ -16,10 +16,9 @@ numpy_time / binary_time.
 --ternary adds a second table: ternary weights (TerViT) with int8 activations (ternary_gemm_int8)
 and with binary activations (ternary_gemm_binary), both against the same NumPy float32 matmul.
 
---omp-spin re-runs this script with GOMP_SPINCOUNT=300000 (unless set), libgomp's documented default
-spin count: Numba's OpenMP worker then spins ~10 ms after a parallel region before it sleeps, as
-OpenBLAS's workers do (~0.1 s). Without it, in this setup libgomp put the worker to sleep almost at
-once and waking it cost ~50 us per call on a VM.
+Thread settings are minibvit's (minibvit.ENV_DEFAULTS_SET, printed; e.g. GOMP_SPINCOUNT=30000 lets the
+OpenMP worker spin briefly between parallel regions); export a variable to override it. torch.matmul
+runs in a worker process with PyTorch's own settings (torch_baseline.py).
 
 --wide-vectors re-runs this script with NUMBA_CPU_FEATURES = host features + "-prefer-256-bit", which
 lets LLVM use 512-bit vectors on AVX-512 CPUs (see docs/kernels.md). If OPENBLAS_CORETYPE or
@@ -27,6 +26,7 @@ OPENBLAS_L2_SIZE are set they are removed for this process (they pin a possibly 
 kernel) and the script re-runs itself; the output says so.
 """
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -42,8 +42,6 @@ def parse():
     ap.add_argument("--rows", type=int, nargs="+", default=[8 * 65, 8 * 197])
     ap.add_argument("--dims", type=int, nargs="+", default=[192, 384, 768, 1536])
     ap.add_argument("--ternary", action="store_true", help="also time the ternary-weight kernels")
-    ap.add_argument("--omp-spin", action="store_true",
-                    help="let OpenMP workers spin a few ms between parallel regions (GOMP_SPINCOUNT=300000)")
     ap.add_argument("--wide-vectors", action="store_true",
                     help="compile the kernels with 512-bit vectors (NUMBA_CPU_FEATURES=...,-prefer-256-bit)")
     return ap.parse_args()
@@ -65,9 +63,6 @@ def reexec_if_needed(args):
         import llvmlite.binding as llvm
         env["NUMBA_CPU_FEATURES"] = llvm.get_host_cpu_features().flatten() + ",-prefer-256-bit"
         notes.append("set NUMBA_CPU_FEATURES=<host features>,-prefer-256-bit (--wide-vectors)")
-    if args.omp_spin and "GOMP_SPINCOUNT" not in env:
-        env["GOMP_SPINCOUNT"] = "300000"
-        notes.append("set GOMP_SPINCOUNT=300000 (--omp-spin)")
     if notes:
         env[_REEXEC_MARK] = "; ".join(notes)
         sys.stdout.flush()
@@ -82,12 +77,16 @@ import numba  # noqa: E402
 import threadpoolctl  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import minibvit  # noqa: E402
 from minibvit import kernels  # noqa: E402
 
-try:
-    import torch
-except ImportError:
-    torch = None
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_baseline import BaselineProcess  # noqa: E402
+
+# torch.matmul runs in a worker process of its own, with PyTorch's own OpenMP settings (see
+# torch_baseline.py); NumPy is imported above, before minibvit sets OPENBLAS_THREAD_TIMEOUT, so the
+# NumPy baseline runs with OpenBLAS's defaults.
+torch_side = BaselineProcess("matmul", threads=1) if importlib.util.find_spec("torch") else None
 
 
 def header():
@@ -105,13 +104,14 @@ def header():
     print(f"host CPU: {llvm.get_host_cpu_name()} ({', '.join(wide)}); "
           f"NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', '<host>')}; "
           f"NUMBA_CPU_FEATURES={'<host>' if 'NUMBA_CPU_FEATURES' not in os.environ else '<host>,-prefer-256-bit' if os.environ['NUMBA_CPU_FEATURES'].endswith('-prefer-256-bit') else os.environ['NUMBA_CPU_FEATURES']}; "
-          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '<default>')}")
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '<default>')}; "
+          f"set by minibvit: {minibvit.ENV_DEFAULTS_SET or 'nothing'}")
     for info in threadpoolctl.threadpool_info():
         if info["user_api"] == "blas":
             print(f"NumPy BLAS: {info['internal_api']} {info.get('version')} kernel={info.get('architecture')} "
                   f"threading={info.get('threading_layer')}")
     print(f"numpy {np.__version__}, numba {numba.__version__} (threading layer {numba.threading_layer()}), "
-          f"torch {torch.__version__ if torch else 'not importable'}")
+          f"torch {'in a worker process (torch_baseline.py)' if torch_side else 'not importable'}")
     print(f"load average at start: {os.getloadavg()[0]:.2f} (other processes make every number noisier)")
 
 
@@ -141,14 +141,16 @@ def shapes():
     return [(m, k, n) for m in args.rows for k in args.dims for n in args.dims]
 
 
-def time_shapes(make_candidates):
+def time_shapes(make_candidates, threads, with_torch=False):
     """{shape: {candidate: seconds}}: the minimum over --rounds passes over all shapes, each pass
     timing every candidate with best_times (slow periods of a shared machine last seconds, so one
-    pass can be unlucky throughout)."""
+    pass can be unlucky throughout); with_torch adds "torch", timed the same way in the worker."""
     best = {}
     for _ in range(args.rounds):
         for index, shape in enumerate(shapes()):
             times = best_times(make_candidates(shape, np.random.default_rng(index)), args.repeats)
+            if with_torch and torch_side is not None:
+                times["torch"] = min(torch_side.time(args.repeats, warmup_seconds=0.2, shape=shape, threads=threads))
             previous = best.setdefault(shape, times)
             for name, value in times.items():
                 previous[name] = min(previous[name], value)
@@ -170,35 +172,30 @@ def binary_candidates(shape, rng):
         "binary": lambda: kernels.binary_gemm(x_packed, w_packed_t, k),
         "binary+pack": lambda: kernels.binary_gemm(kernels.pack_signs(x), w_packed_t, k),
     }
-    if torch is not None:
-        xt, wt = torch.from_numpy(x), torch.from_numpy(w)
-        candidates["torch"] = lambda: torch.matmul(xt, wt.T)
     return candidates
 
 
 def run(threads):
     numba.set_num_threads(threads)
-    if torch is not None:
-        torch.set_num_threads(threads)
     cols = ["numpy", "torch", "binary", "binary+pack"]
     print(f"\n== {threads} thread(s): times in ms (min of {args.rounds} x {args.repeats}); speedup = numpy / binary ==")
     print(f"{'M':>5} {'K':>5} {'N':>5} | " + " ".join(f"{c:>11}" for c in cols)
-          + f" | {'x packed':>8} {'x w/ pack':>9}" + (f" {'x torch':>8}" if torch else ""))
+          + f" | {'x packed':>8} {'x w/ pack':>9}" + (f" {'x torch':>8}" if torch_side else ""))
     speedups = {"packed": [], "with packing": [], "packed vs torch": []}
     with threadpoolctl.threadpool_limits(limits=threads, user_api="blas"):
-        times = time_shapes(binary_candidates)
+        times = time_shapes(binary_candidates, threads, with_torch=True)
     for (m, k, n), t in times.items():
         speedups["packed"].append(t["numpy"] / t["binary"])
         speedups["with packing"].append(t["numpy"] / t["binary+pack"])
         row = " ".join(f"{t[c] * 1e3:11.3f}" if c in t else f"{'-':>11}" for c in cols)
         line = f"{m:5d} {k:5d} {n:5d} | {row} | {speedups['packed'][-1]:8.2f} {speedups['with packing'][-1]:9.2f}"
-        if torch is not None:
+        if torch_side is not None:
             speedups["packed vs torch"].append(t["torch"] / t["binary"])
             line += f" {speedups['packed vs torch'][-1]:8.2f}"
         print(line)
     print(f"median speedup over NumPy float32 at {threads} thread(s): "
           f"packed {np.median(speedups['packed']):.2f}x, with activation packing {np.median(speedups['with packing']):.2f}x"
-          + (f"; packed over torch.matmul {np.median(speedups['packed vs torch']):.2f}x" if torch is not None else ""),
+          + (f"; packed over torch.matmul {np.median(speedups['packed vs torch']):.2f}x" if torch_side is not None else ""),
           flush=True)
     return speedups
 
@@ -227,7 +224,7 @@ def run_ternary(threads):
     print(f"{'M':>5} {'K':>5} {'N':>5} | {'numpy':>9} {'int8 x tern':>11} {'bin x tern':>10} | {'x int8':>7} {'x bin':>7}")
     speedups = {"int8": [], "binary": []}
     with threadpoolctl.threadpool_limits(limits=threads, user_api="blas"):
-        times = time_shapes(ternary_candidates)
+        times = time_shapes(ternary_candidates, threads)
     for (m, k, n), t in times.items():
         for name in speedups:
             speedups[name].append(t["numpy"] / t[name])
@@ -248,3 +245,5 @@ for t, s in summary.items():
           + (f", packed vs torch {np.median(s['packed vs torch']):.2f}x" if s["packed vs torch"] else "")
           + (f"; int8 x ternary {np.median(ternary[t]['int8']):.2f}x, binary x ternary {np.median(ternary[t]['binary']):.2f}x"
              if t in ternary else ""))
+if torch_side is not None:
+    torch_side.close()

@@ -13,32 +13,26 @@ against the simulated forward of the same model (bit for bit) on the first batch
 minimum over --repeats runs, the runs of the compared implementations interleaved (the machine may be
 shared: the minimum is the least disturbed run; re-run when numbers look noisy), each run after a
 pause of PAUSE seconds so that the threads one runtime leaves spinning (OpenBLAS, PyTorch's OpenMP)
-do not slow down the next one.
-
-Each runtime gets its usual environment. minibvit is imported before NumPy, as `python -m
-minibvit...` does, so that its defaults for Numba's OpenMP (OMP_WAIT_POLICY=PASSIVE) and OpenBLAS
-(OPENBLAS_THREAD_TIMEOUT=4) take effect; imported after NumPy, OpenBLAS's worker spun for ~0.1 s
-after the patch embedding on the core the engine's second thread needs. PyTorch loads its own
-OpenMP runtime, which reads OMP_WAIT_POLICY when it loads: it is imported with the variable as the
-user set it (or unset), since minibvit's PASSIVE default made PyTorch ~1.5x slower at batch 8. A
-GOMP_SPINCOUNT exported by the user applies to both OpenMP runtimes.
+do not slow down the next one. PyTorch runs in a worker process of its own (scripts/torch_baseline.py),
+with its own OpenMP settings rather than minibvit's process-wide defaults (measured: with minibvit's
+passive OpenMP waiting, PyTorch's DeiT-Tiny batch-8 forward was ~20 % slower); it gets the same weights
+as the NumPy float model.
 """
+import argparse
+import dataclasses
+import importlib.util
 import os
 import sys
+import tempfile
+import time
 
-_USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference_tests"))
-import minibvit  # noqa: E402,F401  (before NumPy, see above)
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
+import minibvit  # noqa: E402  (first: it sets the thread-pool environment)
 import numpy as np  # noqa: E402
-
 from minibvit import checkpoint, engine, schemes  # noqa: E402
+from torch_baseline import BaselineProcess  # noqa: E402
 from minibvit.model import ViT, preset  # noqa: E402
 
 PAUSE = 0.5  # seconds before each timed run: lets the previous runtime's spinning threads go to sleep
@@ -55,25 +49,6 @@ def parse():
     ap.add_argument("--sizes-only", action="store_true",
                     help="only export and print the packed file sizes (any of binary, binaryvit, gsb, tervit)")
     return ap.parse_args()
-
-
-def import_torch():
-    """torch, imported with OMP_WAIT_POLICY as the user set it (see the module docstring), or None.
-    Before Numba's thread pool starts: once Numba has loaded the system's libgomp, PyTorch's
-    libraries bind to that one (same soname) instead of PyTorch's own copy, with minibvit's policy."""
-    minibvit_policy = os.environ.get("OMP_WAIT_POLICY")
-    if _USER_WAIT_POLICY is None:
-        os.environ.pop("OMP_WAIT_POLICY", None)
-    else:
-        os.environ["OMP_WAIT_POLICY"] = _USER_WAIT_POLICY
-    try:
-        import torch
-    except ImportError:
-        return None
-    finally:
-        if minibvit_policy is not None:
-            os.environ["OMP_WAIT_POLICY"] = minibvit_policy
-    return torch
 
 
 def packed_model(cfg, method, workdir, rng):
@@ -93,26 +68,30 @@ def packed_model(cfg, method, workdir, rng):
     return engine.PackedViT.load(report.path), model, report
 
 
+def timed(forward):
+    """A runner: forward(x), returning its wall time in seconds."""
+    def run(x):
+        t0 = time.perf_counter()
+        forward(x)
+        return time.perf_counter() - t0
+    return run
+
+
 def main():
     args = parse()
     import numba
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    torch = import_torch()  # before Numba starts its threads, see import_torch
     numba.set_num_threads(args.threads)
-    threadpool_limits(args.threads, user_api="blas")
-    if torch is None:
+    threadpool_limits(args.threads, user_api="blas")  # a bare limit would also cap Numba's OpenMP pool
+    have_torch = importlib.util.find_spec("torch") is not None
+    if not have_torch:
         print("torch is not installed: no PyTorch column")
-    else:
-        from torch_reference import TorchViT
-        torch.set_num_threads(args.threads)
     blas = ", ".join(f"{i['internal_api']} {i.get('version')} ({i.get('architecture')})" for i in threadpool_info()
                      if i["user_api"] == "blas")
     print(f"threads {args.threads}; numpy BLAS: {blas}; numba threading layer {numba.config.THREADING_LAYER}"
-          + (f"; torch {torch.__version__}" if torch else ""))
-    print(f"numba: OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; torch: OMP_WAIT_POLICY={_USER_WAIT_POLICY}; "
-          f"both: GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; "
-          f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT')}")
+          + ("; torch in a worker process (torch_baseline.py)" if have_torch else "")
+          + f"; set by minibvit: {minibvit.ENV_DEFAULTS_SET or 'nothing'}")
     rng = np.random.default_rng(0)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
@@ -128,21 +107,17 @@ def main():
                 x = rng.standard_normal((2, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
                 if not np.array_equal(eng.forward(x), simulated.forward(x, training=False)[0]):
                     print(f"WARNING: {name} {method}: packed logits differ from the simulated forward")
-                runners[f"packed {method}"] = eng.forward
+                runners[f"packed {method}"] = timed(eng.forward)
             if args.sizes_only:
                 continue
+            fp_model = ViT(cfg, seed=0)
             if not args.no_numpy:
-                runners["numpy fp32"] = lambda x, m=ViT(cfg, seed=0): m.forward(x, training=False)[0]
-            if torch is not None:
-                tm = TorchViT(cfg, dtype=torch.float32)
-                with torch.no_grad():
-                    for t in tm.p.values():
-                        t.normal_(0, 0.02)
-
-                def torch_forward(x, tm=tm):
-                    with torch.inference_mode():
-                        return tm.forward(torch.from_numpy(x), training=False)
-                runners["torch fp32"] = torch_forward
+                runners["numpy fp32"] = timed(lambda x, m=fp_model: m.forward(x, training=False)[0])
+            torch_side = None
+            if have_torch:
+                torch_side = BaselineProcess("inference", args.threads, config=dataclasses.asdict(cfg),
+                                             arrays=fp_model.state_dict())
+                runners["torch fp32"] = lambda x: torch_side.time(1, batch=len(x))[0]
             for batch in args.batches:
                 x = rng.standard_normal((batch, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
                 best = {}
@@ -151,13 +126,13 @@ def main():
                 for _ in range(args.repeats):
                     for label, run in runners.items():
                         time.sleep(PAUSE)
-                        t0 = time.perf_counter()
-                        run(x)
-                        elapsed = time.perf_counter() - t0
+                        elapsed = run(x)
                         best[label] = min(best.get(label, elapsed), elapsed)
                 rows.append((name, batch, {label: batch / t for label, t in best.items()}))
                 print(f"{name} batch {batch}: " + ", ".join(f"{k} {v:.1f} img/s" for k, v in rows[-1][2].items()),
                       flush=True)
+            if torch_side is not None:
+                torch_side.close()
     if args.sizes_only:
         return
     labels = list(rows[0][2])

@@ -1,11 +1,18 @@
 """Time one training step (forward + backward + AdamW) of the NumPy ViT against the same model in
-PyTorch CPU, same threads, same batch, in one run. Prints images/s for both and the ratio.
+PyTorch CPU, same threads, same batch, same weights, in one run. Prints images/s for both and the ratio.
+
+PyTorch runs in a worker process of its own (scripts/torch_baseline.py) with its own OpenMP settings:
+minibvit's thread-pool defaults would otherwise apply to it too (one OpenMP runtime per process) and
+made its step ~10 % slower. The steps alternate between the two processes (one NumPy step, one PyTorch
+step), so a change in machine load during the run affects both.
 
     python scripts/bench_train_step.py [--batch 128] [--threads 2] [--steps 5]
 
 Default config (issue 2): 32x32 input, patch 4, dim 192, depth 6, 3 heads, MLP ratio 4.
 """
 import argparse
+import dataclasses
+import importlib.util
 import os
 import sys
 import time
@@ -32,7 +39,8 @@ if os.environ.get("OPENBLAS_CORETYPE"):
           file=sys.stderr)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from minibvit import ViT, ViTConfig, ops  # noqa: E402  (first: it sets the thread-pool environment)
+import minibvit  # noqa: E402  (first: it sets the thread-pool environment)
+from minibvit import ViT, ViTConfig, ops  # noqa: E402
 
 import numpy as np  # noqa: E402
 from minibvit.optim import AdamW  # noqa: E402
@@ -72,42 +80,24 @@ if args.profile:
     prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
-try:
-    import torch
-except ImportError:
-    torch = None
-
 print(f"config: 32x32, patch 4, dim {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, batch {args.batch}, "
-      f"threads {args.threads}")
-if torch is None:
+      f"threads {args.threads}; set by minibvit: {minibvit.ENV_DEFAULTS_SET or 'nothing'}")
+if importlib.util.find_spec("torch") is None:
     times = [timed(lambda: numpy_step(model, opt)) for _ in range(args.steps + 2)][2:]
     print(f"numpy/numba : {args.batch / np.median(times):8.1f} img/s  ({np.median(times) * 1e3:.0f} ms/step)")
     print("torch not installed: no PyTorch comparison")
     sys.exit(0)
 
-torch.set_num_threads(args.threads)
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "reference_tests"))
-from torch_reference import TorchViT  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_baseline import BaselineProcess  # noqa: E402
 
-tm = TorchViT(cfg, dtype=torch.float32)
-tm.load_numpy(model.state_dict())
-tparams = list(tm.named_params().values())
-topt = torch.optim.AdamW(tparams, lr=1e-4)
-xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-
-
-def torch_step():
-    topt.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(tm(xt), yt)
-    loss.backward()
-    topt.step()
-
-
-# Interleaved: each round times one NumPy step and one PyTorch step, so a change in machine load
-# during the run affects both; 2 warm-up rounds, then the median of --steps rounds.
+torch_side = BaselineProcess("train-step", args.threads, config=dataclasses.asdict(cfg),
+                             arrays=dict(model.state_dict(), x=x, y=y), lr=1e-4)
+# Interleaved: each round times one NumPy step and one PyTorch step; 2 warm-up rounds, then the
+# median of --steps rounds.
 t_np, t_torch = [], []
 for i in range(args.steps + 2):
-    a, b = timed(lambda: numpy_step(model, opt)), timed(torch_step)
+    a, b = timed(lambda: numpy_step(model, opt)), torch_side.time(1)[0]
     if i >= 2:
         t_np.append(a)
         t_torch.append(b)
@@ -115,3 +105,4 @@ t_np, t_torch = float(np.median(t_np)), float(np.median(t_torch))
 print(f"numpy/numba : {args.batch / t_np:8.1f} img/s  ({t_np * 1e3:.0f} ms/step)")
 print(f"pytorch cpu : {args.batch / t_torch:8.1f} img/s  ({t_torch * 1e3:.0f} ms/step)")
 print(f"ratio numpy/pytorch (throughput): {t_torch / t_np:.2f}")
+torch_side.close()

@@ -472,9 +472,9 @@ save_figure(fig, "07_speed")
 #   5.1x to 7.4x with packing, median 7.0x and 5.9x.
 # - Why not 64x, when one 64-bit word holds 64 products? Each vector of words costs several instructions
 #   (an XOR, a popcount, an add, plus loads and the accumulator traffic), while one float32 FMA
-#   instruction does 8 or 16 multiply-adds and two can issue per cycle; and by default LLVM uses 256-bit
-#   vectors on this CPU. `docs/kernels.md` explains the kernel's organisation and the 512-bit option
-#   (`scripts/bench_gemm.py --wide-vectors`).
+#   instruction does 8 or 16 multiply-adds and two can issue per cycle. `docs/kernels.md` explains the
+#   kernel's organisation, including why its popcount step is written on explicit 512-bit vectors.
+#   (The table above was measured before that change; what the cell prints on your machine is current.)
 #
 # On another machine the numbers will differ (a CPU without `VPOPCNTQ` runs popcount as a short
 # sequence of byte lookups; a different BLAS changes the float32 column): the table printed above is the

@@ -1,0 +1,183 @@
+"""PyTorch baselines for the benchmark scripts, each timed in a process of its own.
+
+Why a separate process: minibvit sets thread-pool defaults when it is imported (`minibvit.ENV_DEFAULTS_SET`,
+e.g. OMP_WAIT_POLICY=PASSIVE), and there is one OpenMP runtime per process: PyTorch's bundled libgomp and
+Numba's resolve to the same library, which reads its settings once, when it is loaded. Timed in
+minibvit's process, PyTorch would run with minibvit's settings, not its own: measured here with passive
+OpenMP waiting, a PyTorch training step of the issue-2 model ran ~10 % slower and a DeiT-Tiny batch-8
+forward ~20 % slower. The worker process starts without the variables minibvit set (any the user set
+stays), imports torch before anything else, and so runs like a plain PyTorch program.
+
+Use from a benchmark:
+
+    with BaselineProcess("train-step", threads=2, config=dataclasses.asdict(cfg), arrays={...}) as torch_side:
+        seconds = torch_side.time(runs=1)          # list of wall times, one per run
+
+Kinds (arrays are passed through an .npz file, settings as JSON; no pickle):
+    train-step   TorchViT float32 + AdamW(lr): one step = zero_grad, forward, cross-entropy, backward, step.
+                 arrays: the state dict (timm names), "x" [B, C, H, W] float32, "y" [B] int64.
+    inference    TorchViT float32 forward under torch.inference_mode. arrays: the state dict; each time()
+                 call names the batch size (seeded random images).
+    matmul       torch.matmul(x, w.T) on seeded float32 data; each time() call names the shape (m, k, n).
+
+The worker is this file run as a script: `python scripts/torch_baseline.py <setup dir>`; it reads
+one JSON request per line on stdin and answers one JSON line on stdout.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+class BaselineProcess:
+    """A PyTorch baseline in a worker process started without minibvit's thread-pool defaults.
+
+    Inputs:
+        kind: "train-step", "inference" or "matmul" (see the module docstring)
+        threads: torch.set_num_threads in the worker (OMP_NUM_THREADS etc. are inherited as set)
+        config: dict of ViTConfig fields (train-step, inference)
+        arrays: dict name -> np.ndarray (train-step, inference)
+        lr: AdamW learning rate (train-step)
+    """
+
+    def __init__(self, kind, threads, config=None, arrays=None, lr=1e-4):
+        import numpy as np
+        import minibvit
+
+        self._dir = tempfile.TemporaryDirectory(prefix="minibvit-baseline-")
+        with open(os.path.join(self._dir.name, "setup.json"), "w") as f:
+            json.dump({"kind": kind, "threads": threads, "config": config, "lr": lr}, f)
+        np.savez(os.path.join(self._dir.name, "arrays.npz"), **(arrays or {}))
+        env = {k: v for k, v in os.environ.items() if k not in minibvit.ENV_DEFAULTS_SET}
+        self._proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), self._dir.name], env=env,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        ready = self._proc.stdout.readline()
+        if ready.strip() != "ready":
+            self.close()
+            raise RuntimeError(f"the PyTorch baseline worker ({kind}) did not start; its error is printed above")
+
+    def time(self, runs, warmup_seconds=0.0, shape=None, batch=None, threads=None):
+        """Wall times (seconds) of `runs` back-to-back runs, after warmup_seconds of untimed runs;
+        shape (m, k, n) for matmul, batch for inference; threads changes the worker's thread count
+        from here on."""
+        request = {"runs": runs, "warmup_seconds": warmup_seconds, "shape": shape, "batch": batch,
+                   "threads": threads}
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+        answer = self._proc.stdout.readline()
+        if not answer:
+            raise RuntimeError("the PyTorch baseline worker exited; its error is printed above")
+        return json.loads(answer)
+
+    def close(self):
+        if self._proc.poll() is None:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=60)
+        self._dir.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# worker side
+# ------------------------------------------------------------------------------------------------
+
+def _load_model(config, arrays):
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "reference_tests"))
+    sys.path.insert(0, ROOT)
+    from torch_reference import TorchViT
+    from minibvit.model import ViTConfig
+
+    model = TorchViT(ViTConfig(**config), dtype=torch.float32)
+    model.load_numpy({k: v for k, v in arrays.items() if k not in ("x", "y")})
+    return model
+
+
+def _build(setup, arrays):
+    """A function request -> None that runs the baseline once."""
+    import torch
+
+    kind = setup["kind"]
+    if kind == "train-step":
+        model = _load_model(setup["config"], arrays)
+        params = list(model.named_params().values())
+        opt = torch.optim.AdamW(params, lr=setup["lr"])
+        x, y = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])
+
+        def step(request):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return step
+    if kind == "inference":
+        import numpy as np
+        model = _load_model(setup["config"], arrays)
+        cfg = setup["config"]
+        images = {}
+
+        def forward(request):
+            batch = request["batch"]
+            if batch not in images:
+                rng = np.random.default_rng(batch)
+                images[batch] = torch.from_numpy(rng.standard_normal(
+                    (batch, cfg["in_chans"], cfg["image_size"], cfg["image_size"]), dtype=np.float32))
+            with torch.inference_mode():
+                model(images[batch])
+        return forward
+    if kind == "matmul":
+        import numpy as np
+        operands = {}
+
+        def matmul(request):
+            shape = tuple(request["shape"])
+            if shape not in operands:
+                m, k, n = shape
+                rng = np.random.default_rng(list(shape))
+                operands.clear()
+                operands[shape] = (torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32)),
+                                   torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32)))
+            x, w = operands[shape]
+            torch.matmul(x, w.T)
+        return matmul
+    raise ValueError(f"unknown baseline kind {kind!r}; expected train-step, inference or matmul")
+
+
+def _serve(setup_dir):
+    import torch  # first: the OpenMP runtime and OpenBLAS start with their own defaults
+    import numpy as np
+
+    with open(os.path.join(setup_dir, "setup.json")) as f:
+        setup = json.load(f)
+    torch.set_num_threads(setup["threads"])
+    with np.load(os.path.join(setup_dir, "arrays.npz"), allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    run = _build(setup, arrays)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["threads"]:
+            torch.set_num_threads(request["threads"])
+        warm_until = time.perf_counter() + request["warmup_seconds"]
+        while time.perf_counter() < warm_until:
+            run(request)
+        times = []
+        for _ in range(request["runs"]):
+            t0 = time.perf_counter()
+            run(request)
+            times.append(time.perf_counter() - t0)
+        print(json.dumps(times), flush=True)
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1])

@@ -36,8 +36,9 @@ Why the logits have the same bits as the training-time forward ``ViT.forward(x, 
 - Batch-wide statistics belong to some methods: the 8-bit patch-embedding and head inputs and all of
   TerViT's activations use min-max scales of the whole batch tensor, and GSB's masks its maximum.
   The engine computes them the same way, so it equals the simulated forward on the same batch.
-  binary / binaryvit blocks are row-independent, so they run on chunks of chunk_images images
-  (less memory traffic, the same bits).
+  binary / binaryvit blocks treat each image on its own, so they run image by image: with every
+  decision tabulated, all blocks in one parallel region with the images split between the threads
+  (_binary_net), else one call per operation on chunks of chunk_images images (the same bits).
 
 Packed file: safetensors with the minibvit metadata of minibvit.checkpoint (``kind`` =
 "minibvit-packed"); ``export`` lists the tensors, docs/engine.md the format and measurements.

@@ -36,18 +36,23 @@ Why the logits have the same bits as the training-time forward ``ViT.forward(x, 
 - Batch-wide statistics belong to some methods: the 8-bit patch-embedding and head inputs and all of
   TerViT's activations use min-max scales of the whole batch tensor, and GSB's masks its maximum.
   The engine computes them the same way, so it equals the simulated forward on the same batch.
-  binary / binaryvit blocks are row-independent, so they run on chunks of chunk_images images
-  (less memory traffic, the same bits).
+  binary / binaryvit blocks treat each image on its own, so they run image by image: with every
+  decision tabulated, all blocks in one parallel region with the images split between the threads
+  (_binary_net), else one call per operation on chunks of chunk_images images (the same bits).
 
 Packed file: safetensors with the minibvit metadata of minibvit.checkpoint (``kind`` =
 "minibvit-packed"); ``export`` lists the tensors, docs/engine.md the format and measurements.
 """
 import math
 import os
+from collections import namedtuple
 from dataclasses import dataclass
 
+import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from . import checkpoint, kernels, methods, ops, quant, schemes
 from .model import ViTConfig
@@ -244,34 +249,107 @@ def _layernorm_row(x, gamma, beta, eps, out):
 
 
 @njit(inline="always")
-def _layernorm_rows4(x0, x1, x2, x3, gamma, beta, eps, out):
-    """_layernorm_row on four rows into out[0..3]: the same sums, each in its row's order, run as
-    four independent chains (the float64 add latency, not the arithmetic, bounds one row)."""
-    n = x0.shape[0]
-    m0 = m1 = m2 = m3 = 0.0
-    for j in range(n):
-        m0 += x0[j]
-        m1 += x1[j]
-        m2 += x2[j]
-        m3 += x3[j]
-    m0 /= n
-    m1 /= n
-    m2 /= n
-    m3 /= n
-    v0 = v1 = v2 = v3 = 0.0
-    for j in range(n):
-        t0 = x0[j] - m0
-        t1 = x1[j] - m1
-        t2 = x2[j] - m2
-        t3 = x3[j] - m3
-        v0 += t0 * t0
-        v1 += t1 * t1
-        v2 += t2 * t2
-        v3 += t3 * t3
-    _normalize_row(x0, m0, v0, n, gamma, beta, eps, out[0])
-    _normalize_row(x1, m1, v1, n, gamma, beta, eps, out[1])
-    _normalize_row(x2, m2, v2, n, gamma, beta, eps, out[2])
-    _normalize_row(x3, m3, v3, n, gamma, beta, eps, out[3])
+def _sums8(a0, a1, a2, a3, a4, a5, a6, a7):
+    """sum_j float64(a_k[j]) of eight rows in order from 0.0, as eight independent chains (the
+    float64 add latency, not the arithmetic, bounds one row)."""
+    t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = 0.0
+    for j in range(a0.shape[0]):
+        t0 += a0[j]
+        t1 += a1[j]
+        t2 += a2[j]
+        t3 += a3[j]
+        t4 += a4[j]
+        t5 += a5[j]
+        t6 += a6[j]
+        t7 += a7[j]
+    return t0, t1, t2, t3, t4, t5, t6, t7
+
+
+@njit(inline="always")
+def _layernorm_rows8(x, r, gamma64, beta64, eps, squares, out):
+    """_layernorm_row on rows r .. r + 7 of x into out[0..7], with ops' sums in ops' order: the
+    squares (x - mean)^2 are computed first (vectorized, into squares [8, n] float64), so that the
+    eight chains only add. gamma64, beta64: gamma and beta converted to float64 (exact)."""
+    n = x.shape[1]
+    means = _sums8(x[r], x[r + 1], x[r + 2], x[r + 3], x[r + 4], x[r + 5], x[r + 6], x[r + 7])
+    for k in range(8):
+        xk, sk = x[r + k], squares[k]
+        mean = means[k] / n
+        for j in range(n):
+            t = xk[j] - mean
+            sk[j] = t * t
+    variances = _sums8(squares[0], squares[1], squares[2], squares[3], squares[4], squares[5], squares[6],
+                       squares[7])
+    for k in range(8):
+        xk, ok = x[r + k], out[k]
+        mean = means[k] / n
+        s = 1.0 / math.sqrt(variances[k] / n + eps)
+        for j in range(n):
+            h = (xk[j] - mean) * s
+            ok[j] = h * gamma64[j] + beta64[j]
+
+
+# Packing 64 comparisons into a word: the intrinsics below load 64 elements as one vector, compare
+# them and bitcast the 64 results to an i64 (vector compares into mask registers on AVX-512,
+# VMOVMSKPS-style sequences on AVX2; the idea of kernels._bits64). Each reads elements start ..
+# start + 63 of contiguous 1-D arrays; partial last words go through the scalar loops.
+
+def _is_row(array, dtype):
+    return isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C" and array.dtype == dtype
+
+
+def _load64(context, builder, array_type, array, start):
+    data = context.make_array(array_type)(context, builder, array).data
+    vector_t = ir.VectorType(context.get_value_type(array_type.dtype), 64)
+    return builder.load(builder.bitcast(builder.gep(data, [start]), vector_t.as_pointer()),
+                        align=array_type.dtype.bitwidth // 8)
+
+
+@intrinsic
+def _below_bits64(typingctx, values, shift, start):
+    """Bit j = not (values[start + j] - shift[start + j] >= 0) (float32 subtraction; NaN -> 1)."""
+    if not (_is_row(values, types.float32) and _is_row(shift, types.float32)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        diff = builder.fsub(_load64(context, builder, signature.args[0], args[0], args[2]),
+                            _load64(context, builder, signature.args[1], args[1], args[2]))
+        below = builder.fcmp_unordered("<", diff, ir.Constant(diff.type, [0.0] * 64))
+        return builder.bitcast(below, ir.IntType(64))
+
+    return types.uint64(values, shift, start), codegen
+
+
+@intrinsic
+def _at_least_bits64(typingctx, values, start, threshold):
+    """Bit j = values[start + j] >= threshold (int32)."""
+    if not (_is_row(values, types.int32) and isinstance(threshold, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = _load64(context, builder, signature.args[0], args[0], args[1])
+        t = context.cast(builder, args[2], signature.args[2], types.int32)
+        splat = builder.insert_element(ir.Constant(v.type, ir.Undefined), t, ir.Constant(ir.IntType(32), 0))
+        splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(ir.IntType(32), 64), [0] * 64))
+        return builder.bitcast(builder.icmp_signed(">=", v, splat), ir.IntType(64))
+
+    return types.uint64(values, start, threshold), codegen
+
+
+@intrinsic
+def _interval_bits64(typingctx, values, lo, span, flip, start):
+    """Bit j = (uint32(values - lo) <= uint32(span)) != (flip != 0) at element start + j (int32
+    arrays): lo <= value <= lo + span, inverted where flip is set (see _interval_operands)."""
+    if not all(_is_row(a, types.int32) for a in (values, lo, span, flip)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v, low, width, invert = (_load64(context, builder, signature.args[i], args[i], args[4]) for i in range(4))
+        inside = builder.icmp_unsigned("<=", builder.sub(v, low), width)
+        flipped = builder.icmp_unsigned("!=", invert, ir.Constant(invert.type, [0] * 64))
+        return builder.bitcast(builder.xor(inside, flipped), ir.IntType(64))
+
+    return types.uint64(values, lo, span, flip, start), codegen
 
 
 # The packers below build each word in a loop of constant trip count 64 (LLVM vectorizes it; a
@@ -300,6 +378,63 @@ def _pack_signed_row(y, centre, shift, words):
         words[full] = word
 
 
+@njit(inline="always")
+def _residual_norm_pack_rows(x, add, acc, colsum, scale, bias, add_mode, gamma, beta, eps, shift, bits, h,
+                             out_mode, r0, r1):
+    """_residual_norm_pack on rows r0 .. r1 - 1 (one thread)."""
+    n = x.shape[1]
+    for r in range(r0, r1):
+        xr = x[r]
+        if add_mode == 1:
+            ar = add[r]
+            for j in range(n):
+                xr[j] = xr[j] + ar[j]
+        elif add_mode == 2:
+            cr = acc[r]
+            for j in range(n):
+                y = np.float32((cr[j] + colsum[j]) // 2) * scale[j]
+                xr[j] = xr[j] + (y + bias[j])
+    if out_mode == 0:
+        return
+    buf = np.empty((8, n), np.float32)
+    squares = np.empty((8, n), np.float64)
+    gamma64, beta64 = gamma.astype(np.float64), beta.astype(np.float64)
+    r = r0
+    while r < r1:
+        if r + 8 <= r1:
+            _layernorm_rows8(x, r, gamma64, beta64, eps, squares, buf)
+            count = 8
+        else:
+            _layernorm_row(x[r], gamma, beta, eps, buf[0])
+            count = 1
+        for k in range(count):
+            if out_mode == 1:
+                _pack_below_row(buf[k], shift, bits[r + k])
+            else:
+                h[r + k] = buf[k]
+        r += count
+
+
+@njit(inline="always")
+def _pack_below_row(y, shift, words):
+    """words = packed not (y - shift >= 0): _pack_signed_row with centre 0, vectorized."""
+    n = y.shape[0]
+    full = n // 64
+    for w in range(full):
+        words[w] = _below_bits64(y, shift, 64 * w)
+    if full < words.shape[0]:
+        _below_tail(y, shift, full, words)
+
+
+@njit(cache=True)
+def _below_tail(y, shift, full, words):
+    """words[full]: the partial last word of _pack_below_row (see _interval_tail)."""
+    word = np.uint64(0)
+    for j in range(y.shape[0] - 64 * full):
+        word |= _signed_bit(y[64 * full + j], np.float32(0.0), shift[64 * full + j]) << np.uint64(j)
+    words[full] = word
+
+
 @njit(parallel=True, cache=True)
 def _residual_norm_pack(x, add, acc, colsum, scale, bias, add_mode, gamma, beta, eps, shift, bits, h, out_mode):
     """The residual add that ends a sub-block, fused with the next LayerNorm and the sign packing
@@ -311,38 +446,11 @@ def _residual_norm_pack(x, add, acc, colsum, scale, bias, add_mode, gamma, beta,
     out_mode 0: nothing more;  1: bits [M, W] = packed sign(LN(x) - shift) (threshold per column);
         2: h [M, D] = LN(x) (float32), for an ASM 'token' centre computed by NumPy afterwards.
     """
-    rows, n = x.shape
+    rows = x.shape[0]
     tasks = (rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(tasks):
-        r0, r1 = task * _ROWS_PER_TASK, min(rows, (task + 1) * _ROWS_PER_TASK)
-        for r in range(r0, r1):
-            xr = x[r]
-            if add_mode == 1:
-                ar = add[r]
-                for j in range(n):
-                    xr[j] = xr[j] + ar[j]
-            elif add_mode == 2:
-                cr = acc[r]
-                for j in range(n):
-                    y = np.float32((cr[j] + colsum[j]) // 2) * scale[j]
-                    xr[j] = xr[j] + (y + bias[j])
-        if out_mode == 0:
-            continue
-        buf = np.empty((4, n), np.float32)
-        r = r0
-        while r < r1:
-            if r + 4 <= r1:
-                _layernorm_rows4(x[r], x[r + 1], x[r + 2], x[r + 3], gamma, beta, eps, buf)
-                count = 4
-            else:
-                _layernorm_row(x[r], gamma, beta, eps, buf[0])
-                count = 1
-            for k in range(count):
-                if out_mode == 1:
-                    _pack_signed_row(buf[k], np.float32(0.0), shift, bits[r + k])
-                else:
-                    h[r + k] = buf[k]
-            r += count
+        _residual_norm_pack_rows(x, add, acc, colsum, scale, bias, add_mode, gamma, beta, eps, shift, bits, h,
+                                 out_mode, task * _ROWS_PER_TASK, min(rows, (task + 1) * _ROWS_PER_TASK))
 
 
 @njit(parallel=True, cache=True)
@@ -376,35 +484,40 @@ def _pack_qkv(qkv, n_batch, n_tokens, n_heads, centres, shifts, qk_bits, vt_bits
 
 
 @njit(inline="always")
-def _interval_bit(value, lo, hi, invert):
-    """The tabulated decision as a uint64 0/1: (lo <= value <= hi) != invert (see decision_intervals)."""
-    return np.uint64((value >= lo) & (value <= hi)) ^ invert
-
-
-@njit(inline="always")
-def _pack_interval_row(acc, lo, hi, invert, words):
-    """words = packed _interval_bit of every column of one accumulator row."""
-    n = acc.shape[0]
+def _pack_interval_range(acc, lo, span, flip, c0, n, words):
+    """words = packed decisions of columns c0 .. c0 + n - 1 of one accumulator row: bit =
+    (lo <= acc <= lo + span) != flip per column (int32 operands of _interval_operands)."""
     full = n // 64
     for w in range(full):
-        word = np.uint64(0)
-        for j in range(64):
-            c = 64 * w + j
-            word |= _interval_bit(acc[c], lo[c], hi[c], invert[c]) << np.uint64(j)
-        words[w] = word
+        words[w] = _interval_bits64(acc, lo, span, flip, c0 + 64 * w)
     if full < words.shape[0]:
-        word = np.uint64(0)
-        for j in range(n - 64 * full):
-            c = 64 * full + j
-            word |= _interval_bit(acc[c], lo[c], hi[c], invert[c]) << np.uint64(j)
-        words[full] = word
+        _interval_tail(acc, lo, span, flip, c0, n, full, words)
 
 
-@njit(parallel=True, cache=True)
-def _pack_intervals(acc, lo, hi, invert, bits):
-    """bits [M, W] from an integer accumulator acc [M, C] and per-column decision intervals."""
-    for r in prange(acc.shape[0]):
-        _pack_interval_row(acc[r], lo, hi, invert, bits[r])
+@njit(cache=True)
+def _interval_tail(acc, lo, span, flip, c0, n, full, words):
+    """words[full]: the partial last word of _pack_interval_range. A separate function writing into
+    words: inlined (or returning the word), the scalar loop made every call ~10x slower (measured)."""
+    word = np.uint64(0)
+    for j in range(n - 64 * full):
+        c = c0 + 64 * full + j
+        word |= np.uint64((np.uint32(acc[c] - lo[c]) <= np.uint32(span[c])) != (flip[c] != 0)) << np.uint64(j)
+    words[full] = word
+
+
+@njit(cache=True)
+def _pack_interval_rows(acc, lo, span, flip, bits):
+    """bits [M, W] of every row of acc [M, C] (_pack_interval_range)."""
+    for r in range(acc.shape[0]):
+        _pack_interval_range(acc[r], lo, span, flip, 0, acc.shape[1], bits[r])
+
+
+def _interval_operands(intervals):
+    """decision_intervals' (lo, hi, invert) as the int32 (lo, span, flip) of _pack_interval_range;
+    an empty interval (lo = K + 1 > hi = K) becomes the single integer K + 1, never reached."""
+    lo, hi, invert = intervals
+    hi = np.maximum(hi, lo)
+    return lo.astype(np.int32), (hi - lo).astype(np.int32), invert.astype(np.int32)
 
 
 @njit(inline="always")
@@ -424,47 +537,50 @@ def _transpose_bits64(a):
         mask ^= mask << np.uint64(s)
 
 
-@njit(parallel=True, cache=True)
-def _pack_qkv_intervals(acc, lo, hi, invert, n_batch, n_tokens, n_heads, qk_bits, vt_bits):
-    """_pack_qkv from the integer qkv accumulator acc [B*N, 3D] (binary_gemm without epilogue) and
-    the per-column decision intervals of the q, k, v binarizers. v's bits are packed along d per
-    token, then turned into vt_bits by 64 x 64 bit transposes."""
+@njit(cache=True)
+def _pack_qkv_intervals(acc, lo, span, flip, n_images, n_tokens, n_heads, q_bits, k_words, v_words):
+    """The q, k, v binarizers' bits from the integer qkv accumulator acc [b*N, 3D] (no epilogue)
+    through per-column decision intervals, per (image, head) t, in the layouts the attention
+    products read (kernels' popcount-matmul operands, planes word-major):
+    q_bits [b*H, N, Wd]: q packed along the head dim d;  k_words [b*H, Wd, N]: the same for k,
+    word-major;  v_words [b*H, Wn, d]: v packed along the tokens, word-major (64 x 64 bit
+    transposes of v packed along d)."""
     dim = acc.shape[1] // 3
     d = dim // n_heads
-    d_words, n_words = qk_bits.shape[3], vt_bits.shape[2]
-    for task in prange(n_batch * n_heads):
+    d_words, n_words = q_bits.shape[2], v_words.shape[1]
+    v_rows = np.zeros((64 * n_words, d_words), np.uint64)    # rows past the last token stay 0
+    k_row = np.empty(d_words, np.uint64)
+    block = np.empty(64, np.uint64)
+    for task in range(n_images * n_heads):
         b = task // n_heads
         hd = (task % n_heads) * d
-        v_rows = np.zeros((64 * n_words, d_words), np.uint64)
         for n in range(n_tokens):
             row = acc[b * n_tokens + n]
             for t in range(3):
                 c0 = t * dim + hd
-                words = qk_bits[t, task, n] if t < 2 else v_rows[n]
-                _pack_interval_row(row[c0:c0 + d], lo[c0:c0 + d], hi[c0:c0 + d], invert[c0:c0 + d], words)
-        block = np.empty(64, np.uint64)
+                words = q_bits[task, n] if t == 0 else k_row if t == 1 else v_rows[n]
+                _pack_interval_range(row, lo, span, flip, c0, d, words)
+            for g in range(d_words):
+                k_words[task, g, n] = k_row[g]
         for g in range(d_words):
             for w in range(n_words):
                 block[:] = v_rows[64 * w:64 * w + 64, g]
                 _transpose_bits64(block)
                 for j in range(min(64, d - 64 * g)):
-                    vt_bits[task, 64 * g + j, w] = block[j]
+                    v_words[task, w, 64 * g + j] = block[j]
 
 
-@njit(parallel=True, cache=True)
-def _pack_heads_intervals(o, lo, hi, invert, n_tokens, n_heads, bits):
-    """Merge the heads of the integer attention output o [B*H, N, d] (and_bmm) and pack the proj
-    input's bits from per-column decision intervals: bits [B*N, Wd]."""
+@njit(cache=True)
+def _pack_heads_intervals(o, lo, span, flip, n_tokens, n_heads, bits):
+    """Merge the heads of the integer attention output o [b*H, N, d] and pack the proj input's
+    bits from per-column decision intervals: bits [b*N, Wd]."""
     n_bh, _, d = o.shape
-    rows = (n_bh // n_heads) * n_tokens
-    tasks = (rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
-    for task in prange(tasks):
-        merged = np.empty(n_heads * d, np.int32)
-        for r in range(task * _ROWS_PER_TASK, min(rows, (task + 1) * _ROWS_PER_TASK)):
-            b, n = r // n_tokens, r % n_tokens
-            for hh in range(n_heads):
-                merged[hh * d:(hh + 1) * d] = o[b * n_heads + hh, n]
-            _pack_interval_row(merged, lo, hi, invert, bits[r])
+    merged = np.empty(n_heads * d, np.int32)
+    for r in range((n_bh // n_heads) * n_tokens):
+        b, n = r // n_tokens, r % n_tokens
+        for hh in range(n_heads):
+            merged[hh * d:(hh + 1) * d] = o[b * n_heads + hh, n]
+        _pack_interval_range(merged, lo, span, flip, 0, n_heads * d, bits[r])
 
 
 @njit(parallel=True, cache=True)
@@ -591,25 +707,51 @@ def _softmax_task(scores, table, r0, r1, buf, probs, alpha, p_bits):
         r += count
 
 
+@njit(cache=True)
+def _level_threshold(alpha):
+    """The smallest float32 p with float32(p / alpha) > 0.5 (alpha > 0): the unsigned elastic
+    binarizer's level of a probability p is 1 exactly where p >= this (division is monotone)."""
+    p = np.float32(0.5) * alpha
+    while p / alpha > 0.5:
+        p = np.nextafter(p, np.float32(0.0))
+    while not p / alpha > 0.5:
+        p = np.nextafter(p, np.float32(np.inf))
+    return p
+
+
+@njit(inline="always")
+def _row_max(scores):
+    top = scores[0]
+    for j in range(1, scores.shape[0]):
+        top = max(top, scores[j])
+    return top
+
+
 @njit(inline="always")
 def _exp_sum(scores, exps, d):
-    """sum_j exps[scores[j] + d] in float64, in order (ops' softmax denominator)."""
+    """sum_j exps[scores[j] + d] in float64, in order (ops' softmax denominator); exps: a float64
+    table row (the float32 exp values, converted exactly)."""
     total = 0.0
     for j in range(scores.shape[0]):
-        total += exps[scores[j] + d]
+        total += exps[np.uint64(scores[j] + d)]
     return total
 
 
 @njit(inline="always")
-def _exp_sums4(s0, s1, s2, s3, e0, e1, e2, e3, d):
-    """_exp_sum of four rows as four independent chains."""
-    t0 = t1 = t2 = t3 = 0.0
+def _exp_sums8(s0, s1, s2, s3, s4, s5, s6, s7, e0, e1, e2, e3, e4, e5, e6, e7, d):
+    """_exp_sum of eight rows as eight independent chains (the float64 add latency, not the
+    arithmetic, bounds one row)."""
+    t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = 0.0
     for j in range(s0.shape[0]):
-        t0 += e0[s0[j] + d]
-        t1 += e1[s1[j] + d]
-        t2 += e2[s2[j] + d]
-        t3 += e3[s3[j] + d]
-    return t0, t1, t2, t3
+        t0 += e0[np.uint64(s0[j] + d)]
+        t1 += e1[np.uint64(s1[j] + d)]
+        t2 += e2[np.uint64(s2[j] + d)]
+        t3 += e3[np.uint64(s3[j] + d)]
+        t4 += e4[np.uint64(s4[j] + d)]
+        t5 += e5[np.uint64(s5[j] + d)]
+        t6 += e6[np.uint64(s6[j] + d)]
+        t7 += e7[np.uint64(s7[j] + d)]
+    return t0, t1, t2, t3, t4, t5, t6, t7
 
 
 @njit(inline="always")
@@ -618,31 +760,65 @@ def _pack_at_least(scores, threshold, words):
     n = scores.shape[0]
     full = n // 64
     for w in range(full):
-        word = np.uint64(0)
-        for j in range(64):
-            word |= np.uint64(scores[64 * w + j] >= threshold) << np.uint64(j)
-        words[w] = word
+        words[w] = _at_least_bits64(scores, 64 * w, threshold)
     if full < words.shape[0]:
-        word = np.uint64(0)
-        for j in range(n - 64 * full):
-            word |= np.uint64(scores[64 * full + j] >= threshold) << np.uint64(j)
-        words[full] = word
+        _at_least_tail(scores, threshold, full, words)
+
+
+@njit(cache=True)
+def _at_least_tail(scores, threshold, full, words):
+    """words[full]: the partial last word of _pack_at_least (see _interval_tail)."""
+    word = np.uint64(0)
+    for j in range(scores.shape[0] - 64 * full):
+        word |= np.uint64(scores[64 * full + j] >= threshold) << np.uint64(j)
+    words[full] = word
 
 
 @njit(inline="always")
-def _pack_attention_row(scores, exps, top, total, d, alpha, words):
+def _pack_attention_row(scores, exps, top, total, d, p_min, words):
     """The attention binarizer's bits of one row: p_j = float32(e_j * (1 / total)) has level 1 where
-    p_j / alpha > 0.5. With the table row non-decreasing in I, so is the level: a binary search over
-    I in [-d, top] finds the smallest I at level 1, and the bits are scores >= that I."""
+    p_j >= p_min (_level_threshold). With the table row exps (float64) non-decreasing in I, so is
+    the level: the smallest I at level 1 is -d plus the number of I in [-d, top] at level 0
+    (counted without branches), and the bits are scores >= that I."""
     inv = 1.0 / total
-    lo, hi = -d, top + 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if np.float32(exps[mid + d] * inv) / alpha > 0.5:
-            hi = mid
-        else:
-            lo = mid + 1
-    _pack_at_least(scores, lo, words)
+    zeros = 0
+    for i in range(top + d + 1):
+        zeros += np.float32(exps[i] * inv) < p_min
+    _pack_at_least(scores, zeros - d, words)
+
+
+@njit(inline="always")
+def _softmax_rows(scores, table, table64, monotone, probs, alpha, p_min, p_bits, r0, r1):
+    """_softmax on rows r0 .. r1 - 1 (one thread); table64: the exp table in float64, p_min:
+    _level_threshold(alpha)."""
+    d = (table.shape[0] - 1) // 2
+    if not (monotone and p_bits.shape[0]):
+        _softmax_task(scores, table, r0, r1, np.empty((4, scores.shape[1]), np.float32), probs, alpha, p_bits)
+        return
+    r = r0
+    while r + 8 <= r1:
+        s0, s1, s2, s3, s4, s5, s6, s7 = (scores[r], scores[r + 1], scores[r + 2], scores[r + 3], scores[r + 4],
+                                          scores[r + 5], scores[r + 6], scores[r + 7])
+        tops = (_row_max(s0), _row_max(s1), _row_max(s2), _row_max(s3), _row_max(s4), _row_max(s5),
+                _row_max(s6), _row_max(s7))
+        e0, e1, e2, e3, e4, e5, e6, e7 = (table64[tops[0] + d], table64[tops[1] + d], table64[tops[2] + d],
+                                          table64[tops[3] + d], table64[tops[4] + d], table64[tops[5] + d],
+                                          table64[tops[6] + d], table64[tops[7] + d])
+        totals = _exp_sums8(s0, s1, s2, s3, s4, s5, s6, s7, e0, e1, e2, e3, e4, e5, e6, e7, d)
+        _pack_attention_row(s0, e0, tops[0], totals[0], d, p_min, p_bits[r])
+        _pack_attention_row(s1, e1, tops[1], totals[1], d, p_min, p_bits[r + 1])
+        _pack_attention_row(s2, e2, tops[2], totals[2], d, p_min, p_bits[r + 2])
+        _pack_attention_row(s3, e3, tops[3], totals[3], d, p_min, p_bits[r + 3])
+        _pack_attention_row(s4, e4, tops[4], totals[4], d, p_min, p_bits[r + 4])
+        _pack_attention_row(s5, e5, tops[5], totals[5], d, p_min, p_bits[r + 5])
+        _pack_attention_row(s6, e6, tops[6], totals[6], d, p_min, p_bits[r + 6])
+        _pack_attention_row(s7, e7, tops[7], totals[7], d, p_min, p_bits[r + 7])
+        r += 8
+    while r < r1:
+        top = _row_max(scores[r])
+        exps = table64[top + d]
+        _pack_attention_row(scores[r], exps, top, _exp_sum(scores[r], exps, d), d, p_min, p_bits[r])
+        r += 1
 
 
 @njit(parallel=True, cache=True)
@@ -650,30 +826,13 @@ def _softmax(scores, table, monotone, probs, alpha, p_bits):
     """Attention probabilities of binary scores [R, N] (int32, R = B*H*N rows): into probs [R, N]
     when p_bits is empty, else binarized to {0, 1} and packed along the keys into p_bits [R, Wn]
     (through thresholds on the scores when every table row is non-decreasing: ``monotone``)."""
-    rows, n = scores.shape
-    d = (table.shape[0] - 1) // 2
+    rows = scores.shape[0]
+    table64 = table.astype(np.float64)
+    p_min = _level_threshold(alpha)
     tasks = (rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(tasks):
-        r0, r1 = task * _ROWS_PER_TASK, min(rows, (task + 1) * _ROWS_PER_TASK)
-        if not (monotone and p_bits.shape[0]):
-            _softmax_task(scores, table, r0, r1, np.empty((4, n), np.float32), probs, alpha, p_bits)
-            continue
-        r = r0
-        while r + 4 <= r1:
-            s0, s1, s2, s3 = scores[r], scores[r + 1], scores[r + 2], scores[r + 3]
-            top0, top1, top2, top3 = s0.max(), s1.max(), s2.max(), s3.max()
-            e0, e1, e2, e3 = table[top0 + d], table[top1 + d], table[top2 + d], table[top3 + d]
-            t0, t1, t2, t3 = _exp_sums4(s0, s1, s2, s3, e0, e1, e2, e3, d)
-            _pack_attention_row(s0, e0, top0, t0, d, alpha, p_bits[r])
-            _pack_attention_row(s1, e1, top1, t1, d, alpha, p_bits[r + 1])
-            _pack_attention_row(s2, e2, top2, t2, d, alpha, p_bits[r + 2])
-            _pack_attention_row(s3, e3, top3, t3, d, alpha, p_bits[r + 3])
-            r += 4
-        while r < r1:
-            top = scores[r].max()
-            _pack_attention_row(scores[r], table[top + d], top, _exp_sum(scores[r], table[top + d], d), d, alpha,
-                                p_bits[r])
-            r += 1
+        _softmax_rows(scores, table, table64, monotone, probs, alpha, p_min, p_bits, task * _ROWS_PER_TASK,
+                      min(rows, (task + 1) * _ROWS_PER_TASK))
 
 
 def table_is_monotone(table):
@@ -694,11 +853,14 @@ def _pack_unsigned_rows(g, centres, shift, alpha, bits):
 
 @njit(parallel=True, cache=True)
 def _max_abs(x):
-    """max |x| over a flat float32 array (a max is exact in any order)."""
-    m = np.float32(0.0)
+    """max |x| over a flat float32 array (a max is exact in any order), found as the largest
+    |x| bit pattern: for floats of one sign the bit patterns are ordered as the values, and an
+    integer max vectorizes (a float max does not, without fastmath). A NaN gives a NaN."""
+    bits = x.view(np.int32)
+    m = np.int32(0)
     for i in prange(x.size):
-        m = max(m, abs(x[i]))
-    return m
+        m = max(m, bits[i] & np.int32(0x7FFFFFFF))
+    return np.array([m], np.int32).view(np.float32)[0]
 
 
 @njit(parallel=True, cache=True)
@@ -735,6 +897,137 @@ def _int8_matmul(a, w):
                 total += np.int32(am[k]) * np.int32(wn[k])
             out[m, n] = total
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# binary / binaryvit with every decision tabulated: the whole network in one parallel region
+#
+# Waking OpenMP's sleeping worker and waiting for it at the end of a region cost ~50 us each on
+# the 2-core VM these were measured on, and a forward ran ~10 Numba regions per block: at batch 8
+# two threads were no faster than one. Here each thread takes a contiguous share of the images
+# and runs all blocks on them, a few images at a time; the blocks treat every image on its own, so
+# the bits are those of the per-kernel path. The popcount products call kernels' one-thread core
+# (_panel_rows on aligned weight panels, the layout of kernels.binary_gemm's tasks).
+# ---------------------------------------------------------------------------------------------
+
+_BinaryNet = namedtuple("_BinaryNet", [
+    "norm1_weight", "norm1_bias", "qkv_threshold",        # [L, D] float32: norm1, qkv input binarizer
+    "qkv_panels", "qkv_lo", "qkv_span", "qkv_flip",       # panels [L, blocks, Wd, width]; intervals [L, 3D]
+    "exp_tables", "exp_tables64", "exp_monotone",         # [L, 2d+1, 2d+1] float32 / float64, [L] bool
+    "attn_alpha", "attn_level_min",                       # [L] float32: alpha, _level_threshold(alpha)
+    "heads_lo", "heads_span", "heads_flip",               # proj input intervals [L, D]
+    "proj_panels", "proj_scale", "proj_bias",             # proj epilogue [L, D]
+    "norm2_weight", "norm2_bias", "fc1_threshold",        # [L, D]
+    "fc1_panels", "fc1_lo", "fc1_span", "fc1_flip",       # fc2 input intervals [L, Hd]
+    "fc2_panels", "fc2_colsum", "fc2_scale", "fc2_bias",  # fc2 epilogue [L, D]
+    "eps"])
+
+
+@njit(cache=True)
+def _weight_panels(w_packed_T):
+    """A packed weight [W, N] as kernels' aligned, zero-padded panels [blocks, W, width]."""
+    n_words, n_cols = w_packed_T.shape
+    blocks, width = kernels._column_blocks(n_cols)
+    panels = kernels._aligned_empty(blocks * n_words, width, np.uint64).reshape((blocks, n_words, width))
+    planes = w_packed_T.reshape((1, n_words, n_cols))
+    for cb in range(blocks):
+        panels[cb] = kernels._copy_panel(planes, 0, cb * width, min(width, n_cols - cb * width), width)
+    return panels
+
+
+@njit(inline="always")
+def _gemm_rows(a, panels, row_offset, row_scale, col_scale, bias, out):
+    """out[0] = binary_gemm of a[0] [M, W] with the weight of `panels` (see _weight_panels), one
+    thread: int32 (row_scale None) or its float32 epilogue."""
+    n_cols, width = out.shape[2], panels.shape[2]
+    for cb in range(panels.shape[0]):
+        n0 = cb * width
+        kernels._panel_rows(a, 0, 0, a.shape[1], panels[cb], None, n0, min(width, n_cols - n0), width,
+                            row_offset, None, row_scale, col_scale, bias, out)
+
+
+@njit(inline="always")
+def _batched_rows(a, t, x_planes, y_planes, row_offset, out):
+    """out[t] = kernels._popcount_matmul's product of a[t] with the planes of batch entry t, one
+    thread: x_planes given: row_offset - 2 popcount(a ^ x) (binary_bmm); y_planes given:
+    row_offset - 2 popcount(a & y) (and_bmm)."""
+    n_cols = out.shape[2]
+    blocks, width = kernels._column_blocks(n_cols)
+    for cb in range(blocks):
+        n0 = cb * width
+        nb = min(width, n_cols - n0)
+        kernels._panel_rows(a, t, 0, a.shape[1], kernels._copy_panel(x_planes, t, n0, nb, width),
+                            kernels._copy_panel(y_planes, t, n0, nb, width), n0, nb, width, row_offset, None, None,
+                            None, None, out)
+
+
+@njit(cache=True)
+def _binary_net_chunk(x, n_images, n_tokens, n_heads, net):
+    """Every block of the binary network on the stream x [b*N, D] of n_images images, in place."""
+    rows, dim = x.shape
+    d = dim // n_heads
+    hidden = net.fc1_lo.shape[1]
+    bh = n_images * n_heads
+    d_words, n_words = (d + 63) // 64, (n_tokens + 63) // 64
+    bits = np.empty((1, rows, (dim + 63) // 64), np.uint64)
+    h_bits = np.empty((1, rows, (hidden + 63) // 64), np.uint64)
+    qkv = np.empty((1, rows, 3 * dim), np.int32)
+    q_bits = np.empty((bh, n_tokens, d_words), np.uint64)
+    k_words = np.empty((bh, d_words, n_tokens), np.uint64)
+    v_words = np.empty((bh, n_words, d), np.uint64)
+    scores = np.empty((bh, n_tokens, n_tokens), np.int32)
+    p_bits = np.empty((bh, n_tokens, n_words), np.uint64)
+    p_count = np.empty((bh, n_tokens), np.int64)
+    o = np.empty((bh, n_tokens, d), np.int32)
+    proj = np.empty((1, rows, dim), np.float32)
+    fc1 = np.empty((1, rows, hidden), np.int32)
+    fc2 = np.empty((1, rows, dim), np.int32)
+    dim_offset = np.full((1, rows), dim, np.int64)
+    hidden_offset = np.full((1, rows), hidden, np.int64)
+    d_offset = np.full((bh, n_tokens), d, np.int64)
+    ones = np.ones(rows, np.float32)
+    no_probs = np.empty((0, n_tokens), np.float32)
+    colsum, scale, bias = net.fc2_colsum[0], net.fc2_scale[0], net.fc2_bias[0]
+    _residual_norm_pack_rows(x, x, fc2[0], colsum, scale, bias, 0, net.norm1_weight[0], net.norm1_bias[0], net.eps,
+                             net.qkv_threshold[0], bits[0], x, 1, 0, rows)
+    depth = net.norm1_weight.shape[0]
+    for layer in range(depth):
+        _gemm_rows(bits, net.qkv_panels[layer], dim_offset, None, None, None, qkv)
+        _pack_qkv_intervals(qkv[0], net.qkv_lo[layer], net.qkv_span[layer], net.qkv_flip[layer], n_images, n_tokens,
+                            n_heads, q_bits, k_words, v_words)
+        for t in range(bh):
+            _batched_rows(q_bits, t, k_words, None, d_offset, scores)
+            _softmax_rows(scores[t], net.exp_tables[layer], net.exp_tables64[layer], net.exp_monotone[layer],
+                          no_probs, net.attn_alpha[layer], net.attn_level_min[layer], p_bits[t], 0, n_tokens)
+            for n in range(n_tokens):
+                count = 0
+                for w in range(n_words):
+                    count += kernels.popcount(p_bits[t, n, w])
+                p_count[t, n] = count
+            _batched_rows(p_bits, t, None, v_words, p_count, o)
+        _pack_heads_intervals(o, net.heads_lo[layer], net.heads_span[layer], net.heads_flip[layer], n_tokens, n_heads,
+                              bits[0])
+        _gemm_rows(bits, net.proj_panels[layer], dim_offset, ones, net.proj_scale[layer], net.proj_bias[layer], proj)
+        _residual_norm_pack_rows(x, proj[0], fc2[0], colsum, scale, bias, 1, net.norm2_weight[layer],
+                                 net.norm2_bias[layer], net.eps, net.fc1_threshold[layer], bits[0], x, 1, 0, rows)
+        _gemm_rows(bits, net.fc1_panels[layer], dim_offset, None, None, None, fc1)
+        _pack_interval_rows(fc1[0], net.fc1_lo[layer], net.fc1_span[layer], net.fc1_flip[layer], h_bits[0])
+        _gemm_rows(h_bits, net.fc2_panels[layer], hidden_offset, None, None, None, fc2)
+        following = min(layer + 1, depth - 1)
+        _residual_norm_pack_rows(x, proj[0], fc2[0], net.fc2_colsum[layer], net.fc2_scale[layer], net.fc2_bias[layer],
+                                 2, net.norm1_weight[following], net.norm1_bias[following], net.eps,
+                                 net.qkv_threshold[following], bits[0], x, 1 if layer + 1 < depth else 0, 0, rows)
+
+
+@njit(parallel=True, cache=True)
+def _binary_net(x, n_images, n_tokens, n_heads, net, groups, step):
+    """Every block on the stream x [B*N, D] (float32, in place): one parallel task per group of
+    images (contiguous shares), each run through _binary_net_chunk `step` images at a time."""
+    for g in prange(groups):
+        i0, i1 = g * n_images // groups, (g + 1) * n_images // groups
+        for s0 in range(i0, i1, step):
+            s1 = min(s0 + step, i1)
+            _binary_net_chunk(x[s0 * n_tokens:s1 * n_tokens], s1 - s0, n_tokens, n_heads, net)
 
 
 def linear_values(k, scale, bias):
@@ -836,9 +1129,11 @@ class PackedViT:
         self._unsigned8 = quant.make_quantizer("a_minmax8_unsigned")
         self.heads = [self._head(name) for name in (("head", "head_dist") if cfg.distilled else ("head",))]
         self.inv_sqrt_d = _F32(1.0 / math.sqrt(cfg.embed_dim // cfg.num_heads))   # ops.attention_forward's
-        # images per chunk of the binary / binaryvit blocks: fc1's int32 output within CHUNK_BYTES
-        self.chunk_images = max(1, CHUNK_BYTES // (4 * cfg.num_tokens * cfg.mlp_hidden))
         self.blocks = [self._block(f"blocks.{i}") for i in range(cfg.depth)]
+        self.net = self._binary_net()
+        # images per chunk of the binary / binaryvit blocks: one at a time per thread in _binary_net
+        # (best measured, with 2), else fc1's int32 output within CHUNK_BYTES
+        self.chunk_images = 1 if self.net is not None else max(1, CHUNK_BYTES // (4 * cfg.num_tokens * cfg.mlp_hidden))
         self._dummy_f = np.zeros((1, 1), _F32)
         self._dummy_i = np.zeros((1, 1), np.int32)
         self._dummy_v = np.zeros(1, _F32)
@@ -970,6 +1265,40 @@ class PackedViT:
             blk["heads_intervals"] = decision_intervals(decision_table(values, proj_input.shift))
         return blk
 
+    def _binary_net(self):
+        """The stacked per-block arrays of _binary_net when every decision of every block is
+        tabulated (binary, binaryvit without the 'token' centre), else None."""
+        names = ("qkv_intervals", "heads_intervals", "fc1_intervals")
+        if self.scheme not in ("binary", "binaryvit") or any(blk.get(n) is None for blk in self.blocks for n in names):
+            return None
+
+        def stack(get, dtype=None):
+            return np.ascontiguousarray(np.stack([get(blk) for blk in self.blocks]), dtype)
+
+        def intervals(name):
+            operands = [_interval_operands(blk[name]) for blk in self.blocks]
+            return tuple(np.stack([o[i] for o in operands]) for i in range(3))
+
+        def panels(name):
+            return stack(lambda blk: _weight_panels(blk[name]["bits"]))
+
+        return _BinaryNet(
+            stack(lambda blk: blk["norm1"][0], _F32), stack(lambda blk: blk["norm1"][1], _F32),
+            stack(lambda blk: blk["attn.qkv"]["input"].shift, _F32),
+            panels("attn.qkv"), *intervals("qkv_intervals"),
+            stack(lambda blk: blk["exp_table"]), stack(lambda blk: blk["exp_table"], np.float64),
+            stack(lambda blk: blk["exp_monotone"]), stack(lambda blk: blk["attn"].scale, _F32),
+            stack(lambda blk: _level_threshold(_F32(blk["attn"].scale)), _F32),
+            *intervals("heads_intervals"),
+            panels("attn.proj"), stack(lambda blk: blk["attn.proj"]["scale"], _F32),
+            stack(lambda blk: blk["attn.proj"]["bias"], _F32),
+            stack(lambda blk: blk["norm2"][0], _F32), stack(lambda blk: blk["norm2"][1], _F32),
+            stack(lambda blk: blk["mlp.fc1"]["input"].shift, _F32),
+            panels("mlp.fc1"), *intervals("fc1_intervals"),
+            panels("mlp.fc2"), stack(lambda blk: blk["mlp.fc2"]["colsum"]),
+            stack(lambda blk: blk["mlp.fc2"]["scale"], _F32), stack(lambda blk: blk["mlp.fc2"]["bias"], _F32),
+            _F32(self.cfg.layernorm_eps))
+
     # -- forward ------------------------------------------------------------------------------
 
     def forward(self, x):
@@ -987,6 +1316,9 @@ class PackedViT:
         if self.scheme == "tervit":
             for blk in self.blocks:
                 stream = self._tervit_block(blk, stream, B)
+        elif self.net is not None:
+            groups = min(B, numba.get_num_threads())
+            _binary_net(stream, B, N, c.num_heads, self.net, groups, self.chunk_images)
         elif self.scheme == "gsb":
             self._binary_blocks(stream, B)
         else:
@@ -1080,9 +1412,6 @@ class PackedViT:
         """fc1 then GELU then the fc2 input binarizer: packed bits [M, ceil(Hd / 64)] (+-1 recoding)."""
         c, fc1, binarizer = self.cfg, blk["mlp.fc1"], blk["mlp.fc2"]["input"]
         out = np.empty((bits.shape[0], (c.mlp_hidden + 63) // 64), np.uint64)
-        if blk.get("fc1_intervals") is not None:
-            _pack_intervals(kernels.binary_gemm(bits, fc1["bits"], c.embed_dim), *blk["fc1_intervals"], out)
-            return out
         f = kernels.binary_gemm(bits, fc1["bits"], c.embed_dim, col_scale=fc1["scale"], bias=fc1["bias"])
         g, _ = ops.gelu_forward(f, c.gelu_approximate)
         centres = np.zeros(g.shape[0], _F32)
@@ -1099,10 +1428,6 @@ class PackedViT:
         d = D // H
         qk_bits = np.empty((2, B * H, N, (d + 63) // 64), np.uint64)
         vt_bits = np.zeros((B * H, d, (N + 63) // 64), np.uint64)
-        if blk.get("qkv_intervals") is not None:
-            _pack_qkv_intervals(kernels.binary_gemm(bits, qkv["bits"], D), *blk["qkv_intervals"], B, N, H,
-                                qk_bits, vt_bits)
-            return qk_bits, vt_bits, None
         values = kernels.binary_gemm(bits, qkv["bits"], D, col_scale=qkv["scale"], bias=qkv["bias"])
         views = values.reshape(B, N, 3, H, d).transpose(2, 0, 3, 1, 4)   # q, k, v (B, H, N, d), as the model
         centres = np.zeros((3, B * H * N), _F32)
@@ -1127,12 +1452,9 @@ class PackedViT:
         else:
             p_bits = np.empty((B * H * N, (N + 63) // 64), np.uint64)
             _softmax(scores.reshape(-1, N), blk["exp_table"], blk["exp_monotone"], np.empty((0, N), _F32),
-                     blk["attn"].scale, p_bits)
+                     _F32(blk["attn"].scale), p_bits)
             o, o_scale = kernels.and_bmm(p_bits.reshape(B * H, N, -1), vt_bits, N), blk["s_av"]
         bits = np.zeros((B * N, (D + 63) // 64), np.uint64)
-        if blk.get("heads_intervals") is not None:
-            _pack_heads_intervals(o, *blk["heads_intervals"], N, H, bits)
-            return bits
         binarizer = blk["attn.proj"]["input"]
         centres = np.zeros(B * N, _F32)
         if binarizer.token:

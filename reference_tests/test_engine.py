@@ -90,6 +90,8 @@ def assert_bit_exact(model, eng, x):
 ])
 def test_packed_logits_equal_simulated_forward(tmp_path, scheme, center, config):
     model, eng, _ = exported(tmp_path, scheme, config=config, center=center)
+    # every decision tabulated: the whole network runs in one parallel region (engine._binary_net)
+    assert (eng.net is not None) == (scheme in ("binary", "binaryvit") and center != "token")
     for batch in (1, 5):
         assert_bit_exact(model, eng, images(model.cfg, batch))
     eng.chunk_images = 2                     # blocks run on chunks of images: the same bits
@@ -104,6 +106,16 @@ def test_float_fallback_paths_equal_simulated_forward(tmp_path, monkeypatch, sch
     monkeypatch.setattr(engine, "table_is_monotone", lambda table: False)
     model, eng, _ = exported(tmp_path, scheme, config=WIDE_HEADS, center=center)
     assert all(blk.get("fc1_intervals") is None and not blk["exp_monotone"] for blk in eng.blocks)
+    assert eng.net is None
+    assert_bit_exact(model, eng, images(model.cfg, 5))
+
+
+def test_non_monotone_softmax_in_whole_network_kernel(tmp_path, monkeypatch):
+    """With decision intervals but a non-monotone exp table, _binary_net evaluates each attention
+    probability instead of thresholding the scores: the same bits."""
+    monkeypatch.setattr(engine, "table_is_monotone", lambda table: False)
+    model, eng, _ = exported(tmp_path, "binaryvit", config=WIDE_HEADS, center="mean")
+    assert eng.net is not None and not eng.net.exp_monotone.any()
     assert_bit_exact(model, eng, images(model.cfg, 5))
 
 
@@ -276,7 +288,7 @@ def test_decision_intervals_reproduce_tables(n, seed, k):
     assert intervals is not None
     acc = rng.integers(-k, k + 1, (7, n)).astype(np.int32)
     bits = np.empty((7, -(-n // 64)), np.uint64)
-    engine._pack_intervals(acc, *intervals, bits)
+    engine._pack_interval_rows(acc, *engine._interval_operands(intervals), bits)
     np.testing.assert_array_equal(bits, kernels.pack_bits(table[np.arange(n), acc + k]))
     if 2 * k + 1 >= 5:
         table[0] = False

@@ -83,7 +83,7 @@ def main():
     from threadpoolctl import threadpool_info, threadpool_limits
 
     numba.set_num_threads(args.threads)
-    threadpool_limits(args.threads)
+    threadpool_limits(args.threads, user_api="blas")  # a bare limit would also cap Numba's OpenMP pool
     have_torch = importlib.util.find_spec("torch") is not None
     if not have_torch:
         print("torch is not installed: no PyTorch column")

@@ -12,11 +12,11 @@ import os
 # OPENBLAS_THREAD_TIMEOUT=4: likewise OpenBLAS's workers keep polling for a while after each matmul
 # and slow down the Numba kernel that follows; a short timeout (2^4 cycles) took a training step of
 # the benchmark model from 1.45 s to 1.07 s on 2 cores.
-# GOMP_SPINCOUNT=30000 (libgomp only; it takes precedence over PASSIVE's zero): a worker spins briefly
-# (libgomp estimates ~0.3 ms) before it sleeps. Waking a sleeping worker cost ~50 us per parallel
-# region on a VM, as much as a small binary GEMM: at 2 threads the median binary GEMM speedup
-# (scripts/bench_gemm.py) went from 7.1x to 9.5x, while the training step did not change (+-3 %).
-_THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "30000", "OPENBLAS_THREAD_TIMEOUT": "4"}
+# GOMP_SPINCOUNT is left alone (PASSIVE means no spinning): a short spin (30000) made small binary GEMMs
+# at 2 threads faster (median 6.9x -> 10.0x over NumPy, scripts/bench_gemm.py) but, with the attention
+# matmuls split across Numba threads, slowed the training step (ratio 0.74-0.83 -> 0.60-0.68). Export
+# GOMP_SPINCOUNT=30000 yourself for inference-heavy work; docs/kernels.md "Threads".
+_THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
 ENV_DEFAULTS_SET = {name: value for name, value in _THREAD_ENV.items() if name not in os.environ}
 os.environ.update(ENV_DEFAULTS_SET)
 

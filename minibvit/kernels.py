@@ -29,10 +29,11 @@ _PANEL_COLS = 256       # at most this many output columns per task (one weight 
 _COL_ALIGN = 32         # panel widths are multiples of this (whole vectors, aligned rows)
 _TASK_ROWS = 128        # about this many output rows per task
 # Below these sizes a kernel runs on the calling thread only: even a spinning OpenMP worker
-# (minibvit's GOMP_SPINCOUNT default) costs a few microseconds to start, a sleeping one ~50 us in a VM.
+# (GOMP_SPINCOUNT exported) costs a few microseconds to start, a sleeping one ~50 us in a VM.
 # Measured at 2 threads on the 8 shapes M in {520, 1576}, K, N in {192, 384}: popcount threshold 2M
 # words 4.6x median over NumPy, 512K words 8.1x, 128K words 8.2x; packing threshold 1M -> 256K elements
-# took the with-packing median from 5.2x to 6.0x.
+# took the with-packing median from 5.2x to 6.0x. Without the spin (minibvit's default) the 32-shape
+# 2-thread median was 6.92x with these thresholds and 7.10x with the old ones: within noise.
 _PARALLEL_MIN_WORDS = 1 << 19       # popcount matmuls: M * N * W words
 _PARALLEL_MIN_MACS = 1 << 24        # int8 x ternary: M * N * K multiply-adds
 _PARALLEL_MIN_ELEMENTS = 1 << 18    # packing: elements

@@ -14,7 +14,8 @@ import os
 # the benchmark model from 1.45 s to 1.07 s on 2 cores.
 # GOMP_SPINCOUNT is left alone (PASSIVE means no spinning): a short spin (30000) made small binary GEMMs
 # at 2 threads faster (median 6.9x -> 10.0x over NumPy, scripts/bench_gemm.py) but, with the attention
-# matmuls split across Numba threads, slowed the training step (ratio 0.74-0.83 -> 0.60-0.68). Export
+# matmuls split across Numba threads, slowed the training step (scripts/bench_train_step.py ratio
+# 0.60-0.68 with it, 0.74-0.83 with GOMP_SPINCOUNT=0 exported). Export
 # GOMP_SPINCOUNT=30000 yourself for inference-heavy work; docs/kernels.md "Threads".
 _THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
 ENV_DEFAULTS_SET = {name: value for name, value in _THREAD_ENV.items() if name not in os.environ}

@@ -4,7 +4,9 @@ PyTorch CPU, same threads, same batch, same weights, in one run. Prints images/s
 PyTorch runs in a worker process of its own (scripts/torch_baseline.py) with its own OpenMP settings:
 minibvit's thread-pool defaults would otherwise apply to it too (one OpenMP runtime per process) and
 made its step ~10 % slower. The steps alternate between the two processes (one NumPy step, one PyTorch
-step), so a change in machine load during the run affects both.
+step), so a change in machine load during the run affects both; each timed step starts after a pause
+of PAUSE seconds, so that the threads the other process leaves spinning after its step (PyTorch's OpenMP
+workers spin before they sleep) do not run on the cores the timed step needs.
 
     python scripts/bench_train_step.py [--batch 128] [--threads 2] [--steps 5]
 
@@ -61,7 +63,11 @@ def numpy_step(model, opt):
     return loss
 
 
+PAUSE = 0.5  # seconds before each timed step (see the module docstring)
+
+
 def timed(step):
+    time.sleep(PAUSE)
     t0 = time.perf_counter()
     step()
     return time.perf_counter() - t0
@@ -125,7 +131,9 @@ torch_side = BaselineProcess("train-step", args.threads, config=dataclasses.asdi
 # median of --steps rounds.
 t_np, t_torch = [], []
 for i in range(args.steps + 2):
-    a, b = timed(lambda: numpy_step(model, opt)), torch_side.time(1)[0]
+    a = timed(lambda: numpy_step(model, opt))
+    time.sleep(PAUSE)
+    b = torch_side.time(1)[0]
     if i >= 2:
         t_np.append(a)
         t_torch.append(b)

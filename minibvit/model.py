@@ -332,7 +332,7 @@ class ViT:
         dh, dg, db = ops.layernorm_backward(dh, c_ln2)
         self._accumulate(f"{b}.norm2.weight", dg)
         self._accumulate(f"{b}.norm2.bias", db)
-        dx = np.add(dx, dh, out=dh)  # the skip and branch gradients meet (dh: fresh from the LayerNorm)
+        dx = ops.add(dx, dh, out=dh)  # the skip and branch gradients meet (dh: fresh from the LayerNorm)
         dx, da = ops.residual_backward(dx, None)
         da = ops.drop_path_backward(da, c_dp1)
         da = ops.dropout_backward(da, c_drop1)
@@ -347,7 +347,7 @@ class ViT:
         dh, dg, db = ops.layernorm_backward(dh, c_ln1)
         self._accumulate(f"{b}.norm1.weight", dg)
         self._accumulate(f"{b}.norm1.bias", db)
-        return np.add(dx, dh, out=dh)
+        return ops.add(dx, dh, out=dh)
 
     def backward(self, dlogits, cache):
         """Backpropagate d loss / d logits (same structure as forward's logits) through the model.

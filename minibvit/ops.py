@@ -40,7 +40,7 @@ def linear_forward(x, w, b=None, levels=None):
         y = integer_matmul(levels[0].reshape(x2.shape), levels[1].T)
         y *= levels[2]
     if b is not None:
-        y += b
+        _add_to_rows(y, b.astype(y.dtype, copy=False))
     return y.reshape(*x.shape[:-1], w.shape[0]), (x2, w, x.shape, b is not None)
 
 
@@ -60,8 +60,35 @@ def linear_backward(dout, cache):
     d2 = dout.reshape(-1, w.shape[0])
     dx = (d2 @ w).reshape(x_shape)
     dw = d2.T @ x2
-    db = d2.sum(axis=0) if has_bias else None
+    db = column_sums(d2) if has_bias else None
     return dx, dw, db
+
+
+@njit(parallel=True, cache=True)
+def _add_to_rows(y, b):
+    """y[r, :] += b for every row r of y (rows, n), in place: the float additions of y += b, on all
+    threads (NumPy's broadcast add runs on one)."""
+    for r in prange(y.shape[0]):
+        for j in range(y.shape[1]):
+            y[r, j] += b[j]
+
+
+@njit(parallel=True, cache=True)
+def _add_rows(x, y, out):
+    for r in prange(x.shape[0]):
+        for j in range(x.shape[1]):
+            out[r, j] = x[r, j] + y[r, j]
+
+
+def add(x, y, out=None):
+    """x + y for two arrays of the same shape and dtype, on all threads; out may be x or y."""
+    if out is None:
+        out = np.empty_like(x)
+    if x.shape != y.shape or x.dtype != y.dtype or not (x.flags.c_contiguous and y.flags.c_contiguous and out.flags.c_contiguous):
+        return np.add(x, y, out=out)
+    n = x.shape[-1] if x.ndim else 1
+    _add_rows(x.reshape(-1, n), y.reshape(-1, n), out.reshape(-1, n))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,6 +122,24 @@ _REDUCE_FASTMATH = {"reassoc", "contract", "nsz"}
 # Row reductions over the batch (dgamma, dbeta, a bias gradient) are summed in this many fixed chunks
 # of rows, in parallel, and the chunks then added: the result does not depend on the number of threads.
 _ROW_CHUNKS = 16
+
+
+@njit(parallel=True, cache=True, fastmath=_REDUCE_FASTMATH)
+def _column_sum_chunks(x, chunks):
+    rows, n = x.shape
+    parts = chunks.shape[0]
+    for c in prange(parts):
+        for r in range(c * rows // parts, (c + 1) * rows // parts):
+            for j in range(n):
+                chunks[c, j] += x[r, j]
+
+
+def column_sums(x):
+    """x.sum(axis=0) of a 2-D array (rows, n) -> (n,), in parallel: partial sums over _ROW_CHUNKS
+    fixed row ranges (the same result for any thread count), then their sum."""
+    chunks = np.zeros((_ROW_CHUNKS, x.shape[1]), dtype=x.dtype)
+    _column_sum_chunks(np.ascontiguousarray(x), chunks)
+    return chunks.sum(axis=0)
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCE_FASTMATH)
@@ -654,7 +699,7 @@ def pool_backward(dout, cache):
 def residual_forward(x, y, out=None):
     """Residual add x + y (the block's skip connection). out: optional array to write the sum into
     (e.g. y, a branch output nothing else holds, to save an allocation)."""
-    return np.add(x, y, out=out), None
+    return add(x, y, out=out), None
 
 
 def residual_backward(dout, cache):

@@ -338,7 +338,7 @@ class ViT:
         da = ops.dropout_backward(da, c_drop1)
         do = self._linear_backward(da, c_proj)
         do = ops.merge_heads_backward(do, c_merge)
-        dq, dk, dv, gq = ops.attention_backward(do, c_attn)
+        dq, dk, dv, gq = ops.attention_backward(do, c_attn, out=ops.split_heads_grad_views(c_split, do.dtype))
         for name, g in gq.items():
             tensor, pname = name.split(".", 1)
             self._accumulate(f"{b}.attn.{tensor}_quant.{pname}", g)

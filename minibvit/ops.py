@@ -452,9 +452,10 @@ def _forget_matmul_pool():
 os.register_at_fork(after_in_child=_forget_matmul_pool)  # a forked child has none of the pool's threads
 
 
-def _stacked_matmul(a, b):
+def _stacked_matmul(a, b, out=None):
     """a @ b for stacks of matrices, (S, ..., M, K) @ (S, ..., K, N) -> (S, ..., M, N), the stack
-    split across threads.
+    split across threads; out: optional array of that shape to write into (any strides whose
+    matrices have unit column stride, e.g. a view into another layout).
 
     NumPy computes a stacked product as one BLAS call per matrix, all on the calling thread, and
     attention's N x N and N x d matrices are too small for BLAS to use a second thread. So the stack
@@ -465,8 +466,9 @@ def _stacked_matmul(a, b):
     global _matmul_pool
     parts = min(numba.get_num_threads(), a.shape[0])
     if parts < 2 or a.ndim < 3 or a.shape[:-2] != b.shape[:-2]:
-        return np.matmul(a, b)
-    out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
+        return np.matmul(a, b, out=out)
+    if out is None:
+        out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
     if _matmul_pool is None:
         _matmul_pool = ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS, thread_name_prefix="minibvit-matmul")
     bounds = np.linspace(0, a.shape[0], parts + 1).astype(int)
@@ -502,11 +504,24 @@ def split_heads_forward(qkv, num_heads):
 
 
 def split_heads_backward(dq, dk, dv, cache):
-    """Inverse of split_heads_forward: returns d qkv (B, N, 3D)."""
+    """Inverse of split_heads_forward: returns d qkv (B, N, 3D). When dq, dk, dv are the views that
+    split_heads_grad_views handed out, the gradient already lies in that layout: no copy."""
     _, B, H, N, d = cache
-    dqkv = np.empty((B, N, 3, H, d), dtype=dq.dtype)
-    _interleave_heads(dq, dk, dv, dqkv)
+    dqkv = dq.base
+    if not (dqkv is not None and dqkv.shape == (B, N, 3, H, d) and dk.base is dqkv and dv.base is dqkv
+            and all(t.__array_interface__ == e.__array_interface__
+                    for t, e in zip((dq, dk, dv), dqkv.transpose(2, 0, 3, 1, 4)))):
+        dqkv = np.empty((B, N, 3, H, d), dtype=dq.dtype)
+        _interleave_heads(dq, dk, dv, dqkv)
     return dqkv.reshape(B, N, 3 * H * d)
+
+
+def split_heads_grad_views(cache, dtype):
+    """Three (B, H, N, d) views dq, dk, dv into one fresh d qkv buffer in split_heads_forward's
+    layout: attention_backward(..., out=views) writes the gradients there and split_heads_backward
+    then returns the buffer without copying."""
+    _, B, H, N, d = cache
+    return tuple(np.empty((B, N, 3, H, d), dtype=dtype).transpose(2, 0, 3, 1, 4))
 
 
 @njit(parallel=True, cache=True)
@@ -546,7 +561,8 @@ def attention_forward(q, k, v, quant=None, training=False, attn_drop=0.0, rng=No
 
     q, k, v: (B, H, N, d). quant: optional dict with any of the keys "q", "k", "attn", "v" mapping
     to quantizer objects (see minibvit.quant). attn_drop: dropout rate on A_q (training only).
-    Returns O: (B, H, N, d) and the cache.
+    Returns O: (B, H, N, d) and the cache. O is a view of a (B, N, H, d) array, so that
+    merge_heads_forward needs no copy.
     """
     quant = quant or {}
     qz, kz, az, vz = (quant.get(name, IDENTITY) for name in ("q", "k", "attn", "v"))
@@ -559,10 +575,12 @@ def attention_forward(q, k, v, quant=None, training=False, attn_drop=0.0, rng=No
     a_q, ca = az.forward(attn, training)
     a_d, c_drop = dropout_forward(a_q, attn_drop, rng, training)
     v_q, cv = vz.forward(v, training)
+    B, H, N, d = v.shape
+    out = np.empty((B, N, H, d), dtype=np.result_type(a_d, v_q)).transpose(0, 2, 1, 3)
     if c_drop is None:
-        out = _quantized_matmul(a_d, v_q, az, ca, vz, cv)
+        _quantized_matmul(a_d, v_q, az, ca, vz, cv, out=out)
     else:
-        out = _stacked_matmul(a_d, v_q)
+        _stacked_matmul(a_d, v_q, out=out)
     return out, (qz, kz, az, vz, cq, ck, ca, cv, q_q, k_q, a_d, v_q, c_soft, c_drop, scale)
 
 
@@ -579,32 +597,38 @@ def _basis_matmul(form_a, form_b, transpose_b, dtype):
     return out.astype(dtype)
 
 
-def _quantized_matmul(a, b, qa, ca, qb, cb, transpose_b=False):
+def _quantized_matmul(a, b, qa, ca, qb, cb, transpose_b=False, out=None):
     """a @ b; when both operands are quantized as levels * scalar scale (quantizer.integer_form),
     computed as (levels_a @ levels_b) * (scale_a * scale_b): the integer product is exact in floating
     point (while its magnitude stays below 2^24 in float32), so an exact 0 stays 0 and the packed
-    inference engine, which computes the same integers with popcounts, gets the same bits."""
+    inference engine, which computes the same integers with popcounts, gets the same bits.
+    out: optional array to write the product into (see _stacked_matmul)."""
     ba, bb = getattr(qa, "basis_form", None), getattr(qb, "basis_form", None)
-    if ba and bb:
-        return _basis_matmul(ba(ca), bb(cb), transpose_b, a.dtype)
     fa, fb = getattr(qa, "integer_form", None), getattr(qb, "integer_form", None)
-    ia = fa(ca) if fa else None
-    ib = fb(cb) if fb else None
-    if ia is None or ib is None:
-        return _stacked_matmul(a, b)
-    levels_b = ib[0].swapaxes(-1, -2) if transpose_b else ib[0]
-    out = integer_matmul(ia[0], levels_b)
-    out *= ia[1] * ib[1]
+    ia = fa(ca) if fa and not (ba and bb) else None
+    ib = fb(cb) if fb and not (ba and bb) else None
+    if ba and bb:
+        product = _basis_matmul(ba(ca), bb(cb), transpose_b, a.dtype)
+    elif ia is None or ib is None:
+        return _stacked_matmul(a, b, out=out)
+    else:
+        product = integer_matmul(ia[0], ib[0].swapaxes(-1, -2) if transpose_b else ib[0])
+        product *= ia[1] * ib[1]
+    if out is None:
+        return product
+    out[...] = product
     return out
 
 
-def attention_backward(dout, cache):
+def attention_backward(dout, cache, out=None):
     """Returns dq, dk, dv (each (B, H, N, d)) and a dict of quantizer parameter gradients keyed
-    "q.<param>", "k.<param>", "attn.<param>", "v.<param>"."""
+    "q.<param>", "k.<param>", "attn.<param>", "v.<param>".
+    out: optional (dq, dk, dv) arrays to write the gradients into (split_heads_grad_views)."""
     qz, kz, az, vz, cq, ck, ca, cv, q_q, k_q, a_d, v_q, c_soft, c_drop, scale = cache
+    dq_out, dk_out, dv_out = out or (None, None, None)
     grads = {}
     da_d = _stacked_matmul(dout, v_q.swapaxes(-1, -2))
-    dv_q = _stacked_matmul(a_d.swapaxes(-1, -2), dout)
+    dv_q = _stacked_matmul(a_d.swapaxes(-1, -2), dout, out=dv_out if vz is IDENTITY else None)
     dv, g = vz.backward(dv_q, cv)
     grads.update({f"v.{n}": t for n, t in g.items()})
     da_q = dropout_backward(da_d, c_drop)
@@ -612,13 +636,21 @@ def attention_backward(dout, cache):
     grads.update({f"attn.{n}": t for n, t in g.items()})
     dscores = softmax_backward(dattn, c_soft)
     dscores *= dscores.dtype.type(scale)
-    dq_q = _stacked_matmul(dscores, k_q)
-    dk_q = _stacked_matmul(dscores.swapaxes(-1, -2), q_q)
+    dq_q = _stacked_matmul(dscores, k_q, out=dq_out if qz is IDENTITY else None)
+    dk_q = _stacked_matmul(dscores.swapaxes(-1, -2), q_q, out=dk_out if kz is IDENTITY else None)
     dq, g = qz.backward(dq_q, cq)
     grads.update({f"q.{n}": t for n, t in g.items()})
     dk, g = kz.backward(dk_q, ck)
     grads.update({f"k.{n}": t for n, t in g.items()})
-    return dq, dk, dv, grads
+    return _written_to(dq, dq_out), _written_to(dk, dk_out), _written_to(dv, dv_out), grads
+
+
+def _written_to(x, out):
+    """x, stored in out when out is given (no copy when x already is out)."""
+    if out is None or x is out:
+        return x
+    out[...] = x
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -139,6 +139,14 @@ def test_attention_and_heads(data, b, h, n, d):
     close(m, mt, "attention out")
     close(dqkv, qkvt.grad, "attention d qkv")
 
+    # the gradients written straight into d qkv's layout (no interleaving copy): the same bits
+    views = ops.split_heads_grad_views(c_split, qkv.dtype)
+    dq2, dk2, dv2, _ = ops.attention_backward(ops.merge_heads_backward(g, c_merge), c_attn, out=views)
+    dqkv2 = ops.split_heads_backward(dq2, dk2, dv2, c_split)
+    assert np.shares_memory(dqkv2, views[0]), "split_heads_backward copied gradients already in place"
+    np.testing.assert_array_equal(dqkv2, dqkv)
+    assert np.shares_memory(m, o), "merge_heads_forward copied the attention output"
+
 
 @settings(max_examples=30)
 @given(data=st.data(), b=st.integers(1, 3), c=st.integers(1, 3), p=st.integers(1, 4), gh=st.integers(1, 3),

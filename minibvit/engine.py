@@ -223,70 +223,29 @@ _ROWS_PER_TASK = 16
 
 
 @njit(inline="always")
-def _normalize_row(x, mean, var, n, gamma, beta, eps, out):
-    """The last two steps of ops._layernorm_rows for one row, from its float64 sums."""
-    var /= n
+def _normalize_row(x, mean, var, gamma, beta, eps, out):
+    """The last step of ops._layernorm_rows for one row, from its float64 mean and variance:
+    out = float32(((x - mean) / sqrt(var + eps)) * gamma + beta) (float64 arithmetic, as there)."""
     s = 1.0 / math.sqrt(var + eps)
-    for j in range(n):
+    for j in range(x.shape[0]):
         h = (x[j] - mean) * s
         out[j] = h * gamma[j] + beta[j]
 
 
 @njit(inline="always")
 def _layernorm_row(x, gamma, beta, eps, out):
-    """ops._layernorm_rows on one row: float64 mean and variance summed in order, then
-    out = float32(((x - mean) / sqrt(var + eps)) * gamma + beta) (float64 arithmetic, as there)."""
-    n = x.shape[0]
-    mean = 0.0
-    for j in range(n):
-        mean += x[j]
-    mean /= n
-    var = 0.0
-    for j in range(n):
-        t = x[j] - mean
-        var += t * t
-    _normalize_row(x, mean, var, n, gamma, beta, eps, out)
-
-
-@njit(inline="always")
-def _sums8(a0, a1, a2, a3, a4, a5, a6, a7):
-    """sum_j float64(a_k[j]) of eight rows in order from 0.0, as eight independent chains (the
-    float64 add latency, not the arithmetic, bounds one row)."""
-    t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = 0.0
-    for j in range(a0.shape[0]):
-        t0 += a0[j]
-        t1 += a1[j]
-        t2 += a2[j]
-        t3 += a3[j]
-        t4 += a4[j]
-        t5 += a5[j]
-        t6 += a6[j]
-        t7 += a7[j]
-    return t0, t1, t2, t3, t4, t5, t6, t7
+    """ops._layernorm_rows on one row x (n,) into out (n,)."""
+    mean, var = ops._layernorm_moments(x)
+    _normalize_row(x, mean, var, gamma, beta, eps, out)
 
 
 @njit(inline="always")
 def _layernorm_rows8(x, r, gamma64, beta64, eps, squares, out):
-    """_layernorm_row on rows r .. r + 7 of x into out[0..7], with ops' sums in ops' order: the
-    squares (x - mean)^2 are computed first (vectorized, into squares [8, n] float64), so that the
-    eight chains only add. gamma64, beta64: gamma and beta converted to float64 (exact)."""
-    n = x.shape[1]
-    means = _sums8(x[r], x[r + 1], x[r + 2], x[r + 3], x[r + 4], x[r + 5], x[r + 6], x[r + 7])
+    """ops._layernorm_rows on rows r .. r + 7 of x into out[0..7], with ops' eight-row moments (squares:
+    (8, n) float64 scratch). gamma64, beta64: gamma and beta converted to float64 (exact)."""
+    means, variances = ops._layernorm_moments8(x, r, squares)
     for k in range(8):
-        xk, sk = x[r + k], squares[k]
-        mean = means[k] / n
-        for j in range(n):
-            t = xk[j] - mean
-            sk[j] = t * t
-    variances = _sums8(squares[0], squares[1], squares[2], squares[3], squares[4], squares[5], squares[6],
-                       squares[7])
-    for k in range(8):
-        xk, ok = x[r + k], out[k]
-        mean = means[k] / n
-        s = 1.0 / math.sqrt(variances[k] / n + eps)
-        for j in range(n):
-            h = (xk[j] - mean) * s
-            ok[j] = h * gamma64[j] + beta64[j]
+        _normalize_row(x[r + k], means[k], variances[k], gamma64, beta64, eps, out[k])
 
 
 # Packing 64 comparisons into a word: the intrinsics below load 64 elements as one vector, compare

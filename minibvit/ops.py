@@ -95,25 +95,98 @@ def add(x, y, out=None):
 # LayerNorm
 
 
-@njit(parallel=True, cache=True, fastmath=False)
+# The forward sums each row's mean and variance in float64, in order (no reassociation): the packed
+# inference engine reproduces these bits. One row's chain of dependent float64 adds is bound by the
+# add latency, so rows are summed eight at a time as eight independent chains (the same order per row).
+
+@njit(inline="always")
+def _sums8(a0, a1, a2, a3, a4, a5, a6, a7):
+    """sum_j float64(a_k[j]) of eight 1-D arrays, each in order from 0.0, as eight independent chains."""
+    t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = 0.0
+    for j in range(a0.shape[0]):
+        t0 += a0[j]
+        t1 += a1[j]
+        t2 += a2[j]
+        t3 += a3[j]
+        t4 += a4[j]
+        t5 += a5[j]
+        t6 += a6[j]
+        t7 += a7[j]
+    return t0, t1, t2, t3, t4, t5, t6, t7
+
+
+@njit(cache=True)
+def _layernorm_moments(x):
+    """Mean and variance of one row x (n,) in float64: sum(x) / n, then sum((x - mean)^2) / n, in order."""
+    n = x.shape[0]
+    mean = 0.0
+    for j in range(n):
+        mean += x[j]
+    mean /= n
+    var = 0.0
+    for j in range(n):
+        t = x[j] - mean
+        var += t * t
+    return mean, var / n
+
+
+@njit(cache=True)
+def _layernorm_moments8(x, r, squares):
+    """_layernorm_moments of rows r .. r + 7 of x (rows, n), as two tuples of eight: the squared
+    deviations go to squares (8, n) float64 first (vectorized), so that the eight chains only add."""
+    n = x.shape[1]
+    sums = _sums8(x[r], x[r + 1], x[r + 2], x[r + 3], x[r + 4], x[r + 5], x[r + 6], x[r + 7])
+    for k in range(8):
+        xk, sk = x[r + k], squares[k]
+        mean = sums[k] / n
+        for j in range(n):
+            t = xk[j] - mean
+            sk[j] = t * t
+    square_sums = _sums8(squares[0], squares[1], squares[2], squares[3], squares[4], squares[5], squares[6],
+                         squares[7])
+    means = (sums[0] / n, sums[1] / n, sums[2] / n, sums[3] / n, sums[4] / n, sums[5] / n, sums[6] / n,
+             sums[7] / n)
+    variances = (square_sums[0] / n, square_sums[1] / n, square_sums[2] / n, square_sums[3] / n,
+                 square_sums[4] / n, square_sums[5] / n, square_sums[6] / n, square_sums[7] / n)
+    return means, variances
+
+
+@njit(inline="always")
+def _layernorm_normalize_row(x, mean, var, gamma, beta, eps, out, xhat, rstd, r):
+    s = 1.0 / math.sqrt(var + eps)
+    rstd[r] = s
+    for j in range(x.shape[0]):
+        h = (x[j] - mean) * s
+        xhat[j] = h
+        out[j] = h * gamma[j] + beta[j]
+
+
+_LAYERNORM_ROWS_PER_TASK = 64
+
+
+@njit(cache=True, fastmath=False)
+def _layernorm_row_range(x, gamma, beta, eps, out, xhat, rstd, r0, r1):
+    squares = np.empty((8, x.shape[1]), np.float64)
+    r = r0
+    while r + 8 <= r1:
+        means, variances = _layernorm_moments8(x, r, squares)
+        for k in range(8):
+            _layernorm_normalize_row(x[r + k], means[k], variances[k], gamma, beta, eps, out[r + k], xhat[r + k],
+                                     rstd, r + k)
+        r += 8
+    while r < r1:
+        mean, var = _layernorm_moments(x[r])
+        _layernorm_normalize_row(x[r], mean, var, gamma, beta, eps, out[r], xhat[r], rstd, r)
+        r += 1
+
+
+@njit(parallel=True, cache=True)
 def _layernorm_rows(x, gamma, beta, eps, out, xhat, rstd):
-    rows, n = x.shape
-    for r in prange(rows):
-        mean = 0.0
-        for j in range(n):
-            mean += x[r, j]
-        mean /= n
-        var = 0.0
-        for j in range(n):
-            t = x[r, j] - mean
-            var += t * t
-        var /= n
-        s = 1.0 / math.sqrt(var + eps)
-        rstd[r] = s
-        for j in range(n):
-            h = (x[r, j] - mean) * s
-            xhat[r, j] = h
-            out[r, j] = h * gamma[j] + beta[j]
+    rows = x.shape[0]
+    tasks = (rows + _LAYERNORM_ROWS_PER_TASK - 1) // _LAYERNORM_ROWS_PER_TASK
+    for task in prange(tasks):
+        _layernorm_row_range(x, gamma, beta, eps, out, xhat, rstd, task * _LAYERNORM_ROWS_PER_TASK,
+                             min(rows, (task + 1) * _LAYERNORM_ROWS_PER_TASK))
 
 
 # Reductions that only training uses may be reassociated (vectorized sums); the forward kernels keep

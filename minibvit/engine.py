@@ -588,16 +588,16 @@ def _pack_unsigned_row(y, centre, shift, alpha, words, flip):
 def exp_table(d, s_qk, inv_sqrt_d):
     """The exp values ops' softmax takes on binary attention scores: the scores of one row are
     x(I) = float32(float32(I) * s_qk) * float32(1/sqrt d) for integers I in [-d, d] (Q K^T of +-1
-    vectors of length d), so every exp(x_j - max_j x_j) of ops._softmax_rows is
-    table[I_max + d, I_j + d] = math.exp(x(I_j) - x(I_max)), computed here with the same float32
-    operations. Returns float32 [2d + 1, 2d + 1]."""
+    vectors of length d), so every exp(x_j - max_j x_j) of ops' float32 softmax is
+    table[I_max + d, I_j + d] = exp(x(I_j) - x(I_max)), computed here with the same float32
+    operations and the same exp (ops._exp_f32_rounded). Returns float32 [2d + 1, 2d + 1]."""
     x = np.empty(2 * d + 1, np.float32)
     for i in range(2 * d + 1):
         x[i] = (np.float32(i - d) * s_qk) * inv_sqrt_d
     table = np.empty((2 * d + 1, 2 * d + 1), np.float32)
     for a in range(2 * d + 1):
         for b in range(2 * d + 1):
-            table[a, b] = math.exp(x[b] - x[a])
+            table[a, b] = ops._exp_f32_rounded(x[b] - x[a])
     return table
 
 
@@ -612,7 +612,7 @@ def _row_exps(scores, table, d):
 
 @njit(inline="always")
 def _softmax_rows4(s0, s1, s2, s3, table, d, out):
-    """ops._softmax_rows of four rows of binary scores (int32) into out[0..3] (float32): exp values
+    """ops._softmax_rows_f32 on four rows of binary scores (int32) into out[0..3] (float32): exp values
     from the table, their float64 sums in order (four independent chains), out = float32(e / sum)."""
     e0, e1, e2, e3 = _row_exps(s0, table, d), _row_exps(s1, table, d), _row_exps(s2, table, d), _row_exps(s3, table, d)
     n = s0.shape[0]

@@ -100,7 +100,7 @@ if args.profile:
         return wrapper
 
     for name in dir(ops):
-        if name.endswith(("_forward", "_backward", "_matmul", "_rows")) or name.startswith("_gelu_"):
+        if name.endswith(("_forward", "_backward", "_matmul", "_rows", "_rows_f32")) or name.startswith("_gelu_"):
             setattr(ops, name, timed_op(getattr(ops, name), name))
     optim.AdamW.step = timed_op(optim.AdamW.step, "AdamW.step")
     for _ in range(2):

@@ -438,6 +438,15 @@ def _cifar_files(directory, split, suffix):
     return [directory / name for name in names]
 
 
+def _plain_dtype(*args, **kwargs):
+    """np.dtype for the unpickler, refusing dtypes that hold Python objects (an object array would
+    carry arbitrary pickled objects inside a batch)."""
+    dtype = np.dtype(*args, **kwargs)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"refusing dtype {dtype}: a CIFAR-10 batch holds only plain numbers")
+    return dtype
+
+
 # The only globals a CIFAR-10 python batch (a dict of a uint8 array, a list of labels and byte
 # strings) needs: numpy's array reconstruction, under its numpy 1.x and 2.x module names.
 _NDARRAY_RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]
@@ -445,7 +454,7 @@ _CIFAR_PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): _NDARRAY_RECONSTRUCT,
     ("numpy._core.multiarray", "_reconstruct"): _NDARRAY_RECONSTRUCT,
     ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "dtype"): _plain_dtype,
 }
 
 

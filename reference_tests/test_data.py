@@ -206,6 +206,11 @@ def test_restricted_unpickler_refuses_malicious_batch(tmp_path):
     with pytest.raises(DatasetError, match="builtins.eval"):
         data.read_cifar_batch(directory / "test_batch")
     assert not marker.exists()
+    for protocol in (4, 5):  # an object array would carry pickled objects inside the batch
+        (directory / "test_batch").write_bytes(pickle.dumps({"x": np.array([1, "a"], dtype=object)},
+                                                            protocol=protocol))
+        with pytest.raises(DatasetError, match="refusing dtype object"):
+            data.read_cifar_batch(directory / "test_batch")
 
 
 def test_cifar_bad_directories(tmp_path, no_hub):

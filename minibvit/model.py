@@ -109,6 +109,56 @@ def _trunc_normal(rng, shape, std, dtype):
     return (x * std).astype(dtype)
 
 
+def _quantize(quantizer, x, training):
+    """quantizer.forward(x, training), or (x, None) for a tensor without a quantizer."""
+    return (x, None) if quantizer is None else quantizer.forward(x, training)
+
+
+def _quantize_backward(quantizer, dout, cache):
+    """quantizer.backward(dout, cache): (d input, parameter gradients); (dout, {}) without one."""
+    return (dout, {}) if quantizer is None else quantizer.backward(dout, cache)
+
+
+def _exact_form(quantizer, cache, kind):
+    """The quantizer output's ``integer_form`` (levels, scale) or ``basis_form`` (bases, scales)
+    (see minibvit.quant and the GSB quantizers), or None."""
+    form = getattr(quantizer, kind, None)
+    return None if form is None else form(cache)
+
+
+def _quantized_product(qa, ca, qb, cb, a_shape=None, transpose_b=False):
+    """The one quantized matmul: a @ b (b transposed with transpose_b, a's levels reshaped to
+    a_shape) of two quantizer outputs, computed exactly from their integer forms, or None when they
+    have none in common (the caller then multiplies the float values).
+
+    Both sums of scaled integer bases (GSB): ops.basis_matmul. Both integer levels times one scale,
+    a's a scalar (per tensor) and b's a scalar or one per output column (a weight's per channel):
+    ops.levels_matmul, (levels_a @ levels_b) * (scale_a * scale_b). The packed engine computes the
+    same integers with popcounts and applies the same scales, so both get the same bits."""
+    def shaped_a(t):
+        return t if a_shape is None else t.reshape(a_shape)
+
+    def shaped_b(t):
+        return t.swapaxes(-1, -2) if transpose_b else t
+
+    ba, bb = _exact_form(qa, ca, "basis_form"), _exact_form(qb, cb, "basis_form")
+    if ba is not None and bb is not None:
+        return ops.basis_matmul([shaped_a(p) for p in ba[0]], ba[1], [shaped_b(u) for u in bb[0]], bb[1],
+                                ba[0][0].dtype)
+    ia, ib = _exact_form(qa, ca, "integer_form"), _exact_form(qb, cb, "integer_form")
+    if ia is None or ib is None or np.ndim(ia[1]) != 0:
+        return None
+    return ops.levels_matmul(shaped_a(ia[0]), ia[1], shaped_b(ib[0]), ib[1])
+
+
+def _written_to(x, out):
+    """x, stored in out (no copy when x already is out)."""
+    if x is out:
+        return x
+    out[...] = x
+    return out
+
+
 class ViT:
     """A ViT with hand-written backward and a quantizer on any tensor.
 
@@ -201,44 +251,71 @@ class ViT:
                 arr[...] = np.asarray(state[k], dtype=arr.dtype)
 
     # ------------------------------------------------------------------------------------------
-    # building blocks with optional quantizers
-
-    def _quant(self, role):
-        return self.quantizers.get(role, ops.IDENTITY)
+    # building blocks: the quantizers composed around minibvit.ops (here and nowhere else)
 
     def _linear_forward(self, name, x, training, bias=True):
         """Linear layer ``name`` with its weight and input quantizers (roles ``name.weight`` and
-        ``name.input``)."""
-        wz, xz = self._quant(f"{name}.weight"), self._quant(f"{name}.input")
-        w_q, cw = wz.forward(self.params[f"{name}.weight"], training)
-        x_q, cx = xz.forward(x, training)
-        y, cl = ops.linear_forward(x_q, w_q, self.params.get(f"{name}.bias") if bias else None,
-                                   levels=self._integer_levels(xz, cx, wz, cw))
+        ``name.input``): y = x_q @ w_q.T + b, the product exact on the integer levels when both
+        operands have them (_quantized_product)."""
+        wz, xz = self.quantizers.get(f"{name}.weight"), self.quantizers.get(f"{name}.input")
+        w_q, cw = _quantize(wz, self.params[f"{name}.weight"], training)
+        x_q, cx = _quantize(xz, x, training)
+        product = _quantized_product(xz, cx, wz, cw, a_shape=(-1, x.shape[-1]), transpose_b=True)
+        y, cl = ops.linear_forward(x_q, w_q, self.params.get(f"{name}.bias") if bias else None, product=product)
         return y, (name, wz, xz, cw, cx, cl)
-
-    @staticmethod
-    def _integer_levels(xz, cx, wz, cw):
-        """(x_levels, w_levels, scale) when both operands are integer levels times a per-tensor input
-        scale and a per-output-channel weight scale (binary, ternary, 8-bit): the product is then
-        computed exactly on the levels, as the packed engine does."""
-        fx, fw = getattr(xz, "integer_form", None), getattr(wz, "integer_form", None)
-        ix = fx(cx) if fx else None
-        iw = fw(cw) if fw else None
-        if ix is None or iw is None or np.ndim(ix[1]) != 0:
-            return None
-        return ix[0], iw[0], ix[1] * iw[1]
 
     def _linear_backward(self, dy, cache):
         name, wz, xz, cw, cx, cl = cache
         dx_q, dw_q, db = ops.linear_backward(dy, cl)
-        dx, gx = xz.backward(dx_q, cx)
-        dw, gw = wz.backward(dw_q, cw)
+        dx, gx = _quantize_backward(xz, dx_q, cx)
+        dw, gw = _quantize_backward(wz, dw_q, cw)
         self._accumulate(f"{name}.weight", dw)
         if db is not None:
             self._accumulate(f"{name}.bias", db)
         self._accumulate_quant(f"{name}.input", gx)
         self._accumulate_quant(f"{name}.weight", gw)
         return dx
+
+    def _attention_forward(self, b, q, k, v, training, rng):
+        """ops.attention_forward's steps with block b's quantizers between them (roles
+        ``blocks.<i>.attn.{q,k,attn,v}``; identity where absent):
+
+            S = (Q_q K_q^T) / sqrt(d),  A = softmax(S),  A_q = quant_attn(A),  O = dropout(A_q) V_q
+
+        with Q_q = quant_q(Q), K_q = quant_k(K), V_q = quant_v(V). The scale is applied after the
+        product, as in BiT, so that binary Q K^T stays an integer product; both products are
+        computed on the integer levels when the operands have them (_quantized_product)."""
+        qz, kz, az, vz = (self.quantizers.get(f"{b}.attn.{t}") for t in ("q", "k", "attn", "v"))
+        q_q, cq = _quantize(qz, q, training)
+        k_q, ck = _quantize(kz, k, training)
+        scores, c_scores = ops.attention_scores_forward(q_q, k_q, product=_quantized_product(qz, cq, kz, ck,
+                                                                                             transpose_b=True))
+        attn, c_soft = ops.softmax_forward(scores)
+        a_q, ca = _quantize(az, attn, training)
+        a_d, c_drop = ops.dropout_forward(a_q, self.cfg.attn_drop_rate, rng, training)
+        v_q, cv = _quantize(vz, v, training)
+        exact = _quantized_product(az, ca, vz, cv) if c_drop is None else None  # dropout breaks the levels
+        o, c_values = ops.attention_values_forward(a_d, v_q, product=exact)
+        return o, (qz, kz, az, vz, cq, ck, ca, cv, c_scores, c_soft, c_drop, c_values)
+
+    def _attention_backward(self, b, dout, cache, out):
+        """_attention_forward reversed; out: the (dq, dk, dv) views of split_heads_grad_views
+        (written straight into where no quantizer comes after them). Accumulates the quantizers'
+        parameter gradients."""
+        qz, kz, az, vz, cq, ck, ca, cv, c_scores, c_soft, c_drop, c_values = cache
+        dq_out, dk_out, dv_out = out
+        da_d, dv_q = ops.attention_values_backward(dout, c_values, out=dv_out if vz is None else None)
+        dv, gv = _quantize_backward(vz, dv_q, cv)
+        da_q = ops.dropout_backward(da_d, c_drop)
+        dattn, ga = _quantize_backward(az, da_q, ca)
+        dscores = ops.softmax_backward(dattn, c_soft)
+        dq_q, dk_q = ops.attention_scores_backward(dscores, c_scores, out=(dq_out if qz is None else None,
+                                                                         dk_out if kz is None else None))
+        dq, gq = _quantize_backward(qz, dq_q, cq)
+        dk, gk = _quantize_backward(kz, dk_q, ck)
+        for t, grads in (("v", gv), ("attn", ga), ("q", gq), ("k", gk)):
+            self._accumulate_quant(f"{b}.attn.{t}", grads)
+        return _written_to(dq, dq_out), _written_to(dk, dk_out), _written_to(dv, dv_out)
 
     def _accumulate(self, name, g):
         self.grads[name] = self.grads[name] + g if name in self.grads else g
@@ -256,9 +333,7 @@ class ViT:
         h, c_ln1 = ops.layernorm_forward(x, P[f"{b}.norm1.weight"], P[f"{b}.norm1.bias"], c.layernorm_eps)
         qkv, c_qkv = self._linear_forward(f"{b}.attn.qkv", h, training, bias=c.qkv_bias)
         (q, k, v), c_split = ops.split_heads_forward(qkv, c.num_heads)
-        attn_quant = {t: self.quantizers[f"{b}.attn.{t}"] for t in ("q", "k", "attn", "v")
-                      if f"{b}.attn.{t}" in self.quantizers}
-        o, c_attn = ops.attention_forward(q, k, v, attn_quant, training, c.attn_drop_rate, rng)
+        o, c_attn = self._attention_forward(b, q, k, v, training, rng)
         o, c_merge = ops.merge_heads_forward(o)
         a, c_proj = self._linear_forward(f"{b}.attn.proj", o, training)
         a, c_drop1 = ops.dropout_forward(a, c.drop_rate, rng, training)
@@ -291,9 +366,9 @@ class ViT:
         if training and uses_rng and rng is None:
             raise ValueError("training with dropout or drop-path needs a numpy Generator: forward(..., rng=...)")
         x = x.astype(self.dtype, copy=False)
-        pz, pxz = self._quant("patch_embed.proj.weight"), self._quant("patch_embed.proj.input")
-        w_q, c_pw = pz.forward(P["patch_embed.proj.weight"], training)
-        x_q, c_px = pxz.forward(x, training)
+        pz, pxz = self.quantizers.get("patch_embed.proj.weight"), self.quantizers.get("patch_embed.proj.input")
+        w_q, c_pw = _quantize(pz, P["patch_embed.proj.weight"], training)
+        x_q, c_px = _quantize(pxz, x, training)
         t, c_pe = ops.patch_embed_forward(x_q, w_q, P["patch_embed.proj.bias"], c.patch_size)
         t, c_tok = ops.tokens_forward(t, P["pos_embed"], P["cls_token"], P.get("dist_token"))
         t, c_pos_drop = ops.dropout_forward(t, c.drop_rate, rng, training)
@@ -338,10 +413,7 @@ class ViT:
         da = ops.dropout_backward(da, c_drop1)
         do = self._linear_backward(da, c_proj)
         do = ops.merge_heads_backward(do, c_merge)
-        dq, dk, dv, gq = ops.attention_backward(do, c_attn, out=ops.split_heads_grad_views(c_split, do.dtype))
-        for name, g in gq.items():
-            tensor, pname = name.split(".", 1)
-            self._accumulate(f"{b}.attn.{tensor}_quant.{pname}", g)
+        dq, dk, dv = self._attention_backward(b, do, c_attn, ops.split_heads_grad_views(c_split, do.dtype))
         dqkv = ops.split_heads_backward(dq, dk, dv, c_split)
         dh = self._linear_backward(dqkv, c_qkv)
         dh, dg, db = ops.layernorm_backward(dh, c_ln1)
@@ -380,9 +452,9 @@ class ViT:
             self._accumulate("dist_token", ddist)
         dx_q, dw_q, db = ops.patch_embed_backward(dt, c_pe)
         self._accumulate("patch_embed.proj.bias", db)
-        dw, gw = pz.backward(dw_q, c_pw)
+        dw, gw = _quantize_backward(pz, dw_q, c_pw)
         self._accumulate("patch_embed.proj.weight", dw)
         self._accumulate_quant("patch_embed.proj.weight", gw)
-        dx, gx = pxz.backward(dx_q, c_px)
+        dx, gx = _quantize_backward(pxz, dx_q, c_px)
         self._accumulate_quant("patch_embed.proj.input", gx)
         return dx

@@ -5,43 +5,63 @@ Convention (CS231n / llm.c): ``out, cache = op_forward(...)`` and
 training, float64 for the reference tests. Shapes use B = batch, N = tokens, D = embedding
 width, H = heads, d = D / H, C = classes.
 
-The element-wise and row-wise hot spots (GELU, LayerNorm, softmax, the heads' layout change in the
-backward) are Numba kernels that run in parallel over rows; everything else is NumPy and BLAS, with
-attention's stacks of small matrix products split across threads (_stacked_matmul).
+How to read an op: its body is the math in plain NumPy. Where a row-wise loop is hot (LayerNorm,
+GELU, softmax, column sums, bias and residual adds, the heads' gradient layout, attention's stacks
+of small matrix products), the op first hands float32 / float64 inputs to the same computation in
+minibvit.numerics (Numba, parallel over rows, fixed summation order) and returns its result; the
+NumPy lines after that ``if _numerics(...)`` are the definition it implements. Set
+``ops.USE_NUMERICS = False`` to run the NumPy bodies (reference_tests/test_numerics.py compares the
+two). Quantizers never appear here: minibvit.model composes them around these ops.
 """
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+
+from . import numerics
+from .kernels.gsb import gsb_combine
+from .numerics import exp_f32  # noqa: F401  (public: the float32 exp of the softmax)
+
+USE_NUMERICS = True  # False: every op runs its NumPy body
+
+
+def _numerics(*arrays):
+    """True when the hot loop goes to minibvit.numerics: USE_NUMERICS and every array float32 or float64."""
+    return USE_NUMERICS and all(a.dtype == np.float32 or a.dtype == np.float64 for a in arrays)
+
 
 # ----------------------------------------------------------------------------------------------
-# linear
+# linear and exact products of integer levels
 
 
-def linear_forward(x, w, b=None, levels=None):
+def linear_forward(x, w, b=None, product=None):
     """y = x @ w.T + b.
 
     x: (..., K) input; w: (N, K) weight (PyTorch layout); b: (N,) bias or None.
-    levels: optional integer form of quantized operands, (x_levels (..., K), w_levels (N, K), scale
-        (N,) or ()) with x @ w.T == (x_levels @ w_levels.T) * scale. y is then computed that way: the
-        integer product is exact (in float64 when it could exceed float32's 2^24), so y has the same
-        bits as an integer kernel's output scaled by the same (N,) vector and added to the same bias.
+    product: optional x @ w.T, (rows, N) with rows = x.size / K, already computed by the caller (a
+        fresh array: the bias is added in place). minibvit.model passes the exact product of two
+        quantized operands (levels_matmul), so that y has the bits of an integer kernel's output
+        scaled by the same (N,) vector and added to the same bias.
     Returns y: (..., N) and the cache (the backward uses x and w).
     """
     x2 = x.reshape(-1, x.shape[-1])
-    if levels is None:
-        y = x2 @ w.T
-    else:
-        y = integer_matmul(levels[0].reshape(x2.shape), levels[1].T)
-        y *= levels[2]
+    y = x2 @ w.T if product is None else product.reshape(x2.shape[0], w.shape[0])
     if b is not None:
-        _add_to_rows(y, b.astype(y.dtype, copy=False))
+        b = b.astype(y.dtype, copy=False)
+        if _numerics(y):
+            numerics.add_to_rows(y, b)  # the float additions of y += b, on all threads
+        else:
+            y += b
     return y.reshape(*x.shape[:-1], w.shape[0]), (x2, w, x.shape, b is not None)
+
+
+def linear_backward(dout, cache):
+    """Returns dx (..., K), dw (N, K), db (N,) or None."""
+    x2, w, x_shape, has_bias = cache
+    d2 = dout.reshape(-1, w.shape[0])
+    dx = (d2 @ w).reshape(x_shape)
+    dw = d2.T @ x2
+    db = (numerics.column_sums(d2) if _numerics(d2) else d2.sum(axis=0)) if has_bias else None
+    return dx, dw, db
 
 
 def integer_matmul(a, b):
@@ -54,390 +74,87 @@ def integer_matmul(a, b):
     return np.matmul(a.astype(np.float64), b.astype(np.float64)).astype(a.dtype)
 
 
-def linear_backward(dout, cache):
-    """Returns dx (..., K), dw (N, K), db (N,) or None."""
-    x2, w, x_shape, has_bias = cache
-    d2 = dout.reshape(-1, w.shape[0])
-    dx = (d2 @ w).reshape(x_shape)
-    dw = d2.T @ x2
-    db = column_sums(d2) if has_bias else None
-    return dx, dw, db
+def levels_matmul(a_levels, a_scale, b_levels, b_scale):
+    """a @ b for a = a_levels * a_scale and b = b_levels * b_scale ("integer levels, then one scale"):
+
+        a @ b = (a_levels @ b_levels) * (a_scale * b_scale)
+
+    a_levels (..., M, K), b_levels (..., K, N): small integers in a float dtype; a_scale a scalar,
+    b_scale a scalar or one per output column (N,). The integer product is exact (integer_matmul),
+    so an exact 0 stays 0 and the packed engine, which computes the same integers with popcounts
+    and applies the same scale, gets the same bits. Returns (..., M, N) in the levels' dtype."""
+    out = integer_matmul(a_levels, b_levels)
+    out *= a_scale * b_scale
+    return out
 
 
-@njit(parallel=True, cache=True)
-def _add_to_rows(y, b):
-    """y[r, :] += b for every row r of y (rows, n), in place: the float additions of y += b, on all
-    threads (NumPy's broadcast add runs on one)."""
-    for r in prange(y.shape[0]):
-        for j in range(y.shape[1]):
-            y[r, j] += b[j]
-
-
-@njit(parallel=True, cache=True)
-def _add_rows(x, y, out):
-    for r in prange(x.shape[0]):
-        for j in range(x.shape[1]):
-            out[r, j] = x[r, j] + y[r, j]
+def basis_matmul(a_bases, a_scales, b_bases, b_scales, dtype):
+    """(sum_i a_i P_i) @ (sum_j b_j U_j) for operands that are sums of scaled integer bases (GSB):
+    sum_ij (a_i b_j) (P_i @ U_j), each P_i @ U_j exact (integer_matmul), combined in float64 in
+    the order of kernels.gsb_combine, as the packed engine combines its popcount products, then
+    cast to dtype. a_bases: P_i (..., M, K); b_bases: U_j (..., K, N)."""
+    products = [[integer_matmul(p, u) for u in b_bases] for p in a_bases]
+    return gsb_combine(products, a_scales, b_scales).astype(dtype)
 
 
 def add(x, y, out=None):
-    """x + y for two arrays of the same shape and dtype, on all threads; out may be x or y."""
-    if out is None:
-        out = np.empty_like(x)
-    if x.shape != y.shape or x.dtype != y.dtype or not (x.flags.c_contiguous and y.flags.c_contiguous and out.flags.c_contiguous):
-        return np.add(x, y, out=out)
-    n = x.shape[-1] if x.ndim else 1
-    _add_rows(x.reshape(-1, n), y.reshape(-1, n), out.reshape(-1, n))
-    return out
+    """x + y for two arrays of the same shape and dtype; out may be x or y."""
+    if x.shape == y.shape and x.dtype == y.dtype and _numerics(x) and x.flags.c_contiguous \
+            and y.flags.c_contiguous and (out is None or out.flags.c_contiguous):
+        return numerics.add(x, y, out=out)  # on all threads (NumPy's add runs on one)
+    return np.add(x, y, out=out)
 
 
 # ----------------------------------------------------------------------------------------------
 # LayerNorm
 
 
-# The forward sums each row's mean and variance in float64, in order (no reassociation): the packed
-# inference engine reproduces these bits. One row's chain of dependent float64 adds is bound by the
-# add latency, so rows are summed eight at a time as eight independent chains (the same order per row).
-
-@njit(inline="always")
-def _sums8(a0, a1, a2, a3, a4, a5, a6, a7):
-    """sum_j float64(a_k[j]) of eight 1-D arrays, each in order from 0.0, as eight independent chains."""
-    t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = 0.0
-    for j in range(a0.shape[0]):
-        t0 += a0[j]
-        t1 += a1[j]
-        t2 += a2[j]
-        t3 += a3[j]
-        t4 += a4[j]
-        t5 += a5[j]
-        t6 += a6[j]
-        t7 += a7[j]
-    return t0, t1, t2, t3, t4, t5, t6, t7
-
-
-@njit(cache=True)
-def _layernorm_moments(x):
-    """Mean and variance of one row x (n,) in float64: sum(x) / n, then sum((x - mean)^2) / n, in order."""
-    n = x.shape[0]
-    mean = 0.0
-    for j in range(n):
-        mean += x[j]
-    mean /= n
-    var = 0.0
-    for j in range(n):
-        t = x[j] - mean
-        var += t * t
-    return mean, var / n
-
-
-@njit(cache=True)
-def _layernorm_moments8(x, r, squares):
-    """_layernorm_moments of rows r .. r + 7 of x (rows, n), as two tuples of eight: the squared
-    deviations go to squares (8, n) float64 first (vectorized), so that the eight chains only add."""
-    n = x.shape[1]
-    sums = _sums8(x[r], x[r + 1], x[r + 2], x[r + 3], x[r + 4], x[r + 5], x[r + 6], x[r + 7])
-    for k in range(8):
-        xk, sk = x[r + k], squares[k]
-        mean = sums[k] / n
-        for j in range(n):
-            t = xk[j] - mean
-            sk[j] = t * t
-    square_sums = _sums8(squares[0], squares[1], squares[2], squares[3], squares[4], squares[5], squares[6],
-                         squares[7])
-    means = (sums[0] / n, sums[1] / n, sums[2] / n, sums[3] / n, sums[4] / n, sums[5] / n, sums[6] / n,
-             sums[7] / n)
-    variances = (square_sums[0] / n, square_sums[1] / n, square_sums[2] / n, square_sums[3] / n,
-                 square_sums[4] / n, square_sums[5] / n, square_sums[6] / n, square_sums[7] / n)
-    return means, variances
-
-
-@njit(inline="always")
-def _layernorm_normalize_row(x, mean, var, gamma, beta, eps, out, xhat, rstd, r):
-    s = 1.0 / math.sqrt(var + eps)
-    rstd[r] = s
-    for j in range(x.shape[0]):
-        h = (x[j] - mean) * s
-        xhat[j] = h
-        out[j] = h * gamma[j] + beta[j]
-
-
-_LAYERNORM_ROWS_PER_TASK = 64
-
-
-@njit(cache=True, fastmath=False)
-def _layernorm_row_range(x, gamma, beta, eps, out, xhat, rstd, r0, r1):
-    squares = np.empty((8, x.shape[1]), np.float64)
-    r = r0
-    while r + 8 <= r1:
-        means, variances = _layernorm_moments8(x, r, squares)
-        for k in range(8):
-            _layernorm_normalize_row(x[r + k], means[k], variances[k], gamma, beta, eps, out[r + k], xhat[r + k],
-                                     rstd, r + k)
-        r += 8
-    while r < r1:
-        mean, var = _layernorm_moments(x[r])
-        _layernorm_normalize_row(x[r], mean, var, gamma, beta, eps, out[r], xhat[r], rstd, r)
-        r += 1
-
-
-@njit(parallel=True, cache=True)
-def _layernorm_rows(x, gamma, beta, eps, out, xhat, rstd):
-    rows = x.shape[0]
-    tasks = (rows + _LAYERNORM_ROWS_PER_TASK - 1) // _LAYERNORM_ROWS_PER_TASK
-    for task in prange(tasks):
-        _layernorm_row_range(x, gamma, beta, eps, out, xhat, rstd, task * _LAYERNORM_ROWS_PER_TASK,
-                             min(rows, (task + 1) * _LAYERNORM_ROWS_PER_TASK))
-
-
-# Reductions that only training uses may be reassociated (vectorized sums); the forward kernels keep
-# their in-order sums, which the packed inference engine reproduces bit for bit.
-_REDUCE_FASTMATH = {"reassoc", "contract", "nsz"}
-# Row reductions over the batch (dgamma, dbeta, a bias gradient) are summed in this many fixed chunks
-# of rows, in parallel, and the chunks then added: the result does not depend on the number of threads.
-_ROW_CHUNKS = 16
-
-
-@njit(parallel=True, cache=True, fastmath=_REDUCE_FASTMATH)
-def _column_sum_chunks(x, chunks):
-    rows, n = x.shape
-    parts = chunks.shape[0]
-    for c in prange(parts):
-        for r in range(c * rows // parts, (c + 1) * rows // parts):
-            for j in range(n):
-                chunks[c, j] += x[r, j]
-
-
-def column_sums(x):
-    """x.sum(axis=0) of a 2-D array (rows, n) -> (n,), in parallel: partial sums over _ROW_CHUNKS
-    fixed row ranges (the same result for any thread count), then their sum."""
-    chunks = np.zeros((_ROW_CHUNKS, x.shape[1]), dtype=x.dtype)
-    _column_sum_chunks(np.ascontiguousarray(x), chunks)
-    return chunks.sum(axis=0)
-
-
-@njit(parallel=True, cache=True, fastmath=_REDUCE_FASTMATH)
-def _layernorm_rows_backward(dout, xhat, rstd, gamma, dx, dgamma_chunks, dbeta_chunks):
-    rows, n = dout.shape
-    chunks = dgamma_chunks.shape[0]
-    for c in prange(chunks):
-        dgamma, dbeta = dgamma_chunks[c], dbeta_chunks[c]
-        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
-            sum_g = 0.0
-            sum_gx = 0.0
-            for j in range(n):
-                g = dout[r, j] * gamma[j]
-                sum_g += g
-                sum_gx += g * xhat[r, j]
-                dgamma[j] += dout[r, j] * xhat[r, j]
-                dbeta[j] += dout[r, j]
-            sum_g /= n
-            sum_gx /= n
-            for j in range(n):
-                dx[r, j] = (dout[r, j] * gamma[j] - sum_g - xhat[r, j] * sum_gx) * rstd[r]
-
-
 def layernorm_forward(x, gamma, beta, eps=1e-6):
     """LayerNorm over the last axis: y = (x - mean) / sqrt(var + eps) * gamma + beta.
 
-    x: (..., D); gamma, beta: (D,). eps defaults to 1e-6 as in timm's ViT.
+    x: (..., D); gamma, beta: (D,). eps defaults to 1e-6 as in timm's ViT. The mean and variance
+    are computed in float64 (numerics: summed in order, which the packed engine reproduces).
     Returns y: (..., D) and the cache.
     """
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
-    out = np.empty_like(x2)
-    xhat = np.empty_like(x2)
-    rstd = np.empty(x2.shape[0], dtype=x.dtype)
-    _layernorm_rows(x2, gamma.astype(x.dtype), beta.astype(x.dtype), x.dtype.type(eps), out, xhat, rstd)
+    if _numerics(x2):
+        out, xhat, rstd = numerics.layernorm(x2, gamma, beta, eps)
+    else:
+        mean = x2.mean(axis=-1, keepdims=True, dtype=np.float64)
+        var = ((x2 - mean) ** 2).mean(axis=-1, keepdims=True)
+        rstd64 = 1.0 / np.sqrt(var + eps)
+        xhat64 = (x2 - mean) * rstd64
+        out = (xhat64 * gamma + beta).astype(x.dtype)
+        xhat, rstd = xhat64.astype(x.dtype), rstd64[:, 0].astype(x.dtype)
     return out.reshape(x.shape), (xhat, rstd, gamma, x.shape)
 
 
 def layernorm_backward(dout, cache):
-    """Returns dx (..., D), dgamma (D,), dbeta (D,)."""
+    """With g = dout * gamma:  dx = (g - mean(g) - xhat * mean(g * xhat)) * rstd  (means over D),
+    dgamma = sum over rows of dout * xhat, dbeta = sum over rows of dout.
+    Returns dx (..., D), dgamma (D,), dbeta (D,)."""
     xhat, rstd, gamma, x_shape = cache
     d2 = np.ascontiguousarray(dout.reshape(xhat.shape))
-    dx = np.empty_like(d2)
-    dgamma = np.zeros((_ROW_CHUNKS, d2.shape[1]), dtype=d2.dtype)  # partial sums of dout * xhat and dout
-    dbeta = np.zeros((_ROW_CHUNKS, d2.shape[1]), dtype=d2.dtype)
-    _layernorm_rows_backward(d2, xhat, rstd, gamma.astype(d2.dtype), dx, dgamma, dbeta)
-    return dx.reshape(x_shape), dgamma.sum(axis=0), dbeta.sum(axis=0)
+    if _numerics(d2):
+        dx, dgamma, dbeta = numerics.layernorm_backward(d2, xhat, rstd, gamma)
+    else:
+        g = d2 * gamma
+        dx = (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True)) * rstd[:, None]
+        dgamma, dbeta = (d2 * xhat).sum(axis=0), d2.sum(axis=0)
+    return dx.reshape(x_shape), dgamma, dbeta
 
 
 # ----------------------------------------------------------------------------------------------
 # GELU
 
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-@intrinsic
-def _as_float32(typingctx, bits):
-    """Reinterpret int32 bits as float32 (an LLVM bitcast, which vectorizes)."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
-@intrinsic
-def _as_float64(typingctx, bits):
-    """Reinterpret int64 bits as float64 (an LLVM bitcast, which vectorizes)."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return types.float64(types.int64), codegen
-
-
-# No "contract"/"reassoc": the vectorized body and the scalar remainder of a loop must round alike,
-# so that an element's value does not depend on where it falls in the thread chunks.
-_EXACT_FASTMATH = {"nnan", "ninf", "nsz"}
-# error_model="numpy": a float division by zero gives inf instead of raising ZeroDivisionError; the
-# check for it would keep LLVM from vectorizing the loops.
-
-
-@intrinsic
-def _fma_f32(typingctx, a, b, c):
-    """a * b + c for float32 with a single rounding (LLVM's fma): unlike a "contract" fast-math flag it
-    fuses in the vectorized loop body and in its scalar remainder alike."""
-    def codegen(context, builder, signature, args):
-        f32 = ir.FloatType()
-        fma = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
-        return builder.call(fma, args)
-
-    return types.float32(types.float32, types.float32, types.float32), codegen
-
-
-@njit(inline="always")
-def _horner_f32(t, coeffs):
-    """coeffs[0] + coeffs[1] t + coeffs[2] t^2 + ... by Horner's rule with fused multiply-adds."""
-    acc = coeffs[-1]
-    for i in range(len(coeffs) - 2, -1, -1):
-        acc = _fma_f32(acc, t, coeffs[i])
-    return acc
-
-
-# 2^f for |f| <= 1/2 (degree 6) and Numerical Recipes' erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z / 2)
-_EXP2_COEFFS = tuple(np.float32(c) for c in (
-    1.0, 0.6931471805599453, 0.2402265069591007, 0.05550410866482158, 0.009618129107628477,
-    0.0013333558146428443, 0.00015403530393381606))
-_ERFC_COEFFS = tuple(np.float32(c) for c in (
-    -1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398, 1.48851587,
-    -0.82215223, 0.17087277))
-
-
-@njit(inline="always", fastmath=_EXACT_FASTMATH)
-def _exp_f32(x):
-    """exp(x) for float32 as 2^n * 2^f (n = round(x log2 e), |f| <= 1/2, degree-6 polynomial for
-    2^f, relative error < 2e-6): unlike libm's expf it vectorizes, which makes the GELU kernels
-    several times faster."""
-    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
-    y = x * np.float32(1.4426950408889634)
-    n = np.floor(y + np.float32(0.5))  # float32 (math.floor would give an int64 and float64 arithmetic)
-    return _horner_f32(y - n, _EXP2_COEFFS) * _as_float32((np.int32(n) + np.int32(127)) << np.int32(23))
-
-
-@njit(inline="always", fastmath=_EXACT_FASTMATH)
-def _phi_fast(v):
-    """Phi(v) = erfc(-v / sqrt 2) / 2 through Numerical Recipes' Chebyshev erfc (relative error
-    < 1.2e-7) and _exp_f32; about 2e-6 relative in all. Branch-free so the loop vectorizes."""
-    z = abs(v) * np.float32(0.7071067811865476)
-    t = np.float32(1.0) / _fma_f32(np.float32(0.5), z, np.float32(1.0))
-    half_erfc = np.float32(0.5) * t * _exp_f32(_fma_f32(-z, z, _horner_f32(t, _ERFC_COEFFS)))  # = Phi(-|v|)
-    return half_erfc if v < 0 else np.float32(1.0) - half_erfc
-
-
-# The GELU kernels work on rows: x (rows, n) is the output of the preceding linear layer before its
-# bias (n,), or the pre-activation itself when bias is None (Numba compiles that case without it).
-# The backward kernels also sum dx over the rows into the bias gradient, in _ROW_CHUNKS fixed
-# chunks of rows (partial sums in x's dtype: float64 ones would double the float32 kernel's time), in
-# the same pass.
-
-
-@njit(parallel=True, cache=True, fastmath=_EXACT_FASTMATH, error_model="numpy")
-def _gelu_erf_f32(x, bias, out):
-    rows, n = x.shape
-    for r in prange(rows):
-        for j in range(n):
-            v = x[r, j] if bias is None else x[r, j] + bias[j]
-            out[r, j] = v * _phi_fast(v)
-
-
-@njit(parallel=True, cache=True, fastmath=_EXACT_FASTMATH, error_model="numpy")
-def _gelu_erf_f32_backward(x, bias, dout, dx, dbias_chunks):
-    rows, n = x.shape
-    chunks = dbias_chunks.shape[0]
-    for c in prange(chunks):
-        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
-            for j in range(n):
-                v = x[r, j] if bias is None else x[r, j] + bias[j]
-                pdf = np.float32(0.3989422804014327) * _exp_f32(np.float32(-0.5) * v * v)
-                g = dout[r, j] * _fma_f32(v, pdf, _phi_fast(v))
-                dx[r, j] = g
-                if bias is not None:
-                    dbias_chunks[c, j] += g
-
-
-@njit(parallel=True, cache=True)
-def _gelu_erf(x, bias, out, half, one, c):
-    # float64 (and other dtypes): libm erf, exact to the last bits; c = (1/sqrt 2, 1/sqrt(2 pi))
-    rows, n = x.shape
-    for r in prange(rows):
-        for j in range(n):
-            v = x[r, j] if bias is None else x[r, j] + bias[j]
-            out[r, j] = half * v * (one + math.erf(v * c[0]))
-
-
-@njit(parallel=True, cache=True)
-def _gelu_erf_backward(x, bias, dout, dx, dbias_chunks, half, one, c):
-    rows, n = x.shape
-    chunks = dbias_chunks.shape[0]
-    for k in prange(chunks):
-        for r in range(k * rows // chunks, (k + 1) * rows // chunks):
-            for j in range(n):
-                v = x[r, j] if bias is None else x[r, j] + bias[j]
-                cdf = half * (one + math.erf(v * c[0]))
-                pdf = c[1] * math.exp(-half * v * v)
-                dx[r, j] = dout[r, j] * (cdf + v * pdf)
-                if bias is not None:
-                    dbias_chunks[k, j] += dx[r, j]
-
-
-@njit(parallel=True, cache=True)
-def _gelu_tanh(x, bias, out, half, one, c):
-    # c = (sqrt(2/pi), 0.044715, 3 * 0.044715)
-    rows, n = x.shape
-    for r in prange(rows):
-        for j in range(n):
-            v = x[r, j] if bias is None else x[r, j] + bias[j]
-            out[r, j] = half * v * (one + math.tanh(c[0] * (v + c[1] * v * v * v)))
-
-
-@njit(parallel=True, cache=True)
-def _gelu_tanh_backward(x, bias, dout, dx, dbias_chunks, half, one, c):
-    rows, n = x.shape
-    chunks = dbias_chunks.shape[0]
-    for k in prange(chunks):
-        for r in range(k * rows // chunks, (k + 1) * rows // chunks):
-            for j in range(n):
-                v = x[r, j] if bias is None else x[r, j] + bias[j]
-                t = math.tanh(c[0] * (v + c[1] * v * v * v))
-                du = c[0] * (one + c[2] * v * v)
-                dx[r, j] = dout[r, j] * (half * (one + t) + half * v * (one - t * t) * du)
-                if bias is not None:
-                    dbias_chunks[k, j] += dx[r, j]
-
-
-def _gelu_constants(approximate, dtype):
-    if approximate == "none":
-        c = np.array([_INV_SQRT_2, _INV_SQRT_2PI], dtype=dtype)
-    else:
-        c = np.array([_SQRT_2_OVER_PI, 0.044715, 3 * 0.044715], dtype=dtype)
-    return dtype.type(0.5), dtype.type(1.0), c
+_erf = np.frompyfunc(math.erf, 1, 1)
 
 
 def gelu_forward(x, approximate="none", bias=None):
     """GELU, optionally of x + bias. approximate="none": y = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))
     (exact); approximate="tanh": y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
-    float64 uses libm's erf; float32 a vectorized erfc approximation (relative error about 2e-6).
+    numerics computes float64 with libm's erf and float32 with a vectorized erfc approximation
+    (relative error about 2e-6).
 
     x: (..., n); bias: (n,) or None, the preceding linear layer's bias, added in the same pass over
     the data as the GELU (the same float additions as linear_forward's). Returns y (same shape as x)
@@ -448,218 +165,74 @@ def gelu_forward(x, approximate="none", bias=None):
     x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1] if x.ndim else 1)
     if bias is not None:
         bias = bias.astype(x2.dtype, copy=False)
-    out = np.empty_like(x2)
-    if approximate == "none" and x2.dtype == np.float32:
-        _gelu_erf_f32(x2, bias, out)
+    if _numerics(x2):
+        out = numerics.gelu_rows(x2, bias, approximate)
     else:
-        kernel = _gelu_erf if approximate == "none" else _gelu_tanh
-        kernel(x2, bias, out, *_gelu_constants(approximate, x2.dtype))
+        v = x2 if bias is None else x2 + bias
+        if approximate == "none":
+            out = (0.5 * v * (1.0 + _erf(v / math.sqrt(2.0)).astype(v.dtype))).astype(x2.dtype)
+        else:
+            out = 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
     return out.reshape(x.shape), (x2, bias, approximate, x.shape)
 
 
 def gelu_backward(dout, cache):
-    """dx = dout * GELU'(x + bias). Returns dx (same shape as x) and dbias (n,), or None without bias."""
+    """dx = dout * GELU'(v), v = x + bias: GELU'(v) = Phi(v) + v phi(v) (exact form), or the
+    derivative of the tanh form. Returns dx (same shape as x) and dbias (n,), or None without bias."""
     x2, bias, approximate, shape = cache
-    dx = np.empty_like(x2)
     dout = np.ascontiguousarray(dout, dtype=x2.dtype).reshape(x2.shape)
-    dbias = np.zeros((_ROW_CHUNKS, x2.shape[1]), dtype=x2.dtype)
-    if approximate == "none" and x2.dtype == np.float32:
-        _gelu_erf_f32_backward(x2, bias, dout, dx, dbias)
+    if _numerics(x2):
+        dx, dbias = numerics.gelu_rows_backward(x2, bias, dout, approximate)
     else:
-        kernel = _gelu_erf_backward if approximate == "none" else _gelu_tanh_backward
-        kernel(x2, bias, dout, dx, dbias, *_gelu_constants(approximate, x2.dtype))
-    return dx.reshape(shape), None if bias is None else dbias.sum(axis=0)
+        v = x2 if bias is None else x2 + bias
+        if approximate == "none":
+            cdf = 0.5 * (1.0 + _erf(v / math.sqrt(2.0)).astype(v.dtype))
+            dx = dout * (cdf + v * np.exp(-0.5 * v * v) / math.sqrt(2.0 * math.pi))
+        else:
+            c = math.sqrt(2.0 / math.pi)
+            t = np.tanh(c * (v + 0.044715 * v ** 3))
+            dx = dout * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * v * v))
+        dx = dx.astype(x2.dtype)
+        dbias = dx.sum(axis=0)
+    return dx.reshape(shape), None if bias is None else dbias
 
 
 # ----------------------------------------------------------------------------------------------
 # softmax (last axis)
 
 
-# exp(r) for |r| <= ln(2) / 2: Taylor coefficients 1 / k!, k = 0 .. 12 (truncation < 2e-16 relative);
-# ln 2 split as in fdlibm, so that n * _LN2_HI is exact for the |n| <= 151 used here.
-_EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(13))
-_LN2_HI = 6.93147180369123816490e-01
-_LN2_LO = 1.90821492927058770002e-10
-
-
-@njit(inline="always")
-def _exp_f32_rounded(x):
-    """float32(exp(x)) for float32 x, evaluated in float64 as 2^n exp(r), n = round(x / ln 2), with a
-    degree-12 polynomial for exp(r): about 3e-16 relative before the one rounding to float32, so the
-    result is the correctly rounded exp(x) unless exp(x) lies that close to a float32 rounding boundary
-    (measured: no difference from float32(numpy.exp(float64(x))) on 10^7 points). Branch-free, so the
-    loops vectorize (libm's expf does not). exp(-inf) = 0, exp(+inf) = inf, NaN stays NaN."""
-    v = min(max(np.float64(x), -104.0), 89.0)  # exp(-104) rounds to 0 and exp(89) to inf in float32
-    n = np.floor(v * 1.4426950408889634 + 0.5)
-    r = (v - n * _LN2_HI) - n * _LN2_LO
-    p = _EXP_TAYLOR[12]
-    for k in range(11, -1, -1):
-        p = p * r + _EXP_TAYLOR[k]
-    y = np.float32(p * _as_float64((np.int64(n) + np.int64(1023)) << np.int64(52)))
-    return y if x == x else x
-
-
-def exp_f32(x):
-    """Element-wise exp of a float32 array with the bits of ops' float32 softmax (_exp_f32_rounded;
-    Numba code such as engine.exp_table calls that directly)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.empty_like(x)
-    _exp_f32_array(x.reshape(-1), out.reshape(-1))
-    return out
-
-
-@njit(cache=True)
-def _exp_f32_array(x, out):
-    for i in range(x.shape[0]):
-        out[i] = _exp_f32_rounded(x[i])
-
-
-@njit(inline="always")
-def _row_max(x):
-    m = x[0]
-    for j in range(1, x.shape[0]):
-        if x[j] > m:
-            m = x[j]
-    return m
-
-
-@njit(inline="always")
-def _scale_row(x, s):
-    for j in range(x.shape[0]):
-        x[j] *= s
-
-
-@njit(parallel=True, cache=True)
-def _softmax_rows(x, out):
-    # float64 (and other dtypes): libm exp
-    rows, n = x.shape
-    for r in prange(rows):
-        m = _row_max(x[r])
-        s = 0.0
-        for j in range(n):
-            e = math.exp(x[r, j] - m)
-            out[r, j] = e
-            s += e
-        _scale_row(out[r], 1.0 / s)
-
-
-_SOFTMAX_ROWS_PER_TASK = 64
-
-
-@njit(cache=True)
-def _softmax_row_range_f32(x, out, r0, r1):
-    """Rows r0 .. r1 - 1 of the float32 softmax: e = float32(exp(x - max)) (vectorized), the float64
-    sum of each row's e in order (eight rows as independent chains), out = float32(e * (1 / sum))."""
-    for r in range(r0, r1):
-        m = _row_max(x[r])
-        xr, er = x[r], out[r]
-        for j in range(x.shape[1]):
-            er[j] = _exp_f32_rounded(xr[j] - m)
-    r = r0
-    while r + 8 <= r1:
-        sums = _sums8(out[r], out[r + 1], out[r + 2], out[r + 3], out[r + 4], out[r + 5], out[r + 6], out[r + 7])
-        for k in range(8):
-            _scale_row(out[r + k], 1.0 / sums[k])
-        r += 8
-    while r < r1:
-        s = 0.0
-        for j in range(x.shape[1]):
-            s += out[r, j]
-        _scale_row(out[r], 1.0 / s)
-        r += 1
-
-
-@njit(parallel=True, cache=True)
-def _softmax_rows_f32(x, out):
-    rows = x.shape[0]
-    tasks = (rows + _SOFTMAX_ROWS_PER_TASK - 1) // _SOFTMAX_ROWS_PER_TASK
-    for task in prange(tasks):
-        _softmax_row_range_f32(x, out, task * _SOFTMAX_ROWS_PER_TASK,
-                               min(rows, (task + 1) * _SOFTMAX_ROWS_PER_TASK))
-
-
-@njit(parallel=True, cache=True, fastmath=_REDUCE_FASTMATH)
-def _softmax_rows_backward(y, dout, dx):
-    rows, n = y.shape
-    for r in prange(rows):
-        dot = 0.0
-        for j in range(n):
-            dot += y[r, j] * dout[r, j]
-        for j in range(n):
-            dx[r, j] = y[r, j] * (dout[r, j] - dot)
-
-
 def softmax_forward(x):
-    """Numerically stable softmax over the last axis. x: (..., n). Returns y and the cache."""
+    """Numerically stable softmax over the last axis: y = exp(x - max x) / sum exp(x - max x).
+    x: (..., n). Returns y and the cache."""
     x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
-    y = np.empty_like(x2)
-    (_softmax_rows_f32 if x2.dtype == np.float32 else _softmax_rows)(x2, y)
+    if _numerics(x2):
+        y = numerics.softmax(x2)
+    else:
+        e = np.exp(x2 - x2.max(axis=-1, keepdims=True))
+        y = e / e.sum(axis=-1, keepdims=True)
     return y.reshape(x.shape), y
 
 
 def softmax_backward(dout, cache):
     """dx = y * (dout - sum(dout * y, -1)). Returns dx (same shape)."""
     y = cache
-    dx = np.empty_like(y)
-    _softmax_rows_backward(y, np.ascontiguousarray(dout).reshape(y.shape), dx)
+    d2 = np.ascontiguousarray(dout).reshape(y.shape)
+    if _numerics(y, d2):
+        dx = numerics.softmax_backward(y, d2)
+    else:
+        dx = y * (d2 - (d2 * y).sum(axis=-1, keepdims=True))
     return dx.reshape(dout.shape)
 
 
 # ----------------------------------------------------------------------------------------------
-# multi-head self-attention core
-
-_matmul_pool = None
+# multi-head self-attention
 
 
-def _forget_matmul_pool():
-    global _matmul_pool
-    _matmul_pool = None
-
-
-os.register_at_fork(after_in_child=_forget_matmul_pool)  # a forked child has none of the pool's threads
-
-
-def _stacked_matmul(a, b, out=None):
-    """a @ b for stacks of matrices, (S, ..., M, K) @ (S, ..., K, N) -> (S, ..., M, N), the stack
-    split across threads; out: optional array of that shape to write into (any strides whose
-    matrices have unit column stride, e.g. a view into another layout).
-
-    NumPy computes a stacked product as one BLAS call per matrix, all on the calling thread, and
-    attention's N x N and N x d matrices are too small for BLAS to use a second thread. So the stack
-    is cut along its first axis into one slice per Numba thread (numba.get_num_threads()); NumPy
-    releases the GIL during the products, so the slices run at the same time. Every matrix gets the
-    same BLAS call as in np.matmul(a, b), hence the same bits.
-    """
-    global _matmul_pool
-    parts = min(numba.get_num_threads(), a.shape[0])
-    if parts < 2 or a.ndim < 3 or a.shape[:-2] != b.shape[:-2]:
-        return np.matmul(a, b, out=out)
-    if out is None:
-        out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
-    if _matmul_pool is None:
-        _matmul_pool = ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS, thread_name_prefix="minibvit-matmul")
-    bounds = np.linspace(0, a.shape[0], parts + 1).astype(int)
-    slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    futures = [_matmul_pool.submit(np.matmul, a[s], b[s], out=out[s]) for s in slices[1:]]
-    np.matmul(a[slices[0]], b[slices[0]], out=out[slices[0]])
-    for f in futures:
-        f.result()
-    return out
-
-
-class _Identity:
-    """Pass-through used where an attention tensor is not quantized."""
-
-    params, buffers = {}, {}
-
-    def forward(self, x, training):
-        return x, None
-
-    def backward(self, dout, cache):
-        return dout, {}
-
-
-IDENTITY = _Identity()
+def _matmul(a, b, out=None):
+    """a @ b for stacks of matrices; numerics splits the stack across threads (the same bits)."""
+    if _numerics(a, b):
+        return numerics.stacked_matmul(a, b, out=out)
+    return np.matmul(a, b, out=out)
 
 
 def split_heads_forward(qkv, num_heads):
@@ -679,7 +252,10 @@ def split_heads_backward(dq, dk, dv, cache):
             and all(t.__array_interface__ == e.__array_interface__
                     for t, e in zip((dq, dk, dv), dqkv.transpose(2, 0, 3, 1, 4)))):
         dqkv = np.empty((B, N, 3, H, d), dtype=dq.dtype)
-        _interleave_heads(dq, dk, dv, dqkv)
+        if _numerics(dqkv):
+            numerics.interleave_heads(dq, dk, dv, dqkv)  # one parallel pass
+        else:
+            dqkv.transpose(2, 0, 3, 1, 4)[...] = (dq, dk, dv)
     return dqkv.reshape(B, N, 3 * H * d)
 
 
@@ -689,22 +265,6 @@ def split_heads_grad_views(cache, dtype):
     then returns the buffer without copying."""
     _, B, H, N, d = cache
     return tuple(np.empty((B, N, 3, H, d), dtype=dtype).transpose(2, 0, 3, 1, 4))
-
-
-@njit(parallel=True, cache=True)
-def _interleave_heads(dq, dk, dv, out):
-    """out[b, n, :, h] = (dq, dk, dv)[:, b, h, n]: one pass, in parallel over the batch (a NumPy
-    strided copy runs on one thread at memory speed)."""
-    B, H, N, d = dq.shape
-    for b in prange(B):
-        for n in range(N):
-            for h in range(H):
-                for j in range(d):
-                    out[b, n, 0, h, j] = dq[b, h, n, j]
-                for j in range(d):
-                    out[b, n, 1, h, j] = dk[b, h, n, j]
-                for j in range(d):
-                    out[b, n, 2, h, j] = dv[b, h, n, j]
 
 
 def merge_heads_forward(x):
@@ -718,106 +278,70 @@ def merge_heads_backward(dout, cache):
     return dout.reshape(B, N, H, d).transpose(0, 2, 1, 3)
 
 
-def attention_forward(q, k, v, quant=None, training=False, attn_drop=0.0, rng=None):
-    """Scaled dot-product attention, batched over batch and heads (no Python loop per head).
-
-        S = (Q_q K_q^T) / sqrt(d),  A = softmax(S),  A_q = quant_attn(A),  O = A_q V_q
-
-    with Q_q = quant_q(Q), K_q = quant_k(K), V_q = quant_v(V) (identity in full precision; the
-    scale is applied after the product, as in BiT, so that binary Q K^T stays an integer product).
-
-    q, k, v: (B, H, N, d). quant: optional dict with any of the keys "q", "k", "attn", "v" mapping
-    to quantizer objects (see minibvit.quant). attn_drop: dropout rate on A_q (training only).
-    Returns O: (B, H, N, d) and the cache. O is a view of a (B, N, H, d) array, so that
-    merge_heads_forward needs no copy.
-    """
-    quant = quant or {}
-    qz, kz, az, vz = (quant.get(name, IDENTITY) for name in ("q", "k", "attn", "v"))
+def attention_scores_forward(q, k, product=None):
+    """S = Q K^T / sqrt(d), batched over batch and heads. q, k: (B, H, N, d) -> S (B, H, N, N).
+    product: Q K^T if the caller computed it already (a fresh array, scaled in place; minibvit.model
+    passes the exact product of quantized Q and K, see ops.levels_matmul). Returns S and the cache."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    q_q, cq = qz.forward(q, training)
-    k_q, ck = kz.forward(k, training)
-    scores = _quantized_matmul(q_q, k_q.swapaxes(-1, -2), qz, cq, kz, ck, transpose_b=True)
+    scores = _matmul(q, k.swapaxes(-1, -2)) if product is None else product
     scores *= scores.dtype.type(scale)
-    attn, c_soft = softmax_forward(scores)
-    a_q, ca = az.forward(attn, training)
-    a_d, c_drop = dropout_forward(a_q, attn_drop, rng, training)
-    v_q, cv = vz.forward(v, training)
+    return scores, (q, k, scale)
+
+
+def attention_scores_backward(dscores, cache, out=None):
+    """dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d). dscores (B, H, N, N) is scaled in place (pass a
+    fresh array: the softmax backward's output). out: optional (dq, dk) arrays to write into."""
+    q, k, scale = cache
+    dq_out, dk_out = out or (None, None)
+    dscores *= dscores.dtype.type(scale)
+    return _matmul(dscores, k, out=dq_out), _matmul(dscores.swapaxes(-1, -2), q, out=dk_out)
+
+
+def attention_values_forward(attn, v, product=None):
+    """O = A V. attn: (B, H, N, N), v: (B, H, N, d) -> O (B, H, N, d), a view of a (B, N, H, d)
+    array, so that merge_heads_forward needs no copy. product: A V if the caller computed it
+    already (see attention_scores_forward). Returns O and the cache."""
     B, H, N, d = v.shape
-    out = np.empty((B, N, H, d), dtype=np.result_type(a_d, v_q)).transpose(0, 2, 1, 3)
-    if c_drop is None:
-        _quantized_matmul(a_d, v_q, az, ca, vz, cv, out=out)
+    out = np.empty((B, N, H, d), dtype=np.result_type(attn, v)).transpose(0, 2, 1, 3)
+    if product is None:
+        _matmul(attn, v, out=out)
     else:
-        _stacked_matmul(a_d, v_q, out=out)
-    return out, (qz, kz, az, vz, cq, ck, ca, cv, q_q, k_q, a_d, v_q, c_soft, c_drop, scale)
+        out[...] = product
+    return out, (attn, v)
 
 
-def _basis_matmul(form_a, form_b, transpose_b, dtype):
-    """(sum_i a_i P_i) @ (sum_j b_j U_j) for operands that are sums of scaled integer bases (GSB):
-    sum_ij (a_i b_j) (P_i @ U_j), each P_i @ U_j exact, accumulated in float64 in the order
-    (0, 0), (0, 1), ..., then cast, as the packed engine combines its popcount products."""
-    (bases_a, scales_a), (bases_b, scales_b) = form_a, form_b
-    out = 0.0
-    for pa, sa in zip(bases_a, scales_a):
-        for pb, sb in zip(bases_b, scales_b):
-            product = integer_matmul(pa, pb.swapaxes(-1, -2) if transpose_b else pb)
-            out = out + (np.float64(sa) * np.float64(sb)) * product
-    return out.astype(dtype)
+def attention_values_backward(dout, cache, out=None):
+    """dA = dO V^T, dV = A^T dO. out: optional array to write dV into. Returns dA, dV."""
+    attn, v = cache
+    return _matmul(dout, v.swapaxes(-1, -2)), _matmul(attn.swapaxes(-1, -2), dout, out=out)
 
 
-def _quantized_matmul(a, b, qa, ca, qb, cb, transpose_b=False, out=None):
-    """a @ b; when both operands are quantized as levels * scalar scale (quantizer.integer_form),
-    computed as (levels_a @ levels_b) * (scale_a * scale_b): the integer product is exact in floating
-    point (while its magnitude stays below 2^24 in float32), so an exact 0 stays 0 and the packed
-    inference engine, which computes the same integers with popcounts, gets the same bits.
-    out: optional array to write the product into (see _stacked_matmul)."""
-    ba, bb = getattr(qa, "basis_form", None), getattr(qb, "basis_form", None)
-    fa, fb = getattr(qa, "integer_form", None), getattr(qb, "integer_form", None)
-    ia = fa(ca) if fa and not (ba and bb) else None
-    ib = fb(cb) if fb and not (ba and bb) else None
-    if ba and bb:
-        product = _basis_matmul(ba(ca), bb(cb), transpose_b, a.dtype)
-    elif ia is None or ib is None:
-        return _stacked_matmul(a, b, out=out)
-    else:
-        product = integer_matmul(ia[0], ib[0].swapaxes(-1, -2) if transpose_b else ib[0])
-        product *= ia[1] * ib[1]
-    if out is None:
-        return product
-    out[...] = product
-    return out
+def attention_forward(q, k, v, training=False, attn_drop=0.0, rng=None):
+    """Scaled dot-product attention, batched over batch and heads (no Python loop per head):
+
+        S = Q K^T / sqrt(d),  A = softmax(S),  O = dropout(A) V
+
+    q, k, v: (B, H, N, d). attn_drop: dropout rate on A (training only; rng a numpy Generator).
+    Returns O: (B, H, N, d) (a view of a (B, N, H, d) array, see attention_values_forward) and the
+    cache. minibvit.model's attention runs the same steps with quantizers between them.
+    """
+    scores, c_scores = attention_scores_forward(q, k)
+    attn, c_soft = softmax_forward(scores)
+    attn, c_drop = dropout_forward(attn, attn_drop, rng, training)
+    out, c_values = attention_values_forward(attn, v)
+    return out, (c_scores, c_soft, c_drop, c_values)
 
 
 def attention_backward(dout, cache, out=None):
-    """Returns dq, dk, dv (each (B, H, N, d)) and a dict of quantizer parameter gradients keyed
-    "q.<param>", "k.<param>", "attn.<param>", "v.<param>".
+    """Returns dq, dk, dv (each (B, H, N, d)) and {} (attention has no parameters; the quantized
+    attention of minibvit.model returns its quantizers' parameter gradients there).
     out: optional (dq, dk, dv) arrays to write the gradients into (split_heads_grad_views)."""
-    qz, kz, az, vz, cq, ck, ca, cv, q_q, k_q, a_d, v_q, c_soft, c_drop, scale = cache
+    c_scores, c_soft, c_drop, c_values = cache
     dq_out, dk_out, dv_out = out or (None, None, None)
-    grads = {}
-    da_d = _stacked_matmul(dout, v_q.swapaxes(-1, -2))
-    dv_q = _stacked_matmul(a_d.swapaxes(-1, -2), dout, out=dv_out if vz is IDENTITY else None)
-    dv, g = vz.backward(dv_q, cv)
-    grads.update({f"v.{n}": t for n, t in g.items()})
-    da_q = dropout_backward(da_d, c_drop)
-    dattn, g = az.backward(da_q, ca)
-    grads.update({f"attn.{n}": t for n, t in g.items()})
-    dscores = softmax_backward(dattn, c_soft)
-    dscores *= dscores.dtype.type(scale)
-    dq_q = _stacked_matmul(dscores, k_q, out=dq_out if qz is IDENTITY else None)
-    dk_q = _stacked_matmul(dscores.swapaxes(-1, -2), q_q, out=dk_out if kz is IDENTITY else None)
-    dq, g = qz.backward(dq_q, cq)
-    grads.update({f"q.{n}": t for n, t in g.items()})
-    dk, g = kz.backward(dk_q, ck)
-    grads.update({f"k.{n}": t for n, t in g.items()})
-    return _written_to(dq, dq_out), _written_to(dk, dk_out), _written_to(dv, dv_out), grads
-
-
-def _written_to(x, out):
-    """x, stored in out when out is given (no copy when x already is out)."""
-    if out is None or x is out:
-        return x
-    out[...] = x
-    return out
+    dattn, dv = attention_values_backward(dout, c_values, out=dv_out)
+    dattn = dropout_backward(dattn, c_drop)
+    dq, dk = attention_scores_backward(softmax_backward(dattn, c_soft), c_scores, out=(dq_out, dk_out))
+    return dq, dk, dv, {}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""GSB attention product (arXiv 2305.07931) from binary bases: the nine exact integer partial
+products and their one combine, shared by the simulated forward (ops.basis_matmul), the packed
+engine and gsb_attention_product. Each with a NumPy reference.
+"""
+import numpy as np
+
+from .binary import popcount_matmul, transpose_words
+from .pack import check_k, check_words, row_popcount, unpack_bits, unpack_signs
+
+# ---------------------------------------------------------------------------------------------
+# GSB attention product (arXiv 2305.07931): A_q @ V_q from binary bases
+#   A_q = a1*B1 + a2*T1 + a3*T2                  B1, T1, T2 in {0,1} [M, K]  (K = tokens)
+#   V_q = b1*S + b2*(T1v o S) + b3*(T2v o S)     S in {-1,+1}, T1v, T2v in {0,1} [K, D]
+#   A_q @ V_q = sum_ij a_i b_j C_ij,  C_ij = P_i @ (U_j o S)  with P = (B1, T1, T2), U = (1, T1v, T2v)
+#   C_ij = popcount(P_i & U_j) - 2 popcount(P_i & U_j & s)     (s = sign bits of S; U_0 & s = s)
+# One AND-popcount matmul of the 3 stacked A bases against the 5 planes (s, T1v&s, T2v&s, T1v, T2v)
+# gives every term; popcount(P_i & U_0) is the row popcount of P_i.
+# ---------------------------------------------------------------------------------------------
+
+def _check_gsb(a_bases, v_signs, v_masks, k):
+    a = check_words(a_bases, "a_bases", 4)
+    s = check_words(v_signs, "v_signs", 3)
+    t = check_words(v_masks, "v_masks", 4)
+    n_batch, _, n_rows, n_words = a.shape
+    n_dim = s.shape[1]
+    if a.shape[1] != 3 or t.shape[1] != 2:
+        raise ValueError(f"a_bases must be [B, 3, M, W] (B1, T1, T2) and v_masks [B, 2, D, W] (T1v, T2v); "
+                         f"got {a.shape} and {t.shape}")
+    if s.shape != (n_batch, n_dim, n_words) or t.shape != (n_batch, 2, n_dim, n_words):
+        raise ValueError(f"v_signs {s.shape} must be [B, D, W] and v_masks {t.shape} [B, 2, D, W] with "
+                         f"B={n_batch}, W={n_words} from a_bases {a.shape}")
+    check_k(k, n_words, "a_bases")
+    return a, s, t
+
+
+def gsb_partial_products(a_bases, v_signs, v_masks, K):
+    """Integer partial products C_ij = P_i @ (U_j o S) of GSB attention (see the section comment).
+
+    Inputs:
+        a_bases: uint64 [B, 3, M, W]  pack_bits of (B1, T1, T2), each {0,1} [B, M, K], K = tokens
+        v_signs: uint64 [B, D, W]     pack_signs(V^T): sign bits of S, transposed, packed along K
+        v_masks: uint64 [B, 2, D, W]  pack_bits of (T1v^T, T2v^T)
+        K:       int, number of tokens
+    Returns:
+        int32 [B, 3, 3, M, D], exact.
+    """
+    a, s, t = _check_gsb(a_bases, v_signs, v_masks, K)
+    n_batch, _, n_rows, n_words = a.shape
+    n_dim = s.shape[1]
+    planes = np.concatenate([s, t[:, 0] & s, t[:, 1] & s, t[:, 0], t[:, 1]], axis=1)     # [B, 5D, W]
+    minus_twice = popcount_matmul(a.reshape(n_batch, 3 * n_rows, n_words), None, transpose_words(planes),
+                          np.zeros((n_batch, 3 * n_rows), np.int64), None, None, 5 * n_dim)   # -2 popcount(P & U)
+    counts = (minus_twice // -2).reshape(n_batch, 3, n_rows, 5, n_dim).transpose(0, 1, 3, 2, 4)  # [B, 3, 5, M, D]
+    row_pop = row_popcount(a)[:, :, :, None]                                             # [B, 3, M, 1]
+    out = np.empty((n_batch, 3, 3, n_rows, n_dim), np.int32)
+    out[:, :, 0] = row_pop - 2 * counts[:, :, 0]
+    out[:, :, 1] = counts[:, :, 3] - 2 * counts[:, :, 1]
+    out[:, :, 2] = counts[:, :, 4] - 2 * counts[:, :, 2]
+    return out
+
+
+def _gsb_scales(scales, n_batch, name):
+    scales = np.asarray(scales, np.float64)
+    if scales.shape not in ((3,), (n_batch, 3)):
+        raise ValueError(f"{name} must have shape (3,) or (B, 3)=({n_batch}, 3), got {scales.shape}")
+    return np.broadcast_to(scales, (n_batch, 3))
+
+
+def gsb_combine(products, a_scales, v_scales):
+    """GSB's A_q V_q from its integer partial products, in one fixed order:
+
+        out = sum_{i=0..2} sum_{j=0..2} (float64(a_i) * float64(b_j)) * C_ij
+
+    accumulated in float64 in the order (i, j) = (0, 0), (0, 1), ..., (2, 2), element by element.
+    products: C_ij = products[i][j], integer-valued arrays (..., M, D) (e.g. the transposed
+    gsb_partial_products, or float products of the integer bases); a_scales, v_scales: (3,), or
+    one row per leading batch entry (B, 3). Returns float64 (..., M, D); the callers cast (float32).
+    Every implementation that applies this to the same integers gets the same bits: the simulated
+    forward (ops.basis_matmul), the packed engine and gsb_attention_product call this one."""
+    a_scales, v_scales = np.asarray(a_scales), np.asarray(v_scales)
+    out = 0.0
+    for i in range(len(products)):
+        for j in range(len(products[i])):
+            weight = np.float64(a_scales[..., i]) * np.float64(v_scales[..., j])
+            product = products[i][j]
+            if weight.ndim:  # one scale per batch entry
+                weight = weight.reshape(weight.shape + (1,) * (np.ndim(product) - weight.ndim))
+            out = out + weight * product
+    return out
+
+
+def gsb_attention_product(a_bases, a_scales, v_signs, v_masks, v_scales, K):
+    """GSB attention output A_q @ V_q per batch*head from binary bases (see the section comment).
+
+    Inputs:
+        a_bases, v_signs, v_masks, K: as in gsb_partial_products
+        a_scales: (a1, a2, a3), shape [3] or per batch*head [B, 3]
+        v_scales: (b1, b2, b3), shape [3] or [B, 3]
+    Returns:
+        float64 [B, M, D] = sum_ij a_i b_j C_ij, combined in float64 from the exact integers (gsb_combine).
+    """
+    partial = gsb_partial_products(a_bases, v_signs, v_masks, K)
+    n_batch = partial.shape[0]
+    return gsb_combine(partial.transpose(1, 2, 0, 3, 4), _gsb_scales(a_scales, n_batch, "a_scales"),
+                       _gsb_scales(v_scales, n_batch, "v_scales"))
+
+
+def _gsb_dense(a_bases, v_signs, v_masks, K):
+    """Unpacked reference operands: P {0,1} [B, 3, M, K] and V bases [B, 3, K, D] (+-1 / 0), int64."""
+    a, s, t = _check_gsb(a_bases, v_signs, v_masks, K)
+    p = unpack_bits(a, K).astype(np.int64)
+    signs = unpack_signs(s, K).astype(np.int64)                    # [B, D, K]
+    masks = unpack_bits(t, K).astype(np.int64)                     # [B, 2, D, K]
+    v_bases = np.stack([signs, masks[:, 0] * signs, masks[:, 1] * signs], axis=1)
+    return p, v_bases.transpose(0, 1, 3, 2)
+
+
+def gsb_partial_products_reference(a_bases, v_signs, v_masks, K):
+    """NumPy reference of gsb_partial_products: int64 matmuls of the unpacked bases."""
+    p, v = _gsb_dense(a_bases, v_signs, v_masks, K)
+    return np.einsum("bimk,bjkd->bijmd", p, v).astype(np.int32)
+
+
+def gsb_attention_product_reference(a_bases, a_scales, v_signs, v_masks, v_scales, K):
+    """NumPy reference of gsb_attention_product: builds A_q and V_q in float64 and multiplies them."""
+    p, v = _gsb_dense(a_bases, v_signs, v_masks, K)
+    n_batch = p.shape[0]
+    a_q = np.einsum("bi,bimk->bmk", _gsb_scales(a_scales, n_batch, "a_scales"), p.astype(np.float64))
+    v_q = np.einsum("bj,bjkd->bkd", _gsb_scales(v_scales, n_batch, "v_scales"), v.astype(np.float64))
+    return a_q @ v_q

@@ -1,0 +1,211 @@
+"""Ternary-weight matrix products (TerViT): binary activations x ternary weights on the popcount
+core, and 8-bit activations x ternary weights on byte dot products. Each with a NumPy reference.
+"""
+import numpy as np
+from numba import njit, prange
+from numba.extending import overload
+
+from ..intrinsics import DOT4_LANES, dot4_accumulate
+from .binary import (aligned_empty, column_blocks, epilogue_args, popcount_matmul,
+                     popcount_sum_reference, row_tasks, store_row)
+from .pack import check_k, check_words, row_popcount, threads_for, unpack_ternary
+
+_PARALLEL_MIN_MACS = 1 << 24        # int8 x ternary: M * N * K multiply-adds
+_PARALLEL_MIN_ELEMENTS = 1 << 18    # expanding the weight quads: elements
+
+
+def ternary_gemm_binary(a_packed, w_nonzero, w_sign, K, row_scale=None, col_scale=None, bias=None):
+    """Binary activations x ternary weights:  out = A @ T.T, A +-1 [M, K], T {-1,0,+1} [N, K].
+
+    Inputs:
+        a_packed:  uint64 [M, W]  pack_signs(A)
+        w_nonzero, w_sign: uint64 [W, N]  pack_ternary_weight(T)
+        K, row_scale, col_scale, bias: as in binary_gemm
+    Returns:
+        int32 [M, N] = popcount(nz & ~(a ^ s)) - popcount(nz & (a ^ s))
+                     = popcount(nz) - 2 popcount(nz & (a ^ s)),   or the float32 epilogue.
+    """
+    a = check_words(a_packed, "a_packed", 2)
+    nz = check_words(w_nonzero, "w_nonzero", 2)
+    sign = check_words(w_sign, "w_sign", 2)
+    if nz.shape != sign.shape or a.shape[1] != nz.shape[0]:
+        raise ValueError(f"a_packed {a.shape}, w_nonzero {nz.shape}, w_sign {sign.shape}: need [M, W], [W, N], [W, N]")
+    check_k(K, a.shape[1], "a_packed")
+    n_rows, n_cols = a.shape[0], nz.shape[1]
+    epilogue = epilogue_args(n_rows, n_cols, row_scale, col_scale, bias)
+    col_offset = row_popcount(nz.T)[None]
+    return popcount_matmul(a[None], sign[None], nz[None], np.zeros((1, n_rows), np.int64), col_offset,
+                   epilogue, n_cols)[0]
+
+
+def ternary_gemm_binary_reference(a_packed, w_nonzero, w_sign, K, row_scale=None, col_scale=None, bias=None):
+    """NumPy reference of ternary_gemm_binary, computed literally as the two popcounts."""
+    a = check_words(a_packed, "a_packed", 2)
+    nz = check_words(w_nonzero, "w_nonzero", 2)
+    sign = check_words(w_sign, "w_sign", 2)
+    agree = popcount_sum_reference(~a, sign, nz)      # nz & ~(a ^ s) = nz & (~a ^ s)
+    disagree = popcount_sum_reference(a, sign, nz)
+    dot = agree - disagree
+    epilogue = epilogue_args(a.shape[0], nz.shape[1], row_scale, col_scale, bias)
+    if epilogue is None:
+        return dot.astype(np.int32)
+    rs, cs, bias = epilogue
+    return dot.astype(np.float32) * rs[:, None] * cs[None, :] + bias[None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# 8-bit activations x ternary weights (TerViT)
+#
+# a (int8) * t (ternary) summed in groups of 4 along K with an unsigned-by-signed byte dot
+# product: with u = a + 128 (uint8, = a XOR 0x80), sum_k a_k t_k = sum_k u_k t_k - 128 sum_k t_k.
+# Activations are grouped into uint32 words of 4 consecutive K; weights are expanded from their
+# bit-planes into int8 quads [ceil(K/4), N, 4]. One 512-bit step multiplies 16 columns x 4 K.
+# The instruction is chosen when the kernel is compiled, from the CPU features Numba compiles for:
+#   avx512vnni  VPDPBUSD: 64 multiply-adds in one instruction
+#   avx2        VPMADDUBSW + VPMADDWD on 256-bit halves (pair sums are at most 2*255, no saturation)
+#   otherwise   portable LLVM IR (widen, multiply, add groups of 4): correct, slow
+# ---------------------------------------------------------------------------------------------
+
+_QUAD_GROUP = DOT4_LANES  # int32 lanes (output columns) per 512-bit step
+_QUAD_JAM = 8        # K-quads summed per accumulator update
+
+
+@njit(parallel=True, cache=True)
+def _expand_ternary_quads(w_nonzero, w_sign, k, n_cols_padded):
+    """int8 [ceil(K/4), 4 * n_cols_padded] with [kq, 4n + q] = ternary weight (n, 4kq + q), 0-padded,
+    each row starting on a 64-byte boundary (n_cols_padded is a multiple of 16)."""
+    n_cols = w_nonzero.shape[1]
+    n_quads = (k + 3) // 4
+    out = aligned_empty(n_quads, 4 * n_cols_padded, np.int8)
+    for kq in prange(n_quads):
+        row = out[kq]
+        row[:] = 0
+        for q in range(4):
+            kk = 4 * kq + q
+            if kk < k:
+                word, bit = kk // 64, np.uint64(kk % 64)
+                nz_row = w_nonzero[word]
+                sign_row = w_sign[word]
+                for n in range(n_cols):
+                    nonzero = np.int8((nz_row[n] >> bit) & np.uint64(1))
+                    negative = np.int8((sign_row[n] >> bit) & np.uint64(1))
+                    row[4 * n + q] = nonzero - 2 * (nonzero & negative)
+    return out
+
+
+def _quad_row(arow, panel, n_groups, acc):
+    """acc[:16 * n_groups] = sum_kq dot4(arow[kq], panel[kq]), _QUAD_JAM quads per accumulator update."""
+    n_quads = arow.shape[0]
+    acc[:] = 0
+    kq = 0
+    while kq + _QUAD_JAM <= n_quads:
+        quads = (arow[kq], arow[kq + 1], arow[kq + 2], arow[kq + 3], arow[kq + 4], arow[kq + 5], arow[kq + 6],
+                 arow[kq + 7])
+        for g in range(n_groups):
+            dot4_accumulate(acc, g, quads, panel, kq)
+        kq += _QUAD_JAM
+    while kq < n_quads:
+        quads = (arow[kq],)
+        for g in range(n_groups):
+            dot4_accumulate(acc, g, quads, panel, kq)
+        kq += 1
+
+
+overload(_quad_row, inline="always")(lambda arow, panel, n_groups, acc: _quad_row)
+
+
+@njit(cache=True, boundscheck=False)
+def _quad_panel_rows(a_quads, m0, m1, panel, n0, nb, row_offset, col_offset, row_scale, col_scale, bias, out):
+    """Rows m0..m1-1 against the weight quads of columns n0..n0+nb-1, epilogue included."""
+    acc = aligned_empty(1, _QUAD_GROUP * ((nb + _QUAD_GROUP - 1) // _QUAD_GROUP), np.int32)[0]
+    n_groups = acc.shape[0] // _QUAD_GROUP
+    coff = col_offset[0, n0:n0 + nb]
+    cs = None if col_scale is None else col_scale[n0:n0 + nb]
+    bi = None if bias is None else bias[n0:n0 + nb]
+    for m in range(m0, m1):
+        _quad_row(a_quads[m], panel, n_groups, acc)
+        rs = None if row_scale is None else row_scale[m]
+        store_row(acc, 1, out[0, m, n0:n0 + nb], row_offset[0, m], coff, rs, cs, bi)
+
+
+@njit(parallel=True, cache=True, boundscheck=False)
+def _quad_matmul(a_quads, w_quads, row_offset, col_offset, row_scale, col_scale, bias, out, threads):
+    """out[0, m, n] = row_offset[0, m] + col_offset[0, n] + sum_kq dot4(a_quads[m, kq], w_quads[kq, n]),
+    or its float epilogue (see store_row). Same task grid as _popcount_matmul_tasks; the weight quads
+    are read in place (their rows are 64-byte aligned)."""
+    n_rows = a_quads.shape[0]
+    n_cols = out.shape[2]
+    col_blocks, width = column_blocks(n_cols)
+    row_blocks, height = row_tasks(n_rows, col_blocks, threads)
+    for task in prange(row_blocks * col_blocks):
+        row_block = task // col_blocks
+        col_block = task % col_blocks
+        n0 = col_block * width
+        nb = min(width, n_cols - n0)
+        m0 = row_block * height
+        m1 = min(m0 + height, n_rows)
+        padded = _QUAD_GROUP * ((nb + _QUAD_GROUP - 1) // _QUAD_GROUP)
+        panel = w_quads[:, 4 * n0:4 * (n0 + padded)]
+        _quad_panel_rows(a_quads, m0, m1, panel, n0, nb, row_offset, col_offset, row_scale, col_scale, bias, out)
+
+
+def _int8_quads(a_int8, k):
+    """uint32 [M, ceil(K/4)]: bytes a + 128 (= a XOR 0x80 as uint8), K zero-padded (a=0 -> 128)."""
+    n_rows = a_int8.shape[0]
+    n_quads = (k + 3) // 4
+    shifted = np.full((n_rows, 4 * n_quads), 0x80, np.uint8)
+    shifted[:, :k] = a_int8.view(np.uint8) ^ np.uint8(0x80)
+    return shifted.view("<u4").astype(np.uint32, copy=False)
+
+
+def ternary_gemm_int8(a_int8, w_nonzero, w_sign, K, row_scale=None, col_scale=None, bias=None):
+    """8-bit activations x ternary weights (TerViT):  out = A @ T.T, A int8 [M, K], T {-1,0,+1} [N, K].
+
+    Inputs:
+        a_int8:            int8 [M, K] quantized activations (not packed)
+        w_nonzero, w_sign: uint64 [ceil(K/64), N]  pack_ternary_weight(T)
+        K:                 int
+        row_scale, col_scale, bias: optional float32 [M], [N], [N] as in binary_gemm
+    Returns:
+        int32 [M, N] = sum_k a[m, k] * T[n, k] (exact), or the float32 epilogue
+        float32(dot) * row_scale[m] * col_scale[n] + bias[n].
+    Computed with byte dot products (VPDPBUSD on AVX512-VNNI); see the section comment.
+    """
+    a = np.asarray(a_int8)
+    if a.dtype != np.int8 or a.ndim != 2:
+        raise TypeError(f"a_int8 must be a 2-D int8 array, got {a.dtype} with shape {a.shape}")
+    nz = check_words(w_nonzero, "w_nonzero", 2)
+    sign = check_words(w_sign, "w_sign", 2)
+    if nz.shape != sign.shape:
+        raise ValueError(f"w_nonzero {nz.shape} and w_sign {sign.shape} must have the same shape")
+    k = check_k(K, nz.shape[0], "w_nonzero")
+    if a.shape[1] != k:
+        raise ValueError(f"a_int8 has {a.shape[1]} columns but K={k}")
+    n_rows, n_cols = a.shape[0], nz.shape[1]
+    epilogue = epilogue_args(n_rows, n_cols, row_scale, col_scale, bias)
+    n_cols_padded = -(-n_cols // _QUAD_GROUP) * _QUAD_GROUP
+    with threads_for(n_cols * k, _PARALLEL_MIN_ELEMENTS):
+        w_quads = _expand_ternary_quads(nz, sign, k, n_cols_padded)
+    # sum_k a t = sum_k (a + 128) t - 128 sum_k t
+    col_offset = -128 * (row_popcount(nz.T) - 2 * row_popcount((nz & sign).T))[None]
+    a_quads = np.ascontiguousarray(_int8_quads(np.ascontiguousarray(a), k))
+    row_offset = np.zeros((1, n_rows), np.int64)
+    out = np.empty((1, n_rows, n_cols), np.int32 if epilogue is None else np.float32)
+    if out.size:
+        with threads_for(out.size * k, _PARALLEL_MIN_MACS) as threads:
+            _quad_matmul(a_quads, w_quads, row_offset, col_offset, *(epilogue or (None, None, None)), out, threads)
+    return out[0]
+
+
+
+def ternary_gemm_int8_reference(a_int8, w_nonzero, w_sign, K, row_scale=None, col_scale=None, bias=None):
+    """NumPy reference of ternary_gemm_int8: exact int64 matmul of the unpacked ternary weight."""
+    a = np.asarray(a_int8)
+    dot = a.astype(np.int64) @ unpack_ternary(w_nonzero, w_sign, K).astype(np.int64).T
+    epilogue = epilogue_args(a.shape[0], dot.shape[1], row_scale, col_scale, bias)
+    if epilogue is None:
+        return dot.astype(np.int32)
+    rs, cs, bias = epilogue
+    return dot.astype(np.float32) * rs[:, None] * cs[None, :] + bias[None, :]
+
+

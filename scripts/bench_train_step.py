@@ -78,10 +78,11 @@ opt = AdamW(model.parameters(), lr=1e-4)
 
 if args.profile:
     # Exclusive wall time per op (an op's time minus the ops it calls), summed over a step: every
-    # *_forward / *_backward function of minibvit.ops and its Numba kernels, and AdamW.step.
+    # *_forward / *_backward function of minibvit.ops, the minibvit.numerics functions and Numba
+    # kernels they call from Python (numerics.<name>), and AdamW.step.
     from collections import defaultdict
 
-    from minibvit import optim
+    from minibvit import numerics, optim
 
     op_time, child_time = defaultdict(float), []
 
@@ -100,8 +101,14 @@ if args.profile:
         return wrapper
 
     for name in dir(ops):
-        if name.endswith(("_forward", "_backward", "_matmul", "_rows", "_rows_f32")) or name.startswith("_gelu_"):
+        if name.endswith(("_forward", "_backward", "_matmul")):
             setattr(ops, name, timed_op(getattr(ops, name), name))
+    # only functions that numerics calls from Python: a kernel called from other Numba code must
+    # stay a Numba function
+    for name in dir(numerics):
+        if name.endswith(("_backward", "_matmul", "_rows", "_rows_f32")) or name.startswith("_gelu_") or \
+                name in ("layernorm", "softmax", "column_sums", "add", "interleave_heads"):
+            setattr(numerics, name, timed_op(getattr(numerics, name), f"numerics.{name}"))
     optim.AdamW.step = timed_op(optim.AdamW.step, "AdamW.step")
     for _ in range(2):
         numpy_step(model, opt)
@@ -110,8 +117,8 @@ if args.profile:
     print(f"NumPy step: {np.mean(t_steps) * 1e3:.0f} ms (mean of {args.steps}); exclusive time per op and step:")
     for name, t in sorted(op_time.items(), key=lambda kv: -kv[1]):
         if t / args.steps >= 0.5e-3:
-            print(f"  {name:28s} {t / args.steps * 1e3:7.1f} ms")
-    print(f"  {'(rest: model code, Python)':28s} {(np.mean(t_steps) - sum(op_time.values()) / args.steps) * 1e3:7.1f} ms")
+            print(f"  {name:38s} {t / args.steps * 1e3:7.1f} ms")
+    print(f"  {'(rest: model code, Python)':38s} {(np.mean(t_steps) - sum(op_time.values()) / args.steps) * 1e3:7.1f} ms")
     sys.exit(0)
 
 print(f"config: 32x32, patch 4, dim {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, batch {args.batch}, "

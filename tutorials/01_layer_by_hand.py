@@ -106,8 +106,10 @@ def numerical_gradient(loss, x, h=1e-5, indices=None):
 # The gradient with respect to $x$ has zero mean and is orthogonal to $\hat x$ (up to $\epsilon$):
 # LayerNorm's output does not change when $x$ is shifted, nor (for $\epsilon = 0$) when it is scaled,
 # so neither direction can carry gradient.
-# `minibvit.ops.layernorm_forward` runs the forward as a Numba kernel over rows (tokens); here is the
-# same formula in four lines of NumPy next to it.
+# `minibvit.ops.layernorm_forward` is written as these formulas in NumPy; for float32 and float64 inputs
+# it hands the loop over rows (tokens) to a Numba kernel in `minibvit.numerics`, which computes the
+# same thing in parallel, with the mean and variance summed in a fixed order (`ops.USE_NUMERICS = False`
+# runs the NumPy lines instead). Here is the formula in four lines of NumPy next to it.
 
 # %%
 B, N, D = 2, 5, 8
@@ -231,9 +233,11 @@ save_figure(fig, "01_softmax_jacobian")
 #
 # $$dQ = \frac{dS\, K}{\sqrt d}, \qquad dK = \frac{dS^\top Q}{\sqrt d}.$$
 #
-# `ops.attention_forward` does this batched over (batch, heads) with `np.matmul`. It also takes
-# quantizers for $Q$, $K$, $A$ and $V$ (the later tutorials plug binarizers in there); without them it is
-# plain full-precision attention, and PyTorch's `F.scaled_dot_product_attention` must agree with it.
+# `ops.attention_forward` does this batched over (batch, heads) with `np.matmul`, as three smaller pairs:
+# `attention_scores_forward` ($S = QK^\top/\sqrt d$), `softmax_forward` and `attention_values_forward`
+# ($O = AV$). It is plain full-precision attention, and PyTorch's `F.scaled_dot_product_attention` must
+# agree with it. The low-bit methods of the later tutorials put quantizers on $Q$, $K$, $A$ and $V$
+# between those steps; `minibvit.model` composes them, the ops never see a quantizer.
 
 # %%
 B, H, N, d = 2, 3, pick(7, 5), 4
@@ -241,7 +245,7 @@ q, k, v = (rng.standard_normal((B, H, N, d)) for _ in range(3))
 o, attn_cache = ops.attention_forward(q, k, v)
 do = rng.standard_normal(o.shape)
 dq, dk, dv, quant_grads = ops.attention_backward(do, attn_cache)
-assert quant_grads == {}  # no quantizers, no quantizer parameters
+assert quant_grads == {}  # attention has no parameters (the model's quantized attention returns its quantizers' here)
 
 qt, kt, vt = t(q), t(k), t(v)
 ot = F.scaled_dot_product_attention(qt, kt, vt)

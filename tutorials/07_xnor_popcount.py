@@ -17,7 +17,8 @@
 # $$\text{64 multiply-adds} \;\longrightarrow\; \text{one XOR and one popcount.}$$
 #
 # This tutorial builds that up from `minibvit.kernels` (Numba kernels, each with a plain NumPy
-# `*_reference` beside it; `docs/kernels.md` has the details):
+# `*_reference` beside it, in `kernels.pack`, `kernels.binary`, `kernels.ternary` and `kernels.gsb`;
+# `docs/kernels.md` has the details):
 #
 # 1. packing signs into `uint64` words (bit 0 is $+1$, bit 1 is $-1$, $\mathrm{sign}(0) = +1$);
 # 2. the identity $a \cdot w = K - 2\,\mathrm{popcount}(a \oplus w)$, and its $\{0,1\} \times \pm1$ cousin
@@ -162,10 +163,11 @@ save_figure(fig, "07_bits")
 # %% [markdown]
 # ### The popcount instruction
 #
-# `np.bitwise_count` is NumPy's popcount. Inside Numba code, `kernels.popcount` is an intrinsic that emits
-# LLVM's `ctpop`, which becomes one `POPCNT` instruction per word, or `VPOPCNTQ` (4 or 8 words at once) in
-# vectorised loops on CPUs with AVX512-VPOPCNTDQ, or a short bit-trick sequence on older CPUs. A Numba
-# function using it:
+# `np.bitwise_count` is NumPy's popcount. Inside Numba code, `kernels.popcount` is an intrinsic (it
+# lives with minibvit's few other hand-written LLVM operations in `minibvit.intrinsics`) that emits
+# LLVM's `ctpop`, which becomes one `POPCNT` instruction per word, or `VPOPCNTQ` (4 or 8 words at once)
+# in vectorised loops on CPUs with AVX512-VPOPCNTDQ, or a short bit-trick sequence on older CPUs. A
+# Numba function using it:
 
 # %%
 @numba.njit

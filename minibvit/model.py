@@ -3,7 +3,10 @@
 Parameters carry timm's VisionTransformer names and PyTorch shapes (``patch_embed.proj.weight``
 (D, C, p, p), ``blocks.0.attn.qkv.weight`` (3D, D), ...), so a ``state_dict()`` moves between
 minibvit and PyTorch unchanged. A low-bit method is a choice of quantizer per tensor (see
-``minibvit.schemes``); the model code is the same for every method.
+``minibvit.schemes``); the model code is the same for every method. The ops never see a quantizer:
+the model composes them around the ops (_linear_forward, _attention_forward), and a product of two
+quantized operands is computed exactly on their integer levels (_quantized_product, the one
+quantized matmul, whose bits the packed engine reproduces).
 """
 from dataclasses import dataclass, asdict, fields
 

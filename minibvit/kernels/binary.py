@@ -195,6 +195,9 @@ def _popcount_matmul_tasks(a, x_planes, y_planes, row_offset, col_offset, row_sc
         panel_rows(a, b, m0, m1, xp, yp, n0, nb, width, row_offset, col_offset, row_scale, col_scale, bias, out)
 
 
+# ---------------------------------------------------------------------------------------------
+# public binary kernels
+# ---------------------------------------------------------------------------------------------
 
 def epilogue_args(n_rows, n_cols, row_scale, col_scale, bias):
     """None if no scaling was asked for, else float32 (row_scale [M], col_scale [N], bias [N])
@@ -212,12 +215,15 @@ def epilogue_args(n_rows, n_cols, row_scale, col_scale, bias):
 
 
 def popcount_matmul(a, x_planes, y_planes, row_offset, col_offset, epilogue, n_cols):
+    """out [B, M, n_cols] = row_offset + col_offset - 2 * sum_w popcount(combine(a, x/y planes)) (see the
+    section comment), int32, or its float32 epilogue (epilogue_args); on all threads when the work
+    is large enough (threads_for)."""
     n_batch, n_rows, _ = a.shape
     out = np.empty((n_batch, n_rows, n_cols), np.int32 if epilogue is None else np.float32)
     if out.size:
         with threads_for(out.size * a.shape[2], _PARALLEL_MIN_WORDS) as threads:
-            _popcount_matmul_tasks(a, x_planes, y_planes, row_offset, col_offset, *(epilogue or (None, None, None)), out,
-                             threads)
+            _popcount_matmul_tasks(a, x_planes, y_planes, row_offset, col_offset, *(epilogue or (None, None, None)),
+                                   out, threads)
     return out
 
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from minibvit import numerics, ops
+from minibvit import kernels, numerics, ops
 from minibvit.engine import fused
 
 PACKAGE = pathlib.Path(numerics.__file__).parent
@@ -303,3 +303,10 @@ def test_engine_names_methods_only_in_its_packed_kind_table():
                     f"{path.name}:{node.lineno} compares a method name"
     assert not elsewhere, f"method names outside the packed-kind table: {elsewhere}"
     assert in_table == 2
+
+
+def test_ternary_weight_sums_are_the_row_sums_of_the_weight(rng):
+    """kernels.ternary_weight_sums (the 8-bit kernels' and the engine's zero-point correction)."""
+    w = rng.integers(-1, 2, size=(37, 130)).astype(np.float32)
+    nonzero, sign = kernels.pack_ternary_weight(w)
+    np.testing.assert_array_equal(kernels.ternary_weight_sums(nonzero, sign), w.sum(axis=1).astype(np.int64))

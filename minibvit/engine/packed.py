@@ -101,8 +101,7 @@ class PackedViT:
             if self.kind == "ternary":
                 lin["nonzero"], lin["sign"] = t[f"{b}.{name}.weight_nonzero"], t[f"{b}.{name}.weight_sign"]
                 # sum_k T[n, k] for the zero-point correction of unsigned 8-bit inputs
-                lin["colsum"] = (np.bitwise_count(lin["nonzero"]).sum(axis=0, dtype=np.int64)
-                                 - 2 * np.bitwise_count(lin["nonzero"] & lin["sign"]).sum(axis=0, dtype=np.int64))
+                lin["colsum"] = kernels.ternary_weight_sums(lin["nonzero"], lin["sign"])
             else:
                 lin["bits"] = t[f"{b}.{name}.weight_bits"]
                 x = self._binarizer(f"{b}.{name}.input", k)

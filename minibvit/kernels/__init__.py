@@ -9,7 +9,7 @@ Packing runs along the reduction axis K into uint64 words: bit j of word w holds
 
     kernels.pack     pack_signs / pack_bits / pack_weight / pack_ternary_weight and their inverses
     kernels.binary   binary_gemm, binary_bmm, and_bmm; the popcount-matmul core they share
-    kernels.ternary  ternary_gemm_binary, ternary_gemm_int8 (TerViT)
+    kernels.ternary  ternary_gemm_binary, ternary_gemm_int8, ternary_weight_sums (TerViT)
     kernels.gsb      gsb_partial_products, gsb_combine, gsb_attention_product (GSB)
 
 Every fast kernel ``f`` has a plain NumPy ``f_reference``; the tests hold them bit-exact.
@@ -23,11 +23,11 @@ from .gsb import (gsb_attention_product, gsb_attention_product_reference, gsb_co
 from .pack import (WORD_BITS, pack_bits, pack_bits_reference, pack_signs, pack_signs_reference, pack_ternary_weight,
                    pack_weight, unpack_bits, unpack_signs, unpack_ternary)
 from .ternary import (ternary_gemm_binary, ternary_gemm_binary_reference, ternary_gemm_int8,
-                      ternary_gemm_int8_reference)
+                      ternary_gemm_int8_reference, ternary_weight_sums)
 
 __all__ = ["WORD_BITS", "popcount", "pack_signs", "pack_bits", "pack_weight", "pack_ternary_weight",
            "pack_signs_reference", "pack_bits_reference", "unpack_bits", "unpack_signs", "unpack_ternary",
            "binary_gemm", "binary_gemm_reference", "binary_bmm", "binary_bmm_reference", "and_bmm",
            "and_bmm_reference", "ternary_gemm_binary", "ternary_gemm_binary_reference", "ternary_gemm_int8",
-           "ternary_gemm_int8_reference", "gsb_partial_products", "gsb_partial_products_reference",
+           "ternary_gemm_int8_reference", "ternary_weight_sums", "gsb_partial_products", "gsb_partial_products_reference",
            "gsb_combine", "gsb_attention_product", "gsb_attention_product_reference"]

@@ -14,6 +14,13 @@ _PARALLEL_MIN_MACS = 1 << 24        # int8 x ternary: M * N * K multiply-adds
 _PARALLEL_MIN_ELEMENTS = 1 << 18    # expanding the weight quads: elements
 
 
+def ternary_weight_sums(w_nonzero, w_sign):
+    """sum_k T[n, k] of a ternary weight from its word-major bit-planes [W, N]: int64 [N] =
+    popcount(nonzero) - 2 popcount(nonzero & sign) per column (the zero-point corrections of the
+    8-bit kernels)."""
+    return row_popcount(w_nonzero.T) - 2 * row_popcount((w_nonzero & w_sign).T)
+
+
 def ternary_gemm_binary(a_packed, w_nonzero, w_sign, K, row_scale=None, col_scale=None, bias=None):
     """Binary activations x ternary weights:  out = A @ T.T, A +-1 [M, K], T {-1,0,+1} [N, K].
 
@@ -187,7 +194,7 @@ def ternary_gemm_int8(a_int8, w_nonzero, w_sign, K, row_scale=None, col_scale=No
     with threads_for(n_cols * k, _PARALLEL_MIN_ELEMENTS):
         w_quads = _expand_ternary_quads(nz, sign, k, n_cols_padded)
     # sum_k a t = sum_k (a + 128) t - 128 sum_k t
-    col_offset = -128 * (row_popcount(nz.T) - 2 * row_popcount((nz & sign).T))[None]
+    col_offset = -128 * ternary_weight_sums(nz, sign)[None]
     a_quads = np.ascontiguousarray(_int8_quads(np.ascontiguousarray(a), k))
     row_offset = np.zeros((1, n_rows), np.int64)
     out = np.empty((1, n_rows, n_cols), np.int32 if epilogue is None else np.float32)

@@ -39,7 +39,6 @@ def as_float64(typingctx, bits):
     return types.float64(types.int64), codegen
 
 
-
 @intrinsic
 def fma_f32(typingctx, a, b, c):
     """a * b + c for float32 with a single rounding (LLVM's fma): unlike a "contract" fast-math flag it
@@ -318,4 +317,3 @@ def dot4_accumulate(typingctx, acc_row, group, a_quads, panel, kq):
         return context.get_dummy_value()
 
     return types.void(acc_row, group, a_quads, panel, kq), codegen
-

@@ -52,7 +52,6 @@ def _add_rows(x, y, out):
             out[r, j] = x[r, j] + y[r, j]
 
 
-
 def add(x, y, out=None):
     """x + y for two C-contiguous arrays of the same shape and dtype, on all threads; out may be x or y."""
     if out is None:
@@ -211,8 +210,6 @@ def layernorm_rows_backward(dout, xhat, rstd, gamma, dx, dgamma_chunks, dbeta_ch
                 dx[r, j] = (dout[r, j] * gamma[j] - sum_g - xhat[r, j] * sum_gx) * rstd[r]
 
 
-
-
 def layernorm(x, gamma, beta, eps):
     """LayerNorm of the rows of a C-contiguous x (rows, n): (out, xhat, rstd), x's dtype; the
     moments in float64, in order (layernorm_rows)."""
@@ -246,7 +243,6 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _EXACT_FASTMATH = {"nnan", "ninf", "nsz"}
 # error_model="numpy": a float division by zero gives inf instead of raising ZeroDivisionError; the
 # check for it would keep LLVM from vectorizing the loops.
-
 
 
 @njit(inline="always")
@@ -431,8 +427,8 @@ def exp_f32_rounded(x):
 
 
 def exp_f32(x):
-    """Element-wise exp of a float32 array with the bits of ops' float32 softmax (exp_f32_rounded;
-    Numba code such as engine.exp_table calls that directly)."""
+    """Element-wise exp of a float32 array with the bits of the float32 softmax (exp_f32_rounded;
+    Numba code such as engine.fused.exp_table calls that directly)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty_like(x)
     _exp_f32_array(x.reshape(-1), out.reshape(-1))
@@ -520,7 +516,6 @@ def _softmax_rows_backward(y, dout, dx):
             dx[r, j] = y[r, j] * (dout[r, j] - dot)
 
 
-
 def softmax(x):
     """Softmax of the rows of a C-contiguous x (rows, n) in x's dtype: float32 through
     exp_f32_rounded with float64 in-order sums (eight rows as independent chains), float64 (and
@@ -579,7 +574,6 @@ def stacked_matmul(a, b, out=None):
     return out
 
 
-
 @njit(parallel=True, cache=True)
 def interleave_heads(dq, dk, dv, out):
     """out[b, n, :, h] = (dq, dk, dv)[:, b, h, n]: one pass, in parallel over the batch (a NumPy
@@ -594,4 +588,3 @@ def interleave_heads(dq, dk, dv, out):
                     out[b, n, 1, h, j] = dk[b, h, n, j]
                 for j in range(d):
                     out[b, n, 2, h, j] = dv[b, h, n, j]
-

@@ -135,4 +135,3 @@ def run_binary_net(x, n_images, n_tokens, n_heads, net, groups, step):
         for s0 in range(i0, i1, step):
             s1 = min(s0 + step, i1)
             _binary_net_chunk(x[s0 * n_tokens:s1 * n_tokens], s1 - s0, n_tokens, n_heads, net)
-

@@ -179,7 +179,6 @@ def export(checkpoint_path, out_path):
     return ExportReport(str(out_path), scheme, file_bytes, fp32_bytes, fp32_bytes / file_bytes, by_kind)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------

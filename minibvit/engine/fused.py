@@ -577,8 +577,6 @@ def int8_matmul(a, w):
     return out
 
 
-
-
 def linear_values(k, scale, bias):
     """Every value a binary linear's output column c can take: float32(I) * scale[c] + bias[c] for
     I = -K .. K, with the float32 operations of the model's exact linear (ops.levels_matmul, then
@@ -624,4 +622,3 @@ def decision_intervals(table):
         return None
     return (np.where(ones, lo1, lo0).astype(np.int32), np.where(ones, hi1, hi0).astype(np.int32),
             (~ones).astype(np.uint64))
-

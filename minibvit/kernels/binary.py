@@ -310,7 +310,6 @@ def binary_bmm_reference(a_packed, b_packed, K):
     return (K - 2 * popcount_sum_reference(a, b.transpose(0, 2, 1), None)).astype(np.int32)
 
 
-
 def and_bmm(p_bits, v_packed, K):
     """Batched {0,1} x (+-1) matmul  out[b, m, d] = sum_k p[b, m, k] * v[b, k, d]
     (attention probabilities as bits times sign-binarised values).
@@ -337,4 +336,3 @@ def and_bmm_reference(p_bits, v_packed, K):
     positive = popcount_sum_reference(p, None, ~v)
     negative = popcount_sum_reference(p, None, v)
     return (positive - negative).astype(np.int32)
-

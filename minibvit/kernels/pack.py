@@ -43,7 +43,6 @@ def threads_for(work, parallel_min):
         numba.set_num_threads(threads)
 
 
-
 def _bit(value):
     """The packed bit of one element: value < 0 for floats (sign bit; NaN and -0.0 give 0),
     value != 0 for integers (masks)."""
@@ -55,8 +54,6 @@ def _bit_overload(value):
     if isinstance(value, types.Float):
         return lambda value: np.uint64(value < 0)
     return lambda value: np.uint64(value != 0)
-
-
 
 
 @njit(parallel=True, cache=True)
@@ -199,7 +196,6 @@ def unpack_ternary(w_nonzero, w_sign, K):
     return nz * (1 - 2 * neg)
 
 
-
 def check_k(k, n_words, name):
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
         raise TypeError(f"K must be an int (the true unpacked length), got {type(k).__name__}")
@@ -218,9 +214,6 @@ def check_words(x, name, ndim):
     return np.ascontiguousarray(x)
 
 
-
 def row_popcount(x):
     """int64 [...]: popcount summed over the last (word) axis."""
     return np.bitwise_count(x).sum(axis=-1, dtype=np.int64)
-
-

@@ -204,7 +204,6 @@ def ternary_gemm_int8(a_int8, w_nonzero, w_sign, K, row_scale=None, col_scale=No
     return out[0]
 
 
-
 def ternary_gemm_int8_reference(a_int8, w_nonzero, w_sign, K, row_scale=None, col_scale=None, bias=None):
     """NumPy reference of ternary_gemm_int8: exact int64 matmul of the unpacked ternary weight."""
     a = np.asarray(a_int8)
@@ -214,5 +213,3 @@ def ternary_gemm_int8_reference(a_int8, w_nonzero, w_sign, K, row_scale=None, co
         return dot.astype(np.int32)
     rs, cs, bias = epilogue
     return dot.astype(np.float32) * rs[:, None] * cs[None, :] + bias[None, :]
-
-

@@ -25,7 +25,7 @@ Why the logits have the same bits as the training-time forward ``ViT.forward(x, 
 - Every other float operation repeats minibvit.ops: LayerNorm in float64 as ops._layernorm_rows
   (fused with the residual add before it and the sign packing after it), the ASM thresholds folded
   at export (running centre + shift, the same float32 sum) or, for the 'token' centre, NumPy's mean
-  as in methods.ASM; the 8-bit patch embedding (float BLAS on the 8-bit values, as the model), the
+  as in binaryvit.ASM; the 8-bit patch embedding (float BLAS on the 8-bit values, as the model), the
   final norm, pooling and head, and the whole TerViT block except its ternary linears call ops.
 - GSB's A_q and V_q are sums of three scaled binary bases, so A_q V_q is a sum of nine scaled
   integer products. The engine computes them exactly (kernels.gsb_partial_products) and combines
@@ -54,7 +54,9 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from . import checkpoint, kernels, methods, ops, quant, schemes
+from . import checkpoint, kernels, methods, ops, quant
+from .binaryvit import ASM, asm_fold_threshold
+from .gsb import gsb_attn_masks, gsb_value_masks
 from .model import ViTConfig
 
 PACKED_KIND = "minibvit-packed"
@@ -114,11 +116,11 @@ def _export_activation(name, q, out):
     """Store a binarizer's scale and its ASM threshold (folded) or shift (centre 'token')."""
     if isinstance(q, quant.MinMaxQuantizer):
         return  # dynamic: computed from each batch at run time
-    if isinstance(q, methods.ASM):
+    if isinstance(q, ASM):
         if q.center == "token":
             out[f"{name}_shift"] = q.params["shift"].astype(_F32)
         else:
-            out[f"{name}_threshold"] = methods.asm_fold_threshold(q).astype(_F32)
+            out[f"{name}_threshold"] = asm_fold_threshold(q).astype(_F32)
         q = q.inner
     if not isinstance(q, quant.ElasticBinarizer):
         raise ValueError(f"export: no packed form for the activation quantizer {q!r} of {name}")
@@ -194,7 +196,7 @@ def export(checkpoint_path, out_path):
     train_cfg = meta.get("train_config", {})
     packed_meta = {"kind": PACKED_KIND, "packed_version": PACKED_VERSION, "model_config": cfg.to_dict(),
                    "scheme": scheme, "scheme_options": meta.get("scheme_options", {}),
-                   "roles": schemes.resolve(cfg, scheme), "source": os.path.basename(str(checkpoint_path)),
+                   "roles": methods.resolve(cfg, scheme), "source": os.path.basename(str(checkpoint_path)),
                    "dataset": meta.get("dataset"),
                    "data_options": {k: train_cfg.get(k) for k in ("data_dir", "image_size")}}
     checkpoint.save_checkpoint(out_path, out, packed_meta)
@@ -1075,7 +1077,7 @@ class PackedViT:
     logits = engine.forward(x)     # x (B, C, H, W) float32 -> (B, classes) float32
     engine.predict(x)              # argmax class per image
 
-    Attributes: cfg (ViTConfig), scheme (str), options (schemes.SchemeOptions), tensors (dict).
+    Attributes: cfg (ViTConfig), scheme (str), options (methods.QuantizerOptions), tensors (dict).
     """
 
     def __init__(self, cfg, scheme, options, tensors):
@@ -1114,7 +1116,7 @@ class PackedViT:
             raise ValueError(f"{path} has packed format version {meta.get('packed_version')!r}; this minibvit "
                              f"reads version {PACKED_VERSION}: re-export it with this version")
         engine = cls(ViTConfig.from_dict(meta["model_config"]), meta["scheme"],
-                     schemes.SchemeOptions(**meta.get("scheme_options", {})), tensors)
+                     methods.QuantizerOptions(**meta.get("scheme_options", {})), tensors)
         engine.metadata = meta
         return engine
 
@@ -1347,7 +1349,7 @@ class PackedViT:
         h = np.empty_like(stream)
         _residual_norm_pack(stream, add, acc, colsum, scale, bias, add_mode, gamma, beta, eps,
                             binarizer.shift, bits, h, 2)
-        centres = h.reshape(B, c.num_tokens, c.embed_dim).mean(axis=-1, keepdims=True)  # as methods.ASM
+        centres = h.reshape(B, c.num_tokens, c.embed_dim).mean(axis=-1, keepdims=True)  # as binaryvit.ASM
         _pack_signed_rows(h, np.ascontiguousarray(centres.reshape(-1)), binarizer.shift, bits)
         return bits
 
@@ -1375,7 +1377,7 @@ class PackedViT:
         g, _ = ops.gelu_forward(f, c.gelu_approximate)
         centres = np.zeros(g.shape[0], _F32)
         if binarizer.token:
-            centres = np.ascontiguousarray(g.reshape(B, c.num_tokens, -1).mean(axis=-1).reshape(-1))  # methods.ASM
+            centres = np.ascontiguousarray(g.reshape(B, c.num_tokens, -1).mean(axis=-1).reshape(-1))  # binaryvit.ASM
         _pack_unsigned_rows(g, centres, binarizer.shift, binarizer.scale, out)
         return out
 
@@ -1395,7 +1397,7 @@ class PackedViT:
             if name in blk:  # GSB's v has its own quantizer (_gsb_product)
                 shifts[t] = blk[name].shift
                 if blk[name].token:
-                    centres[t] = views[t].mean(axis=-1).reshape(-1)                   # as methods.ASM
+                    centres[t] = views[t].mean(axis=-1).reshape(-1)                   # as binaryvit.ASM
         _pack_qkv(values, B, N, H, centres, shifts, qk_bits, vt_bits)
         return qk_bits, vt_bits, views[2]
 
@@ -1420,7 +1422,7 @@ class PackedViT:
             values = o.astype(_F32)
             values *= o_scale
             merged, _ = ops.merge_heads_forward(values.reshape(B, H, N, d))
-            centres = np.ascontiguousarray(merged.mean(axis=-1).reshape(-1))             # as methods.ASM
+            centres = np.ascontiguousarray(merged.mean(axis=-1).reshape(-1))             # as binaryvit.ASM
         _pack_heads(o, o_scale, N, H, centres, binarizer.shift, bits)
         return bits
 
@@ -1433,11 +1435,11 @@ class PackedViT:
         _softmax(scores.reshape(-1, N), blk["exp_table"], False, probs.reshape(-1, N), _F32(1.0),
                  np.empty((0, 1), np.uint64))
         y = probs.reshape(B, H, N, N) + gsb["attn_bias"]                       # GSBAttnQuantizer
-        t1, t2 = methods.gsb_attn_masks(y, opt.gsb_max_over)
+        t1, t2 = gsb_attn_masks(y, opt.gsb_max_over)
         level1 = np.clip(np.rint(y / gsb["attn_alphas"][0]), 0, 1) != 0
         a_bases = kernels.pack_bits(np.stack([level1, t1, t2], axis=2).reshape(B * H, 3, N, N))
         yv = v - gsb["v_shift"][:, None, :]                                   # GSBValueQuantizer
-        t1v, t2v = methods.gsb_value_masks(yv)
+        t1v, t2v = gsb_value_masks(yv)
         v_signs = kernels.pack_signs(yv.swapaxes(-1, -2)).reshape(B * H, -1, (N + 63) // 64)
         v_masks = kernels.pack_bits(np.stack([t1v, t2v], axis=2).swapaxes(-1, -2)).reshape(B * H, 2, -1, (N + 63) // 64)
         return gsb_combine(kernels.gsb_partial_products(a_bases, v_signs, v_masks, N), gsb["attn_alphas"],

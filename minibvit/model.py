@@ -118,7 +118,7 @@ class ViT:
 
     ``logits`` is (B, classes), or for a distilled model a pair (cls_logits, dist_logits) in
     training and their mean in evaluation (DeiT). ``quantizers`` maps tensor roles to quantizer
-    objects (see minibvit.schemes.build_quantizers); roles absent from it stay full precision.
+    objects (see minibvit.methods.build_quantizers); roles absent from it stay full precision.
     """
 
     def __init__(self, cfg, quantizers=None, dtype=np.float32, seed=0):

@@ -587,8 +587,8 @@ def model_cost(cfg_or_preset, method, batch=1, *, patch_embed="method", head="me
         the counting conventions, see Conventions.
     Returns: CostReport (rows, totals, reference FP32 totals, size_ratio, ops_ratio).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if method not in methods.METHODS:  # the live registry (METHODS is its snapshot at import)
+        raise ValueError(f"unknown method {method!r}; choose one of {tuple(methods.METHODS)}")
     _positive_int(batch, "batch")
     conv = Conventions(patch_embed=patch_embed, head=head, multibit_macs=multibit_macs, flops_per_mac=flops_per_mac,
                        elementwise=elementwise, ternary_bits=ternary_bits, gsb_bases=gsb_bases,

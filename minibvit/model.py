@@ -3,7 +3,7 @@
 Parameters carry timm's VisionTransformer names and PyTorch shapes (``patch_embed.proj.weight``
 (D, C, p, p), ``blocks.0.attn.qkv.weight`` (3D, D), ...), so a ``state_dict()`` moves between
 minibvit and PyTorch unchanged. A low-bit method is a choice of quantizer per tensor (see
-``minibvit.schemes``); the model code is the same for every method.
+``minibvit.methods``); the model code is the same for every method.
 """
 from dataclasses import dataclass, asdict, fields
 

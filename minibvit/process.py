@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 THREAD_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
 MALLOC_SETTINGS = {"M_MMAP_MAX": (-4, 0), "M_TRIM_THRESHOLD": (-1, 1 << 30)}  # name: (mallopt param, value)
 
+_ENV_SET = {}  # every variable configure_process set in this process (env_set_by_configure)
+
 # Modules whose import starts (or fixes the settings of) a thread pool that reads THREAD_ENV_DEFAULTS.
 _POOL_MODULES = ("numpy", "numba", "torch")
 
@@ -97,9 +99,16 @@ def configure_process(threads=True, malloc=True):
     if threads:
         report.env = {name: value for name, value in THREAD_ENV_DEFAULTS.items() if name not in os.environ}
         os.environ.update(report.env)
+        _ENV_SET.update(report.env)
         report.too_late = tuple(m for m in _POOL_MODULES if m in sys.modules)
     if malloc:
         report.malloc, report.malloc_skipped = _configure_malloc()
     else:
         report.malloc_skipped = "not requested"
     return report
+
+
+def env_set_by_configure():
+    """{name: value} of every environment variable configure_process set in this process so far (a
+    benchmark starts its PyTorch baseline process without them)."""
+    return dict(_ENV_SET)

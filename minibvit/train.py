@@ -145,10 +145,9 @@ class TrainConfig:
              f"--asm-momentum must be in (0, 1], got {self.asm_momentum}")
         need(self.fraction is None or 0 < self.fraction <= 1, f"--fraction must be in (0, 1], got {self.fraction}")
         need(not (self.fraction and self.limit_per_class), "give --fraction or --limit-per-class, not both")
-        for o in methods.OPTIONS:
+        for o in (o for o in methods.OPTIONS if o.choices is not None):
             v = getattr(self, o.name)
-            need(o.choices is None or v is None or v in o.choices,
-                 f"--{o.name.replace('_', '-')} must be one of {list(o.choices)}, got {v!r}")
+            need(v is None or v in o.choices, f"--{o.name.replace('_', '-')} must be one of {list(o.choices)}, got {v!r}")
         need(self.drop_path is None or 0 <= self.drop_path < 1, f"--drop-path must be in [0, 1), got {self.drop_path}")
         for name in ("teacher", "init_from"):
             path = getattr(self, name)

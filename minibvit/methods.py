@@ -37,7 +37,7 @@ methods with an ASM, GSB options to methods with GSB quantizers, soft-KD options
 soft-distilled stage. GRS is on by default only in stages that declare the hook (BinaryViT's);
 giving --grs-lambda turns it on (or off, with 0) in every binarized stage of the method.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from . import binaryvit, gsb, quant, tervit

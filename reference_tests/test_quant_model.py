@@ -1,4 +1,4 @@
-"""Whole quantized ViTs, every method of minibvit.schemes, against an independent PyTorch model
+"""Whole quantized ViTs, every method of minibvit.methods, against an independent PyTorch model
 (torch_reference.TorchViT with the torch_quant modules on the same tensor roles), in float64.
 
 Each case: random weights (quantizer shifts / biases random and small); a first training batch on

@@ -296,8 +296,8 @@ print(f"by hand: {len(losses)} steps, test accuracy {hand_acc:.3f}")
 # The loop body above is `minibvit.train.train_step` (forward, teacher, loss, backward, the method's
 # gradient hooks such as BinaryViT's GRS, clipping, the AdamW step); the trainer wraps it with
 # logging, checkpoints and evaluation. Its first steps give the same losses:
-model = ViT(train.model_config(cfg_run, False, 10, 3, 32), seed=cfg_run.seed)
-opt = AdamW(model.parameters(), lr=cfg_run.lr, weight_decay=cfg_run.weight_decay)
+step_model = ViT(train.model_config(cfg_run, False, 10, 3, 32), seed=cfg_run.seed)
+step_opt = AdamW(step_model.parameters(), lr=cfg_run.lr, weight_decay=cfg_run.weight_decay)
 
 
 def cross_entropy(logits, y, teacher_logits):
@@ -306,7 +306,7 @@ def cross_entropy(logits, y, teacher_logits):
 
 
 for step, (xb, yb) in zip(range(3), data.iterate_batches(train_data, cfg_run.batch_size, cfg_run.seed, 0)):
-    loss, _, _ = train.train_step(model, opt, xb, yb, lr=cosine_lr(step, total_steps, cfg_run.lr, warmup, cfg_run.min_lr),
+    loss, _, _ = train.train_step(step_model, step_opt, xb, yb, lr=cosine_lr(step, total_steps, cfg_run.lr, warmup, cfg_run.min_lr),
                                   rng=None, loss_fn=cross_entropy, clip_grad=cfg_run.clip_grad)
     assert float(loss) == losses[step]
 print("train.train_step reproduces the first steps of the loop by hand")

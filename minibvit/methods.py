@@ -4,8 +4,9 @@ A method (fp, binary, binaryvit, tervit, gsb) is a `Method` record: its stages, 
 (name, quantizer table, the stage it starts from, its distillation kind, whether the model has a
 distillation token, its gradient hooks), and the options that apply to it. A quantizer table
 (`QuantizerTable`) maps tensor-role patterns to quantizer specs and says whether and how the packed
-engine can export it (`packed`). The trainer (train.py), the cost model (cost.py) and the packed
-engine read these records; none of them compares method names. The math of every paper lives in its
+engine can export it (`packed`). The trainer (train.py) and the cost model (cost.py) read these
+records and compare no method names; the packed engine is to read `packed` instead of comparing table
+names (today minibvit/engine.py still keeps its own EXPORTABLE_SCHEMES). The math of every paper lives in its
 own file: binaryvit.py (GRS, ASM), gsb.py, tervit.py; quant.py holds the generic quantizers.
 
     method     stages (each initialised from the one before)                    distillation

@@ -1,6 +1,6 @@
 """Size and OPs accounting of a ViT (DeiT) or Swin under the project's low-bit methods.
 
-    report = model_cost("deit-small", "binaryvit")          # or any ViTConfig-like object
+    report = model_cost('deit-small', 'binaryvit')          # or any ViTConfig-like object
     print(format_report(report, per_layer=True))
     report.size_ratio, report.ops_ratio                      # FP32 model / this model
 
@@ -20,7 +20,7 @@ Methods (precision of every tensor):
   channel FP32 weight scale, one FP32 activation step); LayerNorm, softmax, GELU, residuals, biases,
   class/position tokens FP32.
 - binaryvit: binary + ASM, one FP32 threshold per channel (last axis) of every activation binarizer
-  except the attention probabilities (as minibvit.schemes).
+  except the attention probabilities (as minibvit.methods).
 - gsb: binary, but attention probabilities and V each as `gsb_bases` binary bases (A.V = bases^2 binary
   products), plus the learnable attention bias (heads x N x N), the V shift (heads x head_dim), three FP32
   scales per GSB quantizer, a distillation token and a second head. ViT only.
@@ -37,7 +37,10 @@ import numbers
 import sys
 from dataclasses import asdict, dataclass, field
 
-METHODS = ("fp", "binary", "binaryvit", "gsb", "tervit")
+from . import methods
+
+METHODS = tuple(methods.METHODS)
+"""The methods of the registry (minibvit.methods), in its order."""
 EDGE_CHOICES = ("method", "block", "int8", "fp32")
 MULTIBIT_MACS_CHOICES = ("bops", "flops")
 FLOPS_PER_MAC_CHOICES = (1, 2)
@@ -258,23 +261,18 @@ class CostReport:
 # precisions
 
 
-# Bits of (weight, input) of the block linears, of (Q, K) and (A, V) of the attention matmuls.
-# 32 = FP32, 2 = ternary.
-_METHOD_BITS = {
-    "fp": {"linear": (FP32, FP32), "qk": (FP32, FP32), "av": (FP32, FP32)},
-    "binary": {"linear": (1, 1), "qk": (1, 1), "av": (1, 1)},
-    "binaryvit": {"linear": (1, 1), "qk": (1, 1), "av": (1, 1)},
-    "gsb": {"linear": (1, 1), "qk": (1, 1), "av": (1, 1)},
-    "tervit": {"linear": (2, 8), "qk": (8, 8), "av": (8, 8)},
-}
+def _precision(method):
+    """Bits of (weight, input) of the block linears, of (Q, K) and (A, V) of the attention matmuls, and
+    the quantizer extras: the registry's minibvit.methods.Method.precision. 32 = FP32, 2 = ternary."""
+    return methods.get_method(method).precision
 
 
 def _edge_bits(choice, method):
     """(weight, input) bits of the patch embedding or the head under a Conventions choice."""
-    if method == "fp" or choice == "fp32":
+    if not _precision(method).quantized or choice == "fp32":
         return FP32, FP32
     if choice == "block":
-        return _METHOD_BITS[method]["linear"]
+        return _precision(method).linear
     return 8, 8
 
 
@@ -330,7 +328,7 @@ def _kept(storage, conv):
 
 
 def _act_quantizer(method, bits, channels, prefix="", unsigned=False, probabilities=False):
-    """Parameters of one activation quantizer (as minibvit.schemes sets them up): the FP32 alpha or 8-bit
+    """Parameters of one activation quantizer (as minibvit.methods sets them up): the FP32 alpha or 8-bit
     step; the int32 zero point of an unsigned (asymmetric) 8-bit quantizer; for binaryvit the per-channel
     ASM threshold (channels = the binarized tensor's last axis) in front of every activation binarizer
     but the attention probabilities."""
@@ -339,7 +337,7 @@ def _act_quantizer(method, bits, channels, prefix="", unsigned=False, probabilit
     parts = {f"{prefix}act_scale": _fp32_part(1)}
     if bits == 8 and unsigned:
         parts[f"{prefix}act_zero_point"] = Part(1, 4)
-    if method == "binaryvit" and bits == 1 and not probabilities:
+    if _precision(method).asm_thresholds and bits == 1 and not probabilities:
         parts[f"{prefix}act_threshold"] = _fp32_part(channels)
     return parts
 
@@ -389,7 +387,7 @@ def _attention(prefix, method, conv, heads, head_dim, scores, outputs, macs, tok
     (GSB's heads x n x n bias); bias_table:
     FP32 relative-position-bias entries (Swin)."""
     rows = []
-    qk_bits, av_bits = _METHOD_BITS[method]["qk"], _METHOD_BITS[method]["av"]
+    qk_bits, av_bits = _precision(method).qk, _precision(method).av
     dim = heads * head_dim
     ew = conv.elementwise
 
@@ -406,7 +404,7 @@ def _attention(prefix, method, conv, heads, head_dim, scores, outputs, macs, tok
                                  conv, params=bias_table))
     rows.append(_elementwise(f"{prefix}.softmax", "softmax", scores, "softmax", conv))
 
-    if method == "gsb":
+    if _precision(method).gsb_attention:
         nb = conv.gsb_bases
         storage = {"attn.gsb_bias": _fp32_part(heads * tokens * tokens), "attn.basis_scales": _fp32_part(nb),
                    "v.shift": _fp32_part(heads * head_dim), "v.basis_scales": _fp32_part(nb)}
@@ -444,10 +442,10 @@ def _vit_rows(cfg, method, batch, conv):
     hd, hidden = D // H, int(D * cfg.mlp_ratio)
     p = cfg.patch_size
     patches = (cfg.image_size // p) ** 2
-    distilled = bool(getattr(cfg, "distilled", False)) or method == "gsb"
+    distilled = bool(getattr(cfg, "distilled", False)) or _precision(method).distilled
     N = patches + 1 + distilled
     T = batch * N  # token rows
-    lin_bits = _METHOD_BITS[method]["linear"]
+    lin_bits = _precision(method).linear
     pe_bits, head_bits = _edge_bits(conv.patch_embed, method), _edge_bits(conv.head, method)
 
     rows = [_linear("patch_embed.proj", "patch embedding", batch * patches, cfg.in_chans * p * p, D, True, pe_bits,
@@ -478,10 +476,10 @@ def _vit_rows(cfg, method, batch, conv):
 
 
 def _swin_rows(cfg, method, batch, conv):
-    if method == "gsb":
-        raise ValueError("method 'gsb' is defined for ViT/DeiT only (it needs a class token, a distillation "
+    if _precision(method).gsb_attention:
+        raise ValueError(f"method {method!r} is defined for ViT/DeiT only (it needs a class token, a distillation "
                          "token and a fixed token count); use a deit-* preset or another method")
-    lin_bits = _METHOD_BITS[method]["linear"]
+    lin_bits = _precision(method).linear
     pe_bits, head_bits = _edge_bits(conv.patch_embed, method), _edge_bits(conv.head, method)
     w = cfg.window_size
     side = cfg.image_size // cfg.patch_size
@@ -589,8 +587,8 @@ def model_cost(cfg_or_preset, method, batch=1, *, patch_embed="method", head="me
         the counting conventions, see Conventions.
     Returns: CostReport (rows, totals, reference FP32 totals, size_ratio, ops_ratio).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if method not in methods.METHODS:  # the live registry (METHODS is its snapshot at import)
+        raise ValueError(f"unknown method {method!r}; choose one of {tuple(methods.METHODS)}")
     _positive_int(batch, "batch")
     conv = Conventions(patch_embed=patch_embed, head=head, multibit_macs=multibit_macs, flops_per_mac=flops_per_mac,
                        elementwise=elementwise, ternary_bits=ternary_bits, gsb_bases=gsb_bases,

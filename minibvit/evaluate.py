@@ -3,11 +3,16 @@
 
 The dataset, its location and the image size default to those the checkpoint was trained with.
 """
-import argparse
-import sys
+if __name__ == "__main__":  # before NumPy loads its thread pools (minibvit.process)
+    from minibvit.process import configure_process
 
-from . import checkpoint, data
-from .train import evaluate, load_model
+    configure_process()
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from . import checkpoint, data  # noqa: E402
+from .train import evaluate, load_model  # noqa: E402
 
 
 def main(argv=None):

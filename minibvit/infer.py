@@ -14,14 +14,19 @@ The dataset, its location and image size default to those the model was trained 
 also runs the training-time (simulated) forward of a checkpoint on the same batches and reports
 whether the logits are bit-identical and the predictions agree. Exit status 2 on bad input.
 """
-import argparse
-import sys
-import time
+if __name__ == "__main__":  # before NumPy loads its thread pools (minibvit.process)
+    from minibvit.process import configure_process
 
-import numpy as np
+    configure_process()
 
-from . import checkpoint, data
-from .engine import PackedViT, export
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from . import checkpoint, data  # noqa: E402
+from .engine import PackedViT, export  # noqa: E402
 
 
 def export_main(argv):

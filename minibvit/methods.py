@@ -1,586 +1,441 @@
-"""The methods of the binarization papers on top of the quantizer layer, and their diagnostics.
+"""The method registry: a method is data, and this file holds all of it.
 
-- GSB (Gao et al., "GSB: Group Superposition Binarization for Vision Transformer with Limited Training
-  Samples", Neural Networks 2024, arXiv 2305.07931): the value (V) and attention-probability (A)
-  quantizers, as pure op pairs and as wrapper classes with their learnable shift / bias.
-- BinaryViT (Xiao et al. 2023, arXiv 2305.14730; withdrawn, no code): our documented reconstruction of
-  GRS (gradient regularization scheme) and ASM (activation shift module).
-- Diagnostics logged during training: sign-flip rate, near-zero mass, bimodality, histograms, sign
-  entropy, binarization error.
+A method (fp, binary, binaryvit, tervit, gsb) is a `Method` record: its stages, each a `Stage`
+(name, quantizer table, the stage it starts from, its distillation kind, whether the model has a
+distillation token, its gradient hooks), and the options that apply to it. A quantizer table
+(`QuantizerTable`) maps tensor-role patterns to quantizer specs and says whether and how the packed
+engine can export it (`packed`). The trainer (train.py) and the cost model (cost.py) read these
+records and compare no method names; the packed engine is to read `packed` instead of comparing table
+names (today minibvit/engine.py still keeps its own EXPORTABLE_SCHEMES). The math of every paper lives in its
+own file: binaryvit.py (GRS, ASM), gsb.py, tervit.py; quant.py holds the generic quantizers.
 
-Conventions: sign(0) = +1 for every binary sign; the GSB masked terms use sign(v * T) with sign(0) = 0
-(the official code's `torch.sign` of a masked tensor). docs/gsb.md and docs/binaryvit.md derive every
-formula and say what is the papers' and what is ours.
+    method     stages (each initialised from the one before)                    distillation
+    fp         fp                                                               -
+    binary     teacher (fp) -> binary                                           soft KD
+    binaryvit  teacher (fp) -> binaryvit (binary + ASM, GRS hook)               soft KD
+    tervit     fp -> tervit_w8a8 -> tervit (ternary weights, A8)                -
+    gsb        teacher (fp) -> gsb_stage1 (binary MLP weights) -> gsb           DeiT hard (dist token)
+
+Tensor roles are
+
+    patch_embed.proj.weight, patch_embed.proj.input
+    blocks.<i>.attn.qkv.weight / .input, blocks.<i>.attn.proj.weight / .input,
+    blocks.<i>.mlp.fc1.weight / .input, blocks.<i>.mlp.fc2.weight / .input,
+    blocks.<i>.attn.q, blocks.<i>.attn.k   (before Q K^T)
+    blocks.<i>.attn.attn                   (the softmax probabilities, before A V)
+    blocks.<i>.attn.v                      (the values, before A V)
+    head.weight / .input, head_dist.weight / .input
+
+A table maps shell-style patterns (fnmatch: ``*`` also matches dots) to quantizer specs; for each role
+the LAST matching pattern wins, so overrides are appended. Specs are the names of
+``quant.QUANTIZER_SPECS`` plus ``asm:<spec>`` (binaryvit.ASM in front of an activation binarizer),
+``gsb_attn`` and ``gsb_value`` (gsb.py). Roles that match no pattern, and the spec ``fp``, stay full
+precision. LayerNorm, softmax, GELU and residual adds are full precision in every method.
+
+Options (TrainConfig fields) that do not apply to a method are refused (check_options): GRS options
+apply to every method with binarized weights (GRS composes with any binary method), ASM options to
+methods with an ASM, GSB options to methods with GSB quantizers, soft-KD options to methods with a
+soft-distilled stage. GRS is on by default only in stages that declare the hook (BinaryViT's);
+giving --grs-lambda turns it on (or off, with 0) in every binarized stage of the method.
 """
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
-import numpy as np
+from . import binaryvit, gsb, quant, tervit
+from .quant import check_choice
 
-from .quant import SCALE_FLOOR, sign
-
-GSB_MODES = ("official", "principled")
-GSB_MAX_OVER = ("tensor", "row")
-GSB_T1_FRACTION = 0.7
-GSB_T2_FRACTION = 0.9
-ASM_CENTERS = ("mean", "median", "token", "none")
-GRS_VARIANTS = ("l2", "l1")
-
-
-def _check_float_array(x, name):
-    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
-        raise TypeError(f"{name} must be a floating-point numpy array, got {type(x).__name__} "
-                        f"{getattr(x, 'dtype', '')}; convert it with np.asarray(..., dtype=np.float32)")
-    if x.size == 0:
-        raise ValueError(f"{name} is empty (shape {x.shape}); pass at least one element")
-
-
-def _check_choice(value, choices, name):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _effective_alphas(alphas, dtype):
-    """The three GSB scales as used by forward and backward: max(alpha_k, SCALE_FLOOR = 1e-5), the
-    official code's clamp (and quant.py's floor); the gradient reaches the raw alpha unchanged."""
-    alphas = np.asarray(alphas)
-    if alphas.shape != (3,):
-        raise ValueError(f"GSB alphas must have shape (3,) (alpha1, alpha2, alpha3), got {alphas.shape}")
-    if np.isnan(alphas).any():
-        raise ValueError("GSB alphas contain NaN: initialise them (gsb_*_init or one training forward)")
-    return np.maximum(alphas.astype(dtype), dtype.type(SCALE_FLOOR))
-
-
-def _group_scale(count, dtype):
-    """LSQ gradient scale 1/sqrt(|G|) of a group; 0 for an empty group (no alpha gradient, no NaN)."""
-    return dtype.type(1.0 / np.sqrt(count)) if count > 0 else dtype.type(0.0)
-
-
-def _mean_abs_with_fallback(x, masks):
-    """mean |x| over the first non-empty mask in `masks`; over all of x if every mask is empty."""
-    for mask in masks:
-        if mask.any():
-            return np.abs(x[mask]).mean()
-    return np.abs(x).mean()
+PACKED_KINDS = (None, "binary", "ternary", "gsb")
+"""How the packed engine exports a table: not at all, binary bit-planes, ternary planes, GSB bases."""
+KD_KINDS = ("none", "soft", "hard")
+"""Distillation of a stage: none, soft (KL to the teacher's logits), hard (DeiT distillation token)."""
+HOOKS = ("grs",)
+"""Gradient hooks a stage may run after backward, before clipping: GRS (binaryvit.GRSHook)."""
+EXTRA_SPECS = ("gsb_attn", "gsb_value")
+TEACHER_STAGE = "teacher"
+"""The stage name of a full-precision teacher; --teacher replaces it, later stages distil from it."""
 
 
 # ------------------------------------------------------------------------------------------------
-# GSB: value quantizer
+# records
 # ------------------------------------------------------------------------------------------------
 
-def gsb_value_masks(v):
-    """GSB group masks of the values, over the whole tensor.
+@dataclass(frozen=True)
+class QuantizerTable:
+    """A quantizer table: patterns -> specs, its packed export kind and its default gradient hooks."""
 
-    T1 = 1[v > 0.7 max v] + 1[v < 0.7 min v],  T2 = 1[v > 0.9 max v] + 1[v < 0.9 min v]  (T2 within T1).
+    name: str
+    patterns: dict
+    packed: str = None  # one of PACKED_KINDS
+    hooks: tuple = ()  # gradient hooks on by default in a stage training this table
+    summary: str = ""
 
-    Args: v (any shape) float array.  Returns: (t1, t2) boolean arrays of v's shape.
+    def __post_init__(self):
+        check_choice(self.packed, PACKED_KINDS, f"table {self.name!r} packed")
+        for hook in self.hooks:
+            check_choice(hook, HOOKS, f"table {self.name!r} hook")
+        for spec in self.patterns.values():
+            check_spec(spec)
+
+    def spec(self, role):
+        """The spec of one role under this table ("fp" when no pattern matches)."""
+        spec = "fp"
+        for pattern, s in self.patterns.items():
+            if fnmatchcase(role, pattern):
+                spec = s
+        return spec
+
+    def specs(self):
+        return set(self.patterns.values())
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: trains table `table` into <out>/<name>/.
+
+    init: the stage whose best checkpoint initialises this one (None: fresh weights).
+    kd: one of KD_KINDS; distilled: the model has a distillation token and head.
+    first: trained for --teacher-epochs. hooks: gradient hooks on by default (None: the table's).
     """
-    vmax, vmin = v.max(), v.min()
-    t1 = (v > GSB_T1_FRACTION * vmax) | (v < GSB_T1_FRACTION * vmin)
-    t2 = (v > GSB_T2_FRACTION * vmax) | (v < GSB_T2_FRACTION * vmin)
-    return t1, t2
+
+    name: str
+    table: str
+    init: str = None
+    kd: str = "none"
+    distilled: bool = False
+    first: bool = False
+    hooks: tuple = None
+
+    def __post_init__(self):
+        check_choice(self.kd, KD_KINDS, f"stage {self.name!r} kd")
+        if self.table not in TABLES:
+            raise ValueError(f"stage {self.name!r}: unknown quantizer table {self.table!r}; "
+                             f"choose one of {sorted(TABLES)}")
+        if self.hooks is None:
+            object.__setattr__(self, "hooks", TABLES[self.table].hooks)
+
+    @property
+    def quantizer_table(self):
+        return TABLES[self.table]
 
 
-def gsb_value_init(v):
-    """First-batch initialisation of the three GSB value scales (official GSB code).
+@dataclass(frozen=True)
+class Option:
+    """A method option (a TrainConfig field): default, allowed values, which group decides where it
+    applies ("grs", "asm", "gsb", "kd_soft"), and its help text."""
 
-    alpha1 = 2 mean|v| outside T1, alpha2 = 2 mean|v| over T1 minus T2, alpha3 = 2 mean|v| over T2.
-    An empty group falls back to its enclosing group (T1 minus T2 -> T1 -> all; outside T1 -> all;
-    T2 -> all: T2 holds max v if it is > 0 and min v if it is < 0, so it is empty only for an all-zero
-    v), so the result is never NaN. An all-zero v gives zeros (floored to 1e-5 in use).
+    name: str
+    group: str
+    default: object
+    help: str
+    choices: tuple = None
+    shown: str = None  # the default as --help shows it, when `default` alone does not say it
 
-    Args: v (any shape) float array (the shifted values).  Returns: alphas (3,) in v's dtype.
-    """
-    _check_float_array(v, "v")
-    t1, t2 = gsb_value_masks(v)
-    means = (_mean_abs_with_fallback(v, [~t1]),
-             _mean_abs_with_fallback(v, [t1 & ~t2, t1]),
-             _mean_abs_with_fallback(v, [t2]))
-    return (2 * np.array(means)).astype(v.dtype)
-
-
-def gsb_value_forward(v, alphas, mode="official"):
-    """GSB value quantizer (Gao et al. 2024, `ElasticQuantQKV` in the official code).
-
-    Forward (both modes):  V_q = a1 sign(v) + a2 T1 sign(v) + a3 T2 sign(v),  a_k = max(alpha_k, 1e-5),
-    with the group masks T1, T2 of `gsb_value_masks` and sign(0) = +1.
-
-    Pseudo-gradient (q_k = v_k / a_k, v_1 = v, v_2 = v T1, v_3 = v T2, g = dL/dV_q):
-      official:   dL/dv = (1[|q_1| <= 1] + 1[|q_2| <= 1] + 1[|q_3| <= 1]) g
-                  (outside T1, v T1 = 0 so the last two indicators are 1: the pass-through reaches 3g)
-      principled: dL/dv = (1[|q_1| <= 1] + T1 1[|q_2| <= 1] + T2 1[|q_3| <= 1]) g
-      both:       dL/dalpha_k = sum (sign(v_k) - 1[|q_k| <= 1] q_k) g / sqrt(|G_k|),
-                  |G_1| = v.size, |G_2| = |T1|, |G_3| = |T2|; sign(v_k) is 0 where T_k = 0 and the
-                  alpha gradient of an empty group is 0.
-
-    Args:
-      v: (any shape) float array, the (shifted) values.
-      alphas: (3,) array (alpha1, alpha2, alpha3).
-      mode: "official" or "principled".
-    Returns: out (v's shape, v's dtype), cache for gsb_value_backward.
-    """
-    _check_float_array(v, "v")
-    _check_choice(mode, GSB_MODES, "mode")
-    a = _effective_alphas(alphas, v.dtype)
-    t1, t2 = gsb_value_masks(v)
-    s = sign(v)
-    out = a[0] * s + a[1] * (t1 * s) + a[2] * (t2 * s)
-    cache = (v, a, t1, t2, mode)
-    return out, cache
+    @property
+    def shown_default(self):
+        return self.shown if self.shown is not None else self.default
 
 
-def gsb_value_backward(dout, cache):
-    """Backward of gsb_value_forward (formulas in its docstring).
+@dataclass(frozen=True)
+class Method:
+    """A method: its stages (in training order) and summary; options, hooks and precision follow."""
 
-    Args: dout (v's shape), cache.  Returns: dv (v's shape), dalphas (3,).
-    """
-    v, a, t1, t2, mode = cache
-    dtype = v.dtype
-    s = sign(v)
-    v_groups = (v, v * t1, v * t2)
-    signs = (s, t1 * s, t2 * s)  # sign(v * T) with sign(0) = 0 outside the group
-    counts = (v.size, int(t1.sum()), int(t2.sum()))
-    masks = (None, t1, t2)
-    dv = np.zeros_like(v)
-    dalphas = np.zeros(3, dtype=dtype)
-    for k in range(3):
-        q = v_groups[k] / a[k]
-        inside = np.abs(q) <= 1
-        if mode == "principled" and masks[k] is not None:
-            inside = inside & masks[k]
-        dv += inside * dout
-        dalphas[k] = np.sum((signs[k] - inside * q) * dout) * _group_scale(counts[k], dtype)
-    return dv, dalphas
+    name: str
+    stages: tuple
+    summary: str = ""
 
+    @property
+    def final(self):
+        return self.stages[-1]
 
-# ------------------------------------------------------------------------------------------------
-# GSB: attention-probability quantizer
-# ------------------------------------------------------------------------------------------------
+    @property
+    def tables(self):
+        return [s.quantizer_table for s in self.stages]
 
-def _attn_max(a, max_over):
-    return a.max() if max_over == "tensor" else a.max(axis=-1, keepdims=True)
+    @property
+    def distillation(self):
+        return self.final.kd
 
+    @property
+    def hooks(self):
+        return tuple(sorted({h for s in self.stages for h in s.hooks}))
 
-def gsb_attn_masks(a, max_over="tensor"):
-    """GSB group masks of attention probabilities: T1 = 1[A > 0.7 max A], T2 = 1[A > 0.9 max A].
+    @property
+    def packed(self):
+        """How the final stage exports (None: it cannot be packed)."""
+        return self.final.quantizer_table.packed
 
-    max_over="tensor" takes max A over the whole tensor (official code, depends on the batch);
-    max_over="row" takes it over each attention row (last axis), batch-independent at inference.
+    def option_groups(self):
+        """The option groups that apply to this method."""
+        specs = set().union(*(t.specs() for t in self.tables))
+        groups = set()
+        if any(_binarizes_weights(s) for s in specs):
+            groups.add("grs")
+        if any(s.startswith("asm:") for s in specs):
+            groups.add("asm")
+        if specs & set(EXTRA_SPECS):
+            groups.add("gsb")
+        if any(s.kd == "soft" for s in self.stages):
+            groups.add("kd_soft")
+        return groups
 
-    Args: a (..., N) float array.  Returns: (t1, t2) boolean arrays of a's shape.
-    """
-    _check_choice(max_over, GSB_MAX_OVER, "max_over")
-    amax = _attn_max(a, max_over)
-    return a > GSB_T1_FRACTION * amax, a > GSB_T2_FRACTION * amax
+    @property
+    def options(self):
+        """Names of the options that apply to this method."""
+        groups = self.option_groups()
+        return tuple(o.name for o in OPTIONS if o.group in groups)
 
-
-def gsb_attn_init(a, max_over="tensor"):
-    """First-batch initialisation of the three GSB attention scales (official GSB code).
-
-    alpha1 = 4 mean|A|, alpha2 = 4 mean|A| over T1 minus T2, alpha3 = 4 mean|A| over T2 (|A| = A for
-    softmax outputs with the bias at its initial 0). Empty groups fall back as in gsb_value_init
-    (T1 minus T2 -> T1 -> all; T2 -> all: T2 holds the maximum whenever it is > 0, otherwise T1 is
-    empty too), so the result is never NaN.
-
-    Args: a (..., N) float array; max_over "tensor" | "row".  Returns: alphas (3,) in a's dtype.
-    """
-    _check_float_array(a, "a")
-    t1, t2 = gsb_attn_masks(a, max_over)
-    means = (np.abs(a).mean(),
-             _mean_abs_with_fallback(a, [t1 & ~t2, t1]),
-             _mean_abs_with_fallback(a, [t2]))
-    return (4 * np.array(means)).astype(a.dtype)
-
-
-def gsb_attn_forward(a, alphas, mode="official", max_over="tensor"):
-    """GSB attention quantizer (Gao et al. 2024, `ElasticQuantAttention` in the official code).
-
-    Forward (both modes):  A_q = a1 clamp(round(A/a1), 0, 1) + a2 T1 + a3 T2,  a_k = max(alpha_k, 1e-5),
-    round half to even, masks of gsb_attn_masks (thresholds t_2 = 0.7 max A, t_3 = 0.9 max A).
-
-    Pseudo-gradient (q = A/a1, W1 = 1[0 <= q <= 1], g = dL/dA_q):
-      official:   dL/dA = (W1 + a2 T1 + a3 T2) g
-                  dL/dalpha1 = sum (1[q > 1] + W1 (round(q) - q)) g / sqrt(A.size)
-                  dL/dalpha_k = sum T_k g / sqrt(|T_k|)                          (k = 2, 3)
-      principled: every basis gets the LSQ straight-through estimator of its own step: basis k is a
-                  step of height a_k at t_k, replaced in backward by a unit-slope ramp of width a_k
-                  centred on t_k (basis 1 is the step of height a1 at a1/2, whose ramp is W1), so
-                  W_k = 1[|A - t_k| <= a_k/2] and
-                  dL/dA = (W1 + W2 + W3) g
-                  dL/dalpha1 = as official
-                  dL/dalpha_k = sum (T_k - W_k (A - t_k)/a_k) g / sqrt(|T_k|)    (k = 2, 3)
-      The thresholds (through max A) are constants in backward in both modes; an empty group gets a
-      zero alpha gradient.
-
-    Args:
-      a: (..., N) float array, attention probabilities plus bias.
-      alphas: (3,) array (alpha1, alpha2, alpha3).
-      mode: "official" or "principled".  max_over: "tensor" or "row".
-    Returns: out (a's shape, a's dtype), cache for gsb_attn_backward.
-    """
-    _check_float_array(a, "a")
-    _check_choice(mode, GSB_MODES, "mode")
-    _check_choice(max_over, GSB_MAX_OVER, "max_over")
-    al = _effective_alphas(alphas, a.dtype)
-    amax = _attn_max(a, max_over)
-    t1, t2 = a > GSB_T1_FRACTION * amax, a > GSB_T2_FRACTION * amax
-    level1 = np.clip(np.rint(a / al[0]), 0, 1)
-    out = level1 * al[0] + t1 * al[1] + t2 * al[2]
-    cache = (a, al, t1, t2, amax, mode)
-    return out, cache
+    @property
+    def precision(self):
+        """Bits (weight, input) of the block linears, (Q, K) and (A, V) of the attention matmuls, and
+        the quantizer extras of the final table: what minibvit.cost counts. 32 = FP32, 2 = ternary."""
+        t = self.final.quantizer_table
+        bits = {"linear": (_spec_bits(t.spec("blocks.0.mlp.fc1.weight")), _spec_bits(t.spec("blocks.0.mlp.fc1.input"))),
+                "qk": (_spec_bits(t.spec("blocks.0.attn.q")), _spec_bits(t.spec("blocks.0.attn.k"))),
+                "av": (_spec_bits(t.spec("blocks.0.attn.attn")), _spec_bits(t.spec("blocks.0.attn.v")))}
+        return Precision(**bits, quantized=bool(t.patterns),
+                         asm_thresholds=any(s.startswith("asm:") for s in t.specs()),
+                         gsb_attention=t.spec("blocks.0.attn.attn") == "gsb_attn",
+                         distilled=self.final.distilled)
 
 
-def gsb_attn_backward(dout, cache):
-    """Backward of gsb_attn_forward (formulas in its docstring).
+@dataclass(frozen=True)
+class Precision:
+    linear: tuple
+    qk: tuple
+    av: tuple
+    quantized: bool  # False: everything FP32 (also the patch embedding and the head)
+    asm_thresholds: bool  # one FP32 threshold per channel in front of the activation binarizers but A
+    gsb_attention: bool  # A and V as GSB bases (and the attention bias, V shift, a distillation token)
+    distilled: bool
 
-    Args: dout (a's shape), cache.  Returns: da (a's shape), dalphas (3,).
-    """
-    a, al, t1, t2, amax, mode = cache
-    dtype = a.dtype
-    q = a / al[0]
-    below, above = q < 0, q > 1
-    inside = ~below & ~above
-    dalphas = np.empty(3, dtype=dtype)
-    dalphas[0] = np.sum((above + inside * (np.rint(q) - q)) * dout) * _group_scale(a.size, dtype)
-    scale2, scale3 = _group_scale(int(t1.sum()), dtype), _group_scale(int(t2.sum()), dtype)
-    if mode == "official":
-        da = inside * dout + t1 * dout * al[1] + t2 * dout * al[2]
-        dalphas[1] = np.sum(t1 * dout) * scale2
-        dalphas[2] = np.sum(t2 * dout) * scale3
-        return da, dalphas
-    da = inside * dout
-    for k, (mask, fraction, scale) in enumerate(((t1, GSB_T1_FRACTION, scale2),
-                                                  (t2, GSB_T2_FRACTION, scale3)), start=1):
-        offset = a - fraction * amax
-        ramp = np.abs(offset) <= al[k] / 2
-        da += ramp * dout
-        dalphas[k] = np.sum((mask - ramp * (offset / al[k])) * dout) * scale
-    return da, dalphas
+
+def _binarizes_weights(spec):
+    entry = quant.QUANTIZER_SPECS.get(spec)
+    return entry is not None and entry[0] is quant.WeightBinarizer
+
+
+def _spec_bits(spec):
+    base = spec[4:] if spec.startswith("asm:") else spec
+    if base == "fp":
+        return 32
+    if base in EXTRA_SPECS or base in ("sign", "w_xnor") or base.startswith(("w_binary", "a_elastic")):
+        return 1
+    if base.startswith("w_ternary"):
+        return 2
+    if base.endswith("8") or "8_" in base:
+        return 8
+    raise ValueError(f"no bit width known for spec {spec!r}")
 
 
 # ------------------------------------------------------------------------------------------------
-# GSB wrappers (quantizer interface): learnable shift / bias in front of the quantizer
+# the data
 # ------------------------------------------------------------------------------------------------
 
-def _init_or_check(alpha, init_fn, x, training, owner):
-    """Initialise a NaN alpha in place from x in training; refuse to run an uninitialised one in eval."""
-    if not np.isnan(alpha).any():
-        return
-    if not training:
-        raise ValueError(f"{owner} alpha not initialised: run one training forward or load a checkpoint")
-    alpha[...] = init_fn(x)
+BINARY_TABLE = {
+    "patch_embed.proj.weight": "w_minmax8",
+    "patch_embed.proj.input": "a_minmax8_signed",
+    "blocks.*.attn.qkv.weight": "w_binary",
+    "blocks.*.attn.qkv.input": "a_elastic_signed",
+    "blocks.*.attn.q": "a_elastic_signed",
+    "blocks.*.attn.k": "a_elastic_signed",
+    "blocks.*.attn.attn": "a_elastic_unsigned",
+    "blocks.*.attn.v": "a_elastic_signed",
+    "blocks.*.attn.proj.weight": "w_binary",
+    "blocks.*.attn.proj.input": "a_elastic_signed",
+    "blocks.*.mlp.fc1.weight": "w_binary",
+    "blocks.*.mlp.fc1.input": "a_elastic_signed",
+    "blocks.*.mlp.fc2.weight": "w_binary",
+    "blocks.*.mlp.fc2.input": "a_elastic_unsigned",  # post-GELU: {0, alpha}
+    "head*.weight": "w_minmax8",
+    "head*.input": "a_minmax8_signed",
+}
+"""The binary baseline (as BiT's and GSB's code binarize a ViT): W1A1 block linears and attention,
+8-bit patch embedding and head."""
 
 
-def _check_input(x, expected, dtype, owner):
-    """x must be a 4-D array whose axes 1..3 match `expected` (None: any size) and whose dtype is `dtype`."""
-    if (not isinstance(x, np.ndarray) or x.ndim != 4
-            or any(e is not None and e != n for e, n in zip(expected, x.shape[1:]))):
-        dims = ", ".join("N" if e is None else str(e) for e in expected)
-        raise ValueError(f"{owner} expects an array of shape (B, {dims}), "
-                         f"got {getattr(x, 'shape', type(x).__name__)}")
-    if x.dtype != dtype:
-        raise TypeError(f"{owner} holds {dtype} parameters but got {x.dtype} input; "
-                        f"build it with dtype={x.dtype} or cast the input")
+def check_spec(spec):
+    """Refuse a spec that is not a quantizer spec, asm:<spec> or a GSB spec."""
+    base = spec[4:] if spec.startswith("asm:") else spec
+    if base not in quant.QUANTIZER_SPECS and base not in EXTRA_SPECS:
+        valid = sorted(quant.QUANTIZER_SPECS) + list(EXTRA_SPECS) + ["asm:<activation spec>"]
+        raise ValueError(f"unknown quantizer spec {spec!r}; valid specs: {', '.join(valid)}")
 
 
-class GSBValueQuantizer:
-    """GSB value quantizer with its learnable per-head, per-dim shift (official `move_v`).
+TABLES = {t.name: t for t in (
+    QuantizerTable("fp", {}, summary="full precision"),
+    QuantizerTable("binary", BINARY_TABLE, packed="binary", summary="W1A1 baseline"),
+    QuantizerTable("binaryvit", binaryvit.asm_table(BINARY_TABLE), packed="binary", hooks=("grs",),
+                   summary="binary + ASM; trained with GRS"),
+    QuantizerTable("gsb_stage1", gsb.STAGE1_TABLE, summary="GSB stage 1: binary MLP weights"),
+    QuantizerTable("gsb", gsb.gsb_table(BINARY_TABLE), packed="gsb", summary="binary + GSB attention"),
+    QuantizerTable("tervit_w8a8", tervit.W8A8_TABLE, summary="TerViT stage 1: W8A8"),
+    QuantizerTable("tervit", tervit.TERNARY_TABLE, packed="ternary", summary="TerViT: ternary weights, A8"),
+)}
+"""Every quantizer table by name (a checkpoint's "scheme" names one)."""
 
-    forward: y = v - shift[h, d] (broadcast over batch and tokens), then gsb_value_forward(y, alpha).
-    (The official code adds its shift; we subtract like quant.shift_forward: the same model with the
-    parameter negated.)
-    params: "shift" (heads, head_dim) init 0; "alpha" (3,) NaN until the first training batch
-    (gsb_value_init of y). Input v: (B, heads, N, head_dim).
-    """
+METHODS = {m.name: m for m in (
+    Method("fp", (Stage("fp", "fp", first=True),), "full precision"),
+    Method("binary", (Stage("teacher", "fp", first=True),
+                      Stage("binary", "binary", init="teacher", kd="soft")), "BiT-style W1A1 baseline"),
+    Method("binaryvit", (Stage("teacher", "fp", first=True),
+                         Stage("binaryvit", "binaryvit", init="teacher", kd="soft")),
+           "BinaryViT (our reconstruction): binary + GRS + ASM"),
+    Method("gsb", (Stage("teacher", "fp", first=True),
+                   Stage("gsb_stage1", "gsb_stage1", init="teacher", kd="hard", distilled=True),
+                   Stage("gsb", "gsb", init="gsb_stage1", kd="hard", distilled=True)),
+           "GSB: group superposition binarization"),
+    Method("tervit", (Stage("fp", "fp", first=True), Stage("tervit_w8a8", "tervit_w8a8", init="fp"),
+                      Stage("tervit", "tervit", init="tervit_w8a8")), "TerViT: progressive ternary"),
+)}
+"""Every method by name, in the order --help and the cost tables list them."""
 
-    def __init__(self, heads, head_dim, mode="official", dtype=np.float32):
-        _check_choice(mode, GSB_MODES, "mode")
-        self.heads, self.head_dim, self.mode = heads, head_dim, mode
-        self.dtype = np.dtype(dtype)
-        self.params = {"shift": np.zeros((heads, head_dim), self.dtype),
-                       "alpha": np.full(3, np.nan, self.dtype)}
-        self.buffers = {}
-
-    def forward(self, v, training):
-        """v: (B, heads, N, head_dim) -> out (same shape), cache."""
-        _check_input(v, (self.heads, None, self.head_dim), self.dtype, "GSBValueQuantizer")
-        y = v - self.params["shift"][:, None, :]
-        _init_or_check(self.params["alpha"], gsb_value_init, y, training, "GSBValueQuantizer")
-        return gsb_value_forward(y, self.params["alpha"], mode=self.mode)
-
-    def backward(self, dout, cache):
-        """Returns dv (B, heads, N, head_dim) and grads {"shift": (heads, head_dim), "alpha": (3,)}."""
-        dy, dalpha = gsb_value_backward(dout, cache)
-        return dy, {"shift": -dy.sum(axis=(0, 2)), "alpha": dalpha}
-
-    def basis_form(self, cache):
-        """([S, T1 S, T2 S], (a1, a2, a3)): V_q = sum_k a_k * basis_k with integer bases (S = sign)."""
-        v, a, t1, t2, _ = cache
-        s = sign(v)
-        return [s, t1 * s, t2 * s], a
-
-    def __repr__(self):
-        return f"GSBValueQuantizer(heads={self.heads}, head_dim={self.head_dim}, mode={self.mode!r})"
-
-
-class GSBAttnQuantizer:
-    """GSB attention quantizer with its learnable additive bias after softmax (official `move_att`).
-
-    forward: y = a + bias[h, i, j] (broadcast over batch), then gsb_attn_forward(y, alpha).
-    params: "bias" (heads, N, N) init 0; "alpha" (3,) NaN until the first training batch
-    (gsb_attn_init of y). Input a: (B, heads, N, N) softmax probabilities.
-    """
-
-    def __init__(self, heads, tokens, mode="official", max_over="tensor", dtype=np.float32):
-        _check_choice(mode, GSB_MODES, "mode")
-        _check_choice(max_over, GSB_MAX_OVER, "max_over")
-        self.heads, self.tokens, self.mode, self.max_over = heads, tokens, mode, max_over
-        self.dtype = np.dtype(dtype)
-        self.params = {"bias": np.zeros((heads, tokens, tokens), self.dtype),
-                       "alpha": np.full(3, np.nan, self.dtype)}
-        self.buffers = {}
-
-    def forward(self, a, training):
-        """a: (B, heads, N, N) -> out (same shape), cache."""
-        _check_input(a, (self.heads, self.tokens, self.tokens), self.dtype, "GSBAttnQuantizer")
-        y = a + self.params["bias"]
-        _init_or_check(self.params["alpha"], lambda x: gsb_attn_init(x, self.max_over), y, training,
-                       "GSBAttnQuantizer")
-        return gsb_attn_forward(y, self.params["alpha"], mode=self.mode, max_over=self.max_over)
-
-    def backward(self, dout, cache):
-        """Returns da (B, heads, N, N) and grads {"bias": (heads, N, N), "alpha": (3,)}."""
-        dy, dalpha = gsb_attn_backward(dout, cache)
-        return dy, {"bias": dy.sum(axis=0), "alpha": dalpha}
-
-    def basis_form(self, cache):
-        """([clamp(round(A/a1), 0, 1), T1, T2], (a1, a2, a3)): A_q = sum_k a_k * basis_k, {0, 1} bases."""
-        a, al, t1, t2, _, _ = cache
-        return [np.clip(np.rint(a / al[0]), 0, 1), t1.astype(a.dtype), t2.astype(a.dtype)], al
-
-    def __repr__(self):
-        return (f"GSBAttnQuantizer(heads={self.heads}, tokens={self.tokens}, mode={self.mode!r}, "
-                f"max_over={self.max_over!r})")
+OPTIONS = (
+    Option("grs_lambda", "grs", None,
+           "GRS strength; a value turns GRS on (0: off) in every binarized stage of the method",
+           shown=f"{binaryvit.GRS_DEFAULT_LAMBDA:g} in binaryvit's stage, off elsewhere"),
+    Option("grs_variant", "grs", binaryvit.GRS_DEFAULT_VARIANT, "GRS penalty", binaryvit.GRS_VARIANTS),
+    Option("grs_warmup_epochs", "grs", binaryvit.GRS_DEFAULT_WARMUP_EPOCHS,
+           "epochs of linear warm-up of the GRS strength from 0"),
+    Option("asm_center", "asm", binaryvit.ASM_DEFAULT_CENTER, "ASM data-driven centre", binaryvit.ASM_CENTERS),
+    Option("asm_momentum", "asm", binaryvit.ASM_DEFAULT_MOMENTUM,
+           "ASM running-centre EMA momentum, in (0, 1]"),
+    Option("gsb_mode", "gsb", gsb.GSB_MODES[0], "GSB gradients: the official code's or our principled STEs",
+           gsb.GSB_MODES),
+    Option("gsb_max_over", "gsb", gsb.GSB_MAX_OVER[0],
+           "GSB attention masks: max over the whole tensor (official) or per attention row", gsb.GSB_MAX_OVER),
+    Option("kd_temperature", "kd_soft", 1.0, "soft-distillation temperature, > 0"),
+    Option("kd_alpha", "kd_soft", 0.5, "soft distillation: loss = (1 - a) CE + a KD, a in [0, 1]"),
+)
+"""Method options: TrainConfig fields that only some methods take (Method.options)."""
+OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 
 
-# ------------------------------------------------------------------------------------------------
-# BinaryViT: GRS (gradient regularization scheme), our reconstruction
-# ------------------------------------------------------------------------------------------------
-
-def _channel_alpha(w):
-    """Per-output-channel mean|W| (axis 0 is the output channel), shaped to broadcast against w."""
-    return np.abs(w).mean(axis=tuple(range(1, w.ndim)), keepdims=True)
+def get_method(name):
+    """The Method record of a method name; a clear error for an unknown one."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
 
 
-def grs_gradient(w, lam, variant="l2"):
-    """GRS extra gradient, added to dL/dW of a binarized latent weight (BinaryViT reconstruction).
-
-    alpha = per-output-channel mean|W| (a constant, not differentiated), sign(0) = +1:
-      l2: lam (W - alpha sign(W))           = d/dW (lam/2) sum (|W| - alpha)^2
-      l1: lam sign(|W| - alpha) sign(W)     = d/dW lam sum ||W| - alpha|
-    Both pull every latent weight to the two modes +-alpha of its channel, away from 0 where signs flip.
-
-    Args: w (out_channels, ...) float array; lam float >= 0; variant "l2" | "l1".
-    Returns: (w's shape, w's dtype) gradient.
-    """
-    _check_float_array(w, "w")
-    _check_choice(variant, GRS_VARIANTS, "variant")
-    if lam < 0:
-        raise ValueError(f"GRS lambda must be >= 0 (0 is the baseline), got {lam}")
-    lam = w.dtype.type(lam)
-    alpha = _channel_alpha(w)
-    s = sign(w)
-    if variant == "l2":
-        return lam * (w - alpha * s)
-    return lam * sign(np.abs(w) - alpha) * s
+def check_options(method, given):
+    """Refuse method options that do not apply to `method`. given: {option name: value}, only the
+    options the user set (None = not set)."""
+    m = get_method(method)
+    wrong = [name for name, value in given.items() if value is not None and name not in m.options]
+    if wrong:
+        flags = ", ".join("--" + n.replace("_", "-") for n in wrong)
+        allowed = ", ".join("--" + n.replace("_", "-") for n in m.options) or "none"
+        raise ValueError(f"{flags} do(es) not apply to --method {method} (its method options: {allowed}); "
+                         f"remove {'it' if len(wrong) == 1 else 'them'}")
 
 
-def grs_lambda(step, lam, warmup_steps):
-    """GRS strength at optimizer step `step` (0-based): lam min(1, step / warmup_steps).
-
-    Linear warm-up from 0; warmup_steps = 0 gives lam from the first step.
-    """
-    if step < 0 or warmup_steps < 0 or lam < 0:
-        raise ValueError(f"grs_lambda needs step >= 0, warmup_steps >= 0 and lam >= 0, "
-                         f"got step={step}, warmup_steps={warmup_steps}, lam={lam}")
-    if warmup_steps == 0:
-        return float(lam)
-    return float(lam) * min(1.0, step / warmup_steps)
+def grs_strength(stage, grs_lambda):
+    """The GRS lambda of a stage: the given --grs-lambda, else GRS's default where the stage declares
+    the hook, else 0 (off)."""
+    if grs_lambda is not None:
+        return grs_lambda
+    return binaryvit.GRS_DEFAULT_LAMBDA if "grs" in stage.hooks else 0.0
 
 
 # ------------------------------------------------------------------------------------------------
-# BinaryViT: ASM (activation shift module), our reconstruction
+# building the quantizers of a table
 # ------------------------------------------------------------------------------------------------
 
-class ASM:
-    """Activation shift module in front of an activation binarizer (BinaryViT reconstruction).
+@dataclass
+class QuantizerOptions:
+    """Switches that choose among a quantizer's variants (stored in checkpoints as "scheme_options")."""
 
-    forward: out = inner(x - (c + r)), x (..., C) with channels on the last axis, where
-      r: learnable residual per-channel shift, param "shift" (C,), init 0;
-      c: the data-driven centre, by `center`:
-        "mean" / "median": per-channel running estimate, buffer "running_center" (C,) = EMA of the
-            batch's per-channel mean / median over all leading axes, NaN until the first training
-            batch (which sets it directly), then c <- (1 - momentum) c + momentum batch_stat, updated
-            in training forward BEFORE quantizing; frozen in eval; foldable into the binarizer
-            threshold (asm_fold_threshold). Constant in backward.
-        "token": input-adaptive, c = each token's own mean over its C channels; backward flows through
-            the mean: dL/dx = dL/dy - mean_C(dL/dy), y = x - c - r.
-        "none": c = 0 (only the learnable shift).
-      backward: dL/dr = -sum over leading axes of dL/dy.
-    params / buffers merge the inner binarizer's (same arrays), grads merge the inner's param grads.
-    """
+    asm_center: str = binaryvit.ASM_DEFAULT_CENTER  # binaryvit.ASM_CENTERS
+    asm_momentum: float = binaryvit.ASM_DEFAULT_MOMENTUM
+    gsb_mode: str = gsb.GSB_MODES[0]  # "official" (the published code's gradients) or "principled"
+    gsb_max_over: str = gsb.GSB_MAX_OVER[0]  # GSB attention masks: max over the whole "tensor" or per "row"
 
-    def __init__(self, inner, channels, center="median", momentum=0.1, dtype=np.float32):
-        _check_choice(center, ASM_CENTERS, "center")
-        if not 0 < momentum <= 1:
-            raise ValueError(f"ASM momentum must be in (0, 1], got {momentum}")
-        for name in ("shift", "running_center"):
-            if name in inner.params or name in inner.buffers:
-                raise ValueError(f"ASM inner quantizer already has a {name!r} entry; ASM's own names "
-                                 f"would collide (use an inner binarizer without {name!r})")
-        self.inner, self.channels, self.center, self.momentum = inner, channels, center, momentum
-        self.dtype = np.dtype(dtype)
-        self.params = {**inner.params, "shift": np.zeros(channels, self.dtype)}
-        self.buffers = dict(inner.buffers)
-        if center in ("mean", "median"):
-            self.buffers["running_center"] = np.full(channels, np.nan, self.dtype)
+    def __post_init__(self):
+        check_choice(self.asm_center, binaryvit.ASM_CENTERS, "asm_center")
+        check_choice(self.gsb_mode, gsb.GSB_MODES, "gsb_mode")
+        check_choice(self.gsb_max_over, gsb.GSB_MAX_OVER, "gsb_max_over")
 
-    def _update_running_center(self, x):
-        flat = x.reshape(-1, self.channels)
-        batch = flat.mean(axis=0) if self.center == "mean" else np.median(flat, axis=0)
-        running = self.buffers["running_center"]
-        if np.isnan(running).any():
-            running[...] = batch
+
+def tensor_roles(cfg):
+    """Every quantizable tensor role of a model config, in forward order."""
+    roles = ["patch_embed.proj.weight", "patch_embed.proj.input"]
+    for i in range(cfg.depth):
+        b = f"blocks.{i}"
+        roles += [f"{b}.attn.qkv.weight", f"{b}.attn.qkv.input", f"{b}.attn.q", f"{b}.attn.k", f"{b}.attn.attn",
+                  f"{b}.attn.v", f"{b}.attn.proj.weight", f"{b}.attn.proj.input", f"{b}.mlp.fc1.weight",
+                  f"{b}.mlp.fc1.input", f"{b}.mlp.fc2.weight", f"{b}.mlp.fc2.input"]
+    roles += ["head.weight", "head.input"]
+    if cfg.distilled:
+        roles += ["head_dist.weight", "head_dist.input"]
+    return roles
+
+
+def _table(name):
+    if name not in TABLES:
+        raise ValueError(f"unknown method or quantizer table {name!r}; choose one of {sorted(TABLES)}")
+    return TABLES[name]
+
+
+def resolve(cfg, table, overrides=None):
+    """{role: spec} for every quantized role of quantizer table ``table`` (a method's final table has
+    the method's name) with ``overrides`` (pattern -> spec) applied on top. Unknown names or specs
+    raise ValueError."""
+    patterns = {**_table(table).patterns, **(overrides or {})}
+    for spec in patterns.values():
+        check_spec(spec)
+    out = {}
+    for role in tensor_roles(cfg):
+        spec = None
+        for pattern, s in patterns.items():
+            if fnmatchcase(role, pattern):
+                spec = s
+        if spec is not None and spec != "fp":
+            out[role] = spec
+    return out
+
+
+def _channels(cfg, role):
+    """Channel count on the last axis of the tensor a role quantizes."""
+    if role.endswith(("attn.q", "attn.k", "attn.v")):
+        return cfg.embed_dim // cfg.num_heads
+    if role.endswith("mlp.fc2.input"):
+        return cfg.mlp_hidden
+    if role == "patch_embed.proj.input":
+        raise ValueError("ASM needs channels on the last axis; the patch-embedding input (B, C, H, W) has none")
+    return cfg.embed_dim
+
+
+def build_quantizers(cfg, table, overrides=None, options=None, dtype="float32"):
+    """Fresh quantizer objects {role: quantizer} for a model config and quantizer table."""
+    options = options or QuantizerOptions()
+    out = {}
+    for role, spec in resolve(cfg, table, overrides).items():
+        if spec == "gsb_attn":
+            q = gsb.GSBAttnQuantizer(cfg.num_heads, cfg.num_tokens, mode=options.gsb_mode,
+                                     max_over=options.gsb_max_over, dtype=dtype)
+        elif spec == "gsb_value":
+            q = gsb.GSBValueQuantizer(cfg.num_heads, cfg.embed_dim // cfg.num_heads, mode=options.gsb_mode,
+                                      dtype=dtype)
+        elif spec.startswith("asm:"):
+            q = binaryvit.ASM(quant.make_quantizer(spec[4:], dtype=dtype), _channels(cfg, role),
+                              center=options.asm_center, momentum=options.asm_momentum, dtype=dtype)
         else:
-            running *= 1 - self.momentum
-            running += self.momentum * batch
-
-    def forward(self, x, training):
-        """x: (..., C) -> out (inner's output, same shape), cache."""
-        if not isinstance(x, np.ndarray) or x.ndim < 1 or x.shape[-1] != self.channels:
-            raise ValueError(f"ASM expects an array with {self.channels} channels on the last axis, "
-                             f"got {getattr(x, 'shape', type(x).__name__)}")
-        if x.dtype != self.dtype:
-            raise TypeError(f"ASM holds {self.dtype} parameters but got {x.dtype} input; "
-                            f"build it with dtype={x.dtype} or cast the input")
-        shift = self.params["shift"]
-        if self.center in ("mean", "median"):
-            if training:
-                self._update_running_center(x)
-            elif np.isnan(self.buffers["running_center"]).any():
-                raise ValueError("ASM running_center not initialised: run one training forward or "
-                                 "load a checkpoint")
-            y = x - (self.buffers["running_center"] + shift)
-        elif self.center == "token":
-            y = x - (x.mean(axis=-1, keepdims=True) + shift)
-        else:
-            y = x - shift
-        out, inner_cache = self.inner.forward(y, training)
-        return out, inner_cache
-
-    def backward(self, dout, cache):
-        """Returns dx (x's shape) and grads {**inner grads, "shift": (C,)}."""
-        dy, grads = self.inner.backward(dout, cache)
-        dx = dy - dy.mean(axis=-1, keepdims=True) if self.center == "token" else dy
-        return dx, {**grads, "shift": -dy.reshape(-1, self.channels).sum(axis=0)}
-
-    def integer_form(self, cache):
-        """The inner binarizer's (levels, scale) form, if it has one (see quant._Quantizer)."""
-        inner = getattr(self.inner, "integer_form", None)
-        return None if inner is None else inner(cache)
-
-    def __repr__(self):
-        return f"ASM(center={self.center!r}, momentum={self.momentum}, inner={self.inner!r})"
+            q = quant.make_quantizer(spec, dtype=dtype)
+        out[role] = q
+    return out
 
 
-def asm_fold_threshold(asm):
-    """Per-channel binarizer threshold c + r of an ASM for export (sign(x - (c + r)) at inference).
-
-    Args: asm, an ASM with center "mean", "median" (running centre initialised) or "none".
-    Returns: (C,) array in the ASM's dtype.
-    """
-    if asm.center == "token":
-        raise ValueError("ASM center='token' is input-adaptive (each token's own mean): it cannot be "
-                         "folded into a constant threshold; compute x - mean_C(x) - shift at inference")
-    shift = asm.params["shift"]
-    if asm.center == "none":
-        return shift.copy()
-    center = asm.buffers["running_center"]
-    if np.isnan(center).any():
-        raise ValueError("ASM running_center not initialised: run one training forward or load a checkpoint")
-    return center + shift
+def binarized_weight_roles(quantizers):
+    """Roles whose quantizer binarizes a latent weight (where GRS and the flip-rate diagnostics apply)."""
+    return [role for role, q in quantizers.items() if isinstance(q, quant.WeightBinarizer)]
 
 
-# ------------------------------------------------------------------------------------------------
-# Diagnostics
-# ------------------------------------------------------------------------------------------------
-
-def sign_flip_rate(w_prev, w_now):
-    """Fraction of latent weights whose sign (sign(0) = +1) changed between two steps. Returns float."""
-    if np.shape(w_prev) != np.shape(w_now):
-        raise ValueError(f"sign_flip_rate needs equal shapes, got {np.shape(w_prev)} and {np.shape(w_now)}")
-    return float(np.mean((np.asarray(w_prev) >= 0) != (np.asarray(w_now) >= 0)))
-
-
-def near_zero_mass(w, frac=0.1):
-    """Fraction of latent weights with |w| < frac alpha, alpha = per-output-channel mean|W| (axis 0).
-
-    A channel with alpha = 0 contributes no near-zero weights (the strict inequality never holds).
-    """
-    _check_float_array(w, "w")
-    return float(np.mean(np.abs(w) < frac * _channel_alpha(w)))
-
-
-def bimodality(w):
-    """Moment bimodality coefficient of W/alpha (alpha per output channel mean|W|, axis 0).
-
-    BC = (skewness^2 + 1) / kurtosis with population moments (Pearson / Sarle's coefficient without the
-    small-sample correction). BC <= 1, with equality exactly for a two-point distribution (a weight
-    tensor sitting at its two modes +-alpha); Gaussian 1/3, uniform 5/9, Laplace 1/6. Channels with
-    alpha = 0 contribute zeros. Returns NaN when all normalised weights are equal (undefined).
-    """
-    _check_float_array(w, "w")
-    alpha = _channel_alpha(w)
-    z = np.divide(w, alpha, out=np.zeros_like(w), where=alpha > 0).astype(np.float64).ravel()
-    d = z - z.mean()
-    m2, m3, m4 = np.mean(d ** 2), np.mean(d ** 3), np.mean(d ** 4)
-    if m2 == 0:
-        return float("nan")
-    return float((m3 ** 2 / m2 ** 3 + 1) / (m4 / m2 ** 2))
-
-
-def weight_histogram(w, bins=41, limit=3.0):
-    """Histogram of W/alpha (alpha per output channel mean|W|, axis 0) on [-limit, limit].
-
-    A bimodal binarized weight shows two peaks at +-1. Values outside the range are clipped into the
-    edge bins, so the counts sum to w.size.
-    Returns: counts (bins,) int64, edges (bins + 1,) float64.
-    """
-    _check_float_array(w, "w")
-    alpha = _channel_alpha(w)
-    z = np.divide(w, alpha, out=np.zeros_like(w), where=alpha > 0).astype(np.float64).ravel()
-    return np.histogram(np.clip(z, -limit, limit), bins=bins, range=(-limit, limit))
-
-
-def sign_entropy(x_minus_threshold):
-    """Mean over channels of the binary entropy (bits) of P(bit = +1) per channel.
-
-    Args: x_minus_threshold (..., C), the binarizer input minus its threshold; bit = +1 where >= 0.
-    Returns: float in [0, 1]; 1 when every channel's sign bit is +1 half of the time.
-    """
-    _check_float_array(x_minus_threshold, "x_minus_threshold")
-    channels = x_minus_threshold.shape[-1]
-    p = np.mean(x_minus_threshold.reshape(-1, channels) >= 0, axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
-    return float(np.mean(np.where((p > 0) & (p < 1), h, 0.0)))
-
-
-def binarization_error(x, alpha, shift):
-    """Relative binarization error ||x - alpha sign(x - s)|| / ||x|| (Frobenius, sign(0) = +1).
-
-    Args: x (..., C); alpha and shift scalars or (C,) arrays (broadcast on the last axis).
-    """
-    _check_float_array(x, "x")
-    norm = np.linalg.norm(x)
-    if norm == 0:
-        raise ValueError("binarization_error of an all-zero x is undefined (||x|| = 0)")
-    return float(np.linalg.norm(x - alpha * sign(x - shift)) / norm)
+def gradient_hooks(stage, quantizers, grs_lambda=None, grs_variant=binaryvit.GRS_DEFAULT_VARIANT,
+                   grs_warmup_steps=0):
+    """The gradient hooks a stage runs after backward: [binaryvit.GRSHook] when its GRS strength
+    (grs_strength) is > 0 and it has binarized weights, else []. Each hook is called hook(model, step)."""
+    lam = grs_strength(stage, grs_lambda)
+    roles = binarized_weight_roles(quantizers)
+    if lam > 0 and roles:
+        return [binaryvit.GRSHook(roles, lam, grs_variant, grs_warmup_steps)]
+    return []

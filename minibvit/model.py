@@ -3,7 +3,7 @@
 Parameters carry timm's VisionTransformer names and PyTorch shapes (``patch_embed.proj.weight``
 (D, C, p, p), ``blocks.0.attn.qkv.weight`` (3D, D), ...), so a ``state_dict()`` moves between
 minibvit and PyTorch unchanged. A low-bit method is a choice of quantizer per tensor (see
-``minibvit.schemes``); the model code is the same for every method. The ops never see a quantizer:
+``minibvit.methods``); the model code is the same for every method. The ops never see a quantizer:
 the model composes them around the ops (_linear_forward, _attention_forward), and a product of two
 quantized operands is computed exactly on their integer levels (_quantized_product, the one
 quantized matmul, whose bits the packed engine reproduces).
@@ -171,7 +171,7 @@ class ViT:
 
     ``logits`` is (B, classes), or for a distilled model a pair (cls_logits, dist_logits) in
     training and their mean in evaluation (DeiT). ``quantizers`` maps tensor roles to quantizer
-    objects (see minibvit.schemes.build_quantizers); roles absent from it stay full precision.
+    objects (see minibvit.methods.build_quantizers); roles absent from it stay full precision.
     """
 
     def __init__(self, cfg, quantizers=None, dtype=np.float32, seed=0):

@@ -30,26 +30,40 @@ SCALE_FLOOR = 1e-5
 """Smallest value a learnable scale (elastic alpha, LSQ step) takes in the forward pass."""
 
 STE_KINDS = ("identity", "clipped", "approxsign")
+WEIGHT_STE_KINDS = ("identity", "clipped")
+WEIGHT_SCALES = ("channel", "tensor", "none")
+ELASTIC_ALPHA_GRADS = ("lsq", "gsb")
+"""Scale gradients of the signed elastic binarizer: BiT's "lsq", or GSB's refined one (minibvit.gsb)."""
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
 
 
-def _check_float_array(x, name):
+def check_float_array(x, name, nonempty=False):
+    """Refuse anything but a floating-point numpy array (and, with nonempty, an empty one)."""
     if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}; "
+                        f"convert it with np.asarray(..., dtype=np.float32)")
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"{name} must have a floating dtype (float32 or float64), got {x.dtype}")
+    if nonempty and x.size == 0:
+        raise ValueError(f"{name} is empty (shape {x.shape}); pass at least one element")
 
 
-def _check_choice(value, name, choices):
+def check_choice(value, choices, name):
+    """The one choice check of the package: value must be one of choices (a constant tuple)."""
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}")
 
 
+def channel_mean_abs(w):
+    """Per-output-channel mean|W| (axis 0 is the output channel), shaped to broadcast against w."""
+    return np.abs(w).mean(axis=tuple(range(1, w.ndim)), keepdims=True)
+
+
 def _check_weight(w):
-    _check_float_array(w, "w")
+    check_float_array(w, "w")
     if w.ndim < 2:
         raise ValueError(
             f"a weight quantizer needs a weight of shape (out_channels, ...) with ndim >= 2, "
@@ -88,7 +102,7 @@ def _broadcast_shape(ndim, channel_axis):
 def _scale_param(param, name, x, channel_axis):
     """Check a learnable per-tensor (1,) / per-channel (C,) scale; return it floored and
     broadcastable against x, in x's dtype."""
-    _check_float_array(param, name)
+    check_float_array(param, name)
     expected = (1,) if channel_axis is None else (x.shape[channel_axis],)
     if param.shape != expected:
         where = "per tensor" if channel_axis is None else f"per channel on axis {channel_axis}"
@@ -133,7 +147,7 @@ def sign(x):
     Returns:
         array of x's shape and dtype with values in {-1, +1}.
     """
-    _check_float_array(x, "x")
+    check_float_array(x, "x")
     return np.where(x >= 0, x.dtype.type(1), x.dtype.type(-1))
 
 
@@ -153,8 +167,8 @@ def binarize_forward(x, ste="clipped"):
         out: array of x's shape and dtype, values in {-1, +1}.
         cache: for binarize_backward.
     """
-    _check_float_array(x, "x")
-    _check_choice(ste, "ste", STE_KINDS)
+    check_float_array(x, "x")
+    check_choice(ste, STE_KINDS, "ste")
     return sign(x), _ste_derivative(x, ste)
 
 
@@ -173,7 +187,7 @@ def binarize_backward(dout, cache):
 def _binarize_weight(w, scale, center):
     """Shared by weight_binary_codes / weight_binarize_forward: (W_c, codes, alpha (C,)|(1,))."""
     _check_weight(w)
-    _check_choice(scale, "scale", ("channel", "tensor", "none"))
+    check_choice(scale, WEIGHT_SCALES, "scale")
     rows = _other_axes(w.ndim, 0)
     w_c = w - w.mean(axis=rows, keepdims=True) if center else w
     codes = np.where(w_c >= 0, 1, -1).astype(np.int8)
@@ -222,7 +236,7 @@ def weight_binarize_forward(w, scale="channel", center=False, ste="identity"):
         out: array of w's shape and dtype.
         cache: for weight_binarize_backward.
     """
-    _check_choice(ste, "ste", ("identity", "clipped"))
+    check_choice(ste, WEIGHT_STE_KINDS, "ste")
     w_c, codes, alpha = _binarize_weight(w, scale, center)
     levels = codes.astype(w.dtype)
     out = alpha.reshape(_broadcast_shape(w.ndim, 0 if scale == "channel" else None)) * levels
@@ -260,7 +274,7 @@ def elastic_alpha_init(x, signed):
     Returns:
         alpha0: shape (1,), x's dtype.
     """
-    _check_float_array(x, "x")
+    check_float_array(x, "x")
     return ((2 if signed else 4) * np.abs(x).mean()).reshape(1).astype(x.dtype, copy=False)
 
 
@@ -274,7 +288,7 @@ def elastic_binarize_forward(x, alpha, signed, alpha_grad="lsq"):
         signed:   dx = 1[|q| <= 1] * g
                   "lsq": dalpha = sum(sign(x) * g) * s                               (BiT)
                   "gsb": dalpha = sum((sign(x) - 1[|q| <= 1] * q) * g) * s
-                         (refined scale gradient, GSB, Gao et al. 2023, arXiv:2305.07931)
+                         (GSB's refined scale gradient: minibvit.gsb.refined_alpha_terms)
         unsigned: dx = 1[0 <= q <= 1] * g
                   dalpha = sum((1[q > 1] + 1[0 <= q <= 1] * (round(q) - q)) * g) * s   (both modes)
     Args:
@@ -286,8 +300,8 @@ def elastic_binarize_forward(x, alpha, signed, alpha_grad="lsq"):
         out: array of x's shape and dtype.
         cache: for elastic_binarize_backward.
     """
-    _check_float_array(x, "x")
-    _check_choice(alpha_grad, "alpha_grad", ("lsq", "gsb"))
+    check_float_array(x, "x")
+    check_choice(alpha_grad, ELASTIC_ALPHA_GRADS, "alpha_grad")
     a = _scale_param(alpha, "alpha", x, None)
     q = x / a
     if signed:
@@ -315,7 +329,9 @@ def elastic_binarize_backward(dout, cache):
         if alpha_grad == "lsq":
             dalpha_elem = sign(x)
         else:
-            dalpha_elem = sign(x) - inside * q
+            from .gsb import refined_alpha_terms  # GSB's idea lives in gsb.py (which imports this module)
+
+            dalpha_elem = refined_alpha_terms(x, q, inside)
     else:
         inside = (q >= 0) & (q <= 1)
         dx = dout * inside
@@ -337,8 +353,8 @@ def shift_forward(x, shift):
         out: shape (..., C), x's dtype.
         cache: for shift_backward.
     """
-    _check_float_array(x, "x")
-    _check_float_array(shift, "shift")
+    check_float_array(x, "x")
+    check_float_array(shift, "shift")
     if x.ndim < 1 or shift.shape != (x.shape[-1],):
         raise ValueError(
             f"shift must have shape (C,) with C = x.shape[-1]; got shift {shift.shape} for x {x.shape}"
@@ -413,7 +429,7 @@ def ternarize_forward(w, per_channel=True, delta_factor=0.7, ste="identity"):
         out: array of w's shape and dtype.
         cache: for ternarize_backward.
     """
-    _check_choice(ste, "ste", ("identity", "clipped"))
+    check_choice(ste, WEIGHT_STE_KINDS, "ste")
     codes, alpha, _ = ternary_codes(w, per_channel, delta_factor)
     levels = codes.astype(w.dtype)
     out = alpha.reshape(_broadcast_shape(w.ndim, 0 if per_channel else None)) * levels
@@ -457,7 +473,7 @@ def lsq_step_init(x, bits, signed, channel_axis=None):
     Returns:
         step0: x's dtype, shape (1,) per tensor or (C,) per channel (mean over the other axes).
     """
-    _check_float_array(x, "x")
+    check_float_array(x, "x")
     _, qp = lsq_range(bits, signed)
     axis = _normalize_axis(x, channel_axis)
     mean_abs = np.abs(x).mean(axis=_other_axes(x.ndim, axis))
@@ -470,7 +486,7 @@ def lsq_codes(x, step, bits, signed, channel_axis=None):
     Returns:
         codes: clamp(round(x / step), Qn, Qp) in the smallest integer dtype that holds [Qn, Qp].
     """
-    _check_float_array(x, "x")
+    check_float_array(x, "x")
     qn, qp = lsq_range(bits, signed)
     axis = _normalize_axis(x, channel_axis)
     s = _scale_param(step, "step", x, axis)
@@ -497,7 +513,7 @@ def lsq_forward(x, step, bits, signed, channel_axis=None):
         out: array of x's shape and dtype.
         cache: for lsq_backward.
     """
-    _check_float_array(x, "x")
+    check_float_array(x, "x")
     qn, qp = lsq_range(bits, signed)
     axis = _normalize_axis(x, channel_axis)
     s = _scale_param(step, "step", x, axis)
@@ -548,7 +564,7 @@ def minmax_codes(x, bits, signed, channel_axis=None):
         scale: x's dtype, shape (1,) or (C,).
         zero_point: int32, same shape as scale.
     """
-    _check_float_array(x, "x")
+    check_float_array(x, "x")
     _check_bits(bits)
     axis = _normalize_axis(x, channel_axis)
     axes = _other_axes(x.ndim, axis)
@@ -660,7 +676,7 @@ class SignBinarizer(_Quantizer):
 
     def __init__(self, ste="clipped"):
         super().__init__()
-        _check_choice(ste, "ste", STE_KINDS)
+        check_choice(ste, STE_KINDS, "ste")
         self.ste = ste
 
     def _options(self):
@@ -678,8 +694,8 @@ class WeightBinarizer(_Quantizer):
 
     def __init__(self, scale="channel", center=False, ste="identity"):
         super().__init__()
-        _check_choice(scale, "scale", ("channel", "tensor", "none"))
-        _check_choice(ste, "ste", ("identity", "clipped"))
+        check_choice(scale, WEIGHT_SCALES, "scale")
+        check_choice(ste, WEIGHT_STE_KINDS, "ste")
         self.scale, self.center, self.ste = scale, bool(center), ste
 
     def _options(self):
@@ -702,7 +718,7 @@ class ElasticBinarizer(_Quantizer):
 
     def __init__(self, signed=True, alpha_grad="lsq", dtype=np.float32):
         super().__init__()
-        _check_choice(alpha_grad, "alpha_grad", ("lsq", "gsb"))
+        check_choice(alpha_grad, ELASTIC_ALPHA_GRADS, "alpha_grad")
         self.signed, self.alpha_grad = bool(signed), alpha_grad
         self.params = {"alpha": _nan_param((1,), dtype)}
 
@@ -728,7 +744,7 @@ class Ternarizer(_Quantizer):
 
     def __init__(self, per_channel=True, ste="identity", delta_factor=0.7):
         super().__init__()
-        _check_choice(ste, "ste", ("identity", "clipped"))
+        check_choice(ste, WEIGHT_STE_KINDS, "ste")
         if not 0 < delta_factor < 1:
             raise ValueError(f"delta_factor must be in (0, 1) (TWN uses 0.7), got {delta_factor!r}")
         self.per_channel, self.ste, self.delta_factor = bool(per_channel), ste, delta_factor

@@ -11,73 +11,114 @@ a finished stage; ``--teacher`` / ``--init-from`` replace them with your own che
     tervit     fp -> tervit_w8a8 -> tervit (ternary weights, A8)      -
     gsb        teacher (fp) -> gsb_stage1 (binary MLP weights) -> gsb DeiT hard distillation (dist token)
 
+The stages, their quantizer tables and which options apply to which method are data: minibvit.methods.
+
 Every stage writes ``last.safetensors`` (also every ``--save-every`` steps), ``best.safetensors``
 (best test accuracy), ``log.jsonl`` (every metric and diagnostic), ``config.json`` (the resolved
 configuration) and, with matplotlib installed, ``curves.png`` and ``weights.png``. ``--resume``
 continues a stopped run exactly: the batches, augmentation and dropout of step t depend only on
 (seed, epoch, step), so a resumed run ends with bit-identical weights.
 """
-import argparse
-import dataclasses
-import json
-import math
-import os
-import signal
-import sys
-import time
-from dataclasses import dataclass
+if __name__ == "__main__":  # before NumPy loads its thread pools (minibvit.process)
+    from minibvit.process import configure_process
 
-import numpy as np
+    configure_process()
 
-from . import checkpoint, data, methods, ops, schemes
-from .model import PRESETS, ViT, ViTConfig
-from .optim import AdamW, clip_grad_norm, cosine_lr
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from . import checkpoint, data, diagnostics, methods, ops  # noqa: E402
+from .model import PRESETS, ViT, ViTConfig  # noqa: E402
+from .optim import AdamW, clip_grad_norm, cosine_lr  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
 # configuration
 
+GROUPS = ("data", "model", "optimisation", "method options", "run")
+
+
+def _f(group, help, default=None, shown=None):
+    """A TrainConfig field: its argparse group, help text and the default as --help shows it."""
+    return field(default=default, metadata={"group": group, "help": help,
+                                            "shown": shown if shown is not None else default})
+
+
+def _m(name):
+    """A method-option field: default None (= not given), help and shown default from the registry."""
+    o = methods.OPTION_BY_NAME[name]
+    takes = ", ".join(m.name for m in methods.METHODS.values() if name in m.options)
+    return field(default=None, metadata={"group": "method options", "help": f"[{takes}] {o.help}",
+                                         "shown": o.shown_default})
+
+
 @dataclass
 class TrainConfig:
-    dataset: str = "fashion-mnist"
-    method: str = "fp"
-    data_dir: str = None
-    out: str = None  # default runs/<dataset>-<method>
-    model: str = None  # a minibvit.model preset; default by dataset
-    image_size: int = None
-    patch_size: int = None
-    embed_dim: int = None
-    depth: int = None
-    num_heads: int = None
-    mlp_ratio: float = None
-    drop_path: float = None
-    epochs: int = None  # per stage; default by dataset
-    teacher_epochs: int = None  # epochs of a full-precision teacher / first stage (default: epochs)
-    batch_size: int = None
-    lr: float = None
-    min_lr: float = 1e-5
-    warmup_epochs: float = 0.5
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    clip_grad: float = 5.0
-    seed: int = 0
-    limit_per_class: int = None  # N training images per class (GSB's small-data setting)
-    fraction: float = None  # or this fraction of every class
-    teacher: str = None  # checkpoint of a full-precision teacher (skips training one)
-    init_from: str = None  # checkpoint to initialise the final stage from (skips earlier stages)
-    kd_temperature: float = 1.0
-    kd_alpha: float = 0.5  # soft KD: loss = (1 - a) CE + a KD
-    grs_lambda: float = 1e-2  # BinaryViT GRS strength (0 = off)
-    grs_variant: str = "l2"
-    grs_warmup_epochs: float = 1.0
-    asm_center: str = "mean"
-    gsb_mode: str = "official"
-    gsb_max_over: str = "tensor"
-    save_every: int = 200  # steps between mid-epoch checkpoints
-    log_every: int = 10  # steps between diagnostic records
-    eval_batch_size: int = 256
-    resume: bool = False
-    max_steps: int = None  # stop a stage after this many steps (smoke tests)
+    """Every option of a training run, grouped (the argparse groups of --help). None means "not
+    given": resolve_config fills it from the dataset's defaults or the method option's default, and
+    refuses method options that do not apply to the method (methods.check_options)."""
+
+    # data
+    dataset: str = _f("data", f"one of {', '.join(data.DATASET_NAMES)}", "fashion-mnist")
+    data_dir: str = _f("data", "local dataset files (cifar-10-batches-py/bin, Fashion-MNIST IDX files, an image folder)",
+                       shown="the dataset's standard location")
+    image_size: int = _f("data", "resize images to this size", shown="the dataset's")
+    limit_per_class: int = _f("data", "train on N images per class (GSB's small-data setting)", shown="all")
+    fraction: float = _f("data", "or train on this fraction of every class, in (0, 1]", shown="all")
+    # model
+    model: str = _f("model", f"model preset, one of {', '.join(PRESETS)}", shown="by dataset")
+    patch_size: int = _f("model", "patch size", shown="the preset's")
+    embed_dim: int = _f("model", "embedding width (divisible by --num-heads)", shown="the preset's")
+    depth: int = _f("model", "number of transformer blocks", shown="the preset's")
+    num_heads: int = _f("model", "attention heads", shown="the preset's")
+    mlp_ratio: float = _f("model", "MLP hidden width / embedding width", shown="the preset's")
+    drop_path: float = _f("model", "stochastic-depth rate, in [0, 1)", shown=0.0)
+    # optimisation
+    epochs: int = _f("optimisation", "epochs of every stage", shown="by dataset")
+    teacher_epochs: int = _f("optimisation", "epochs of the first, full-precision stage", shown="--epochs")
+    batch_size: int = _f("optimisation", "training batch size", shown="by dataset")
+    lr: float = _f("optimisation", "peak AdamW learning rate (cosine schedule)", shown="by dataset")
+    min_lr: float = _f("optimisation", "final learning rate of the cosine schedule", 1e-5)
+    warmup_epochs: float = _f("optimisation", "epochs of linear learning-rate warm-up", 0.5)
+    weight_decay: float = _f("optimisation", "AdamW decoupled weight decay", 0.05)
+    label_smoothing: float = _f("optimisation", "label smoothing of the cross-entropy, in [0, 1)", 0.1)
+    clip_grad: float = _f("optimisation", "clip the global gradient norm to this (0: no clipping)", 5.0)
+    # method and its options
+    method: str = _f("method options", f"one of {', '.join(methods.METHODS)}: runs the method's whole recipe", "fp")
+    teacher: str = _f("method options", "a full-precision minibvit checkpoint to distil from (skips training a teacher)",
+                      shown="trained first")
+    init_from: str = _f("method options", "a minibvit checkpoint to start the final stage from (skips the earlier stages)",
+                        shown="the previous stage")
+    kd_temperature: float = _m("kd_temperature")
+    kd_alpha: float = _m("kd_alpha")
+    grs_lambda: float = _m("grs_lambda")
+    grs_variant: str = _m("grs_variant")
+    grs_warmup_epochs: float = _m("grs_warmup_epochs")
+    asm_center: str = _m("asm_center")
+    asm_momentum: float = _m("asm_momentum")
+    gsb_mode: str = _m("gsb_mode")
+    gsb_max_over: str = _m("gsb_max_over")
+    # run
+    out: str = _f("run", "run directory; each stage writes <out>/<stage>/", shown="runs/<dataset>-<method>")
+    seed: int = _f("run", "seed of the weights, batches, augmentation and dropout", 0)
+    save_every: int = _f("run", "steps between mid-epoch checkpoints", 200)
+    log_every: int = _f("run", "steps between diagnostic records", 10)
+    eval_batch_size: int = _f("run", "evaluation batch size", 256)
+    resume: bool = _f("run", "continue every stage from its last.safetensors", False)
+    max_steps: int = _f("run", "stop each stage after this many steps (smoke tests)", shown="no limit")
+
+    def method_options(self):
+        """{option: value} of every method option (None = not given)."""
+        return {o.name: getattr(self, o.name) for o in methods.OPTIONS}
 
     def validate(self):
         def need(cond, msg):
@@ -85,7 +126,7 @@ class TrainConfig:
                 raise ValueError(f"invalid option: {msg}")
 
         need(self.dataset in data.DATASET_NAMES, f"--dataset must be one of {data.DATASET_NAMES}, got {self.dataset!r}")
-        need(self.method in RECIPES, f"--method must be one of {sorted(RECIPES)}, got {self.method!r}")
+        need(self.method in methods.METHODS, f"--method must be one of {list(methods.METHODS)}, got {self.method!r}")
         need(self.model is None or self.model in PRESETS, f"--model must be one of {sorted(PRESETS)}, got {self.model!r}")
         for name in ("epochs", "teacher_epochs", "batch_size", "image_size", "patch_size", "embed_dim", "depth",
                      "num_heads", "limit_per_class", "save_every", "log_every",
@@ -97,15 +138,16 @@ class TrainConfig:
             need(v is None or (math.isfinite(v) and v > 0), f"--{name.replace('_', '-')} must be positive, got {v!r}")
         for name in ("min_lr", "warmup_epochs", "weight_decay", "clip_grad", "grs_lambda", "grs_warmup_epochs"):
             v = getattr(self, name)
-            need(math.isfinite(v) and v >= 0, f"--{name.replace('_', '-')} must be >= 0, got {v!r}")
+            need(v is None or (math.isfinite(v) and v >= 0), f"--{name.replace('_', '-')} must be >= 0, got {v!r}")
         need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        need(0 <= self.kd_alpha <= 1, f"--kd-alpha must be in [0, 1], got {self.kd_alpha}")
+        need(self.kd_alpha is None or 0 <= self.kd_alpha <= 1, f"--kd-alpha must be in [0, 1], got {self.kd_alpha}")
+        need(self.asm_momentum is None or 0 < self.asm_momentum <= 1,
+             f"--asm-momentum must be in (0, 1], got {self.asm_momentum}")
         need(self.fraction is None or 0 < self.fraction <= 1, f"--fraction must be in (0, 1], got {self.fraction}")
         need(not (self.fraction and self.limit_per_class), "give --fraction or --limit-per-class, not both")
-        need(self.grs_variant in ("l1", "l2"), f"--grs-variant must be l1 or l2, got {self.grs_variant!r}")
-        need(self.asm_center in ("mean", "median", "token", "none"), f"--asm-center must be mean, median, token or none")
-        need(self.gsb_mode in ("official", "principled"), "--gsb-mode must be official or principled")
-        need(self.gsb_max_over in ("tensor", "row"), "--gsb-max-over must be tensor or row")
+        for o in (o for o in methods.OPTIONS if o.choices is not None):
+            v = getattr(self, o.name)
+            need(v is None or v in o.choices, f"--{o.name.replace('_', '-')} must be one of {list(o.choices)}, got {v!r}")
         need(self.drop_path is None or 0 <= self.drop_path < 1, f"--drop-path must be in [0, 1), got {self.drop_path}")
         for name in ("teacher", "init_from"):
             path = getattr(self, name)
@@ -122,37 +164,21 @@ DATASET_DEFAULTS = {
 
 
 def resolve_config(cfg):
-    """Fill unset fields from the dataset defaults and validate."""
+    """Validate, refuse method options that do not apply to cfg.method, and fill unset fields from the
+    dataset defaults and the method options' defaults (grs_lambda stays None: its default is per stage,
+    methods.grs_strength)."""
     cfg = dataclasses.replace(cfg)
+    cfg.validate()
+    methods.check_options(cfg.method, cfg.method_options())
     for k, v in DATASET_DEFAULTS.get(cfg.dataset, {}).items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
+    for o in methods.OPTIONS:
+        if getattr(cfg, o.name) is None:
+            setattr(cfg, o.name, o.default)
     if cfg.out is None:
         cfg.out = os.path.join("runs", f"{cfg.dataset}-{cfg.method}")
-    cfg.validate()
     return cfg
-
-
-@dataclass
-class Stage:
-    name: str
-    scheme: str
-    init: str = None  # name of the stage whose best checkpoint initialises this one
-    kd: str = "none"  # "none", "soft" (teacher logits) or "hard" (DeiT distillation token)
-    distilled: bool = False
-    first: bool = False  # trained for teacher_epochs
-
-
-RECIPES = {
-    "fp": [Stage("fp", "fp", first=True)],
-    "binary": [Stage("teacher", "fp", first=True), Stage("binary", "binary", init="teacher", kd="soft")],
-    "binaryvit": [Stage("teacher", "fp", first=True), Stage("binaryvit", "binaryvit", init="teacher", kd="soft")],
-    "tervit": [Stage("fp", "fp", first=True), Stage("tervit_w8a8", "tervit_w8a8", init="fp"),
-               Stage("tervit", "tervit", init="tervit_w8a8")],
-    "gsb": [Stage("teacher", "fp", first=True),
-            Stage("gsb_stage1", "gsb_stage1", init="teacher", kd="hard", distilled=True),
-            Stage("gsb", "gsb", init="gsb_stage1", kd="hard", distilled=True)],
-}
 
 
 def model_config(cfg, distilled, num_classes, in_chans, image_size):
@@ -167,12 +193,15 @@ def model_config(cfg, distilled, num_classes, in_chans, image_size):
     return ViTConfig(**fields)
 
 
-def scheme_options(cfg):
-    return schemes.SchemeOptions(asm_center=cfg.asm_center, gsb_mode=cfg.gsb_mode, gsb_max_over=cfg.gsb_max_over)
+def quantizer_options(cfg):
+    """The quantizer switches of a resolved config (stored in checkpoints as "scheme_options")."""
+    return methods.QuantizerOptions(asm_center=cfg.asm_center, asm_momentum=cfg.asm_momentum,
+                                    gsb_mode=cfg.gsb_mode, gsb_max_over=cfg.gsb_max_over)
 
 
-def build_model(model_cfg, scheme, options, seed=0):
-    return ViT(model_cfg, quantizers=schemes.build_quantizers(model_cfg, scheme, options=options), seed=seed)
+def build_model(model_cfg, table, options, seed=0):
+    """A ViT with fresh quantizers of quantizer table `table` (methods.TABLES)."""
+    return ViT(model_cfg, quantizers=methods.build_quantizers(model_cfg, table, options=options), seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +227,7 @@ def load_model(path, expect_config=None):
     model_cfg = ViTConfig.from_dict(meta["model_config"])
     if expect_config is not None and model_cfg != expect_config:
         raise ValueError(f"checkpoint {path} holds a model {model_cfg} but {expect_config} was requested")
-    model = build_model(model_cfg, meta["scheme"], schemes.SchemeOptions(**meta.get("scheme_options", {})))
+    model = build_model(model_cfg, meta["scheme"], methods.QuantizerOptions(**meta.get("scheme_options", {})))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     return model, meta
 
@@ -264,102 +293,24 @@ def _loss(stage, cfg, logits, y, teacher_logits):
     return ce, ops.cross_entropy_backward(1.0, c)
 
 
-def binarized_latent(model, role):
-    """The tensor whose sign a weight binarizer takes: the latent weight, centred per output channel
-    when the binarizer centres it (BiT's w_binary), so that GRS and the diagnostics act on the real
-    decision boundary. A role without a centring binarizer (e.g. a full-precision model) gives W."""
-    w = model.params[role]
-    centred = getattr(model.quantizers.get(role), "center", False)
-    return w - w.mean(axis=tuple(range(1, w.ndim)), keepdims=True) if centred else w
+def train_step(model, opt, x, y, *, lr, rng, loss_fn, teacher=None, hooks=(), step=0, clip_grad=None):
+    """One optimizer step: forward, teacher, loss, backward, gradient hooks (GRS), clip, AdamW.
 
-
-def _grs_step(model, binarized, lam, variant):
-    """Add BinaryViT's GRS gradient to every binarized weight's gradient. For a centred binarizer
-    the regularizer acts on W_c = W - mean(W) and its gradient is pulled back through the centring."""
-    for role in binarized:
-        g = methods.grs_gradient(binarized_latent(model, role), lam, variant)
-        if getattr(model.quantizers[role], "center", False):
-            g -= g.mean(axis=tuple(range(1, g.ndim)), keepdims=True)
-        model.grads[role] = model.grads[role] + g
-
-
-class _FlipCounter:
-    """Sign flips of the binarized latent weights, counted at EVERY step and averaged per step over
-    the logging interval (so the rate does not depend on --log-every)."""
-
-    def __init__(self):
-        self.prev, self.flips, self.steps = {}, 0.0, 0
-
-    def update(self, model, binarized):
-        rates = []
-        for role in binarized:
-            latent = binarized_latent(model, role)
-            if role in self.prev:
-                rates.append(methods.sign_flip_rate(self.prev[role], latent))
-            self.prev[role] = latent.copy()
-        if rates:
-            self.flips += float(np.mean(rates))
-            self.steps += 1
-
-    def take(self):
-        rate = self.flips / self.steps if self.steps else None
-        self.flips, self.steps = 0.0, 0
-        return rate
-
-
-def _diagnostics(model, binarized, flip_counter):
-    """Binarization diagnostics averaged over the binarized layers."""
-    if not binarized:
-        return {}
-    latents = [binarized_latent(model, role) for role in binarized]
-    out = {"near_zero_mass": float(np.mean([methods.near_zero_mass(w) for w in latents])),
-           "bimodality": float(np.mean([methods.bimodality(w) for w in latents]))}
-    rate = flip_counter.take()
-    if rate is not None:
-        out["flip_rate"] = rate
-    return out
-
-
-def _activation_diagnostics(model, x):
-    """Mean sign entropy and relative binarization error of the signed activation binarizers, on one
-    batch, in evaluation mode (captured through the quantizers' inputs)."""
-    captured = []
-    for role, q in model.quantizers.items():
-        inner = getattr(q, "inner", q)
-        if getattr(inner, "signed", False) and "alpha" in inner.params and not role.startswith(("head", "patch")):
-            captured.append((role, q))
-    if not captured:
-        return {}
-    seen = {}
-    originals = {}
-    for role, q in captured:
-        originals[role] = q.forward
-
-        def spy(t, training, _q=q, _role=role, _fwd=q.forward):
-            seen[_role] = t
-            return _fwd(t, training)
-
-        q.forward = spy
-    try:
-        model.forward(x, training=False)
-    finally:
-        for role, q in captured:
-            q.forward = originals[role]
-    entropies, errors = [], []
-    for role, q in captured:
-        t = seen[role]
-        shift = 0.0
-        if isinstance(q, methods.ASM):  # the threshold the sign bit is taken against
-            shift = (t.mean(axis=-1, keepdims=True) + q.params["shift"] if q.center == "token"
-                     else methods.asm_fold_threshold(q))
-        alpha = (q.inner if isinstance(q, methods.ASM) else q).params["alpha"]
-        entropies.append(methods.sign_entropy(t - shift))
-        if np.any(t):  # an all-zero input (e.g. after a collapsed attention) has no relative error
-            errors.append(methods.binarization_error(t, alpha, shift))
-    out = {"sign_entropy": float(np.mean(entropies))}
-    if errors:
-        out["binarization_error"] = float(np.mean(errors))
-    return out
+    loss_fn(logits, y, teacher_logits) -> (loss, dlogits); hooks: callables hook(model, step) that
+    edit model.grads after backward (methods.gradient_hooks). Raises TrainingDiverged on a non-finite
+    loss before touching the weights. Returns (loss, logits, gradient norm before clipping).
+    """
+    logits, cache = model.forward(x, training=True, rng=rng)
+    teacher_logits = teacher.forward(x, training=False)[0] if teacher is not None else None
+    loss, dlogits = loss_fn(logits, y, teacher_logits)
+    if not np.isfinite(loss):
+        raise TrainingDiverged(f"the loss became {loss}")
+    model.backward(dlogits, cache)
+    for hook in hooks:
+        hook(model, step)
+    gnorm = clip_grad_norm(model.grads, clip_grad or None)
+    opt.step(model.grads, lr=lr)
+    return loss, logits, gnorm
 
 
 def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teacher=None):
@@ -369,23 +320,25 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
     epochs = cfg.teacher_epochs if (stage.first and cfg.teacher_epochs) else cfg.epochs
     img = train_set.images
     model_cfg = model_config(cfg, stage.distilled, train_set.num_classes, img.shape[3], img.shape[1])
-    options = scheme_options(cfg)
-    model = build_model(model_cfg, stage.scheme, options, seed=cfg.seed)
+    options = quantizer_options(cfg)
+    model = build_model(model_cfg, stage.table, options, seed=cfg.seed)
     opt = AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = data.steps_per_epoch(len(train_set), cfg.batch_size, drop_last=len(train_set) >= cfg.batch_size)
     total_steps = epochs * steps
     warmup = int(round(cfg.warmup_epochs * steps))
-    binarized = schemes.binarized_weight_roles(model.quantizers)
-    use_grs = stage.scheme == "binaryvit" and cfg.grs_lambda > 0
-    meta = {"kind": "minibvit-train", "model_config": model_cfg.to_dict(), "scheme": stage.scheme,
-            "scheme_options": dataclasses.asdict(options), "stage": stage.name, "train_config": dataclasses.asdict(cfg),
+    binarized = methods.binarized_weight_roles(model.quantizers)
+    hooks = methods.gradient_hooks(stage, model.quantizers, cfg.grs_lambda, cfg.grs_variant,
+                                   int(cfg.grs_warmup_epochs * steps))
+    meta = {"kind": "minibvit-train", "model_config": model_cfg.to_dict(), "scheme": stage.table,
+            "scheme_options": dataclasses.asdict(options), "stage": stage.name, "method": cfg.method,
+            "gradient_hooks": [repr(h) for h in hooks], "train_config": dataclasses.asdict(cfg),
             "dataset": {"name": train_set.name, "mean": train_set.mean.tolist(), "std": train_set.std.tolist(),
                         "class_names": list(train_set.class_names)},
             "rng": "dropout/drop-path of global step t use numpy default_rng([seed, 7, t]); batches use (seed, epoch, step)"}
     epoch, start_step, best_acc = 0, 0, -1.0
     if os.path.exists(last_path):
         tensors, saved = checkpoint.load_checkpoint(last_path)
-        if saved.get("model_config") != meta["model_config"] or saved.get("scheme") != stage.scheme:
+        if saved.get("model_config") != meta["model_config"] or saved.get("scheme") != stage.table:
             raise ValueError(f"{out_dir} holds a run of a different model or method than requested; "
                              f"choose another --out (nothing was overwritten)")
         if saved.get("complete"):
@@ -412,8 +365,12 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
 
     old_handler = signal.signal(signal.SIGINT, on_sigint)
     log = open(os.path.join(out_dir, "log.jsonl"), "a")
-    flip_counter = _FlipCounter()
+    flip_counter = diagnostics.FlipCounter()
     done_steps = 0
+
+    def loss_fn(logits, y, teacher_logits):
+        return _loss(stage, cfg, logits, y, teacher_logits)
+
     try:
         from tqdm import tqdm
 
@@ -427,18 +384,12 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
                 gstep = epoch * steps + step
                 lr = cosine_lr(gstep, total_steps, cfg.lr, warmup, cfg.min_lr)
                 rng = np.random.default_rng([cfg.seed, 7, gstep])
-                logits, cache = model.forward(x, training=True, rng=rng)
-                teacher_logits = teacher.forward(x, training=False)[0] if teacher is not None else None
-                loss, dlogits = _loss(stage, cfg, logits, y, teacher_logits)
-                if not np.isfinite(loss):
-                    raise TrainingDiverged(f"[{stage.name}] the loss became {loss} at epoch {epoch} step {step}; "
-                                           f"lower --lr or raise --clip-grad. The last good checkpoint is kept: {last_path}")
-                model.backward(dlogits, cache)
-                if use_grs:
-                    lam = methods.grs_lambda(gstep, cfg.grs_lambda, int(cfg.grs_warmup_epochs * steps))
-                    _grs_step(model, binarized, lam, cfg.grs_variant)
-                gnorm = clip_grad_norm(model.grads, cfg.clip_grad or None)
-                opt.step(model.grads, lr=lr)
+                try:
+                    loss, logits, gnorm = train_step(model, opt, x, y, lr=lr, rng=rng, loss_fn=loss_fn, teacher=teacher,
+                                                     hooks=hooks, step=gstep, clip_grad=cfg.clip_grad)
+                except TrainingDiverged as e:
+                    raise TrainingDiverged(f"[{stage.name}] {e} at epoch {epoch} step {step}; lower --lr or raise "
+                                           f"--clip-grad. The last good checkpoint is kept: {last_path}") from None
                 pred = (logits[0] + logits[1]) / 2 if isinstance(logits, tuple) else logits
                 correct += int((pred.argmax(1) == y).sum())
                 seen += len(y)
@@ -447,8 +398,8 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
                           "loss": float(loss), "grad_norm": gnorm}
                 flip_counter.update(model, binarized)
                 if gstep % cfg.log_every == 0:
-                    record.update(_diagnostics(model, binarized, flip_counter))
-                    record.update(_activation_diagnostics(model, x[: min(len(x), 32)]))
+                    record.update(diagnostics.weight_diagnostics(model, binarized, flip_counter))
+                    record.update(diagnostics.activation_diagnostics(model, x[: min(len(x), 32)]))
                 log.write(json.dumps(record) + "\n")
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / elapsed:.0f}")
@@ -538,7 +489,7 @@ def run(cfg):
     """Run the whole recipe of cfg.method; returns {stage: (best checkpoint, best accuracy)}."""
     cfg = resolve_config(cfg)
     train_set, test_set = load_data(cfg)
-    recipe = RECIPES[cfg.method]
+    recipe = methods.get_method(cfg.method).stages
     results = {}
     teacher = None
     init_state = None
@@ -550,56 +501,40 @@ def run(cfg):
         init_model, _ = load_model(cfg.init_from)
         init_state = init_model.state_dict()
         recipe = recipe[-1:]
-    for i, stage in enumerate(recipe):
-        if stage.first and stage.scheme == "fp" and len(recipe) > 1 and cfg.teacher:
+    for stage in recipe:
+        if stage.first and not stage.quantizer_table.patterns and len(recipe) > 1 and cfg.teacher:
             continue  # the user's teacher replaces the full-precision stage
         if stage.init and stage.init in results:
             prev, _ = load_model(results[stage.init][0])
             init_state = prev.state_dict()
-        elif stage.init and cfg.teacher and stage.init == "teacher":
+        elif stage.init and cfg.teacher and stage.init == methods.TEACHER_STAGE:
             init_state = teacher.state_dict()
         stage_teacher = teacher if stage.kd != "none" else None
         if stage.kd != "none" and stage_teacher is None:
             raise RuntimeError(f"stage {stage.name} needs a teacher")
         out_dir = os.path.join(cfg.out, stage.name)
         results[stage.name] = train_stage(cfg, stage, out_dir, train_set, test_set, init_state, stage_teacher)
-        if stage.name == "teacher":
-            teacher, _ = load_model(results["teacher"][0])
+        if stage.name == methods.TEACHER_STAGE:
+            teacher, _ = load_model(results[stage.name][0])
         init_state = None
     return results
-
-
-FIELD_HELP = {
-    "dataset": f"one of {', '.join(data.DATASET_NAMES)}",
-    "method": f"one of {', '.join(RECIPES)}: runs the method's whole recipe",
-    "data_dir": "local dataset files (cifar-10-batches-py/bin, Fashion-MNIST IDX files, an image folder)",
-    "out": "run directory; each stage writes <out>/<stage>/ (default runs/<dataset>-<method>)",
-    "model": f"model preset, one of {', '.join(PRESETS)} (default: by dataset)",
-    "image_size": "resize images to this size (default: the dataset's)",
-    "epochs": "epochs of every stage (default: by dataset)",
-    "teacher_epochs": "epochs of the first, full-precision stage (default: --epochs)",
-    "limit_per_class": "train on N images per class (small-data setting)",
-    "fraction": "train on this fraction of every class",
-    "teacher": "a full-precision minibvit checkpoint to distil from (skips training a teacher)",
-    "init_from": "a minibvit checkpoint to start the final stage from (skips the earlier stages)",
-    "resume": "continue every stage from its last.safetensors",
-    "grs_lambda": "BinaryViT GRS strength (0 turns GRS off)",
-    "asm_center": "BinaryViT ASM centre: mean, median, token or none",
-    "gsb_mode": "GSB gradients: official or principled",
-    "max_steps": "stop each stage after this many steps (smoke tests)",
-}
 
 
 def _parser():
     ap = argparse.ArgumentParser(prog="python -m minibvit.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {name: ap.add_argument_group(name) for name in GROUPS}
     for f in dataclasses.fields(TrainConfig):
-        name = "--" + f.name.replace("_", "-")
+        name, meta = "--" + f.name.replace("_", "-"), f.metadata
+        group = groups[meta["group"]]
         if f.type is bool:
-            ap.add_argument(name, action="store_true", help=FIELD_HELP.get(f.name))
-        else:
-            ap.add_argument(name, type=f.type, default=f.default, metavar=f.type.__name__.upper(),
-                            help=f"{FIELD_HELP.get(f.name, '')} (default: {f.default})".strip())
+            group.add_argument(name, action="store_true", help=meta["help"])
+            continue
+        option = methods.OPTION_BY_NAME.get(f.name)
+        choices = option.choices if option is not None else None
+        metavar = "{" + ",".join(choices) + "}" if choices else f.type.__name__.upper()
+        group.add_argument(name, type=f.type, default=f.default, metavar=metavar,
+                           help=f"{meta['help']} (default: {meta['shown']})")
     return ap
 
 

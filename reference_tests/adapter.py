@@ -9,12 +9,12 @@ use nothing else from minibvit. Contract:
   shapes) with ``forward(x, training, rng) -> (logits, cache)``, ``backward(dlogits, cache)`` that fills
   ``.grads`` (same names), ``parameters()`` and ``state_dict()``.
 - ``AdamW(params, lr, betas, eps, weight_decay)`` with ``step(grads)``; ``clip_grad_norm``; ``cosine_lr``.
-- ``quant`` (quantizer pure functions and wrappers, see docs/quantizers.md), ``methods`` (GSB, GRS,
-  ASM, diagnostics), ``schemes`` (per-method quantizer tables), ``data``, ``checkpoint``, ``train``.
+- ``quant`` (quantizer pure functions and wrappers, see docs/quantizers.md), ``binaryvit`` (GRS, ASM),
+  ``gsb``, ``diagnostics``, ``methods`` (the method registry and per-method quantizer tables), ``data``, ``checkpoint``, ``train``.
 """
 import numpy as np
 
-from minibvit import checkpoint, data, methods, ops, quant, schemes, train  # noqa: F401  (re-exported)
+from minibvit import binaryvit, checkpoint, data, diagnostics, gsb, methods, ops, quant, train  # noqa: F401  (re-exported)
 from minibvit.model import ViT, ViTConfig  # noqa: F401
 from minibvit.optim import SGD, AdamW, clip_grad_norm, cosine_lr  # noqa: F401
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapter import ViT, ViTConfig, checkpoint, data, methods, ops, quant, schemes
+from adapter import ViT, ViTConfig, checkpoint, data, methods, ops, quant
 from minibvit import engine, infer, kernels  # noqa: E402  (the lead routes these through adapter.py)
 
 BASE = dict(image_size=16, patch_size=4, in_chans=3, embed_dim=72, depth=2, num_heads=3, num_classes=10)
@@ -29,8 +29,8 @@ WIDE_HEADS = dict(BASE, embed_dim=128, num_heads=2, mlp_ratio=2.0)        # head
 def make_checkpoint(path, scheme, config=BASE, center="mean", seed=0, initialise=True, **options):
     """A random model of `scheme` saved as a training checkpoint; returns (model, path)."""
     cfg = ViTConfig(**config)
-    opts = schemes.SchemeOptions(asm_center=center, **options)
-    model = ViT(cfg, schemes.build_quantizers(cfg, scheme, options=opts), seed=seed)
+    opts = methods.QuantizerOptions(asm_center=center, **options)
+    model = ViT(cfg, methods.build_quantizers(cfg, scheme, options=opts), seed=seed)
     rng = np.random.default_rng(seed)
     for name, value in model.params.items():
         if name.endswith("bias") or "norm" in name:

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from adapter import train
+from adapter import methods, train
 
 
 def run_stage(tmp_path, tag, scheme, **kw):
@@ -16,7 +16,7 @@ def run_stage(tmp_path, tag, scheme, **kw):
         patch_size=8, batch_size=32, epochs=2, log_every=1, out=str(tmp_path / tag), **kw))
     train_set, test_set = train.load_data(cfg)
     out_dir = str(tmp_path / tag / scheme)
-    train.train_stage(cfg, train.Stage(scheme, scheme), out_dir, train_set, test_set)
+    train.train_stage(cfg, methods.Stage(scheme, scheme), out_dir, train_set, test_set)
     return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl")) if '"loss"' in line]
 
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from minibvit import checkpoint, train
+from minibvit import checkpoint, methods, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset", "synthetic", "--limit-per-class", "12", "--embed-dim", "16", "--depth", "1", "--num-heads", "2",
@@ -29,17 +29,17 @@ def weights(path):
     return {k: v for k, v in tensors.items() if k.startswith("model.")}, meta
 
 
-@pytest.mark.parametrize("method", sorted(train.RECIPES))
+@pytest.mark.parametrize("method", sorted(methods.METHODS))
 def test_every_recipe_runs_end_to_end(tmp_path, method):
     results = train.run(tiny_config(tmp_path, method=method))
-    assert list(results) == [s.name for s in train.RECIPES[method]]
+    assert list(results) == [s.name for s in methods.METHODS[method].stages]
     for stage, (path, acc) in results.items():
         assert os.path.isfile(path) and 0.0 <= acc <= 1.0
         stage_dir = os.path.dirname(path)
         records = [json.loads(line) for line in open(os.path.join(stage_dir, "log.jsonl"))]
         assert any("test_acc" in r for r in records) and any("loss" in r for r in records)
-        assert json.load(open(os.path.join(stage_dir, "config.json")))["scheme"] == train.RECIPES[method][
-            [s.name for s in train.RECIPES[method]].index(stage)].scheme
+        assert json.load(open(os.path.join(stage_dir, "config.json")))["scheme"] == methods.METHODS[method].stages[
+            [s.name for s in methods.METHODS[method].stages].index(stage)].table
     if method in ("binary", "binaryvit", "gsb"):
         diag = [r for r in records if "flip_rate" in r]
         assert diag and all(0 <= r["flip_rate"] <= 1 and 0 <= r["near_zero_mass"] <= 1 for r in diag)
@@ -68,7 +68,7 @@ def test_handover_starts_from_previous_stage_weights(tmp_path, monkeypatch):
     for k, v in stage1.items():
         np.testing.assert_array_equal(seen["tervit"][k[6:]], v, err_msg=f"{k} not handed over")
     cfg = train.resolve_config(tiny_config(tmp_path))
-    model = train.build_model(train.model_config(cfg, False, 10, 3, 32), "tervit", train.scheme_options(cfg))
+    model = train.build_model(train.model_config(cfg, False, 10, 3, 32), "tervit", train.quantizer_options(cfg))
     train.transfer_state(seen["tervit"], model)
     for k, v in stage1.items():
         np.testing.assert_array_equal(model.state_dict()[k[6:]], v)

@@ -390,7 +390,7 @@ class GSBAttn(QuantModule):
 
 
 # --------------------------------------------------------------------------------------------
-# spec -> module (mirrors minibvit.schemes.build_quantizers)
+# spec -> module (mirrors minibvit.methods.build_quantizers)
 
 
 def _activation_channels(cfg, role):
@@ -406,7 +406,7 @@ def torch_quantizer(spec, role, cfg, options, dtype=torch.float64):
     """A fresh torch quantizer module for a minibvit spec name on tensor ``role``.
 
     options: any object with asm_center, asm_momentum, gsb_mode, gsb_max_over (e.g.
-    minibvit.schemes.SchemeOptions)."""
+    minibvit.methods.QuantizerOptions)."""
     if spec.startswith("asm:"):
         inner = torch_quantizer(spec[4:], role, cfg, options, dtype)
         return ActivationShift(inner, _activation_channels(cfg, role), options.asm_center, options.asm_momentum, dtype)
@@ -436,5 +436,5 @@ def torch_quantizer(spec, role, cfg, options, dtype=torch.float64):
 
 
 def torch_quantizers(specs, cfg, options, dtype=torch.float64):
-    """{role: module} for a {role: spec} table (minibvit.schemes.resolve)."""
+    """{role: module} for a {role: spec} table (minibvit.methods.resolve)."""
     return {role: torch_quantizer(spec, role, cfg, options, dtype) for role, spec in specs.items()}

@@ -16,7 +16,7 @@ numpy_time / binary_time.
 --ternary adds a second table: ternary weights (TerViT) with int8 activations (ternary_gemm_int8)
 and with binary activations (ternary_gemm_binary), both against the same NumPy float32 matmul.
 
-Thread settings are minibvit's (minibvit.ENV_DEFAULTS_SET, printed; e.g. GOMP_SPINCOUNT=30000 lets the
+Thread settings are minibvit's (minibvit.process.configure_process, what it set is printed; e.g. GOMP_SPINCOUNT=30000 lets the
 OpenMP worker spin briefly between parallel regions); export a variable to override it. torch.matmul
 runs in a worker process with PyTorch's own settings (torch_baseline.py).
 
@@ -77,14 +77,16 @@ import numba  # noqa: E402
 import threadpoolctl  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import minibvit  # noqa: E402
+from minibvit.process import configure_process  # noqa: E402
+
+PROCESS = configure_process()  # after NumPy on purpose (below)
 from minibvit import kernels  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from torch_baseline import BaselineProcess  # noqa: E402
 
 # torch.matmul runs in a worker process of its own, with PyTorch's own OpenMP settings (see
-# torch_baseline.py); NumPy is imported above, before minibvit sets OPENBLAS_THREAD_TIMEOUT, so the
+# torch_baseline.py); NumPy is imported above, before configure_process sets OPENBLAS_THREAD_TIMEOUT, so the
 # NumPy baseline runs with OpenBLAS's defaults.
 torch_side = BaselineProcess("matmul", threads=1) if importlib.util.find_spec("torch") else None
 
@@ -105,7 +107,7 @@ def header():
           f"NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', '<host>')}; "
           f"NUMBA_CPU_FEATURES={'<host>' if 'NUMBA_CPU_FEATURES' not in os.environ else '<host>,-prefer-256-bit' if os.environ['NUMBA_CPU_FEATURES'].endswith('-prefer-256-bit') else os.environ['NUMBA_CPU_FEATURES']}; "
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '<default>')}; "
-          f"set by minibvit: {minibvit.ENV_DEFAULTS_SET or 'nothing'}")
+          f"set by minibvit: {PROCESS.env or 'nothing'}")
     for info in threadpoolctl.threadpool_info():
         if info["user_api"] == "blas":
             print(f"NumPy BLAS: {info['internal_api']} {info.get('version')} kernel={info.get('architecture')} "

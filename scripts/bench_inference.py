@@ -29,9 +29,11 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference_tests"))
 
-import minibvit  # noqa: E402  (first: it sets the thread-pool environment)
+from minibvit.process import configure_process  # noqa: E402
+
+PROCESS = configure_process()  # first: before NumPy and Numba start their thread pools
 import numpy as np  # noqa: E402
-from minibvit import checkpoint, engine, schemes  # noqa: E402
+from minibvit import checkpoint, engine, methods  # noqa: E402
 from torch_baseline import BaselineProcess  # noqa: E402
 from minibvit.model import ViT, preset  # noqa: E402
 
@@ -54,10 +56,10 @@ def parse():
 def packed_model(cfg, method, workdir, rng):
     """Random model of `method`, one training forward, saved and exported: (engine, simulated model,
     export report). GSB models have the distillation token, as in its recipe."""
-    if method == "gsb":
+    if methods.METHODS[method].final.distilled:
         cfg = dataclasses.replace(cfg, distilled=True)
-    options = schemes.SchemeOptions()
-    model = ViT(cfg, schemes.build_quantizers(cfg, method, options=options), seed=0)
+    options = methods.QuantizerOptions()
+    model = ViT(cfg, methods.build_quantizers(cfg, methods.METHODS[method].final.table, options=options), seed=0)
     model.forward(rng.standard_normal((2, cfg.in_chans, cfg.image_size, cfg.image_size)).astype(np.float32),
                   training=True, rng=rng)
     path = os.path.join(workdir, f"{method}.safetensors")
@@ -91,7 +93,7 @@ def main():
                      if i["user_api"] == "blas")
     print(f"threads {args.threads}; numpy BLAS: {blas}; numba threading layer {numba.config.THREADING_LAYER}"
           + ("; torch in a worker process (torch_baseline.py)" if have_torch else "")
-          + f"; set by minibvit: {minibvit.ENV_DEFAULTS_SET or 'nothing'}")
+          + f"; set by minibvit: {PROCESS.env or 'nothing'}")
     rng = np.random.default_rng(0)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:

@@ -42,7 +42,9 @@ if os.environ.get("OPENBLAS_CORETYPE"):
           file=sys.stderr)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import minibvit  # noqa: E402  (first: it sets the thread-pool environment)
+from minibvit.process import configure_process  # noqa: E402
+
+PROCESS = configure_process()  # first: before NumPy and Numba start their thread pools
 from minibvit import ViT, ViTConfig, ops  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -122,7 +124,7 @@ if args.profile:
     sys.exit(0)
 
 print(f"config: 32x32, patch 4, dim {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, batch {args.batch}, "
-      f"threads {args.threads}; set by minibvit: {minibvit.ENV_DEFAULTS_SET or 'nothing'}")
+      f"threads {args.threads}; set by minibvit: {PROCESS.env or 'nothing'}")
 if importlib.util.find_spec("torch") is None:
     times = [timed(lambda: numpy_step(model, opt)) for _ in range(args.steps + 2)][2:]
     print(f"numpy/numba : {args.batch / np.median(times):8.1f} img/s  ({np.median(times) * 1e3:.0f} ms/step)")

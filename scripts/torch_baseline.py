@@ -1,6 +1,6 @@
 """PyTorch baselines for the benchmark scripts, each timed in a process of its own.
 
-Why a separate process: minibvit sets thread-pool defaults when it is imported (`minibvit.ENV_DEFAULTS_SET`,
+Why a separate process: the benchmarks set minibvit's thread-pool defaults (`minibvit.process.configure_process`,
 e.g. OMP_WAIT_POLICY=PASSIVE), and there is one OpenMP runtime per process: PyTorch's bundled libgomp and
 Numba's resolve to the same library, which reads its settings once, when it is loaded. Timed in
 minibvit's process, PyTorch would run with minibvit's settings, not its own: measured here with passive
@@ -47,13 +47,13 @@ class BaselineProcess:
 
     def __init__(self, kind, threads, config=None, arrays=None, lr=1e-4):
         import numpy as np
-        import minibvit
+        from minibvit.process import env_set_by_configure
 
         self._dir = tempfile.TemporaryDirectory(prefix="minibvit-baseline-")
         with open(os.path.join(self._dir.name, "setup.json"), "w") as f:
             json.dump({"kind": kind, "threads": threads, "config": config, "lr": lr}, f)
         np.savez(os.path.join(self._dir.name, "arrays.npz"), **(arrays or {}))
-        env = {k: v for k, v in os.environ.items() if k not in minibvit.ENV_DEFAULTS_SET}
+        env = {k: v for k, v in os.environ.items() if k not in env_set_by_configure()}
         self._proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), self._dir.name], env=env,
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         ready = self._proc.stdout.readline()

@@ -293,6 +293,24 @@ for epoch in range(cfg_run.epochs):
 hand_acc, _ = train.evaluate(model, test_set, 256)
 print(f"by hand: {len(losses)} steps, test accuracy {hand_acc:.3f}")
 
+# The loop body above is `minibvit.train.train_step` (forward, teacher, loss, backward, the method's
+# gradient hooks such as BinaryViT's GRS, clipping, the AdamW step); the trainer wraps it with
+# logging, checkpoints and evaluation. Its first steps give the same losses:
+step_model = ViT(train.model_config(cfg_run, False, 10, 3, 32), seed=cfg_run.seed)
+step_opt = AdamW(step_model.parameters(), lr=cfg_run.lr, weight_decay=cfg_run.weight_decay)
+
+
+def cross_entropy(logits, y, teacher_logits):
+    loss, loss_cache = ops.cross_entropy_forward(logits, y, cfg_run.label_smoothing)
+    return loss, ops.cross_entropy_backward(1.0, loss_cache)
+
+
+for step, (xb, yb) in zip(range(3), data.iterate_batches(train_data, cfg_run.batch_size, cfg_run.seed, 0)):
+    loss, _, _ = train.train_step(step_model, step_opt, xb, yb, lr=cosine_lr(step, total_steps, cfg_run.lr, warmup, cfg_run.min_lr),
+                                  rng=None, loss_fn=cross_entropy, clip_grad=cfg_run.clip_grad)
+    assert float(loss) == losses[step]
+print("train.train_step reproduces the first steps of the loop by hand")
+
 results = train.run(run_config)
 trained, _ = train.load_model(f"{run_config.out}/fp/last.safetensors")
 steps_log, epochs_log = read_log(run_config.out, "fp")

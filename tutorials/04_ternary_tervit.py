@@ -25,7 +25,7 @@ from _common import pick, plt, read_log, run_dir, save_figure
 
 import numpy as np
 
-from minibvit import quant, schemes, train
+from minibvit import methods, quant, train
 
 rng = np.random.default_rng(0)
 
@@ -120,7 +120,7 @@ fp_epochs = pick(15, 4)
 train.run(train.TrainConfig(method="fp", epochs=fp_epochs, **common))
 fp_model, _ = train.load_model(f"{common['out']}/fp/last.safetensors")  # the weights at the end
 
-ternary_roles = [role for role, spec in schemes.resolve(fp_model.cfg, "tervit").items() if spec == "w_ternary_channel"]
+ternary_roles = [role for role, spec in methods.resolve(fp_model.cfg, "tervit").items() if spec == "w_ternary_channel"]
 rows, total = [], {"tensor": 0.0, "channel": 0.0, "norm": 0.0}
 for role in ternary_roles:
     W = fp_model.params[role]

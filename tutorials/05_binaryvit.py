@@ -32,7 +32,7 @@ from _common import pick, plt, quantizer_inputs, read_log, run_dir, save_figure
 import numpy as np
 import torch
 
-from minibvit import data, methods, schemes, train
+from minibvit import binaryvit, data, diagnostics, methods, train
 
 rng = np.random.default_rng(0)
 
@@ -47,7 +47,7 @@ rng = np.random.default_rng(0)
 #
 # A descent step on $R$ pushes every weight toward $\pm\alpha_c$: away from 0 where $|W| < \alpha$, back
 # toward $\alpha$ where $|W| > \alpha$. $R$ is also exactly the binarization error
-# $\frac{\lambda}{2}\|W - \alpha\,\mathrm{sign}(W)\|^2$. The trainer adds `methods.grs_gradient` to the
+# $\frac{\lambda}{2}\|W - \alpha\,\mathrm{sign}(W)\|^2$. The trainer adds `binaryvit.grs_gradient` to the
 # gradient of every binarized weight, with $\lambda$ warmed up linearly over the first epoch. Check
 # against PyTorch autograd:
 
@@ -61,11 +61,11 @@ alpha_t = Wt.abs().mean(dim=1, keepdim=True).detach()
 # torch's |.| has subgradient 0 at 0, ours sign(0) = +1: at an exact zero, d R / dW = -lam * alpha
 expected = Wt.grad.numpy().copy()
 expected[W == 0] = -lam * alpha_t.numpy().repeat(W.shape[1], axis=1)[W == 0]
-assert np.allclose(methods.grs_gradient(W, lam), expected, rtol=1e-12, atol=1e-15)
+assert np.allclose(binaryvit.grs_gradient(W, lam), expected, rtol=1e-12, atol=1e-15)
 print("GRS gradient = autograd of (lam/2) sum (|W| - alpha)^2, with sign(0) = +1")
 
 w_over_alpha = np.linspace(-2.5, 2.5, 501)
-pull = -methods.grs_gradient(w_over_alpha.reshape(1, -1), 1.0)[0] / np.abs(w_over_alpha).mean()
+pull = -binaryvit.grs_gradient(w_over_alpha.reshape(1, -1), 1.0)[0] / np.abs(w_over_alpha).mean()
 fig, ax = plt.subplots(figsize=(5, 3))
 ax.plot(w_over_alpha, pull)
 ax.axhline(0, color="gray", lw=0.5)
@@ -89,7 +89,7 @@ save_figure(fig, "05_grs_pull")
 # | strong GRS | `binaryvit` | 0.1 | yes |
 #
 # `log_every=1` records the diagnostics after every step, on the tensor whose sign the binarizer takes
-# (`train.binarized_latent`: the latent weight centred per output channel, $W_c = W - \bar W$, for BiT's
+# (`binaryvit.binarized_latent`: the latent weight centred per output channel, $W_c = W - \bar W$, for BiT's
 # `w_binary`): `flip_rate` (the fraction of binarized latent weights whose sign changed in that step), `near_zero_mass` (fraction with $|W| < 0.1\,\alpha_c$),
 # `bimodality` (the moment coefficient of $W/\alpha$: $1/3$ for a Gaussian, 1 for two spikes at $\pm\alpha$)
 # and `sign_entropy` of the activation binarizers.
@@ -172,13 +172,13 @@ for name, (method, lam) in runs.items():
     assert read_log(out, method)[0][0]["loss"] == steps_logs[name][0]["loss"]  # the same first step
     first, _ = train.load_model(f"{out}/{method}/last.safetensors")
     final, _ = train.load_model(f"{run_dir(name.replace(' ', '-'))}/{method}/last.safetensors")
-    roles = schemes.binarized_weight_roles(final.quantizers)
-    net = np.mean([methods.sign_flip_rate(train.binarized_latent(first, r), train.binarized_latent(final, r))
+    roles = methods.binarized_weight_roles(final.quantizers)
+    net = np.mean([diagnostics.sign_flip_rate(binaryvit.binarized_latent(first, r), binaryvit.binarized_latent(final, r))
                    for r in roles])
     total = summary[name]["flips"].sum()
     assert total >= net - 1e-12, name
     # the last logged diagnostics are those of the last checkpoint's weights
-    latents = [train.binarized_latent(final, r) for r in roles]
+    latents = [binaryvit.binarized_latent(final, r) for r in roles]
     near_zero = np.mean([np.mean(np.abs(w) < 0.1 * np.abs(w).mean(axis=1, keepdims=True)) for w in latents])
     assert abs(near_zero - summary[name]["near_zero"]) < 1e-12, name
     summary[name]["net"], summary[name]["total"] = net, total
@@ -187,19 +187,19 @@ for name, (method, lam) in runs.items():
 
 # %% [markdown]
 # The latent weight histograms at the end of training, $W/\alpha_c$ over all binarized layers
-# (`methods.weight_histogram`), next to the teacher's weights they started from:
+# (`diagnostics.weight_histogram`), next to the teacher's weights they started from:
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 3.6))
 shown = {"teacher (init)": train.load_model(teacher)[0]}
 for name in ("ASM only", "BinaryViT", "strong GRS"):
     shown[name], _ = train.load_model(f"{run_dir(name.replace(' ', '-'))}/binaryvit/last.safetensors")
-roles = schemes.binarized_weight_roles(shown["ASM only"].quantizers)
+roles = methods.binarized_weight_roles(shown["ASM only"].quantizers)
 for name, m in shown.items():
-    counts = sum(methods.weight_histogram(train.binarized_latent(m, r), bins=121)[0] for r in roles)
-    edges = methods.weight_histogram(train.binarized_latent(m, roles[0]), bins=121)[1]
+    counts = sum(diagnostics.weight_histogram(binaryvit.binarized_latent(m, r), bins=121)[0] for r in roles)
+    edges = diagnostics.weight_histogram(binaryvit.binarized_latent(m, roles[0]), bins=121)[1]
     assert counts.sum() == sum(m.params[r].size for r in roles)
-    bimodality = np.mean([methods.bimodality(train.binarized_latent(m, r)) for r in roles])
+    bimodality = np.mean([diagnostics.bimodality(binaryvit.binarized_latent(m, r)) for r in roles])
     ax.stairs(counts / counts.sum(), edges, label=f"{name} (bimodality {bimodality:.2f})")
 ax.set(xlabel=r"latent weight / per-channel mean$|W|$", ylabel="fraction", title="binarized latent weights at the end")
 ax.legend(fontsize=8)
@@ -216,7 +216,7 @@ save_figure(fig, "05_latent_histograms")
 #
 # The picture: the inputs of every signed activation binarizer of the two trained models on one test
 # batch, recorded with a stand-in quantizer (`_common.quantizer_inputs`), each channel's $p_c$, and the
-# entropy computed by hand, checked against `methods.sign_entropy`.
+# entropy computed by hand, checked against `diagnostics.sign_entropy`.
 
 # %%
 test_set = data.load_dataset("synthetic", "test")
@@ -225,17 +225,17 @@ models = {name: train.load_model(f"{run_dir(name.replace(' ', '-'))}/{runs[name]
           for name in ("baseline", "ASM only")}
 entropy_by_role, p_by_model = {}, {}
 for name, m in models.items():
-    roles = [r for r, spec in schemes.resolve(m.cfg, runs[name][0]).items() if spec.endswith("a_elastic_signed")]
+    roles = [r for r, spec in methods.resolve(m.cfg, runs[name][0]).items() if spec.endswith("a_elastic_signed")]
     seen = quantizer_inputs(m, roles, x)
     entropy_by_role[name], p_by_model[name] = {}, []
     for role in roles:
         q = m.quantizers[role]
-        threshold = methods.asm_fold_threshold(q) if isinstance(q, methods.ASM) else 0.0
+        threshold = binaryvit.asm_fold_threshold(q) if isinstance(q, binaryvit.ASM) else 0.0
         x_in = seen[role][0]
         p = np.mean((x_in - threshold).reshape(-1, x_in.shape[-1]) >= 0, axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
             h = np.where((p > 0) & (p < 1), -(p * np.log2(p) + (1 - p) * np.log2(1 - p)), 0.0)
-        assert abs(h.mean() - methods.sign_entropy(x_in - threshold)) < 1e-12
+        assert abs(h.mean() - diagnostics.sign_entropy(x_in - threshold)) < 1e-12
         entropy_by_role[name][role] = h.mean()
         p_by_model[name].append(p)
     print(f"{name:9s}: mean sign entropy on the test batch {np.mean(list(entropy_by_role[name].values())):.3f} bits")

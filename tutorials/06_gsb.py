@@ -29,7 +29,7 @@ from _common import pick, plt, quantizer_inputs, read_log, run_dir, save_figure
 import numpy as np
 import torch
 
-from minibvit import data, methods, quant, train
+from minibvit import data, gsb, quant, train
 
 rng = np.random.default_rng(0)
 torch.set_default_dtype(torch.float64)
@@ -112,7 +112,7 @@ attn_q = gsb_model.quantizers[f"{last}.attn"]
 probabilities, attn_out = seen[f"{last}.attn"]
 y = probabilities + attn_q.params["bias"]
 a1, a2, a3 = np.maximum(attn_q.params["alpha"], quant.SCALE_FLOOR)
-t1, t2 = methods.gsb_attn_masks(y, attn_q.max_over)
+t1, t2 = gsb.gsb_attn_masks(y, attn_q.max_over)
 attn_bases = [a1 * np.clip(np.rint(y / a1), 0, 1), a2 * t1, a3 * t2]
 assert np.allclose(sum(attn_bases), attn_out, rtol=1e-6, atol=1e-7)
 print(f"attention scales alpha = ({a1:.4f}, {a2:.4f}, {a3:.4f}); M = {y.max():.3f}; "
@@ -151,7 +151,7 @@ value_q = gsb_model.quantizers[f"{last}.v"]
 v, value_out = seen[f"{last}.v"]
 yv = v - value_q.params["shift"][:, None, :]
 b1, b2, b3 = np.maximum(value_q.params["alpha"], quant.SCALE_FLOOR)
-u1, u2 = methods.gsb_value_masks(yv)
+u1, u2 = gsb.gsb_value_masks(yv)
 value_bases = [b1 * quant.sign(yv), b2 * u1 * quant.sign(yv), b3 * u2 * quant.sign(yv)]
 assert np.allclose(sum(value_bases), value_out, rtol=1e-6, atol=1e-7)
 levels = np.unique(np.round(np.abs(value_out), 6))
@@ -197,10 +197,10 @@ save_figure(fig, "06_staircases")
 # tensors, in float64.
 
 # %%
-sweeps = {"values": (np.linspace(yv.min(), yv.max(), 2001), value_q.params["alpha"], methods.gsb_value_forward,
-                     methods.gsb_value_backward),
-          "attention": (np.linspace(y.min(), y.max(), 2001), attn_q.params["alpha"], methods.gsb_attn_forward,
-                        methods.gsb_attn_backward)}
+sweeps = {"values": (np.linspace(yv.min(), yv.max(), 2001), value_q.params["alpha"], gsb.gsb_value_forward,
+                     gsb.gsb_value_backward),
+          "attention": (np.linspace(y.min(), y.max(), 2001), attn_q.params["alpha"], gsb.gsb_attn_forward,
+                        gsb.gsb_attn_backward)}
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
 for ax, (name, (sweep, alphas, fwd, bwd)) in zip(axes, sweeps.items()):
     sweep = sweep.reshape(1, 1, 1, -1)  # spans the recorded tensor's range: the same groups T1, T2
@@ -223,7 +223,7 @@ def scaled(alpha, count):
 def torch_value(y, alphas, g, mode):
     yt, at = torch.tensor(y, requires_grad=True), torch.tensor(alphas, requires_grad=True)
     out = 0
-    for k, mask in enumerate([None, *(torch.tensor(m) for m in methods.gsb_value_masks(y))]):
+    for k, mask in enumerate([None, *(torch.tensor(m) for m in gsb.gsb_value_masks(y))]):
         a = scaled(at[k], y.size if mask is None else int(mask.sum()))
         if mask is None:
             yk, sign_k = yt, torch.where(yt >= 0, 1.0, -1.0)
@@ -241,7 +241,7 @@ def torch_attn(y, alphas, g, mode):
     a1 = scaled(at[0], y.size)
     q = (yt / a1).clamp(0, 1)
     out = a1 * (q + (torch.round(q) - q).detach())
-    for k, (mask, fraction) in enumerate(zip(methods.gsb_attn_masks(y), (0.7, 0.9)), start=1):
+    for k, (mask, fraction) in enumerate(zip(gsb.gsb_attn_masks(y), (0.7, 0.9)), start=1):
         mask = torch.tensor(mask)
         a = scaled(at[k], int(mask.sum()))
         if mode == "official":  # height a_k on the group, plus a pass-through of a_k T_k g to y
@@ -257,8 +257,8 @@ v_rand = rng.standard_normal((2, 3, 7, 4))
 scores = rng.standard_normal((2, 3, 7, 7)) * 2
 a_rand = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True) + rng.normal(0, 0.01, scores.shape)
 for name, tensor, init, fwd, bwd, reference in (
-        ("values", v_rand, methods.gsb_value_init, methods.gsb_value_forward, methods.gsb_value_backward, torch_value),
-        ("attention", a_rand, methods.gsb_attn_init, methods.gsb_attn_forward, methods.gsb_attn_backward, torch_attn)):
+        ("values", v_rand, gsb.gsb_value_init, gsb.gsb_value_forward, gsb.gsb_value_backward, torch_value),
+        ("attention", a_rand, gsb.gsb_attn_init, gsb.gsb_attn_forward, gsb.gsb_attn_backward, torch_attn)):
     alphas = init(tensor) * rng.uniform(0.7, 1.3, 3)
     g = rng.standard_normal(tensor.shape)
     for mode in ("official", "principled"):

@@ -2,7 +2,8 @@
 training logs.
 
 ``MINIBVIT_FAST=1`` shrinks sizes and steps so that CI runs every tutorial in well under a minute.
-Import this module before numpy: it pins the thread pools first (see below).
+Import this module before numpy: it pins the thread pools and calls minibvit.process.configure_process
+first (see below). `quantizer_inputs` is minibvit.diagnostics.record_quantizer_inputs.
 """
 import atexit
 import json
@@ -28,6 +29,10 @@ try:  # an installed minibvit (pip install -e .), else the checkout this file li
 except ImportError:
     sys.path.insert(0, str(REPO))
     import minibvit  # noqa: F401
+from minibvit.process import configure_process  # noqa: E402
+
+PROCESS = configure_process()  # minibvit's thread-pool and malloc settings, before NumPy loads
+from minibvit.diagnostics import record_quantizer_inputs as quantizer_inputs  # noqa: E402,F401  (re-exported)
 
 FAST = os.environ.get("MINIBVIT_FAST", "0") not in ("", "0")
 IN_NOTEBOOK = "ipykernel" in sys.modules
@@ -67,30 +72,6 @@ def save_figure(fig, name):
     plt.close(fig)
     print(f"saved {path.relative_to(REPO)}")
     return path
-
-
-class _Recorder:
-    """Stands in for a quantizer, records what it sees and delegates to it (forward only)."""
-
-    def __init__(self, inner, seen, role):
-        self.inner, self.seen, self.role = inner, seen, role
-        self.params, self.buffers = inner.params, inner.buffers
-
-    def forward(self, x, training):
-        out, cache = self.inner.forward(x, training)
-        self.seen[self.role] = (x, out)
-        return out, cache
-
-
-def quantizer_inputs(model, roles, x):
-    """{role: (input, output)} of the quantizers at `roles` during one evaluation forward of x."""
-    seen, originals = {}, {role: model.quantizers[role] for role in roles}
-    model.quantizers.update({role: _Recorder(q, seen, role) for role, q in originals.items()})
-    try:
-        model.forward(x, training=False)
-    finally:
-        model.quantizers.update(originals)
-    return seen
 
 
 def read_log(run, stage):

@@ -25,7 +25,7 @@ Why the logits have the same bits as the training-time forward ``ViT.forward(x, 
 - Every other float operation repeats minibvit.ops: LayerNorm with numerics' own float64 moments
   and normalise step (fused with the residual add before it and the sign packing after it), the ASM thresholds folded
   at export (running centre + shift, the same float32 sum) or, for the 'token' centre, NumPy's mean
-  as in methods.ASM; the 8-bit patch embedding (float BLAS on the 8-bit values, as the model), the
+  as in binaryvit.ASM; the 8-bit patch embedding (float BLAS on the 8-bit values, as the model), the
   final norm, pooling and head, and the whole TerViT block except its ternary linears call ops.
 - GSB's A_q and V_q are sums of three scaled binary bases, so A_q V_q is a sum of nine scaled
   integer products. The engine computes them exactly (kernels.gsb_partial_products) and combines

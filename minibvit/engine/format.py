@@ -2,24 +2,24 @@
 
 Packed file: safetensors with the minibvit metadata of minibvit.checkpoint (``kind`` =
 "minibvit-packed"); ``export`` lists the tensors, docs/engine.md the format and measurements.
-packed_kind(scheme) says how a method's blocks are packed and run ("binary", "ternary" or "gsb"):
-the only place the engine looks at a method's name.
+packed_kind(scheme) says how a quantizer table's blocks are packed and run ("binary", "ternary" or
+"gsb"): it reads the table's ``packed`` attribute in the method registry (minibvit.methods), so the
+engine never looks at a method's name.
 """
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from .. import checkpoint, kernels, methods, quant, schemes
+from .. import checkpoint, kernels, methods, quant
+from ..binaryvit import ASM, asm_fold_threshold
 from ..kernels.pack import words
 from ..model import ViTConfig
 
 PACKED_KIND = "minibvit-packed"
 PACKED_VERSION = 1
-# How each exportable method is packed. At merge this comes from the Method registry's `packed`
-# attribute (minibvit.methods); engine code branches on the kind, never on a method's name.
-_PACKED_KINDS = {"binary": "binary", "binaryvit": "binary", "gsb": "gsb", "tervit": "ternary"}
-EXPORTABLE_SCHEMES = tuple(_PACKED_KINDS)
+# The quantizer tables with a packed form, from the registry; engine code branches on the kind.
+EXPORTABLE_SCHEMES = tuple(name for name, table in methods.TABLES.items() if table.packed)
 _LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 _F32 = np.float32
 
@@ -28,9 +28,9 @@ def packed_kind(scheme):
     """"binary" (sign-binary weights and activations), "ternary" (TerViT: ternary weights, 8-bit
     activations) or "gsb" (binary, with GSB's group-superposition attention) for an exportable
     method; ValueError for one without a packed form."""
-    if scheme not in _PACKED_KINDS:
+    if scheme not in EXPORTABLE_SCHEMES:
         raise ValueError(f"the packed engine runs {EXPORTABLE_SCHEMES}, not {scheme!r}")
-    return _PACKED_KINDS[scheme]
+    return methods.TABLES[scheme].packed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,11 +82,11 @@ def _export_activation(name, q, out):
     """Store a binarizer's scale and its ASM threshold (folded) or shift (centre 'token')."""
     if isinstance(q, quant.MinMaxQuantizer):
         return  # dynamic: computed from each batch at run time
-    if isinstance(q, methods.ASM):
+    if isinstance(q, ASM):
         if q.center == "token":
             out[f"{name}_shift"] = q.params["shift"].astype(_F32)
         else:
-            out[f"{name}_threshold"] = methods.asm_fold_threshold(q).astype(_F32)
+            out[f"{name}_threshold"] = asm_fold_threshold(q).astype(_F32)
         q = q.inner
     if not isinstance(q, quant.ElasticBinarizer):
         raise ValueError(f"export: no packed form for the activation quantizer {q!r} of {name}")
@@ -163,7 +163,7 @@ def export(checkpoint_path, out_path):
     train_cfg = meta.get("train_config", {})
     packed_meta = {"kind": PACKED_KIND, "packed_version": PACKED_VERSION, "model_config": cfg.to_dict(),
                    "scheme": scheme, "scheme_options": meta.get("scheme_options", {}),
-                   "roles": schemes.resolve(cfg, scheme), "source": os.path.basename(str(checkpoint_path)),
+                   "roles": methods.resolve(cfg, scheme), "source": os.path.basename(str(checkpoint_path)),
                    "dataset": meta.get("dataset"),
                    "data_options": {k: train_cfg.get(k) for k in ("data_dir", "image_size")}}
     checkpoint.save_checkpoint(out_path, out, packed_meta)
@@ -197,7 +197,7 @@ def read_packed(path):
         raise ValueError(f"{path} has packed format version {meta.get('packed_version')!r}; this minibvit "
                          f"reads version {PACKED_VERSION}: re-export it with this version")
     return (ViTConfig.from_dict(meta["model_config"]), meta["scheme"],
-            schemes.SchemeOptions(**meta.get("scheme_options", {})), tensors, meta)
+            methods.QuantizerOptions(**meta.get("scheme_options", {})), tensors, meta)
 
 
 def check_tensors(cfg, kind, tensors):

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .. import checkpoint, kernels, methods, ops, quant
+from .. import checkpoint, kernels, ops, quant
+from ..gsb import gsb_attn_masks, gsb_value_masks
 from . import binary_net, fused
 from .format import check_tensors, packed_kind, read_packed
 
@@ -37,7 +38,7 @@ class PackedViT:
     logits = engine.forward(x)     # x (B, C, H, W) float32 -> (B, classes) float32
     engine.predict(x)              # argmax class per image
 
-    Attributes: cfg (ViTConfig), scheme (str), options (schemes.SchemeOptions), tensors (dict).
+    Attributes: cfg (ViTConfig), scheme (str), options (methods.QuantizerOptions), tensors (dict).
     """
 
     def __init__(self, cfg, scheme, options, tensors):
@@ -262,7 +263,7 @@ class PackedViT:
         h = np.empty_like(stream)
         fused.residual_norm_pack(stream, add, acc, colsum, scale, bias, add_mode, gamma, beta, eps,
                             binarizer.shift, bits, h, 2)
-        centres = h.reshape(B, c.num_tokens, c.embed_dim).mean(axis=-1, keepdims=True)  # as methods.ASM
+        centres = h.reshape(B, c.num_tokens, c.embed_dim).mean(axis=-1, keepdims=True)  # as binaryvit.ASM
         fused.pack_signed_rows(h, np.ascontiguousarray(centres.reshape(-1)), binarizer.shift, bits)
         return bits
 
@@ -290,7 +291,7 @@ class PackedViT:
         g, _ = ops.gelu_forward(f, c.gelu_approximate)
         centres = np.zeros(g.shape[0], _F32)
         if binarizer.token:
-            centres = np.ascontiguousarray(g.reshape(B, c.num_tokens, -1).mean(axis=-1).reshape(-1))  # methods.ASM
+            centres = np.ascontiguousarray(g.reshape(B, c.num_tokens, -1).mean(axis=-1).reshape(-1))  # binaryvit.ASM
         fused.pack_unsigned_rows(g, centres, binarizer.shift, binarizer.scale, out)
         return out
 
@@ -310,7 +311,7 @@ class PackedViT:
             if name in blk:  # GSB's v has its own quantizer (_gsb_product)
                 shifts[t] = blk[name].shift
                 if blk[name].token:
-                    centres[t] = views[t].mean(axis=-1).reshape(-1)                   # as methods.ASM
+                    centres[t] = views[t].mean(axis=-1).reshape(-1)                   # as binaryvit.ASM
         fused.pack_qkv(values, B, N, H, centres, shifts, qk_bits, vt_bits)
         return qk_bits, vt_bits, views[2]
 
@@ -335,7 +336,7 @@ class PackedViT:
             values = o.astype(_F32)
             values *= o_scale
             merged, _ = ops.merge_heads_forward(values.reshape(B, H, N, d))
-            centres = np.ascontiguousarray(merged.mean(axis=-1).reshape(-1))             # as methods.ASM
+            centres = np.ascontiguousarray(merged.mean(axis=-1).reshape(-1))             # as binaryvit.ASM
         fused.pack_heads(o, o_scale, N, H, centres, binarizer.shift, bits)
         return bits
 
@@ -348,11 +349,11 @@ class PackedViT:
         fused.score_softmax(scores.reshape(-1, N), blk["exp_table"], False, probs.reshape(-1, N), _F32(1.0),
                             np.empty((0, 1), np.uint64))
         y = probs.reshape(B, H, N, N) + gsb["attn_bias"]                       # GSBAttnQuantizer
-        t1, t2 = methods.gsb_attn_masks(y, opt.gsb_max_over)
+        t1, t2 = gsb_attn_masks(y, opt.gsb_max_over)
         level1 = np.clip(np.rint(y / gsb["attn_alphas"][0]), 0, 1) != 0
         a_bases = kernels.pack_bits(np.stack([level1, t1, t2], axis=2).reshape(B * H, 3, N, N))
         yv = v - gsb["v_shift"][:, None, :]                                   # GSBValueQuantizer
-        t1v, t2v = methods.gsb_value_masks(yv)
+        t1v, t2v = gsb_value_masks(yv)
         v_signs = kernels.pack_signs(yv.swapaxes(-1, -2)).reshape(B * H, -1, (N + 63) // 64)
         v_masks = kernels.pack_bits(np.stack([t1v, t2v], axis=2).swapaxes(-1, -2)).reshape(B * H, 2, -1, (N + 63) // 64)
         partial = kernels.gsb_partial_products(a_bases, v_signs, v_masks, N)      # [BH, 3, 3, N, d]

@@ -1,0 +1,231 @@
+"""The golden-file format: one safetensors file per case plus ``manifest.json``, and ``check``.
+
+A golden directory holds
+
+    manifest.json            the schema below (FORMAT_NAME, FORMAT_VERSION)
+    <case name>.safetensors  the case's inputs and expected outputs, one tensor per name
+
+and a results directory written by an implementation holds ``<case name>.safetensors`` with that
+implementation's outputs under the same names. Nothing else is needed to run a case: the manifest
+says what each case computes (op or quantizer, attributes, convention profile) and how close each
+output must be. docs/conformance.md documents the schema field by field.
+
+This module needs only NumPy, safetensors and the standard library.
+"""
+import json
+import math
+import os
+import tempfile
+
+import numpy as np
+
+FORMAT_NAME = "minibvit-golden"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# reading and writing
+
+
+def _safetensors_numpy():
+    try:
+        from safetensors import numpy as st_numpy
+    except ImportError:  # a runtime dependency of minibvit, but say what to do if it is missing
+        raise ImportError("golden files are safetensors: pip install safetensors") from None
+    return st_numpy
+
+
+def case_file(case):
+    """The file name of a manifest entry (its ``file`` field)."""
+    return case["file"]
+
+
+def _write_atomic(path, data):
+    """Write bytes to path through a temporary file in the same directory (no half-written file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_tensors(path, tensors, metadata=None):
+    """Write {name: array} to a safetensors file, deterministically: safetensors orders the tensors
+    itself, but writes a metadata map in hash order, so at most one metadata key is allowed."""
+    if metadata and len(metadata) > 1:
+        raise ValueError(f"at most one metadata key (safetensors writes several in random order), got {sorted(metadata)}")
+    st_numpy = _safetensors_numpy()
+    arrays = {k: np.array(tensors[k], order="C") for k in sorted(tensors)}  # (ascontiguousarray makes 0-d 1-d)
+    _write_atomic(path, st_numpy.save(arrays, metadata=metadata or None))
+
+
+def load_tensors(path):
+    """{name: array} from a safetensors file; a clear error if the file is missing or unreadable."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    st_numpy = _safetensors_numpy()
+    try:
+        return st_numpy.load_file(path)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
+def manifest_bytes(manifest):
+    """The canonical JSON text of a manifest: sorted keys, two-space indent, trailing newline."""
+    return (json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def write_manifest(directory, manifest):
+    _write_atomic(os.path.join(directory, MANIFEST), manifest_bytes(manifest))
+
+
+def read_manifest(directory):
+    """The manifest of a golden directory, checked for format name and version."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {directory!r} a golden directory written by "
+                                f"`python -m minibvit.conformance export`?")
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {manifest.get('version')!r}; this minibvit reads version "
+                         f"{FORMAT_VERSION} (regenerate the golden set or update minibvit)")
+    return manifest
+
+
+def select(cases, patterns):
+    """The cases whose name matches any of the shell-style patterns (all when patterns is empty);
+    a pattern that matches nothing is an error (a typo must not silently select nothing)."""
+    from fnmatch import fnmatchcase
+
+    if not patterns:
+        return list(cases)
+    unmatched = [p for p in patterns if not any(fnmatchcase(c["name"], p) for c in cases)]
+    if unmatched:
+        raise ValueError(f"no case matches {unmatched}; case names look like "
+                         f"{', '.join(c['name'] for c in cases[:3])}, ...")
+    return [c for c in cases if any(fnmatchcase(c["name"], p) for p in patterns)]
+
+
+# ----------------------------------------------------------------------------------------------
+# comparing
+
+
+def compare(expected, actual, rtol, atol):
+    """(passed, max_abs_error, max_rel_error, reason) for one output.
+
+    Passes when shapes match and |actual - expected| <= atol + rtol |expected| elementwise
+    (numpy.isclose), NaN matching NaN only where expected is NaN; integer outputs must be equal.
+    The relative error of an element is |a - e| / |e| (inf where e == 0 and a != e)."""
+    expected, actual = np.asarray(expected), np.asarray(actual)
+    if expected.shape != actual.shape:
+        return False, math.inf, math.inf, f"shape {actual.shape}, expected {expected.shape}"
+    if expected.size == 0:
+        return True, 0.0, 0.0, ""
+    e, a = expected.astype(np.float64), actual.astype(np.float64)
+    both_nan = np.isnan(e) & np.isnan(a)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        err = np.where(both_nan, 0.0, np.abs(a - e))
+        err = np.where(np.isnan(err), math.inf, err)
+        rel = np.where(err == 0, 0.0, err / np.abs(e))
+    if expected.dtype.kind in "iub":
+        ok = bool(np.array_equal(e, a))
+    else:
+        ok = bool(np.all(both_nan | (err <= atol + rtol * np.abs(e))))
+    reason = ""
+    if not ok:
+        worst = np.unravel_index(int(np.argmax(err - rtol * np.where(np.isfinite(e), np.abs(e), 0))), e.shape)
+        reason = f"at index {tuple(int(i) for i in worst)}: got {a[worst]!r}, expected {e[worst]!r}"
+    return ok, float(err.max()), float(rel.max()), reason
+
+
+def check(golden_dir, results_dir, patterns=(), out=print):
+    """Compare every selected case's outputs in results_dir with the golden expected values.
+
+    Prints one row per output (case, output, max abs error, max rel error, tolerance, PASS/FAIL)
+    and a summary line. A missing results file or a missing output name is a failure.
+    Returns the number of failed outputs (0: everything passed)."""
+    manifest = read_manifest(golden_dir)
+    cases = select(manifest["cases"], patterns)
+    rows, failures, checked = [], 0, 0
+    for case in cases:
+        expected = load_tensors(os.path.join(golden_dir, case_file(case)))
+        path = os.path.join(results_dir, case_file(case))
+        try:
+            actual = load_tensors(path)
+        except FileNotFoundError:
+            actual = None
+        for name, tol in sorted(case["outputs"].items()):
+            checked += 1
+            if actual is None:
+                ok, abs_err, rel_err, reason = False, math.nan, math.nan, f"missing results file {path}"
+            elif name not in actual:
+                ok, abs_err, rel_err, reason = False, math.nan, math.nan, "missing output"
+            else:
+                ok, abs_err, rel_err, reason = compare(expected[name], actual[name], tol["rtol"], tol["atol"])
+            failures += not ok
+            rows.append((case["name"], name, abs_err, rel_err, tol, ok, reason))
+    width = max([len(f"{r[0]}  {r[1]}") for r in rows] + [20])
+    out(f"{'case  output':<{width}}  {'max abs err':>11}  {'max rel err':>11}  {'rtol':>7}  {'atol':>7}  result")
+    for case_name, name, abs_err, rel_err, tol, ok, reason in rows:
+        out(f"{case_name + '  ' + name:<{width}}  {abs_err:11.3e}  {rel_err:11.3e}  {tol['rtol']:7.0e}  "
+            f"{tol['atol']:7.0e}  {'PASS' if ok else 'FAIL'}" + (f"  {reason}" if reason else ""))
+    failed_cases = len({r[0] for r in rows if not r[5]})
+    out(f"{len(cases)} cases, {checked} outputs: {checked - failures} passed, {failures} failed"
+        + (f" (in {failed_cases} cases)" if failures else ""))
+    return failures
+
+
+# ----------------------------------------------------------------------------------------------
+# running an implementation written in Python
+
+IMPLEMENTATIONS = {"minibvit": "minibvit.conformance.runner"}
+
+
+def load_runner(impl):
+    """The module whose ``run_case(case, inputs) -> {output: array}`` computes an implementation's
+    outputs: ``minibvit`` or an importable module path (``package.module``)."""
+    import importlib
+
+    module_name = IMPLEMENTATIONS.get(impl, impl)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"--impl {impl!r}: cannot import {module_name!r} ({exc}); give 'minibvit' or a module "
+                          f"path on PYTHONPATH that defines run_case(case, inputs)") from None
+    if not callable(getattr(module, "run_case", None)):
+        raise ValueError(f"--impl {impl!r}: module {module_name!r} defines no run_case(case, inputs)")
+    return module
+
+
+def run(golden_dir, results_dir, impl="minibvit", patterns=(), out=print):
+    """Compute an implementation's outputs for the selected cases and write them to results_dir,
+    one file per case under the golden file's name. A case that raises is reported and skipped
+    (check then fails it as missing). Returns the number of cases that raised."""
+    runner = load_runner(impl)
+    manifest = read_manifest(golden_dir)
+    cases = select(manifest["cases"], patterns)
+    os.makedirs(results_dir, exist_ok=True)
+    errors = 0
+    for case in cases:
+        tensors = load_tensors(os.path.join(golden_dir, case_file(case)))
+        inputs = {k: tensors[k] for k in case["inputs"]}
+        try:
+            outputs = runner.run_case(case, inputs)
+        except Exception as exc:  # report and go on: check fails the case as missing
+            errors += 1
+            out(f"{case['name']}: {type(exc).__name__}: {exc}")
+            continue
+        save_tensors(os.path.join(results_dir, case_file(case)), {k: np.asarray(v) for k, v in outputs.items()},
+                     metadata={"case": case["name"]})
+    out(f"ran {len(cases) - errors} of {len(cases)} cases with {impl!r} into {results_dir}"
+        + (f"; {errors} raised" if errors else ""))
+    return errors

@@ -1,0 +1,158 @@
+"""minibvit's own runner: compute minibvit's outputs for every golden case.
+
+``run_case(case, inputs) -> {output name: array}`` for one manifest entry and its input tensors.
+Another implementation can provide a module with the same function and run it with
+``python -m minibvit.conformance run DIR RESULTS --impl package.module``; or it can skip Python
+altogether and write the results files itself (scripts/conformance_torch_runner.py does that with
+plain torch).
+
+minibvit is reached only through ``minibvit.conformance.impl``.
+"""
+import numpy as np
+
+from . import impl
+
+F64 = np.float64
+
+
+class _MaskRng:
+    """Stands in for the numpy Generator of minibvit's dropout so that it draws a given mask:
+    ``random()`` returns 1 where the mask keeps and 0 where it drops (dropout keeps u >= p)."""
+
+    def __init__(self, keep):
+        self.keep = keep
+
+    def random(self, shape, dtype=F64):
+        if tuple(np.shape(shape)) == () and np.ndim(self.keep) == 1:
+            shape = (shape,)
+        if tuple(shape) != self.keep.shape:
+            raise ValueError(f"mask of shape {self.keep.shape} given, dropout drew {tuple(shape)}")
+        return np.where(self.keep != 0, 1.0, 0.0).astype(dtype)
+
+
+def _op(case, t):
+    ops, op, attrs = impl.ops, case["op"], case["attrs"]
+    dout = t.get("dout")
+    if op == "linear":
+        y, c = ops.linear_forward(t["x"], t["w"], t.get("b"))
+        dx, dw, db = ops.linear_backward(dout, c)
+        return {"out": y, "dx": dx, "dw": dw, **({"db": db} if "b" in t else {})}
+    if op == "layernorm":
+        y, c = ops.layernorm_forward(t["x"], t["gamma"], t["beta"], attrs["eps"])
+        dx, dg, db = ops.layernorm_backward(dout, c)
+        return {"out": y, "dx": dx, "dgamma": dg, "dbeta": db}
+    if op == "gelu":
+        y, c = ops.gelu_forward(t["x"], attrs["approximate"])
+        return {"out": y, "dx": ops.gelu_backward(dout, c)[0]}
+    if op == "softmax":
+        y, c = ops.softmax_forward(t["x"])
+        return {"out": y, "dx": ops.softmax_backward(dout, c)}
+    if op == "attention":
+        o, c = ops.attention_forward(t["q"], t["k"], t["v"])
+        dq, dk, dv, _ = ops.attention_backward(dout, c)
+        return {"out": np.ascontiguousarray(o), "dq": dq, "dk": dk, "dv": dv}
+    if op == "patch_embed":
+        y, c = ops.patch_embed_forward(t["x"], t["w"], t["b"], attrs["patch_size"])
+        dx, dw, db = ops.patch_embed_backward(dout, c)
+        return {"out": y, "dx": dx, "dw": dw, "db": db}
+    if op == "tokens":
+        y, c = ops.tokens_forward(t["x"], t["pos_embed"], t["cls_token"], t.get("dist_token"))
+        dx, dpos, dcls, ddist = ops.tokens_backward(dout, c)
+        return {"out": y, "dx": dx, "dpos_embed": dpos, "dcls_token": dcls,
+                **({"ddist_token": ddist} if "dist_token" in t else {})}
+    if op == "pool":
+        y, c = ops.pool_forward(t["x"], attrs["mode"], attrs["num_prefix"])
+        return {"out": y, "dx": ops.pool_backward(dout, c)}
+    if op == "residual":
+        y, c = ops.residual_forward(t["x"], t["y"])
+        dx, dy = ops.residual_backward(dout, c)
+        return {"out": y, "dx": dx, "dy": dy}
+    if op in ("dropout", "drop_path"):
+        forward = ops.dropout_forward if op == "dropout" else ops.drop_path_forward
+        backward = ops.dropout_backward if op == "dropout" else ops.drop_path_backward
+        y, c = forward(t["x"], attrs["p"], _MaskRng(t["keep"]), True)
+        return {"out": y, "dx": backward(dout, c)}
+    if op == "cross_entropy":
+        loss, c = ops.cross_entropy_forward(t["logits"], t["labels"], attrs["label_smoothing"])
+        return {"loss": np.asarray(loss), "dlogits": ops.cross_entropy_backward(1.0, c)}
+    if op == "kd_soft":
+        loss, c = ops.kd_soft_forward(t["student"], t["teacher"], attrs["temperature"])
+        return {"loss": np.asarray(loss), "dstudent": ops.kd_soft_backward(1.0, c)}
+    raise ValueError(f"case {case['name']}: the minibvit runner has no op {op!r}")
+
+
+def _make_quantizer(case, t):
+    spec, attrs, x = case["op"], case["attrs"], t["x"]
+    if spec == "gsb_value":
+        return impl.gsb.GSBValueQuantizer(x.shape[1], x.shape[3], mode=attrs["mode"], dtype=F64)
+    if spec == "gsb_attn":
+        return impl.gsb.GSBAttnQuantizer(x.shape[1], x.shape[2], mode=attrs["mode"], max_over=attrs["max_over"], dtype=F64)
+    return impl.quant.make_quantizer(spec, dtype=F64)
+
+
+def _quantizer(case, t):
+    q = _make_quantizer(case, t)
+    for name, arr in q.params.items():
+        arr[...] = t[name]
+    out, cache = q.forward(t["x"], True)
+    dx, grads = q.backward(t["dout"], cache)
+    result = {"out": out, "dx": dx, **{f"d{k}": g for k, g in grads.items()}}
+    fresh = _make_quantizer(case, t)
+    if any(np.isnan(p).any() for p in fresh.params.values()):
+        fresh.forward(t["x"], True)  # the first training batch initialises the NaN scales
+        result.update({f"{k}_init": p for k, p in fresh.params.items() if k not in ("shift", "bias")})
+    return result
+
+
+def _loss_and_dlogits(logits, labels, smoothing):
+    ops = impl.ops
+    if isinstance(logits, tuple):
+        l1, c1 = ops.cross_entropy_forward(logits[0], labels, smoothing)
+        l2, c2 = ops.cross_entropy_forward(logits[1], labels, smoothing)
+        return 0.5 * (l1 + l2), (ops.cross_entropy_backward(0.5, c1), ops.cross_entropy_backward(0.5, c2))
+    loss, c = ops.cross_entropy_forward(logits, labels, smoothing)
+    return loss, ops.cross_entropy_backward(1.0, c)
+
+
+def _model(case, t):
+    attrs = case["attrs"]
+    cfg = impl.ViTConfig.from_dict(attrs["config"])
+    roles = impl.method_roles(cfg, attrs["method"])
+    if roles != attrs["roles"]:
+        raise ValueError(f"case {case['name']}: minibvit's table for method {attrs['method']!r} differs from the "
+                         f"manifest's roles: {sorted(set(roles.items()) ^ set(attrs['roles'].items()))}")
+    quantizers = impl.build_quantizers(cfg, attrs["method"], attrs["options"], "float64")
+    model = impl.ViT(cfg, quantizers=quantizers, dtype=F64)
+    model.load_state_dict({k[len("state."):]: v for k, v in t.items() if k.startswith("state.")})
+    o = attrs["optimizer"]
+    opt = impl.AdamW(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+                     weight_decay=o["weight_decay"])
+    smoothing = attrs["loss"]["label_smoothing"]
+    result = {}
+    for step in range(o["steps"]):
+        logits, cache = model.forward(t["x"], training=True)
+        loss, dlogits = _loss_and_dlogits(logits, t["labels"], smoothing)
+        model.backward(dlogits, cache)
+        if step == 0:
+            if isinstance(logits, tuple):
+                result["logits"], result["logits_dist"] = logits
+            else:
+                result["logits"] = logits
+            result["loss"] = np.asarray(loss)
+            result.update({f"grad.{k}": g.copy() for k, g in model.grads.items()})
+            result.update({f"buffer.{k}": b.copy() for k, b in model.buffers().items()})
+        opt.step(model.grads)
+    result.update({f"after.{k}": v.copy() for k, v in model.state_dict().items()})
+    return result
+
+
+def run_case(case, inputs):
+    """minibvit's outputs {name: array} for one manifest entry and its inputs."""
+    kind = case["kind"]
+    if kind == "op":
+        return _op(case, inputs)
+    if kind == "quantizer":
+        return _quantizer(case, inputs)
+    if kind == "model":
+        return _model(case, inputs)
+    raise ValueError(f"case {case['name']}: unknown kind {kind!r}")

@@ -143,7 +143,7 @@ def compare(expected, actual, rtol, atol):
     reason = ""
     if not ok:
         worst = np.unravel_index(int(np.argmax(err - rtol * np.where(np.isfinite(e), np.abs(e), 0))), e.shape)
-        reason = f"at index {tuple(int(i) for i in worst)}: got {a[worst]!r}, expected {e[worst]!r}"
+        reason = f"at index {tuple(int(i) for i in worst)}: got {float(a[worst])!r}, expected {float(e[worst])!r}"
     return ok, float(err.max()), float(rel.max()), reason
 
 

@@ -19,8 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapter import ViT, ViTConfig, checkpoint, data, methods, ops, quant, schemes
-from minibvit import engine, infer, kernels  # noqa: E402  (the lead routes these through adapter.py)
+from adapter import ViT, ViTConfig, checkpoint, data, engine, infer, kernels, methods, ops, quant, schemes
 
 BASE = dict(image_size=16, patch_size=4, in_chans=3, embed_dim=72, depth=2, num_heads=3, num_classes=10)
 WIDE_HEADS = dict(BASE, embed_dim=128, num_heads=2, mlp_ratio=2.0)        # head dim 64: whole-word paths

@@ -14,7 +14,12 @@ from hypothesis.extra.numpy import arrays
 
 torch = pytest.importorskip("torch", reason="the reference implementations are written in PyTorch")
 
-from minibvit import methods, quant  # noqa: E402
+from adapter import methods, quant  # noqa: E402
+
+# The option lists of the contract, hard-coded (never read from the implementation under test).
+GSB_MODES = ("official", "principled")
+GSB_MAX_OVER = ("tensor", "row")
+ASM_CENTERS = ("mean", "median", "token", "none")
 
 EPS = 1e-5  # the official code's alpha clamp
 F64 = dict(rtol=1e-10, atol=1e-12)
@@ -196,7 +201,7 @@ def grid_dout(draw, shape):
 # ------------------------------------------------------------------------------------------------
 
 @settings(max_examples=150, deadline=None)
-@given(st.data(), st.sampled_from(methods.GSB_MODES))
+@given(st.data(), st.sampled_from(GSB_MODES))
 def test_gsb_value_matches_torch(data, mode):
     v, alphas = data.draw(gsb_values(attention=False))
     g = grid_dout(data.draw, v.shape)
@@ -222,7 +227,7 @@ def test_gsb_value_modes_are_autograd_of_their_surrogates(v, a1, a2, a3):
     through the mask; principled = the same with the chain rule through the mask (dv_k/dv = T_k)."""
     alphas = np.array([a1, a2, a3])
     g = np.cos(np.arange(v.size)).reshape(v.shape)
-    for mode in methods.GSB_MODES:
+    for mode in GSB_MODES:
         out, cache = methods.gsb_value_forward(v, alphas, mode=mode)
         dv, dalphas = methods.gsb_value_backward(g, cache)
         vt, at = t(v, True), t(alphas, True)
@@ -273,7 +278,7 @@ def test_gsb_value_init_and_grads_on_empty_groups():
     z = np.zeros((1, 2, 3, 2))
     alphas = methods.gsb_value_init(z)
     assert_exact(alphas, np.zeros(3), "all-zero init")
-    for mode in methods.GSB_MODES:
+    for mode in GSB_MODES:
         out, cache = methods.gsb_value_forward(z, alphas, mode=mode)
         dv, dalphas = methods.gsb_value_backward(np.ones_like(z), cache)
         assert np.isfinite(out).all() and np.isfinite(dv).all() and np.isfinite(dalphas).all()
@@ -285,7 +290,7 @@ def test_gsb_value_init_and_grads_on_empty_groups():
 # ------------------------------------------------------------------------------------------------
 
 @settings(max_examples=150, deadline=None)
-@given(st.data(), st.sampled_from(methods.GSB_MODES), st.sampled_from(methods.GSB_MAX_OVER))
+@given(st.data(), st.sampled_from(GSB_MODES), st.sampled_from(GSB_MAX_OVER))
 def test_gsb_attn_matches_torch(data, mode, max_over):
     a, alphas = data.draw(gsb_values(attention=True))
     g = grid_dout(data.draw, a.shape)
@@ -302,7 +307,7 @@ def test_gsb_attn_matches_torch(data, mode, max_over):
 
 @settings(max_examples=40, deadline=None)
 @given(arrays(np.float64, (2, 2, 5, 5), elements=st.one_of(st.just(0.0), st.floats(1e-3, 1))), st.floats(0.01, 0.5),
-       st.floats(0.01, 0.5), st.floats(0.01, 0.5), st.sampled_from(methods.GSB_MAX_OVER))
+       st.floats(0.01, 0.5), st.floats(0.01, 0.5), st.sampled_from(GSB_MAX_OVER))
 def test_gsb_attn_principled_is_lsq_autograd_per_basis(a, a1, a2, a3, max_over):
     """principled = autograd of sum_k a_k round_ste(clamp((A - t_k)/a_k + 1/2, 0, 1)), t_1 = a_1/2,
     with LSQ's gradient scale: each basis' own straight-through estimator (docs/gsb.md)."""
@@ -327,7 +332,7 @@ def test_gsb_attn_principled_is_lsq_autograd_per_basis(a, a1, a2, a3, max_over):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.data(), st.sampled_from(methods.GSB_MAX_OVER))
+@given(st.data(), st.sampled_from(GSB_MAX_OVER))
 def test_gsb_attn_init_matches_torch(data, max_over):
     a, _ = data.draw(gsb_values(attention=True))
     alphas = methods.gsb_attn_init(a, max_over)
@@ -339,8 +344,8 @@ def test_gsb_attn_empty_groups():
     uniform = np.full((1, 1, 4, 4), 0.25)  # every entry is the max: T1 = T2 = all, T1 minus T2 empty
     assert_close(methods.gsb_attn_init(uniform), np.array([1.0, 1.0, 1.0]), "uniform attention init")
     negative = -np.arange(1.0, 17.0).reshape(1, 1, 4, 4) / 16  # max < 0: T1 and T2 are empty
-    for mode in methods.GSB_MODES:
-        for max_over in methods.GSB_MAX_OVER:
+    for mode in GSB_MODES:
+        for max_over in GSB_MAX_OVER:
             alphas = methods.gsb_attn_init(negative, max_over)
             out, cache = methods.gsb_attn_forward(negative, alphas, mode=mode, max_over=max_over)
             da, dalphas = methods.gsb_attn_backward(np.ones_like(negative), cache)
@@ -365,7 +370,7 @@ def test_gsb_dtype_is_preserved_and_float32_matches_torch(dtype):
     a = rng.dirichlet(np.ones(5), size=(2, 3, 5)).astype(dtype)
     g = rng.normal(size=v.shape).astype(dtype)
     ga = rng.normal(size=a.shape).astype(dtype)
-    for mode in methods.GSB_MODES:
+    for mode in GSB_MODES:
         for x, grad, fwd, bwd, ref, init, extra in (
                 (v, g, methods.gsb_value_forward, methods.gsb_value_backward, RefGSBValue,
                  methods.gsb_value_init, ()),
@@ -401,7 +406,7 @@ def test_gsb_bad_inputs_raise():
 # GSB wrappers
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", methods.GSB_MODES)
+@pytest.mark.parametrize("mode", GSB_MODES)
 def test_gsb_value_quantizer_matches_torch(mode):
     rng = np.random.default_rng(2)
     B, H, N, D = 2, 3, 5, 4
@@ -429,8 +434,8 @@ def test_gsb_value_quantizer_matches_torch(mode):
     assert "mode" in repr(q)
 
 
-@pytest.mark.parametrize("mode", methods.GSB_MODES)
-@pytest.mark.parametrize("max_over", methods.GSB_MAX_OVER)
+@pytest.mark.parametrize("mode", GSB_MODES)
+@pytest.mark.parametrize("max_over", GSB_MAX_OVER)
 def test_gsb_attn_quantizer_matches_torch(mode, max_over):
     rng = np.random.default_rng(3)
     B, H, N = 2, 3, 5
@@ -578,7 +583,7 @@ class RefASM:
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.data(), st.sampled_from(methods.ASM_CENTERS), st.sampled_from([0.1, 0.5, 1.0]))
+@given(st.data(), st.sampled_from(ASM_CENTERS), st.sampled_from([0.1, 0.5, 1.0]))
 def test_asm_matches_torch(data, center, momentum):
     lead = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple))
     C = data.draw(st.integers(1, 6))

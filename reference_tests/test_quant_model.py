@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from adapter import ViTConfig, build_vit
-from minibvit import schemes  # the method tables (the lead may route this through adapter.py)
+from adapter import schemes  # the method tables and quantizer factory of the implementation under test
 
 torch = pytest.importorskip("torch", reason="PyTorch is the reference for these tests (pip install torch==2.13.0)")
 from test_model import loss_and_grads_np, loss_torch, random_state  # noqa: E402

@@ -20,6 +20,7 @@ def _parser():
     c = sub.add_parser("check", help="compare RESULTS with the expected outputs of DIR; exit 1 on any failure")
     c.add_argument("dir")
     c.add_argument("results")
+    c.add_argument("-v", "--verbose", action="store_true", help="one row per output, not only per case")
     for s in (e, r, c):
         s.add_argument("--cases", nargs="+", default=(), metavar="PATTERN",
                        help="only the cases whose name matches a shell-style pattern (e.g. 'op.*' 'quant.gsb_*')")
@@ -36,7 +37,7 @@ def main(argv=None):
             return 0
         if args.command == "run":
             return 1 if golden.run(args.dir, args.results, args.impl, args.cases) else 0
-        return 1 if golden.check(args.dir, args.results, args.cases) else 0
+        return 1 if golden.check(args.dir, args.results, args.cases, verbose=args.verbose) else 0
     except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

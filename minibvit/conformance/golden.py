@@ -124,7 +124,8 @@ def compare(expected, actual, rtol, atol):
 
     Passes when shapes match and |actual - expected| <= atol + rtol |expected| elementwise
     (numpy.isclose), NaN matching NaN only where expected is NaN; integer outputs must be equal.
-    The relative error of an element is |a - e| / |e| (inf where e == 0 and a != e)."""
+    The relative error is max |a - e| / |e| over the elements with |e| > atol (where a relative
+    error means something: a gradient that is exactly 0 in exact arithmetic has none)."""
     expected, actual = np.asarray(expected), np.asarray(actual)
     if expected.shape != actual.shape:
         return False, math.inf, math.inf, f"shape {actual.shape}, expected {expected.shape}"
@@ -135,50 +136,55 @@ def compare(expected, actual, rtol, atol):
     with np.errstate(invalid="ignore", divide="ignore"):
         err = np.where(both_nan, 0.0, np.abs(a - e))
         err = np.where(np.isnan(err), math.inf, err)
-        rel = np.where(err == 0, 0.0, err / np.abs(e))
+        big = np.abs(e) > atol
+        rel = np.where(big, err / np.where(big, np.abs(e), 1.0), 0.0)
     if expected.dtype.kind in "iub":
         ok = bool(np.array_equal(e, a))
     else:
         ok = bool(np.all(both_nan | (err <= atol + rtol * np.abs(e))))
     reason = ""
     if not ok:
-        worst = np.unravel_index(int(np.argmax(err - rtol * np.where(np.isfinite(e), np.abs(e), 0))), e.shape)
+        excess = np.where(np.isfinite(err), err - (atol + rtol * np.where(np.isfinite(e), np.abs(e), 0)), math.inf)
+        worst = np.unravel_index(int(np.argmax(excess)), e.shape)
         reason = f"at index {tuple(int(i) for i in worst)}: got {float(a[worst])!r}, expected {float(e[worst])!r}"
     return ok, float(err.max()), float(rel.max()), reason
 
 
-def check(golden_dir, results_dir, patterns=(), out=print):
+def check(golden_dir, results_dir, patterns=(), out=print, verbose=False):
     """Compare every selected case's outputs in results_dir with the golden expected values.
 
-    Prints one row per output (case, output, max abs error, max rel error, tolerance, PASS/FAIL)
-    and a summary line. A missing results file or a missing output name is a failure.
+    Prints one row per case (outputs compared, max abs and rel error over them, PASS/FAIL), below a
+    failed case one row per failed output with its tolerance and where it failed (every output with
+    verbose), then a summary line. A missing results file or output name is a failure.
     Returns the number of failed outputs (0: everything passed)."""
     manifest = read_manifest(golden_dir)
     cases = select(manifest["cases"], patterns)
-    rows, failures, checked = [], 0, 0
+    width = max([len(c["name"]) for c in cases] + [24]) + 2
+    out(f"{'case / output':<{width}} {'outputs':>7}  {'max abs err':>11}  {'max rel err':>11}  result")
+    failures = failed_cases = checked = 0
     for case in cases:
         expected = load_tensors(os.path.join(golden_dir, case_file(case)))
         path = os.path.join(results_dir, case_file(case))
-        try:
-            actual = load_tensors(path)
-        except FileNotFoundError:
-            actual = None
+        actual = load_tensors(path) if os.path.exists(path) else None
+        rows = []
         for name, tol in sorted(case["outputs"].items()):
-            checked += 1
             if actual is None:
-                ok, abs_err, rel_err, reason = False, math.nan, math.nan, f"missing results file {path}"
+                row = (False, math.nan, math.nan, f"missing results file {path}")
             elif name not in actual:
-                ok, abs_err, rel_err, reason = False, math.nan, math.nan, "missing output"
+                row = (False, math.nan, math.nan, "missing output")
             else:
-                ok, abs_err, rel_err, reason = compare(expected[name], actual[name], tol["rtol"], tol["atol"])
-            failures += not ok
-            rows.append((case["name"], name, abs_err, rel_err, tol, ok, reason))
-    width = max([len(f"{r[0]}  {r[1]}") for r in rows] + [20])
-    out(f"{'case  output':<{width}}  {'max abs err':>11}  {'max rel err':>11}  {'rtol':>7}  {'atol':>7}  result")
-    for case_name, name, abs_err, rel_err, tol, ok, reason in rows:
-        out(f"{case_name + '  ' + name:<{width}}  {abs_err:11.3e}  {rel_err:11.3e}  {tol['rtol']:7.0e}  "
-            f"{tol['atol']:7.0e}  {'PASS' if ok else 'FAIL'}" + (f"  {reason}" if reason else ""))
-    failed_cases = len({r[0] for r in rows if not r[5]})
+                row = compare(expected[name], actual[name], tol["rtol"], tol["atol"])
+            rows.append((name, tol) + row)
+        bad = [r for r in rows if not r[2]]
+        checked += len(rows)
+        failures += len(bad)
+        failed_cases += bool(bad)
+        abs_err = max((r[3] for r in rows), default=0.0)
+        rel_err = max((r[4] for r in rows), default=0.0)
+        out(f"{case['name']:<{width}} {len(rows):>7}  {abs_err:11.3e}  {rel_err:11.3e}  {'FAIL' if bad else 'PASS'}")
+        for name, tol, ok, a_err, r_err, reason in (rows if verbose else bad):
+            out(f"  {name:<{width - 2}} {'':>7}  {a_err:11.3e}  {r_err:11.3e}  {'PASS' if ok else 'FAIL'}"
+                f"  (rtol {tol['rtol']:g}, atol {tol['atol']:g})" + (f"  {reason}" if reason else ""))
     out(f"{len(cases)} cases, {checked} outputs: {checked - failures} passed, {failures} failed"
         + (f" (in {failed_cases} cases)" if failures else ""))
     return failures

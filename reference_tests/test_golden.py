@@ -27,9 +27,10 @@ TORCH_CASES = ("op.*", "quant.sign", "quant.w_binary", "quant.a_elastic_*", "qua
                "quant.*minmax8*", "model.fp")
 
 
-def cli(*args, check=True):
-    """Run a command in a fresh Python process from the repository root; returns (returncode, output)."""
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def cli(*args, check=True, path=()):
+    """Run a command in a fresh Python process from the repository root (plus `path` on PYTHONPATH);
+    returns (returncode, output)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, *path, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
@@ -141,6 +142,26 @@ def test_check_fails_wrong_missing_and_absent_outputs(minibvit_results, tmp_path
     assert code == 1 and "FAIL" in output
     code, output = cli("-m", "minibvit.conformance", "check", GOLDEN, str(tmp_path), "--cases", "no.such.case", check=False)
     assert code == 2 and "no case matches" in output
+
+
+def test_broken_adapter_fails_each_bug_on_the_golden_files(tmp_path):
+    """The pytest adapter of the deliberately broken implementation (reference_tests/impls/broken.py),
+    run on the golden files through the contract runner: each planted bug fails its case and output,
+    the op it lacks (kd_soft) fails as missing, and the untouched ops pass."""
+    code, output = cli("-m", "minibvit.conformance", "run", GOLDEN, str(tmp_path), "--impl", "impls.broken",
+                       "--cases", "op.*", "quant.sign", check=False, path=[os.path.join(ROOT, "reference_tests")])
+    assert code == 1
+    assert "op.kd_soft: AttributeError" in output, output
+    lines = []
+    golden.check(GOLDEN, str(tmp_path), ["op.*", "quant.sign"], out=lines.append)
+    failed, case = set(), None
+    for line in lines[1:-1]:
+        if line.startswith("  "):
+            failed.add((case, line.split()[0]))
+        else:
+            case = line.split()[0]
+    assert failed == {("op.layernorm", "dx"), ("op.gelu_erf", "dx"), ("op.gelu_tanh", "dx"), ("quant.sign", "out"),
+                      ("quant.sign", "dx"), ("op.kd_soft", "loss"), ("op.kd_soft", "dstudent")}, "\n".join(lines)
 
 
 def test_plain_torch_runner_passes_check(tmp_path):

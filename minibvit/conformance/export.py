@@ -523,7 +523,7 @@ def build_cases(patterns=()):
     for method in MODEL_METHODS:
         if wanted(f"model.{method}"):
             cfg = SimpleNamespace(**{**TINY_VIT, **MODEL_METHODS[method]})
-            cases.append(model_case(torch, method, impl.method_roles(cfg, method)))
+            cases.append(model_case(torch, method, impl.schemes.resolve(cfg, method)))
     return cases
 
 

@@ -179,8 +179,9 @@ def check(golden_dir, results_dir, patterns=(), out=print, verbose=False):
         checked += len(rows)
         failures += len(bad)
         failed_cases += bool(bad)
-        abs_err = max((r[3] for r in rows), default=0.0)
-        rel_err = max((r[4] for r in rows), default=0.0)
+        compared = [r for r in rows if not math.isnan(r[3])]  # missing outputs have no error to show
+        abs_err = max((r[3] for r in compared), default=math.nan)
+        rel_err = max((r[4] for r in compared), default=math.nan)
         out(f"{case['name']:<{width}} {len(rows):>7}  {abs_err:11.3e}  {rel_err:11.3e}  {'FAIL' if bad else 'PASS'}")
         for name, tol, ok, a_err, r_err, reason in (rows if verbose else bad):
             out(f"  {name:<{width - 2}} {'':>7}  {a_err:11.3e}  {r_err:11.3e}  {'PASS' if ok else 'FAIL'}"
@@ -193,30 +194,43 @@ def check(golden_dir, results_dir, patterns=(), out=print, verbose=False):
 # ----------------------------------------------------------------------------------------------
 # running an implementation written in Python
 
-IMPLEMENTATIONS = {"minibvit": "minibvit.conformance.runner"}
-
-
 def load_runner(impl):
-    """The module whose ``run_case(case, inputs) -> {output: array}`` computes an implementation's
-    outputs: ``minibvit`` or an importable module path (``package.module``)."""
+    """run_case(case, inputs) -> {output: array} of an implementation: ``minibvit``; a module (dotted
+    path, or a .py file) defining ``run_case``; or a module with the names of the pytest adapter contract
+    (``ops``, ``quant``, ...; docs/conformance.md), driven by minibvit.conformance.runner."""
+    import functools
     import importlib
+    import importlib.util
 
-    module_name = IMPLEMENTATIONS.get(impl, impl)
+    from . import runner
+
+    if impl == "minibvit":
+        return runner.run_case
     try:
-        module = importlib.import_module(module_name)
+        if impl.endswith(".py"):
+            if not os.path.isfile(impl):
+                raise ImportError(f"no such file {impl}")
+            spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(impl))[0], impl)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(impl)
     except ImportError as exc:
-        raise ImportError(f"--impl {impl!r}: cannot import {module_name!r} ({exc}); give 'minibvit' or a module "
-                          f"path on PYTHONPATH that defines run_case(case, inputs)") from None
-    if not callable(getattr(module, "run_case", None)):
-        raise ValueError(f"--impl {impl!r}: module {module_name!r} defines no run_case(case, inputs)")
-    return module
+        raise ImportError(f"--impl {impl!r}: cannot import it ({exc}); give 'minibvit', a module path on "
+                          f"PYTHONPATH or a .py file") from None
+    if callable(getattr(module, "run_case", None)):
+        return module.run_case
+    if any(hasattr(module, name) for name in ("ops", "quant", "build_vit")):
+        return functools.partial(runner.run_case, ns=module)
+    raise ValueError(f"--impl {impl!r} defines neither run_case(case, inputs) nor the adapter contract's names "
+                     f"(ops, quant, methods, schemes, ViTConfig, build_vit, AdamW)")
 
 
 def run(golden_dir, results_dir, impl="minibvit", patterns=(), out=print):
     """Compute an implementation's outputs for the selected cases and write them to results_dir,
     one file per case under the golden file's name. A case that raises is reported and skipped
     (check then fails it as missing). Returns the number of cases that raised."""
-    runner = load_runner(impl)
+    run_case = load_runner(impl)
     manifest = read_manifest(golden_dir)
     cases = select(manifest["cases"], patterns)
     os.makedirs(results_dir, exist_ok=True)
@@ -225,7 +239,7 @@ def run(golden_dir, results_dir, impl="minibvit", patterns=(), out=print):
         tensors = load_tensors(os.path.join(golden_dir, case_file(case)))
         inputs = {k: tensors[k] for k in case["inputs"]}
         try:
-            outputs = runner.run_case(case, inputs)
+            outputs = run_case(case, inputs)
         except Exception as exc:  # report and go on: check fails the case as missing
             errors += 1
             out(f"{case['name']}: {type(exc).__name__}: {exc}")

@@ -1,18 +1,26 @@
-"""minibvit's own runner: compute minibvit's outputs for every golden case.
+"""The golden runner of the adapter contract: compute an implementation's outputs for every case.
 
-``run_case(case, inputs) -> {output name: array}`` for one manifest entry and its input tensors.
-Another implementation can provide a module with the same function and run it with
-``python -m minibvit.conformance run DIR RESULTS --impl package.module``; or it can skip Python
-altogether and write the results files itself (scripts/conformance_torch_runner.py does that with
-plain torch).
+``run_case(case, inputs, ns=None) -> {output name: array}`` for one manifest entry and its input
+tensors, calling the implementation through the names of the pytest adapter contract
+(docs/conformance.md): ``ops`` (op pairs), ``quant`` (quantizer functions and wrappers,
+``make_quantizer``), ``methods`` (GSB quantizers), ``schemes`` (``resolve``, ``build_quantizers``,
+``SchemeOptions``), ``ViTConfig``, ``build_vit`` and ``AdamW``. ``ns`` is a module or namespace with
+those names; the default is minibvit, reached only through ``minibvit.conformance.impl``.
 
-minibvit is reached only through ``minibvit.conformance.impl``.
+So any adapter written for ``pytest reference_tests --impl ...`` also runs the golden cases
+(``python -m minibvit.conformance run DIR RESULTS --impl package.module``); a name it lacks makes the
+cases that need it raise, and `check` fails their outputs as missing. An implementation outside
+Python writes the results files itself (scripts/conformance_torch_runner.py does that in plain torch).
 """
 import numpy as np
 
-from . import impl
-
 F64 = np.float64
+
+
+def _minibvit():
+    from . import impl
+
+    return impl
 
 
 class _MaskRng:
@@ -30,8 +38,8 @@ class _MaskRng:
         return np.where(self.keep != 0, 1.0, 0.0).astype(dtype)
 
 
-def _op(case, t):
-    ops, op, attrs = impl.ops, case["op"], case["attrs"]
+def _op(ns, case, t):
+    ops, op, attrs = ns.ops, case["op"], case["attrs"]
     dout = t.get("dout")
     if op == "linear":
         y, c = ops.linear_forward(t["x"], t["w"], t.get("b"))
@@ -81,31 +89,34 @@ def _op(case, t):
     raise ValueError(f"case {case['name']}: the minibvit runner has no op {op!r}")
 
 
-def _make_quantizer(case, t):
+def _make_quantizer(ns, case, t):
     spec, attrs, x = case["op"], case["attrs"], t["x"]
     if spec == "gsb_value":
-        return impl.gsb.GSBValueQuantizer(x.shape[1], x.shape[3], mode=attrs["mode"], dtype=F64)
+        return ns.methods.GSBValueQuantizer(x.shape[1], x.shape[3], mode=attrs["mode"], dtype=F64)
     if spec == "gsb_attn":
-        return impl.gsb.GSBAttnQuantizer(x.shape[1], x.shape[2], mode=attrs["mode"], max_over=attrs["max_over"], dtype=F64)
-    return impl.quant.make_quantizer(spec, dtype=F64)
+        return ns.methods.GSBAttnQuantizer(x.shape[1], x.shape[2], mode=attrs["mode"], max_over=attrs["max_over"],
+                                           dtype=F64)
+    return ns.quant.make_quantizer(spec, dtype=F64)
 
 
-def _quantizer(case, t):
-    q = _make_quantizer(case, t)
+def _quantizer(ns, case, t):
+    if case["op"] == "sign":  # the pure pair (the wrapper adds nothing)
+        out, cache = ns.quant.binarize_forward(t["x"], "clipped")
+        return {"out": out, "dx": ns.quant.binarize_backward(t["dout"], cache)}
+    q = _make_quantizer(ns, case, t)
     for name, arr in q.params.items():
         arr[...] = t[name]
     out, cache = q.forward(t["x"], True)
     dx, grads = q.backward(t["dout"], cache)
     result = {"out": out, "dx": dx, **{f"d{k}": g for k, g in grads.items()}}
-    fresh = _make_quantizer(case, t)
+    fresh = _make_quantizer(ns, case, t)
     if any(np.isnan(p).any() for p in fresh.params.values()):
         fresh.forward(t["x"], True)  # the first training batch initialises the NaN scales
         result.update({f"{k}_init": p for k, p in fresh.params.items() if k not in ("shift", "bias")})
     return result
 
 
-def _loss_and_dlogits(logits, labels, smoothing):
-    ops = impl.ops
+def _loss_and_dlogits(ops, logits, labels, smoothing):
     if isinstance(logits, tuple):
         l1, c1 = ops.cross_entropy_forward(logits[0], labels, smoothing)
         l2, c2 = ops.cross_entropy_forward(logits[1], labels, smoothing)
@@ -114,24 +125,28 @@ def _loss_and_dlogits(logits, labels, smoothing):
     return loss, ops.cross_entropy_backward(1.0, c)
 
 
-def _model(case, t):
+def _model(ns, case, t):
     attrs = case["attrs"]
-    cfg = impl.ViTConfig.from_dict(attrs["config"])
-    roles = impl.method_roles(cfg, attrs["method"])
-    if roles != attrs["roles"]:
-        raise ValueError(f"case {case['name']}: minibvit's table for method {attrs['method']!r} differs from the "
-                         f"manifest's roles: {sorted(set(roles.items()) ^ set(attrs['roles'].items()))}")
-    quantizers = impl.build_quantizers(cfg, attrs["method"], attrs["options"], "float64")
-    model = impl.ViT(cfg, quantizers=quantizers, dtype=F64)
-    model.load_state_dict({k[len("state."):]: v for k, v in t.items() if k.startswith("state.")})
+    cfg = ns.ViTConfig(**attrs["config"])
+    quantizers = None
+    if attrs["roles"]:
+        roles = ns.schemes.resolve(cfg, attrs["method"])
+        if roles != attrs["roles"]:
+            raise ValueError(f"case {case['name']}: the implementation's table for method {attrs['method']!r} differs "
+                             f"from the manifest's roles: {sorted(set(roles.items()) ^ set(attrs['roles'].items()))}")
+        quantizers = ns.schemes.build_quantizers(cfg, attrs["method"], options=ns.schemes.SchemeOptions(**attrs["options"]),
+                                                 dtype="float64")
+    state = {k[len("state."):]: v.copy() for k, v in t.items() if k.startswith("state.")}
+    model = ns.build_vit(cfg, state=state, dtype=F64, quantizers=quantizers)
     o = attrs["optimizer"]
-    opt = impl.AdamW(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
-                     weight_decay=o["weight_decay"])
+    adamw = getattr(ns, "AdamW", None)  # without one, the after.* outputs are missing (check fails them)
+    opt = adamw and adamw(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+                          weight_decay=o["weight_decay"])
     smoothing = attrs["loss"]["label_smoothing"]
     result = {}
-    for step in range(o["steps"]):
+    for step in range(o["steps"] if opt else 1):
         logits, cache = model.forward(t["x"], training=True)
-        loss, dlogits = _loss_and_dlogits(logits, t["labels"], smoothing)
+        loss, dlogits = _loss_and_dlogits(ns.ops, logits, t["labels"], smoothing)
         model.backward(dlogits, cache)
         if step == 0:
             if isinstance(logits, tuple):
@@ -139,20 +154,25 @@ def _model(case, t):
             else:
                 result["logits"] = logits
             result["loss"] = np.asarray(loss)
-            result.update({f"grad.{k}": g.copy() for k, g in model.grads.items()})
-            result.update({f"buffer.{k}": b.copy() for k, b in model.buffers().items()})
-        opt.step(model.grads)
-    result.update({f"after.{k}": v.copy() for k, v in model.state_dict().items()})
+            result.update({f"grad.{k}": np.array(g) for k, g in model.grads.items()})
+            result.update({f"buffer.{k}": np.array(b) for k, b in model.state_dict().items() if f"state.{k}" in t
+                           and f"buffer.{k}" in case["outputs"]})
+        if opt:
+            opt.step(model.grads)
+    if opt:
+        result.update({f"after.{k}": np.array(v) for k, v in model.state_dict().items()})
     return result
 
 
-def run_case(case, inputs):
-    """minibvit's outputs {name: array} for one manifest entry and its inputs."""
+def run_case(case, inputs, ns=None):
+    """The implementation's outputs {name: array} for one manifest entry and its inputs; ns: the
+    contract names (default minibvit)."""
+    ns = ns or _minibvit()
     kind = case["kind"]
     if kind == "op":
-        return _op(case, inputs)
+        return _op(ns, case, inputs)
     if kind == "quantizer":
-        return _quantizer(case, inputs)
+        return _quantizer(ns, case, inputs)
     if kind == "model":
-        return _model(case, inputs)
+        return _model(ns, case, inputs)
     raise ValueError(f"case {case['name']}: unknown kind {kind!r}")

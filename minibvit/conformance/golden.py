@@ -144,10 +144,28 @@ def compare(expected, actual, rtol, atol):
         ok = bool(np.all(both_nan | (err <= atol + rtol * np.abs(e))))
     reason = ""
     if not ok:
-        excess = np.where(np.isfinite(err), err - (atol + rtol * np.where(np.isfinite(e), np.abs(e), 0)), math.inf)
-        worst = np.unravel_index(int(np.argmax(excess)), e.shape)
-        reason = f"at index {tuple(int(i) for i in worst)}: got {float(a[worst])!r}, expected {float(e[worst])!r}"
+        worst = worst_index(e, a, rtol, atol)
+        reason = f"at index {worst}: got {float(a[worst])!r}, expected {float(e[worst])!r}"
     return ok, float(err.max()), float(rel.max()), reason
+
+
+def worst_index(expected, actual, rtol, atol):
+    """Index of the element that exceeds its tolerance |a - e| <= atol + rtol |e| the most."""
+    e, a = np.asarray(expected, np.float64), np.asarray(actual, np.float64)
+    with np.errstate(invalid="ignore"):
+        err = np.abs(a - e)
+        excess = np.where(np.isfinite(err), err - (atol + rtol * np.where(np.isfinite(e), np.abs(e), 0)), math.inf)
+    excess = np.where(np.isnan(e) & np.isnan(a), -math.inf, excess)
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(excess)), e.shape))
+
+
+def _inputs_at(case, tensors, expected, actual, tol):
+    """'; inputs there: x=..., ...' for the inputs shaped like the output, at its worst element."""
+    if expected.shape != np.shape(actual) or expected.size == 0:
+        return ""
+    worst = worst_index(expected, actual, tol["rtol"], tol["atol"])
+    same = [k for k in sorted(case["inputs"]) if k != "dout" and tensors[k].shape == expected.shape]
+    return ("; inputs there: " + ", ".join(f"{k}={float(tensors[k][worst])!r}" for k in same)) if same else ""
 
 
 def check(golden_dir, results_dir, patterns=(), out=print, verbose=False):
@@ -174,6 +192,8 @@ def check(golden_dir, results_dir, patterns=(), out=print, verbose=False):
                 row = (False, math.nan, math.nan, "missing output")
             else:
                 row = compare(expected[name], actual[name], tol["rtol"], tol["atol"])
+                if not row[0]:
+                    row = row[:3] + (row[3] + _inputs_at(case, expected, expected[name], actual[name], tol),)
             rows.append((name, tol) + row)
         bad = [r for r in rows if not r[2]]
         checked += len(rows)

@@ -158,9 +158,15 @@ class Namespace:
     """A namespace of the implementation (module or SimpleNamespace): attribute access is recorded,
     missing attributes become ``Missing`` placeholders."""
 
+    __slots__ = ("_path", "_obj")
+
     def __init__(self, path, obj):
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_obj", obj)
+
+    @property
+    def __dict__(self):  # what monkeypatch saves and restores: the implementation's own attributes
+        return vars(self._obj)
 
     def __getattr__(self, attr):
         path = f"{self._path}.{attr}"

@@ -6,5 +6,7 @@ profiles (profiles.py) under which two correct implementations may legitimately 
     python -m minibvit.conformance check DIR RESULTS     per-case error table; exit 1 on any failure
 
 File format and manifest schema: minibvit/conformance/golden.py and docs/conformance.md.
-Importing this package imports nothing else (no torch, no minibvit modules).
+This package's own modules import no torch (only ``export`` does, when called) and reach minibvit's
+code only through ``impl.py`` (imported by ``run`` and ``export``); ``golden.py`` and ``profiles.py``
+need only NumPy, safetensors and the standard library.
 """

@@ -470,10 +470,17 @@ def model_case(torch, method, roles):
     opt = torch.optim.AdamW([{"params": [params[k] for k in decay_names], "weight_decay": ADAMW["weight_decay"]},
                              {"params": [t for k, t in params.items() if k not in decay_names], "weight_decay": 0.0}],
                             lr=ADAMW["lr"], betas=tuple(ADAMW["betas"]), eps=ADAMW["eps"], foreach=False)
+    zeros = {}  # exact zeros reaching a plain sign binarizer in the recorded forward (sign(0) decisions)
+    hooks = [quant[role].register_forward_pre_hook(lambda m, args, role=role: zeros.__setitem__(
+                 role, zeros.get(role, 0) + int((args[0] == 0).sum())))
+             for role, spec in roles.items() if spec.startswith("a_elastic_signed")]
     outputs = {}
     for step in range(ADAMW["steps"]):
         opt.zero_grad()
         out = tm(x, training=True)
+        if step == 0:
+            for h in hooks:
+                h.remove()
         loss = loss_of(out, y)
         loss.backward()
         if step == 0:
@@ -497,6 +504,11 @@ def model_case(torch, method, roles):
                  "distilled": "0.5 * (CE(logits) + CE(logits_dist))"},
         "optimizer": {"kind": "adamw", **ADAMW, "decay": decay_names},
     }
+    if any(zeros.values()):
+        attrs["edge_cases"] = ("exact zeros at the input of a signed binarizer in the recorded forward (sign(0) = +1): "
+                               + ", ".join(f"{role} {n}" for role, n in sorted(zeros.items()) if n))
+    _assert_edge(method not in ("binary", "gsb") or any(zeros.values()),
+                 f"{name}: an exact zero reaches a signed binarizer (the binary attention output)")
     description = (f"tiny ViT, method {method!r}: state.* (every parameter and buffer, scales already initialised "
                    f"from a first batch and rounded to 8 significant bits), a training batch x, labels; logits, loss, "
                    f"grad.* of every parameter, buffer.* after that forward, after.* after {ADAMW['steps']} AdamW steps "

@@ -1,6 +1,6 @@
 """The committed golden set (reference_tests/golden/): regenerated bit for bit from the PyTorch
-references, passed by minibvit's own outputs and by a plain-torch runner, and `check` fails
-wrong, missing and absent outputs.
+references, passed by minibvit's own outputs, by a plain-torch runner and (when JAX is installed) a
+JAX runner, failed by the broken adapter's bugs; and `check` fails wrong, missing and absent outputs.
 
 Export, run and the torch runner each run in a fresh process (`python -m minibvit.conformance ...`):
 the export pins torch's kernels and threads before torch is imported, which is only possible there.
@@ -23,7 +23,8 @@ from minibvit.conformance import golden  # noqa: E402  (NumPy and safetensors on
 
 pytest.importorskip("torch", reason="the golden references are computed with PyTorch (pip install torch==2.13.0)")
 
-TORCH_CASES = ("op.*", "quant.sign", "quant.w_binary", "quant.a_elastic_*", "quant.w_ternary_*", "quant.a_lsq8*",
+# the cases the plain-torch and JAX runners cover
+RUNNER_CASES = ("op.*", "quant.sign", "quant.w_binary", "quant.a_elastic_*", "quant.w_ternary_*", "quant.a_lsq8*",
                "quant.*minmax8*", "model.fp")
 
 
@@ -168,14 +169,34 @@ def test_broken_adapter_fails_each_bug_on_the_golden_files(tmp_path):
 def test_plain_torch_runner_passes_check(tmp_path):
     """scripts/conformance_torch_runner.py (safetensors' torch API, torch ops only, no minibvit) on the
     op cases, the generic quantizers and the float model."""
-    cli("scripts/conformance_torch_runner.py", GOLDEN, str(tmp_path), "--cases", *TORCH_CASES)
-    code, output = cli("-m", "minibvit.conformance", "check", GOLDEN, str(tmp_path), "--cases", *TORCH_CASES, check=False)
+    cli("scripts/conformance_torch_runner.py", GOLDEN, str(tmp_path), "--cases", *RUNNER_CASES)
+    code, output = cli("-m", "minibvit.conformance", "check", GOLDEN, str(tmp_path), "--cases", *RUNNER_CASES, check=False)
     assert code == 0, output
     with open(os.path.join(ROOT, "scripts", "conformance_torch_runner.py")) as f:
         source = f.read()
     assert "import minibvit" not in source and "from minibvit" not in source
     manifest = json.load(open(os.path.join(GOLDEN, golden.MANIFEST)))
-    assert len(golden.select(manifest["cases"], TORCH_CASES)) >= 30
+    assert len(golden.select(manifest["cases"], RUNNER_CASES)) >= 30
+
+
+def _jax_python():
+    """A Python with JAX and safetensors: $MINIBVIT_JAX_PYTHON, else this one if it has JAX."""
+    if os.environ.get("MINIBVIT_JAX_PYTHON"):
+        return os.environ["MINIBVIT_JAX_PYTHON"]
+    import importlib.util
+
+    return sys.executable if importlib.util.find_spec("jax") else None
+
+
+@pytest.mark.skipif(_jax_python() is None, reason="JAX is not installed (pip install jax, or set MINIBVIT_JAX_PYTHON "
+                                                   "to a Python that has jax and safetensors)")
+def test_jax_runner_passes_check(tmp_path):
+    """scripts/conformance_jax_runner.py (safetensors' flax API, jax.numpy only) on the same cases."""
+    proc = subprocess.run([_jax_python(), "scripts/conformance_jax_runner.py", GOLDEN, str(tmp_path), "--cases",
+                           *RUNNER_CASES], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    code, output = cli("-m", "minibvit.conformance", "check", GOLDEN, str(tmp_path), "--cases", *RUNNER_CASES, check=False)
+    assert code == 0, output
 
 
 def test_references_do_not_import_minibvit():

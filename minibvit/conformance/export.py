@@ -121,11 +121,12 @@ def op_cases(torch):
     cases = []
 
     def add(name, op, attrs, inputs, fn, description, tol=OP_TOL):
-        """fn(leaves) -> {output: tensor} forward values; gradients d<input> of sum(out * dout)
-        for each float input that has a 'dout' pairing (inputs named in `grads`)."""
+        """A case whose expected outputs are fn(inputs) -> {output: array}."""
         cases.append(make_case(name, "op", op, attrs, inputs, fn(inputs), tol, description))
 
     def autograd(inputs, forward, grad_inputs, dout_name="dout", out_name="out"):
+        """{out_name: forward(tensors), d<name>: gradient of sum(out * dout) for each name of grad_inputs}
+        (of out itself, a scalar loss, when dout_name is None)."""
         leaves = {k: _leaf(torch, v) if k in grad_inputs else torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
         out = forward(leaves)
         if dout_name is None:

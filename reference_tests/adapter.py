@@ -18,8 +18,9 @@ What this door adds on top of a plain re-export:
   GSB ``mode="principled"``) skips the test and names the function and the message.
 - Every use of an implementation name during a test is recorded (``used_names()``), so conftest can
   refuse to report a test green that never reached the implementation.
-- ``PARAM_NAMES`` ({contract name: implementation name}) lets a model keep its own parameter names;
-  ``build_vit`` then hands the tests a model that speaks the contract names.
+- ``PARAM_NAMES`` ({contract name: implementation name}, or a function of the built model returning
+  it) lets a model keep its own parameter names; ``build_vit`` then hands the tests a model that
+  speaks the contract names (state_dict, load_state_dict, grads).
 """
 import functools
 import importlib
@@ -146,11 +147,31 @@ def _recorded(fn, path):
     return call
 
 
+class ClassProxy:
+    """A class of the implementation: constructing it is recorded, NotImplementedError skips (an
+    option it does not offer); every other attribute is the class's own."""
+
+    def __init__(self, cls, path):
+        object.__setattr__(self, "_cls", cls)
+        object.__setattr__(self, "_path", path)
+
+    def __call__(self, *args, **kwargs):
+        return _recorded(self._cls, self._path)(*args, **kwargs)
+
+    def __getattr__(self, attr):
+        return getattr(self._cls, attr)
+
+    def __repr__(self):
+        return repr(self._cls)
+
+
 def _hand_out(obj, path):
     if isinstance(obj, (types.ModuleType, types.SimpleNamespace, Namespace)):
         return Namespace(path, obj)
     if isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, functools.partial)):
         return _recorded(obj, path)
+    if isinstance(obj, type) and not issubclass(obj, BaseException):  # exception classes go to pytest.raises
+        return ClassProxy(obj, path)
     return obj
 
 
@@ -224,6 +245,8 @@ def build_vit(*args, **kwargs):
     _state["used"].add("build_vit")
     model = _recorded(impl.build_vit, "build_vit")(*args, **kwargs)
     names = getattr(impl, "PARAM_NAMES", None)
+    if callable(names):
+        names = names(model)
     return RenamedModel(model, names) if names else model
 
 

@@ -205,21 +205,18 @@ def _guard_message(where, what):
 def pytest_make_collect_report(collector):
     import adapter
 
-    if isinstance(collector, pytest.Module) and not adapter.is_minibvit():
-        found = imports_of_minibvit(collector.path.read_text())
-        if found:
-            from _pytest.reports import CollectReport
-
-            lines = "; ".join(f"line {n}: {s}" for n, s in found)
-            return CollectReport(collector.nodeid, "failed", _guard_message(collector.path.name, lines), [])
-        before = _minibvit_modules()
-        report = yield
-        new = _minibvit_modules() - before - collector.config._minibvit_allowed
-        if new and report.passed:
-            report.outcome = "failed"
-            report.longrepr = _guard_message(collector.path.name, ", ".join(sorted(new)))
-        return report
-    return (yield)
+    if not isinstance(collector, pytest.Module) or adapter.is_minibvit():
+        return (yield)
+    before = _minibvit_modules()
+    report = yield
+    found = imports_of_minibvit(collector.path.read_text())
+    new = _minibvit_modules() - before - collector.config._minibvit_allowed
+    if found or new:
+        what = "; ".join(f"line {n}: {s}" for n, s in found) or ", ".join(sorted(new))
+        report.outcome = "failed"
+        report.longrepr = _guard_message(collector.path.name, what)
+        report.result = []
+    return report
 
 
 def _component(item):
@@ -284,6 +281,8 @@ def pytest_runtest_call(item):
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
+    if report.skipped and isinstance(report.longrepr, tuple) and report.longrepr[0].endswith("adapter.py"):
+        report.longrepr = (str(item.path), (item.location[1] or 0) + 1, report.longrepr[2])  # the test, not the door
     if report.when == "call" and report.failed:
         import adapter
 

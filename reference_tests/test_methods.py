@@ -138,7 +138,8 @@ class RefGSBAttn(torch.autograd.Function):
         forward_group_scale(T1), forward_group_scale(T2)
         ctx.save_for_backward(A, a, T1, T2, M * torch.ones_like(A))
         ctx.mode = mode
-        return (A / a[0]).round().clamp(0, 1) * a[0] + T1 * a[1] + T2 * a[2]
+        m1, m2 = (T1.float(), T2.float()) if P().gsb_mask_dtype == "float32" else (T1, T2)
+        return (A / a[0]).round().clamp(0, 1) * a[0] + m1 * a[1] + m2 * a[2]
 
     @staticmethod
     def backward(ctx, g):
@@ -347,7 +348,7 @@ def test_gsb_value_init_and_grads_on_empty_groups():
 # GSB attention quantizer
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.profile("selected", "scale_floor", "gsb_empty_group")
+@pytest.mark.profile("selected", "scale_floor", "gsb_mask_dtype", "gsb_empty_group")
 @pytest.mark.parametrize("max_over", GSB_MAX_OVER)
 @pytest.mark.parametrize("mode", GSB_MODES)
 @settings(max_examples=40, deadline=None)
@@ -501,18 +502,29 @@ def test_gsb_bad_inputs_raise():
 # GSB wrappers
 # ------------------------------------------------------------------------------------------------
 
-def first_forward_scales(alpha, step):
+def first_forward_scales(alpha, step, y=None):
     """The scales the forward uses: the stored ones, except in the initialising forward (step 0) under
     the official convention, which uses alpha2 - alpha1 and alpha3 - alpha2 (the gradient still
-    reaches the stored parameter unchanged)."""
+    reaches the stored parameter unchanged). For the value quantizer (y given) the official code
+    subtracts the means sum(alpha1*T1)/sum(T1) and sum((alpha2'+alpha1)*T2)/sum(T2), over float32
+    masks under gsb_mask_dtype = "float32"."""
     if step or P().gsb_first_forward == "stored":
         return alpha
     raw = alpha.detach()
-    local = torch.stack([raw[0], raw[1] - raw[0], raw[2] - raw[1]])
+    if y is None:
+        a2 = raw[1] - raw[0]
+        local = torch.stack([raw[0], a2, raw[2] - (a2 + raw[0])])
+    else:
+        y = y.detach()
+        T1 = ((y > 0.7 * y.max()) | (y < 0.7 * y.min()))
+        T2 = ((y > 0.9 * y.max()) | (y < 0.9 * y.min()))
+        T1, T2 = (T1.float(), T2.float()) if P().gsb_mask_dtype == "float32" else (T1.to(y.dtype), T2.to(y.dtype))
+        a2 = raw[1] - (raw[0] * T1).sum() / T1.sum()
+        local = torch.stack([raw[0], a2, raw[2] - ((a2 + raw[0]) * T2).sum() / T2.sum()])
     return alpha + (local - raw)
 
 
-@pytest.mark.profile("selected", "sign_zero", "scale_floor", "gsb_init_count", "gsb_first_forward")
+@pytest.mark.profile("selected", "sign_zero", "scale_floor", "gsb_init_count", "gsb_first_forward", "gsb_mask_dtype")
 @pytest.mark.parametrize("mode", GSB_MODES)
 def test_gsb_value_quantizer_matches_torch(mode):
     rng = np.random.default_rng(2)
@@ -531,7 +543,7 @@ def test_gsb_value_quantizer_matches_torch(mode):
         y = vt - shift_t[None, :, None, :]
         if step == 0:
             assert_close(q.params["alpha"], ref_value_init(y.detach()), "alpha init from shifted v")
-        ref = RefGSBValue.apply(y, first_forward_scales(at, step), mode)
+        ref = RefGSBValue.apply(y, first_forward_scales(at, step, y), mode)
         ref.backward(t(g))
         assert_exact(out, ref, "value wrapper forward")
         assert_close(dv, vt.grad, "value wrapper dv")
@@ -543,7 +555,7 @@ def test_gsb_value_quantizer_matches_torch(mode):
         assert "mode" in repr(q)
 
 
-@pytest.mark.profile("selected", "scale_floor", "gsb_first_forward")
+@pytest.mark.profile("selected", "scale_floor", "gsb_first_forward", "gsb_mask_dtype")
 @pytest.mark.parametrize("mode", GSB_MODES)
 @pytest.mark.parametrize("max_over", GSB_MAX_OVER)
 def test_gsb_attn_quantizer_matches_torch(mode, max_over):

@@ -19,7 +19,7 @@ The fields (every profile sets all of them):
     The floor of every learnable scale in forward, ``max(alpha, scale_floor)``, as a Python float
     (float64). minibvit: ``1e-5``, rounded to the working dtype (so 1e-5 exactly in float64). The
     official code compares against ``torch.tensor(0.00001).float()``, a float32 constant, so in
-    float64 its floor is ``float32(1e-5) = 9.99999974737875e-06``. In float32 the two agree.
+    float64 its floor is ``float32(1e-5) = 9.999999747378752e-06``. In float32 the two agree.
 ``gsb_init_count``
     Which elements the GSB value quantizer's ``alpha1`` initialisation averages ``|y|`` over,
     outside ``T1``. ``"all"``: every element outside ``T1``, exact zeros included (minibvit).
@@ -34,6 +34,13 @@ The fields (every profile sets all of them):
     alpha1)`` with ``alpha2' = alpha2 - alpha1`` already reduced). Both are floored afterwards, and
     the backward of that forward uses the same local values. Every later forward uses the stored
     values in both profiles.
+``gsb_mask_dtype``
+    The dtype of the GSB group masks ``T1``, ``T2`` where they multiply a scale. ``"working"``: the
+    input's dtype (minibvit). ``"float32"``: the official code builds them with ``.float()``, so with
+    float64 input its attention forward's ``T1*alpha2 + T2*alpha3`` and the value quantizer's
+    first-forward means ``sum(alpha1*T1)/sum(T1)`` and ``sum((alpha2'+alpha1)*T2)/sum(T2)`` are
+    float32 (a 0-dim float64 scale times a float32 tensor stays float32 in torch), about 1e-8 off
+    the float64 values. In float32 the two agree.
 ``gsb_empty_group``
     What a GSB quantizer does when the group ``T1`` or ``T2`` is empty (an all-zero value tensor;
     attention whose maximum is ``<= 0``). ``"zero_scale_grad"``: forward works, the group's
@@ -61,6 +68,7 @@ class Profile:
     scale_floor: float
     gsb_init_count: str
     gsb_first_forward: str
+    gsb_mask_dtype: str
     gsb_empty_group: str
     gsb_empty_init_group: str
 
@@ -73,6 +81,7 @@ CHOICES = {
     "sign_zero": (1.0, 0.0),
     "gsb_init_count": ("all", "nonzero"),
     "gsb_first_forward": ("stored", "subtract"),
+    "gsb_mask_dtype": ("working", "float32"),
     "gsb_empty_group": ("zero_scale_grad", "zero_division_error"),
     "gsb_empty_init_group": ("fallback", "nan"),
 }
@@ -83,6 +92,7 @@ AFFECTS = {
     "scale_floor": ("elastic_binarizer", "lsq", "gsb_value", "gsb_attn"),
     "gsb_init_count": ("gsb_value_init",),
     "gsb_first_forward": ("gsb_value", "gsb_attn"),
+    "gsb_mask_dtype": ("gsb_value", "gsb_attn"),
     "gsb_empty_group": ("gsb_value", "gsb_attn"),
     "gsb_empty_init_group": ("gsb_value_init", "gsb_attn_init"),
 }
@@ -97,6 +107,7 @@ PROFILES = {
         scale_floor=1e-5,
         gsb_init_count="all",
         gsb_first_forward="stored",
+        gsb_mask_dtype="working",
         gsb_empty_group="zero_scale_grad",
         gsb_empty_init_group="fallback",
     ),
@@ -104,12 +115,13 @@ PROFILES = {
         name="gsb-official",
         summary="the official GSB code's conventions (IMRL/GSB-Vision-Transformer, quant_new_new.py): "
         "sign(0) = 0, a float32 scale floor, count_nonzero in the value alpha1 init, the first "
-        "forward uses alpha2 - alpha1 and alpha3 - alpha2, ZeroDivisionError on an empty group, "
+        "forward uses alpha2 - alpha1 and alpha3 - alpha2, float32 masks, ZeroDivisionError on an empty group, "
         "NaN (used as the floor) on an empty init set.",
         sign_zero=0.0,
-        scale_floor=9.99999974737875e-06,  # float(numpy.float32(1e-5))
+        scale_floor=9.999999747378752e-06,  # float(numpy.float32(1e-5))
         gsb_init_count="nonzero",
         gsb_first_forward="subtract",
+        gsb_mask_dtype="float32",
         gsb_empty_group="zero_division_error",
         gsb_empty_init_group="nan",
     ),

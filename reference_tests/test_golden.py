@@ -67,7 +67,7 @@ def test_committed_set_is_small_and_complete():
     specs = {c["op"] for c in manifest["cases"] if c["kind"] == "quantizer"}
     assert specs >= {"sign", "w_binary", "w_xnor", "a_elastic_signed", "a_elastic_signed_gsb", "a_elastic_unsigned",
                      "w_ternary_channel", "w_ternary_tensor", "a_lsq8", "w_lsq8", "w_minmax8", "a_minmax8_signed",
-                     "a_minmax8_unsigned", "gsb_value", "gsb_attn"}
+                     "a_minmax8_unsigned", "asm:a_elastic_signed", "gsb_value", "gsb_attn"}
     assert {f"model.{m}" for m in ("fp", "binary", "binaryvit", "tervit", "gsb")} <= names
     for case in manifest["cases"]:
         assert case["profile"] in manifest["profiles"], f"{case['name']}: profile {case['profile']!r} not described"

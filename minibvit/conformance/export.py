@@ -248,26 +248,29 @@ def op_cases(torch):
 
 
 def _quant_case(torch, name, spec, make_module, x, params, description, attrs=None, edges=None):
-    """Run a torch_quant module: forward on x with the given learnable params, backward of
-    sum(out * dout); also the first-batch initial value of every learnable param (<param>_init)."""
+    """Run a torch_quant module: forward on x with the given learnable params and buffers (``params``
+    holds both), backward of sum(out * dout). Outputs out, dx, d<param>, <buffer>_after (a running
+    buffer after the training forward), and <name>_init: what the first training batch x sets a fresh
+    (NaN) scale or buffer to."""
     r = _rng(name)
     dout = r.standard_normal(np.shape(x))
     module = make_module()
+    buffers = dict(module.named_buffers())
     with torch.no_grad():
         for k, v in params.items():
-            getattr(module, k).copy_(torch.from_numpy(np.asarray(v, dtype=np.float64)))
+            (buffers[k] if k in buffers else getattr(module, k)).copy_(torch.from_numpy(np.asarray(v, dtype=np.float64)))
     xt = _leaf(torch, x)
     out = module(xt)
     out.backward(torch.from_numpy(dout))
     outputs = {"out": _np(out), "dx": _np(xt.grad)}
     for k in params:
-        outputs[f"d{k}"] = _np(getattr(module, k).grad)
+        outputs[f"{k}_after" if k in buffers else f"d{k}"] = _np(buffers[k] if k in buffers else getattr(module, k).grad)
     fresh = make_module()
-    if any(torch.isnan(p).any() for p in fresh.parameters()):
+    uninitialised = [k for k, t in [*fresh.named_parameters(), *fresh.named_buffers()] if torch.isnan(t).any()]
+    if uninitialised:
         fresh(torch.from_numpy(np.asarray(x, dtype=np.float64)))
-        for k, p in fresh.named_parameters():
-            if k in params and k not in ("shift", "bias"):
-                outputs[f"{k}_init"] = _np(p)
+        state = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
+        outputs.update({f"{k}_init": _np(state[k]) for k in uninitialised if k in params})
     inputs = {"x": np.asarray(x, dtype=np.float64), "dout": dout, **{k: np.asarray(v, dtype=np.float64) for k, v in params.items()}}
     full_attrs = {"spec": spec, **(attrs or {})}
     if edges:
@@ -353,7 +356,33 @@ def quant_cases(torch):
     cases.append(_quant_case(torch, "quant.a_minmax8_signed.zero", "a_minmax8_signed",
                              lambda: tq.MinMaxQuantizer(8, True, False), np.zeros((2, 3)), {},
                              "min-max on an all-zero tensor: scale 1, codes 0", edges="all zero"))
+    cases += _asm_cases(torch, tq)
     cases += _gsb_cases(torch, tq)
+    return cases
+
+
+def _asm_cases(torch, tq):
+    """BinaryViT's activation shift module (our reconstruction) around the signed elastic binarizer."""
+    cases = []
+    for center in ("mean", "median", "token"):
+        name = f"quant.asm.{center}"
+        r = _rng(name)
+        x = r.standard_normal((2, 4, 3))  # (B, N, C): 8 rows per channel, so the median averages two values
+        params = {"shift": r.standard_normal(3) * 0.1, "alpha": [0.75]}
+        if center != "token":
+            params["running_center"] = r.standard_normal(3) * 0.1
+        make = (lambda c=center: tq.ActivationShift(tq.ElasticBinarizer(True, "lsq", torch.float64), 3, c, 0.1,
+                                                    torch.float64))
+        what = {"mean": "the running per-channel mean", "median": "the running per-channel median",
+                "token": "each token's own mean over its channels (differentiated through)"}[center]
+        cases.append(_quant_case(
+            torch, name, "asm:a_elastic_signed", make, x, params,
+            f"activation shift module: inner(x - (c + shift)), inner the signed elastic binarizer, c {what}"
+            + ("; training updates running_center <- (1 - m) running_center + m batch statistic before "
+               "quantizing (m = momentum); running_center_init: a fresh module's first batch sets it to the "
+               "statistic" if center != "token" else ""),
+            attrs={"inner": "a_elastic_signed", "center": center, "momentum": 0.1},
+            edges="8 rows per channel: the median is the mean of the two middle values" if center == "median" else None))
     return cases
 
 

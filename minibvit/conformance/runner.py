@@ -96,6 +96,9 @@ def _make_quantizer(ns, case, t):
     if spec == "gsb_attn":
         return ns.methods.GSBAttnQuantizer(x.shape[1], x.shape[2], mode=attrs["mode"], max_over=attrs["max_over"],
                                            dtype=F64)
+    if spec.startswith("asm:"):
+        return ns.methods.ASM(ns.quant.make_quantizer(spec[4:], dtype=F64), x.shape[-1], center=attrs["center"],
+                              momentum=attrs["momentum"], dtype=F64)
     return ns.quant.make_quantizer(spec, dtype=F64)
 
 
@@ -104,15 +107,18 @@ def _quantizer(ns, case, t):
         out, cache = ns.quant.binarize_forward(t["x"], "clipped")
         return {"out": out, "dx": ns.quant.binarize_backward(t["dout"], cache)}
     q = _make_quantizer(ns, case, t)
-    for name, arr in q.params.items():
+    for name, arr in {**q.params, **q.buffers}.items():
         arr[...] = t[name]
     out, cache = q.forward(t["x"], True)
     dx, grads = q.backward(t["dout"], cache)
-    result = {"out": out, "dx": dx, **{f"d{k}": g for k, g in grads.items()}}
+    result = {"out": out, "dx": dx, **{f"d{k}": g for k, g in grads.items()},
+              **{f"{k}_after": b.copy() for k, b in q.buffers.items()}}
     fresh = _make_quantizer(ns, case, t)
-    if any(np.isnan(p).any() for p in fresh.params.values()):
-        fresh.forward(t["x"], True)  # the first training batch initialises the NaN scales
-        result.update({f"{k}_init": p for k, p in fresh.params.items() if k not in ("shift", "bias")})
+    state = {**fresh.params, **fresh.buffers}
+    uninitialised = [k for k, v in state.items() if np.isnan(v).any()]
+    if uninitialised:
+        fresh.forward(t["x"], True)  # the first training batch initialises the NaN scales and buffers
+        result.update({f"{k}_init": state[k] for k in uninitialised})
     return result
 
 

@@ -215,3 +215,44 @@ def sign(x):
 quant = types.SimpleNamespace(elastic_binarize_forward=elastic_binarize_forward,
                               elastic_binarize_backward=elastic_binarize_backward,
                               elastic_alpha_init=elastic_alpha_init, sign=sign)
+
+
+# --------------------------------------------------------------------------------------------
+# the official model's parameter names (docs/conformance.md, "GSB: minibvit's variant")
+
+def official_deit_parameter_names(embed_dim=12, depth=2, heads=3, image_size=12, patch_size=4, num_classes=5):
+    """Names of the parameters of the official lowbit_VisionTransformer (One_bit_vit_new.py, distilled,
+    1-bit) for a small configuration. timm, which that file imports for helpers only, is replaced by
+    minimal stand-ins when it is not installed."""
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        def stub(name, **attrs):
+            module = types.ModuleType(name)
+            module.__dict__.update(attrs)
+            sys.modules.setdefault(name, module)
+
+        class DropPath(torch.nn.Module):
+            def __init__(self, p=0.0):
+                super().__init__()
+
+            def forward(self, x):
+                return x
+
+        stub("timm")
+        stub("timm.data", IMAGENET_DEFAULT_MEAN=(0.485, 0.456, 0.406), IMAGENET_DEFAULT_STD=(0.229, 0.224, 0.225))
+        stub("timm.models")
+        stub("timm.models.helpers", load_pretrained=None)
+        stub("timm.models.layers")
+        stub("timm.models.layers.drop", DropPath=DropPath)
+        stub("timm.models.layers.helpers", to_2tuple=lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x))
+        stub("timm.models.layers.weight_init", trunc_normal_=torch.nn.init.trunc_normal_)
+        stub("timm.models.registry", register_model=lambda f: f)
+    model_module = importlib.import_module("One_bit_vit_new")
+    config = types.SimpleNamespace(hidden_size=embed_dim, num_attention_heads=heads, input_size=image_size,
+                                   clip_init_val=2.5, weight_bits=1, input_bits=1, weight_layerwise=True,
+                                   input_layerwise=True, weight_quant_method="bwn", input_quant_method="elastic",
+                                   learnable_scaling=True, sym_quant_qkvo=True)
+    model = model_module.lowbit_VisionTransformer(config, patch_size=patch_size, in_chans=3, num_classes=num_classes,
+                                                  depth=depth, mlp_ratio=2, qkv_bias=True, distilled=True)
+    return [name for name, _ in model.named_parameters()]

@@ -9,11 +9,11 @@ writes such as monkeypatch then need the real module, so point those tests' name
 """
 import numpy as np
 
-from minibvit import checkpoint, data, engine, infer, kernels, methods as _methods, ops, quant, schemes, train
+from minibvit import checkpoint, cost, data, engine, infer, kernels, methods as _methods, ops, quant, schemes, train
 from minibvit.model import ViT, ViTConfig
 from minibvit.optim import SGD, AdamW, clip_grad_norm, cosine_lr
 
-__all__ = ["ops", "quant", "methods", "schemes", "kernels", "engine", "infer", "checkpoint", "data", "train",
+__all__ = ["ops", "quant", "methods", "schemes", "kernels", "engine", "infer", "checkpoint", "data", "train", "cost",
            "ViT", "ViTConfig", "build_vit", "AdamW", "SGD", "clip_grad_norm", "cosine_lr"]
 
 

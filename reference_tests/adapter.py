@@ -35,10 +35,6 @@ ALIASES = {"minibvit": MINIBVIT_IMPL}
 _state = {"name": None, "module": None, "used": set(), "profile": None}
 
 
-class MissingName(Exception):
-    pass
-
-
 def _skip(reason):
     import pytest
 
@@ -231,8 +227,8 @@ class RenamedModel:
         return self._contract(self._model.grads)
 
     def parameters(self):
-        return self._contract(self._model.parameters()) if isinstance(self._model.parameters(), dict) \
-            else self._model.parameters()
+        params = self._model.parameters()
+        return self._contract(params) if isinstance(params, dict) else params
 
     def __getattr__(self, attr):
         return getattr(self._model, attr)

@@ -166,6 +166,27 @@ def test_broken_adapter_fails_each_bug_on_the_golden_files(tmp_path):
                       ("quant.sign", "dx"), ("op.kd_soft", "loss"), ("op.kd_soft", "dstudent")}, "\n".join(lines)
 
 
+def test_run_takes_a_run_case_module_by_file(tmp_path):
+    """--impl path/to/file.py defining run_case(case, inputs): its outputs are written and checked; a case
+    it raises on is reported, run exits 1 and check fails that case as missing."""
+    impl = tmp_path / "my_impl.py"
+    impl.write_text(
+        "import os\nfrom minibvit.conformance import golden\n"
+        f"GOLDEN = {GOLDEN!r}\n"
+        "def run_case(case, inputs):\n"
+        "    if case['name'] == 'op.softmax':\n"
+        "        raise NotImplementedError('no softmax here')\n"
+        "    expected = golden.load_tensors(os.path.join(GOLDEN, case['file']))\n"
+        "    return {k: expected[k] for k in case['outputs']}\n")
+    results = tmp_path / "results"
+    code, output = cli("-m", "minibvit.conformance", "run", GOLDEN, str(results), "--impl", str(impl),
+                       "--cases", "op.soft*", "op.residual", check=False)
+    assert code == 1 and "op.softmax: NotImplementedError: no softmax here" in output, output
+    lines = []
+    assert golden.check(GOLDEN, str(results), ["op.softmax", "op.residual"], out=lines.append) == 2
+    assert lines[-1] == "2 cases, 5 outputs: 3 passed, 2 failed (in 1 case)", lines
+
+
 def test_plain_torch_runner_passes_check(tmp_path):
     """scripts/conformance_torch_runner.py (safetensors' torch API, torch ops only, no minibvit) on the
     op cases, the generic quantizers and the float model."""

@@ -207,7 +207,7 @@ def check(golden_dir, results_dir, patterns=(), out=print, verbose=False):
             out(f"  {name:<{width - 2}} {'':>7}  {a_err:11.3e}  {r_err:11.3e}  {'PASS' if ok else 'FAIL'}"
                 f"  (rtol {tol['rtol']:g}, atol {tol['atol']:g})" + (f"  {reason}" if reason else ""))
     out(f"{len(cases)} cases, {checked} outputs: {checked - failures} passed, {failures} failed"
-        + (f" (in {failed_cases} cases)" if failures else ""))
+        + (f" (in {failed_cases} case{'' if failed_cases == 1 else 's'})" if failures else ""))
     return failures
 
 

@@ -569,12 +569,22 @@ def build_cases(patterns=()):
     return cases
 
 
+def _previous_files(directory):
+    """Case files listed by a golden manifest already in directory (none if there is none)."""
+    try:
+        return {case["file"] for case in golden.read_manifest(directory)["cases"]
+                if os.path.exists(os.path.join(directory, case["file"]))}
+    except (FileNotFoundError, ValueError, KeyError):
+        return set()
+
+
 def export(directory, patterns=(), out=print):
     """Write every case and the manifest into directory (created if needed). Returns the manifest."""
     cases = build_cases(patterns)
     if not cases:
         raise ValueError(f"no case matches {list(patterns)}")
     os.makedirs(directory, exist_ok=True)
+    stale = _previous_files(directory) - {entry["file"] for entry, _ in cases}
     used = sorted({entry["profile"] for entry, _ in cases})
     manifest = {
         "format": golden.FORMAT_NAME, "version": golden.FORMAT_VERSION, "dtype": "float64",
@@ -586,6 +596,8 @@ def export(directory, patterns=(), out=print):
         golden.save_tensors(os.path.join(directory, entry["file"]), tensors,
                             metadata={"case": entry["name"]})
     golden.write_manifest(directory, manifest)
+    for name in sorted(stale):  # cases of an earlier export that no longer exist
+        os.unlink(os.path.join(directory, name))
     total = sum(os.path.getsize(os.path.join(directory, e["file"])) for e, _ in cases)
     out(f"wrote {len(cases)} cases ({total / 1e6:.2f} MB) and {golden.MANIFEST} to {directory}")
     return manifest

@@ -56,6 +56,15 @@ def test_export_regenerates_the_committed_golden_set_bit_for_bit(tmp_path):
                         f"changed on purpose, re-export: python -m minibvit.conformance export reference_tests/golden")
 
 
+def test_export_leaves_only_its_own_files(tmp_path):
+    """A re-export with fewer cases removes the files of the cases it no longer lists, and nothing else."""
+    shutil.copytree(GOLDEN, tmp_path / "g")
+    (tmp_path / "g" / "notes.txt").write_text("not a case file")
+    cli("-m", "minibvit.conformance", "export", str(tmp_path / "g"), "--cases", "op.linear*")
+    assert sorted(os.listdir(tmp_path / "g")) == ["manifest.json", "notes.txt", "op.linear.safetensors",
+                                                  "op.linear_nobias.safetensors"]
+
+
 def test_committed_set_is_small_and_complete():
     manifest = golden.read_manifest(GOLDEN)
     size = sum(os.path.getsize(os.path.join(GOLDEN, f)) for f in os.listdir(GOLDEN))

@@ -271,7 +271,8 @@ def _quant_case(torch, name, spec, make_module, x, params, description, attrs=No
         fresh(torch.from_numpy(np.asarray(x, dtype=np.float64)))
         state = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
         outputs.update({f"{k}_init": _np(state[k]) for k in uninitialised if k in params})
-    inputs = {"x": np.asarray(x, dtype=np.float64), "dout": dout, **{k: np.asarray(v, dtype=np.float64) for k, v in params.items()}}
+    inputs = {"x": np.asarray(x, dtype=np.float64), "dout": dout,
+              **{k: np.asarray(v, dtype=np.float64) for k, v in params.items()}}
     full_attrs = {"spec": spec, **(attrs or {})}
     if edges:
         full_attrs["edge_cases"] = edges

@@ -18,7 +18,15 @@ from hypothesis.extra import numpy as hnp
 
 torch = pytest.importorskip("torch", reason="the quantizer reference tests compare against PyTorch autograd")
 
-from minibvit import quant as Q  # noqa: E402  (the lead routes this through adapter.py)
+import adapter  # noqa: E402
+from adapter import quant as Q  # noqa: E402
+
+# Constants and option lists of the contract, hard-coded (never read from the implementation under test).
+SCALE_FLOOR = 1e-5  # profile minibvit's floor, for the hand-valued tests marked profile("minibvit", ...)
+STE_KINDS = ("identity", "clipped", "approxsign")
+QUANTIZER_SPECS = ("fp", "sign", "w_binary", "w_xnor", "a_elastic_signed", "a_elastic_unsigned", "a_elastic_signed_gsb",
+                   "w_ternary_channel", "w_ternary_tensor", "w_lsq8", "a_lsq8", "w_minmax8", "a_minmax8_signed",
+                   "a_minmax8_unsigned")
 
 F64 = torch.float64
 RTOL = 1e-10
@@ -40,11 +48,18 @@ def ste_derivative(x, kind):
 
 
 def ref_sign(x):
-    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+    """sign with the selected profile's sign(0) (minibvit: +1; gsb-official: 0)."""
+    zero = torch.full_like(x, adapter.profile().sign_zero)
+    return torch.where(x > 0, torch.ones_like(x), torch.where(x < 0, -torch.ones_like(x), zero))
+
+
+def ref_floor():
+    """The selected profile's scale floor (minibvit: 1e-5; gsb-official: float32(1e-5))."""
+    return adapter.profile().scale_floor
 
 
 class SignSTE(torch.autograd.Function):
-    """sign(x) (sign(0) = +1); backward g * ste'(x)."""
+    """sign(x) (sign(0) from the selected profile); backward g * ste'(x)."""
 
     @staticmethod
     def forward(ctx, x, kind):
@@ -179,8 +194,9 @@ scales = st.sampled_from([0.25, 0.75, 1.0, 1.25, 3.0, 0.09375, 2.0**-12])
 # sign and binarize
 
 
+@pytest.mark.profile("selected", "sign_zero")
 @SETTINGS
-@given(with_dout(arrays()), st.sampled_from(Q.STE_KINDS))
+@given(with_dout(arrays()), st.sampled_from(STE_KINDS))
 def test_binarize_matches_torch(x_dout, ste):
     x, dout = x_dout
     out, cache = Q.binarize_forward(x, ste)
@@ -192,6 +208,15 @@ def test_binarize_matches_torch(x_dout, ste):
     assert out.dtype == x.dtype
 
 
+def test_clipped_ste_passes_gradient_up_to_and_including_one():
+    """BNN's clipped STE is 1[|x| <= 1]: |x| = 1 passes the gradient (no zeros here: any sign(0))."""
+    x = np.array([-1.5, -1.0, -0.5, 0.5, 1.0, 1.5])
+    _, cache = Q.binarize_forward(x, "clipped")
+    assert_exact(Q.binarize_backward(np.ones_like(x), cache), np.array([0.0, 1.0, 1.0, 1.0, 1.0, 0.0]),
+                 "clipped STE at x = -1.5, -1, -0.5, 0.5, 1, 1.5")
+
+
+@pytest.mark.profile("minibvit", "sign_zero")
 def test_sign_of_zero_is_plus_one():
     x = np.array([0.0, -0.0, 1e-300, -1e-300])
     assert_exact(Q.sign(x), np.array([1.0, 1.0, 1.0, -1.0]), "sign(±0)")
@@ -220,6 +245,7 @@ def ref_weight_binarize(w, scale, center, ste):
     return ScaledCodesSTE.apply(w_c, alpha.detach(), codes.detach(), ste), codes, alpha
 
 
+@pytest.mark.profile("selected", "sign_zero")
 @SETTINGS
 @given(
     with_dout(arrays(min_dims=2)),
@@ -251,7 +277,7 @@ def test_weight_binarize_matches_torch(w_dout, scale, center, ste):
 
 
 def ref_elastic(x, alpha, signed, alpha_grad):
-    a = GradScale.apply(FloorPassThrough.apply(alpha, Q.SCALE_FLOOR), 1.0 / math.sqrt(x.numel()))
+    a = GradScale.apply(FloorPassThrough.apply(alpha, ref_floor()), 1.0 / math.sqrt(x.numel()))
     if signed:
         # "lsq" (BiT): the scale inside the sign is a constant -> dalpha = sum(sign(x) g s)
         # "gsb": d/dalpha of alpha * sign(x / alpha) with the clipped STE
@@ -275,6 +301,7 @@ def elastic_cases(draw):
     return x, alpha, dout, signed, draw(st.sampled_from(["lsq", "gsb"]))
 
 
+@pytest.mark.profile("selected", "sign_zero", "scale_floor")
 @SETTINGS
 @given(elastic_cases())
 def test_elastic_binarize_matches_torch(case):
@@ -289,6 +316,7 @@ def test_elastic_binarize_matches_torch(case):
     assert_close(dalpha, ref_dalpha, f"{what} dalpha")
 
 
+@pytest.mark.profile("minibvit", "sign_zero")
 def test_elastic_gradients_on_thresholds_by_hand():
     alpha = np.array([2.0])
     x = np.array([-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0])  # q = -1.5, -1, -0.5, 0, 0.5, 1, 1.5
@@ -308,11 +336,12 @@ def test_elastic_gradients_on_thresholds_by_hand():
     assert_close(dalpha, [s * (0 + 0 + -0.5 + 0 + 1)], "unsigned dalpha")
 
 
+@pytest.mark.profile("minibvit", "sign_zero", "scale_floor")
 def test_elastic_alpha_below_floor_is_floored_and_still_gets_gradient():
     x = np.array([-1.0, 0.0, 2.0])
     for alpha in (np.array([0.0]), np.array([-3.0])):
         out, cache = Q.elastic_binarize_forward(x, alpha, signed=True)
-        assert_exact(out, Q.SCALE_FLOOR * np.array([-1.0, 1.0, 1.0]), "floored alpha")
+        assert_exact(out, SCALE_FLOOR * np.array([-1.0, 1.0, 1.0]), "floored alpha")
         _, dalpha = Q.elastic_binarize_backward(np.ones(3), cache)
         assert np.all(np.isfinite(dalpha)) and dalpha[0] != 0
 
@@ -356,6 +385,7 @@ def ref_ternary(w, per_channel, delta_factor, ste):
     return ScaledCodesSTE.apply(w, alpha, codes, ste), codes, alpha, delta
 
 
+@pytest.mark.profile("selected", "sign_zero")
 @SETTINGS
 @given(
     with_dout(arrays(min_dims=2)),
@@ -399,7 +429,7 @@ def test_ternary_threshold_is_strict():
 def ref_lsq(x, step, bits, signed, channel_axis):
     qn, qp = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     per_step = x.numel() if channel_axis is None else x.numel() // x.shape[channel_axis]
-    s = GradScale.apply(FloorPassThrough.apply(step, Q.SCALE_FLOOR), 1.0 / math.sqrt(per_step * qp))
+    s = GradScale.apply(FloorPassThrough.apply(step, ref_floor()), 1.0 / math.sqrt(per_step * qp))
     if channel_axis is not None:
         shape = [1] * x.ndim
         shape[channel_axis] = -1
@@ -428,6 +458,7 @@ def lsq_cases(draw):
     return x, step, dout, bits, signed, channel_axis
 
 
+@pytest.mark.profile("selected", "scale_floor")
 @SETTINGS
 @given(lsq_cases())
 def test_lsq_matches_torch(case):
@@ -640,7 +671,7 @@ def test_shifted_wrapper():
     assert "Shifted(ElasticBinarizer(" in repr(quantizer)
 
 
-@pytest.mark.parametrize("spec", list(Q.QUANTIZER_SPECS))
+@pytest.mark.parametrize("spec", list(QUANTIZER_SPECS))
 def test_factory_builds_every_spec(spec):
     rng = np.random.default_rng(3)
     x = rng.normal(size=(6, 5))

@@ -1,4 +1,4 @@
-"""Whole quantized ViTs, every method of minibvit.methods, against an independent PyTorch model
+"""Whole quantized ViTs, every method of minibvit.schemes, against an independent PyTorch model
 (torch_reference.TorchViT with the torch_quant modules on the same tensor roles), in float64.
 
 Each case: random weights (quantizer shifts / biases random and small); a first training batch on
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from adapter import ViTConfig, build_vit
-from minibvit import methods  # the method tables (the lead may route this through adapter.py)
+from adapter import schemes  # the method tables and quantizer factory of the implementation under test
 
 torch = pytest.importorskip("torch", reason="PyTorch is the reference for these tests (pip install torch==2.13.0)")
 from test_model import loss_and_grads_np, loss_torch, random_state  # noqa: E402
@@ -55,7 +55,7 @@ class Recorder:
 def build_pair(cfg, method, options, overrides, rng):
     """The minibvit model (quantizers wrapped in Recorders) and the torch model, with the same random
     weights; quantizer shifts / biases random too (small), NaN scales and buffers left for the first batch."""
-    quantizers = methods.build_quantizers(cfg, method, overrides=overrides, options=options, dtype="float64")
+    quantizers = schemes.build_quantizers(cfg, method, overrides=overrides, options=options, dtype="float64")
     recorders = {role: Recorder(q) for role, q in quantizers.items()}
     model = build_vit(cfg, dtype=np.float64, quantizers=recorders)
     model.load_state_dict(random_state(build_vit(cfg, dtype=np.float64), rng), strict=False)
@@ -63,7 +63,7 @@ def build_pair(cfg, method, options, overrides, rng):
         for name, arr in q.params.items():
             if name in ("shift", "bias"):  # GSB's attention bias adds to probabilities ~1/N: keep it small
                 arr[...] = rng.standard_normal(arr.shape) * (0.02 if name == "bias" else 0.1)
-    tquant = torch_quantizers(methods.resolve(cfg, method, overrides), cfg, options)
+    tquant = torch_quantizers(schemes.resolve(cfg, method, overrides), cfg, options)
     tm = TorchViT(cfg, quant=tquant)
     tm.load_numpy(model.state_dict())
     return model, recorders, tm, tquant
@@ -142,7 +142,7 @@ def compare_training_step(model, recorders, tm, tquant, x, y, when):
 def compare_method(method, cfg_overrides=None, options=None, overrides=None, seed=0, batch=3):
     """Returns the minibvit quantizer recorders (inputs and outputs of the second batch)."""
     cfg = ViTConfig(**{**TINY, **(cfg_overrides or {})})
-    options = options or methods.QuantizerOptions()
+    options = options or schemes.SchemeOptions()
     rng = np.random.default_rng(seed)
     model, recorders, tm, tquant = build_pair(cfg, method, options, overrides, rng)
     quantizers = {role: r.inner for role, r in recorders.items()}
@@ -186,7 +186,7 @@ def test_tervit_matches_torch(method):
 
 @pytest.mark.parametrize("center", ["mean", "median", "token", "none"])
 def test_binaryvit_matches_torch(center):
-    compare_method("binaryvit", options=methods.QuantizerOptions(asm_center=center, asm_momentum=0.25))
+    compare_method("binaryvit", options=schemes.SchemeOptions(asm_center=center, asm_momentum=0.25))
 
 
 def test_gsb_stage1_matches_torch():
@@ -197,7 +197,7 @@ def test_gsb_stage1_matches_torch():
 @pytest.mark.parametrize("mode", ["official", "principled"])
 def test_gsb_matches_torch(mode, max_over):
     recorders = compare_method("gsb", cfg_overrides={"distilled": True},
-                               options=methods.QuantizerOptions(gsb_mode=mode, gsb_max_over=max_over))
+                               options=schemes.SchemeOptions(gsb_mode=mode, gsb_max_over=max_over))
     assert_exact_zeros_reach_binarizer(recorders)
 
 

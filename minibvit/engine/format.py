@@ -130,7 +130,7 @@ def export(checkpoint_path, out_path):
 
     model, meta = load_model(checkpoint_path)
     scheme = meta["scheme"]
-    if scheme not in _PACKED_KINDS:
+    if scheme not in EXPORTABLE_SCHEMES:
         what = "a full-precision model has no low-bit weights to pack" if not model.quantizers else \
             f"'{scheme}' is an intermediate training stage"
         raise ValueError(f"cannot export {checkpoint_path}: {what}; export a checkpoint of "

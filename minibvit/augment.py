@@ -103,34 +103,28 @@ def draft_factor(image_size, box, out_size):
     return d
 
 
-def decode_box(file, box, out_size, draft=True):
-    """Open an image (path or file object), decode it and resize box (top, left, h, w) to out_size
-    (an int or (width, height)), bicubic. Returns uint8 (out_h, out_w, 3). With draft=True, JPEGs are decoded at the reduction that
-    ``draft_factor`` allows; the box is mapped to the reduced image with float coordinates.
+def decode_box(img, box, out_size, draft=True):
+    """Decode an opened, not yet loaded PIL image (``Image.open``) and resize its box (top, left, h, w)
+    to out_size (an int or (width, height)), bicubic. Returns uint8 (out_h, out_w, 3).
+
+    With draft=True, JPEGs are decoded at the reduction ``draft_factor`` allows and the box is mapped
+    to the reduced image with float coordinates. Without a reduction and with an integer box this is
+    torchvision's resized_crop on PIL: crop, then resize the crop alone.
     """
-    with Image.open(file) as img:
-        width, height = img.size
-        top, left, h, w = box
-        if draft and img.format == "JPEG":
-            d = draft_factor((width, height), box, out_size)
-            if d > 1:
-                img.draft("RGB", (width // d, height // d))
-        reduced = round(width / img.size[0])  # libjpeg scales by exactly 1/d (the last pixel partial)
-        img = img.convert("RGB")
-        if reduced == 1 and all(float(v).is_integer() for v in box):
-            # torchvision's resized_crop: crop, then resize the crop alone
-            crop = img.crop((int(left), int(top), int(left + w), int(top + h)))
-            out = crop.resize(_pair(out_size), RESAMPLE)
-        else:
-            r = 1.0 / reduced
-            out = img.resize(_pair(out_size), RESAMPLE, box=(left * r, top * r, (left + w) * r, (top + h) * r))
-        return np.asarray(out, dtype=np.uint8)
-
-
-def image_size_of(file):
-    """(width, height) from the header alone."""
-    with Image.open(file) as img:
-        return img.size
+    width, height = img.size
+    top, left, h, w = box
+    if draft and img.format == "JPEG":
+        d = draft_factor((width, height), box, out_size)
+        if d > 1:
+            img.draft("RGB", (width // d, height // d))
+    reduced = round(width / img.size[0])  # libjpeg scales by exactly 1/d (the last pixel partial)
+    rgb = img.convert("RGB")
+    if reduced == 1 and all(float(v).is_integer() for v in box):
+        out = rgb.crop((int(left), int(top), int(left + w), int(top + h))).resize(_pair(out_size), RESAMPLE)
+    else:
+        r = 1.0 / reduced
+        out = rgb.resize(_pair(out_size), RESAMPLE, box=(left * r, top * r, (left + w) * r, (top + h) * r))
+    return np.asarray(out, dtype=np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,14 +230,14 @@ class TrainTransform:
     draft: bool = True
 
     def __call__(self, file, rng):
-        width, height = image_size_of(file)
-        if self.crop:
-            box = random_resized_crop_box(height, width, rng, self.scale, self.ratio)
-        else:
-            box = (0, 0, height, width)
-        if hasattr(file, "seek"):
-            file.seek(0)
-        out = decode_box(file, box, self.size, self.draft)
+        """file: a path or binary file object; rng: the image's Generator. -> uint8 (size, size, 3)."""
+        with Image.open(file) as img:
+            width, height = img.size
+            if self.crop:
+                box = random_resized_crop_box(height, width, rng, self.scale, self.ratio)
+            else:
+                box = (0, 0, height, width)
+            out = decode_box(img, box, self.size, self.draft)
         if self.flip_prob > 0 and rng.random() < self.flip_prob:
             out = out[:, ::-1]
         if self.rand_augment is not None:
@@ -260,11 +254,10 @@ class EvalTransform:
     draft: bool = True
 
     def __call__(self, file, rng=None):
-        width, height = image_size_of(file)
-        if hasattr(file, "seek"):
-            file.seek(0)
-        out_w, out_h = eval_resize_size(height, width, self.size, self.crop_ratio)
-        resized = decode_box(file, (0, 0, height, width), (out_w, out_h), self.draft)
+        with Image.open(file) as img:
+            width, height = img.size
+            out_w, out_h = eval_resize_size(height, width, self.size, self.crop_ratio)
+            resized = decode_box(img, (0, 0, height, width), (out_w, out_h), self.draft)
         top, left = int(round((out_h - self.size) / 2.0)), int(round((out_w - self.size) / 2.0))
         return np.ascontiguousarray(resized[top:top + self.size, left:left + self.size])
 

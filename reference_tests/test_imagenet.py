@@ -3,6 +3,7 @@ the hub dataset (a local datasets.Dataset, no network), errors for missing/parti
 ImageNetData end to end with resume exactness."""
 import os
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from jpeg_tree import WNIDS, make_tree, write_jpeg, write_loc_csv
 from minibvit import augment as A
 from minibvit import imagenet
 from minibvit.imagenet import ImageNetData, ImageNetLayoutError
+from minibvit.loader import decode_batch
 
 SIZE = 24
 
@@ -86,6 +88,13 @@ def test_devkit_files_with_meta_mat(tmp_path):
     (data / imagenet.DEVKIT_TRUTH).write_text("".join(f"{meta_order.index(truth[i]) + 1}\n" for i in sorted(truth)))
     src = imagenet.folder_source(str(tmp_path), "val")
     assert [WNIDS[k] for k in src.labels] == [truth[os.path.basename(src.open(i))[:-5]] for i in range(len(src))]
+    # torchvision's layout: the devkit tarball beside train/ and val/
+    with tarfile.open(tmp_path / imagenet.DEVKIT_TAR, "w:gz") as tar:
+        tar.add(str(tmp_path / "ILSVRC2012_devkit_t12"), arcname="ILSVRC2012_devkit_t12")
+    shutil.rmtree(tmp_path / "ILSVRC2012_devkit_t12")
+    from_tar = imagenet.folder_source(str(tmp_path), "val")
+    np.testing.assert_array_equal(from_tar.labels, src.labels)
+    assert list(from_tar.files) == list(src.files)
 
 
 def test_layout_errors(tmp_path):
@@ -152,8 +161,13 @@ def test_hub_source_reads_the_same_images(tree):
     embedded = ds.cast_column("image", __import__("datasets").Image(decode=False)).map(
         lambda row: {"image": {"bytes": open(row["image"]["path"], "rb").read(), "path": None}})
     hub_bytes = imagenet.hub_source("train", dataset=embedded)
-    np.testing.assert_array_equal(transform(hub_bytes.open(2), np.random.default_rng(0)),
-                                  transform(folder.open(2), np.random.default_rng(0)))
+    # through a worker process (the source is pickled to it) the batches equal the folder's
+    with ImageNetData(hub_bytes, train=True, image_size=SIZE, num_workers=1) as from_hub:
+        order = from_hub.order(4, 1)
+        for step, images, labels in from_hub.raw_batches(3, seed=4, epoch=1):
+            indices = order[3 * step:3 * step + 3]
+            np.testing.assert_array_equal(images, decode_batch(folder, from_hub.transform, indices, 4, 1, step))
+            np.testing.assert_array_equal(labels, folder.labels[indices])
 
 
 def test_hub_errors(tree, monkeypatch):

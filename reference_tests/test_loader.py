@@ -84,7 +84,7 @@ def test_abandoned_epoch_then_new_epoch(source):
 
 
 def test_close_frees_shared_memory_and_workers(source):
-    loader = BatchLoader(source, A.EvalTransform(size=SIZE), 4, SIZE, num_workers=2)
+    loader = BatchLoader(source, A.EvalTransform(size=SIZE), 4, SIZE, num_workers=1)
     next(iter(loader.batches(np.arange(len(source)), 0, 0)))
     name, workers = loader.shm_name, list(loader._workers)
     assert shm_exists(name) and all(p.is_alive() for p in workers)
@@ -99,7 +99,7 @@ def test_close_frees_shared_memory_and_workers(source):
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_consumer_raising_cleans_up(source, error):
     with pytest.raises(error):
-        with BatchLoader(source, A.EvalTransform(size=SIZE), 2, SIZE, num_workers=2) as loader:
+        with BatchLoader(source, A.EvalTransform(size=SIZE), 2, SIZE, num_workers=1) as loader:
             for step, _, _ in loader.batches(np.arange(len(source)), 0, 0):
                 name, workers = loader.shm_name, list(loader._workers)
                 raise error("consumer failed")
@@ -112,7 +112,7 @@ def test_worker_exception_names_the_sample(tmp_path):
     bad = tmp_path / "train" / "n01443537" / "n01443537_0.JPEG"
     bad.write_bytes(b"not a jpeg")
     src = imagenet.folder_source(str(tmp_path), "train")
-    with BatchLoader(src, A.EvalTransform(size=SIZE), 2, SIZE, num_workers=2) as loader:
+    with BatchLoader(src, A.EvalTransform(size=SIZE), 2, SIZE, num_workers=1) as loader:
         with pytest.raises(LoaderError, match="n01443537_0.JPEG"):
             collect(loader, np.arange(len(src)), 0, 0)
         assert not shm_exists(loader._shm.name)

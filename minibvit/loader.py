@@ -151,6 +151,7 @@ class BatchLoader:
         self._started = self._closed = False
         self._tokens = itertools.count()
         self._outstanding = 0  # tasks handed out whose result has not been received
+        self._active = None  # token of the batches() iterator that owns the ring
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -216,7 +217,7 @@ class BatchLoader:
             raise ValueError(f"part must satisfy 0 <= lo < hi <= batch_size={self.batch_size}, got {part}")
         self.start()
         self._drain()  # results of an abandoned earlier epoch
-        token = next(self._tokens)
+        token = self._active = next(self._tokens)
         labels = np.asarray(self.source.labels, np.int64)
         free, done, next_submit = list(range(self.num_slots)), {}, start_step
 
@@ -224,6 +225,9 @@ class BatchLoader:
             return order[step * self.batch_size:(step + 1) * self.batch_size][lo:hi]
 
         for step in range(start_step, steps):
+            if self._active != token:
+                raise LoaderError("this batches() iterator was superseded by a later batches() call on the "
+                                  "same loader (they share its ring); iterate one epoch at a time")
             while free and next_submit < steps:
                 indices = batch_indices(next_submit)
                 if len(indices):

@@ -78,7 +78,11 @@ def test_abandoned_epoch_then_new_epoch(source):
         for step, _, _ in loader.batches(order, 0, 0):
             if step == 1:
                 break
+        stale = loader.batches(order, 0, 0)
+        next(stale)
         again = collect(loader, order, 0, 0)
+        with pytest.raises(LoaderError, match="superseded"):
+            next(stale)
         assert [s for s, _, _ in again] == list(range(len(source) // 2))
         np.testing.assert_array_equal(again[3][1], decode_batch(source, transform, order[6:8], 0, 0, 3))
 

@@ -321,6 +321,15 @@ class ImageNetData:
         self.num_workers, self.start_method = num_workers, start_method
         self._loader = None
 
+    @classmethod
+    def from_split(cls, split, root=None, hub=False, image_size=224, **kwargs):
+        """The split ('train' or 'val') of the tree at root, or of the hub dataset (hub=True);
+        train=True for 'train'. kwargs go to ImageNetData (augment, num_workers, draft, ...)."""
+        if (root is None) == (not hub):
+            raise ValueError("give either root (a local ImageNet tree) or hub=True (ILSVRC/imagenet-1k)")
+        source = hub_source(split) if hub else folder_source(root, split)
+        return cls(source, train=split == "train", image_size=image_size, **kwargs)
+
     def __len__(self):
         return len(self.source)
 
@@ -334,6 +343,9 @@ class ImageNetData:
 
     def raw_batches(self, batch_size, seed, epoch, start_step=0, drop_last=None, part=None):
         """(step, uint8 (n, S, S, 3) view into shared memory, int64 labels) per step."""
+        for name, value in (("seed", seed), ("epoch", epoch)):
+            if not (isinstance(value, (int, np.integer)) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if self._loader is None or self._loader.batch_size != batch_size:
             self.close()
             self._loader = loader.BatchLoader(self.source, self.transform, batch_size, self.image_size,

@@ -144,6 +144,8 @@ class BatchLoader:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not (isinstance(num_workers, int) and num_workers > 0):
             raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
+        if not (num_slots is None or (isinstance(num_slots, int) and num_slots > 0)):
+            raise ValueError(f"num_slots must be a positive integer or None, got {num_slots!r}")
         self.source, self.transform = source, transform
         self.batch_size, self.image_size, self.num_workers = batch_size, image_size, num_workers
         self.num_slots = num_slots or 2 * num_workers + 1

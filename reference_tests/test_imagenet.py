@@ -214,9 +214,18 @@ def test_imagenet_data_train_resume_exact_and_eval(tree):
         np.testing.assert_array_equal(batches[0][0], first)
 
 
-def test_imagenet_data_switches(tree):
-    src = imagenet.folder_source(tree, "train")
-    with ImageNetData(src, train=True, image_size=SIZE, augment=False, num_workers=1) as data:
+def test_imagenet_data_switches_and_bad_arguments(tree):
+    with ImageNetData.from_split("train", root=tree, image_size=SIZE, augment=False, num_workers=1) as data:
+        assert data.train and data.num_classes == 3
         x, y = next(iter(data.batches(3, seed=0, epoch=0)))
         assert y.dtype == np.int64 and y.shape == (3,)  # no mixing: integer labels
         assert data.transform.rand_augment is None and data.batch_augment.erase_prob == 0
+        with pytest.raises(ValueError, match="seed"):
+            next(iter(data.batches(3, seed=-1, epoch=0)))
+        with pytest.raises(ValueError, match="start_step"):
+            next(iter(data.batches(3, seed=0, epoch=0, start_step=99)))
+        with pytest.raises(ValueError, match="batch_size"):
+            next(iter(data.batches(0, seed=0, epoch=0)))
+    assert not ImageNetData.from_split("val", root=tree).train
+    with pytest.raises(ValueError, match="either root"):
+        ImageNetData.from_split("val")

@@ -10,7 +10,8 @@ Two halves, split where the pixels leave uint8:
   cutmix with label-smoothed soft targets.
 
 Defaults are DeiT's (Touvron et al. 2021, "Training data-efficient image transformers", Table 9 and
-its main.py), which all three papers (BinaryViT, TerViT, GSB) train with. RandAugment follows timm's
+its main.py), the recipe the three papers' DeiT-S ImageNet runs start from; which parts a paper keeps
+for its low-bit stages is for its recipe script to set (every part is a switch). RandAugment follows timm's
 ``rand-m9-mstd0.5-inc1`` (timm/data/auto_augment.py): the "increasing" op set, two ops per image
 drawn uniformly with replacement, each applied with probability 1/2, magnitude ~ N(9, 0.5) clipped to
 [0, 10] per op, fill colour = the ImageNet mean in uint8 (124, 116, 104), bicubic resampling (DeiT's

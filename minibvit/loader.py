@@ -227,6 +227,8 @@ class BatchLoader:
             return order[step * self.batch_size:(step + 1) * self.batch_size][lo:hi]
 
         for step in range(start_step, steps):
+            if self._closed:
+                raise LoaderError("the BatchLoader was closed while this batches() iterator was in use")
             if self._active != token:
                 raise LoaderError("this batches() iterator was superseded by a later batches() call on the "
                                   "same loader (they share its ring); iterate one epoch at a time")

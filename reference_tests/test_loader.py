@@ -92,8 +92,12 @@ def test_close_frees_shared_memory_and_workers(source):
     next(iter(loader.batches(np.arange(len(source)), 0, 0)))
     name, workers = loader.shm_name, list(loader._workers)
     assert shm_exists(name) and all(p.is_alive() for p in workers)
+    batches = loader.batches(np.arange(len(source)), 0, 0)
+    next(batches)
     loader.close()
     loader.close()  # idempotent
+    with pytest.raises(LoaderError, match="closed while"):
+        next(batches)
     assert not shm_exists(name)
     assert all(p.exitcode is not None for p in workers)  # joined: no zombies
     with pytest.raises(LoaderError, match="closed"):

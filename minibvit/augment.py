@@ -382,7 +382,10 @@ def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
     scale = (1.0 / (255.0 * std)).astype(np.float32).reshape(1, -1, 1, 1)
     shift = (mean / std).astype(np.float32).reshape(1, -1, 1, 1)
-    return images.transpose(0, 3, 1, 2).astype(np.float32) * scale - shift
+    x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)  # C-contiguous NCHW
+    x *= scale
+    x -= shift
+    return x
 
 
 # ---------------------------------------------------------------------------------------------------

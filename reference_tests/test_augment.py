@@ -190,7 +190,7 @@ def test_normalize_layout_and_values():
     x = A.normalize(images)
     ref = (images.transpose(0, 3, 1, 2) / 255.0 - np.reshape(A.IMAGENET_MEAN, (1, 3, 1, 1))) \
         / np.reshape(A.IMAGENET_STD, (1, 3, 1, 1))
-    assert x.dtype == np.float32 and x.shape == (2, 3, 5, 4)
+    assert x.dtype == np.float32 and x.shape == (2, 3, 5, 4) and x.flags.c_contiguous
     np.testing.assert_allclose(x, ref, rtol=0, atol=2e-6)
 
 

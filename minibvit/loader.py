@@ -68,6 +68,8 @@ def decode_batch(source, transform, indices, seed, epoch, step, first_index=0, o
 def _worker_main(source, transform, shm_name, ring_shape, tasks, results):
     """Worker loop: take (token, step, slot, indices, seed, epoch, first_index), decode, report."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # exit without waiting to flush results nobody will read (we only exit when told or orphaned)
+    results.cancel_join_thread()
     parent = multiprocessing.parent_process()
     shm = shared_memory.SharedMemory(name=shm_name)
     ring = np.ndarray(ring_shape, np.uint8, buffer=shm.buf)

@@ -287,3 +287,18 @@ def test_soft_target_cross_entropy_finite_differences():
 def test_soft_target_cross_entropy_rejects_shape_mismatch():
     with pytest.raises(ValueError, match="shape"):
         A.soft_target_cross_entropy_forward(np.zeros((2, 3)), np.zeros((2, 4)))
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_grayscale_and_cmyk_jpegs_decode_to_rgb(mode):
+    # ImageNet's train set holds a few of each; draft mode applies to them too
+    buf = io.BytesIO()
+    Image.fromarray(textured_image(600, 800, 7)).convert(mode).save(buf, "JPEG", quality=90)
+    outs = []
+    for draft in (True, False):
+        buf.seek(0)
+        outs.append(A.EvalTransform(size=112, draft=draft)(buf).astype(int))
+    assert outs[0].shape == (112, 112, 3)
+    if mode == "L":
+        assert (outs[1] == outs[1][..., :1]).all()
+    assert np.abs(outs[0] - outs[1]).mean() < 1.0

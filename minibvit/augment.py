@@ -150,6 +150,13 @@ def _enhance_factor(level, rng):
     return max(0.1, 1.0 + _signed(level / MAX_LEVEL * 0.9, rng))
 
 
+def _posterize(img, bits):
+    """Keep the `bits` most significant bits of every channel; 0 bits gives black (as Pillow's
+    posterize did before it refused bits=0, which level 10 of PosterizeIncreasing asks for)."""
+    mask = ~(2 ** (8 - bits) - 1) & 0xFF
+    return img.point([i & mask for i in range(256)] * len(img.getbands()))
+
+
 def _solarize_add(img, add, threshold=128):
     lut = [min(255, i + add) if i < threshold else i for i in range(256)]
     return img.point(lut * len(img.getbands()))
@@ -163,7 +170,7 @@ RAND_AUGMENT_OPS = {
     "Rotate": lambda img, level, rng: img.rotate(_signed(level / MAX_LEVEL * 30.0, rng),
                                                  resample=RESAMPLE, fillcolor=FILL),
     # keeps 4 - int(0.4 level) bits: 4 bits at level 0 (so not the identity there), 0 bits at 10
-    "PosterizeIncreasing": lambda img, level, rng: ImageOps.posterize(img, 4 - int(level / MAX_LEVEL * 4)),
+    "PosterizeIncreasing": lambda img, level, rng: _posterize(img, 4 - int(level / MAX_LEVEL * 4)),
     # inverts pixels >= 256 - int(25.6 level): none at level 0
     "SolarizeIncreasing": lambda img, level, rng: ImageOps.solarize(img, 256 - int(level / MAX_LEVEL * 256)),
     "SolarizeAdd": lambda img, level, rng: _solarize_add(img, int(level / MAX_LEVEL * 110)),

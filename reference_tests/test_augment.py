@@ -134,6 +134,23 @@ def test_rand_augment_op_identity_at_zero_and_acts_at_nine(name):
         assert at_nine.shape == (48, 40, 3) and not np.array_equal(at_nine, np.asarray(img))
 
 
+@pytest.mark.parametrize("name", list(A.RAND_AUGMENT_OPS))
+def test_rand_augment_op_runs_over_the_whole_level_range(name):
+    img = Image.fromarray(textured_image(20, 24, 8))
+    for level in np.linspace(0.0, 10.0, 21):
+        out = A.RAND_AUGMENT_OPS[name](img, float(level), np.random.default_rng(0))
+        assert out.size == img.size and out.mode == "RGB"
+
+
+def test_posterize_keeps_the_top_bits():
+    img = Image.fromarray(textured_image(20, 24, 9))
+    pixels = np.asarray(img)
+    op = A.RAND_AUGMENT_OPS["PosterizeIncreasing"]
+    np.testing.assert_array_equal(np.asarray(op(img, 0.0, None)), pixels & 0xF0)  # 4 bits at level 0
+    np.testing.assert_array_equal(np.asarray(op(img, 5.0, None)), pixels & 0xC0)  # 4 - int(2.0) = 2 bits
+    np.testing.assert_array_equal(np.asarray(op(img, 10.0, None)), np.zeros_like(pixels))  # 0 bits
+
+
 def test_rand_augment_deterministic_and_magnitude_zero_identity():
     img = Image.fromarray(textured_image(40, 40, 6))
     outs = [np.asarray(A.rand_augment(img, np.random.default_rng([3, s]))) for s in (0, 0, 1, 2, 3)]

@@ -76,7 +76,7 @@ def _worker_main(source, transform, shm_name, ring_shape, tasks, results):
     try:
         while True:
             try:
-                task = tasks.get(timeout=1.0)
+                task = tasks.get(timeout=0.25)
             except queue.Empty:
                 if parent is not None and not parent.is_alive():
                     return

@@ -9,8 +9,9 @@ from the rank or the world size). Each rank computes its slices of the global ba
 every rank runs the same AdamW step, and rank 0 writes <out>/<method>/step<t>.safetensors after every
 step and final.safetensors at the end. --resume-step T continues from step<T> (with any number of
 ranks). --die-at T / --raise-at T / --hang-at T make the last rank SIGKILL itself / raise / sleep for
-an hour in the backward of step T. --plain leaves out the quantizer-state collectives (the elastic/LSQ
-lazy initialisation and the size-normalised scale gradients), to show that they matter.
+an hour in the backward of step T. --no-lazy-init / --no-size-normalised leave out the collective
+first-batch initialisation of the elastic/LSQ scales / the correction of their gradients, to show that
+they matter.
 """
 import argparse
 import contextlib
@@ -83,14 +84,14 @@ def train(name, args, comm):
     distributed.broadcast_state(model.state_dict(), comm)
     distributed.check_replicas(model.state_dict(), comm)
     reducer = distributed.GradientReducer(model.parameters(), comm, bucket_bytes=args.bucket_bytes,
-                                          size_normalised=() if args.plain else distributed.size_normalised_grad_names(model))
+                                          size_normalised=() if args.no_size_normalised else distributed.size_normalised_grad_names(model))
     binarized = schemes.binarized_weight_roles(model.quantizers)
     if comm.is_main:
         os.makedirs(out, exist_ok=True)
     for step in range(start, args.steps):
         x, y = global_batch(args.seed, step, args.batch, cfg)
         for part in distributed.batch_slices(args.batch, comm.rank, comm.world, accum):
-            with contextlib.nullcontext() if args.plain else distributed.lazy_init_collectively(model, comm):
+            with contextlib.nullcontext() if args.no_lazy_init else distributed.lazy_init_collectively(model, comm):
                 logits, cache = model.forward(x[part.slice], training=True)
             loss, dlogits = loss_and_grad(logits, y[part.slice])
             reducer.begin(part)
@@ -146,7 +147,8 @@ def main():
     ap.add_argument("--die-at", type=int)
     ap.add_argument("--raise-at", type=int)
     ap.add_argument("--hang-at", type=int)
-    ap.add_argument("--plain", action="store_true")
+    ap.add_argument("--no-lazy-init", action="store_true")
+    ap.add_argument("--no-size-normalised", action="store_true")
     args = ap.parse_args()
     comm = distributed.init()
     for name in args.methods.split(","):

@@ -162,7 +162,7 @@ class MPICommunicator(SingleProcess):
 
     def mean(self, x, weight=1.0):
         x = np.asarray(x)
-        both = self.sum(np.concatenate([np.ravel(x * weight).astype(np.float64), [float(weight)]]))
+        both = self.sum(np.concatenate([np.ravel(x).astype(np.float64) * weight, [float(weight)]]))
         return (both[:-1] / both[-1]).astype(x.dtype).reshape(x.shape)
 
     def gather(self, x):
@@ -319,6 +319,13 @@ def batch_slices(global_batch, rank, world, accum_steps=1):
     return parts
 
 
+def owned_batches(n_batches, comm):
+    """The indices of whole batches this rank handles when ranks share out a loop of n_batches (e.g.
+    evaluation: each rank evaluates whole batches, so batch statistics stay those of one process,
+    and comm.sum of the per-rank counts gives the totals)."""
+    return range(comm.rank, n_batches, comm.world)
+
+
 # ---------------------------------------------------------------------------------------------
 # gradients
 
@@ -371,7 +378,9 @@ class GradientReducer:
                 start, names = offset, []
         self.bytes_per_step = self.flat.nbytes if comm.world > 1 else 0
         self.wait_s = 0.0  # time finish() waited for communication (not hidden behind the backward)
+        self.overlap_s = 0.0  # time from the first bucket's start to finish(): the backward that can hide it
         self._part, self._missing, self._requests, self._started = None, None, [], set()
+        self._first_start = None
 
     def begin(self, part):
         """Start a micro-step (a Part of batch_slices); the first micro-step of a step clears the sums."""
@@ -379,7 +388,7 @@ class GradientReducer:
             self.flat[...] = 0
         self._part = part
         self._missing = [len(names) for _, names in self.buckets]
-        self._requests, self._started = [], set()
+        self._requests, self._started, self._first_start = [], set(), None
 
     def hook(self, model):
         """The on_grads_ready callback for model.backward."""
@@ -405,7 +414,11 @@ class GradientReducer:
             self.comm.test(self._requests)
 
     def _start(self, b):
-        if b not in self._started and self.comm.world > 1:
+        if b in self._started:
+            return
+        if self._first_start is None:
+            self._first_start = time.perf_counter()
+        if self.comm.world > 1:
             self._requests.append(self.comm.start_sum(self.flat[self.buckets[b][0]]))
         self._started.add(b)
 
@@ -415,6 +428,7 @@ class GradientReducer:
         if not self._part.last:
             return None
         t0 = time.perf_counter()
+        self.overlap_s = t0 - self._first_start if self._first_start is not None else 0.0
         for b in range(len(self.buckets)):  # gradients never reported (no gradient this step) stay 0
             self._start(b)
         self.comm.wait(self._requests, "gradient allreduce")
@@ -457,11 +471,12 @@ def lazy_init_collectively(model, comm):
             return quant.elastic_alpha_init(x, q.signed)
         return quant.lsq_step_init(x, q.bits, q.signed, q.channel_axis)
 
-    patched = []
+    patched = []  # (quantizer, its own instance-level forward if it had one)
     for q in model.quantizers.values():
         inner = getattr(q, "inner", q)
         if not isinstance(inner, (quant.ElasticBinarizer, quant.LSQQuantizer)):
             continue
+        patched.append((inner, vars(inner).get("forward")))
 
         def forward(x, training, _q=inner, _forward=inner.forward):
             (scale,) = _q.params.values()
@@ -470,12 +485,14 @@ def lazy_init_collectively(model, comm):
             return _forward(x, training)
 
         inner.forward = forward
-        patched.append(inner)
     try:
         yield
     finally:
-        for q in patched:
-            del q.forward  # back to the class's method
+        for q, own in patched:
+            if own is None:
+                del q.forward  # back to the class's method
+            else:
+                q.forward = own
 
 
 # ---------------------------------------------------------------------------------------------

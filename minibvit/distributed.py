@@ -456,43 +456,60 @@ def size_normalised_grad_names(model):
 
 
 @contextlib.contextmanager
-def lazy_init_collectively(model, comm):
-    """Make the first-batch initialisation of the elastic and LSQ scales global: while the body runs
-    (the first training forward), a quantizer whose scale is still NaN gets, before its own forward,
-    the count-weighted mean over ranks of its initial value on each rank's slice. Both initial values
-    are linear in a mean (2 mean|x|, 4 mean|x|, 2 mean|x| / sqrt(Qp)), so this equals the value on
-    the whole micro-batch; it is set layer by layer, so every later layer already sees the global
-    scales of the earlier ones, as in one process. (A stand-in until the quantizers call a
-    collective themselves: docs/scaling.md.)"""
-    from . import quant
+def global_quantizer_state(model, comm):
+    """While the body runs (a training forward), make the data-dependent quantizer state that needs no
+    change to the quantizers equal to its value on the whole micro-batch, as in one process:
 
-    def initial_value(q, x):  # the quantizer's own initialisation on this rank's slice
-        if isinstance(q, quant.ElasticBinarizer):
-            return quant.elastic_alpha_init(x, q.signed)
-        return quant.lsq_step_init(x, q.bits, q.signed, q.channel_axis)
+    - the first-batch scales of the elastic binarizers and activation LSQ quantizers: before its own
+      forward, a quantizer whose scale is still NaN gets the element-count-weighted mean over ranks of
+      its initial value on each rank's slice (2 mean|x|, 4 mean|x|, 2 mean|x| / sqrt(Qp) are linear in
+      a mean, so this is the value on the whole micro-batch);
+    - ASM's running centre ("mean" / "median"): the batch statistic that updates it is the row-weighted
+      mean of the ranks' per-channel means / the per-channel median of all ranks' rows (allgather).
 
-    patched = []  # (quantizer, its own instance-level forward if it had one)
-    for q in model.quantizers.values():
+    Both act layer by layer, so every later layer sees the global state of the earlier ones. A weight
+    quantizer's state is already the same on every rank. In one process the collectives are identities.
+    This wraps methods of the quantizer objects for the duration of the body: a stand-in until the
+    quantizers call the collectives themselves (docs/scaling.md lists those, and the in-forward
+    statistics -- min-max activation scales, GSB masks -- that need them)."""
+    from . import methods, quant
+
+    patched = []  # (object, attribute, its own instance-level value or None)
+
+    def patch(obj, name, function):
+        patched.append((obj, name, vars(obj).get(name)))
+        setattr(obj, name, function)
+
+    for role, q in model.quantizers.items():
+        if isinstance(q, methods.ASM) and q.center in ("mean", "median"):
+            def update(x, _q=q, _update=q._update_running_center):
+                rows = x.reshape(-1, _q.channels)
+                batch = (comm.mean(rows.mean(axis=0), weight=len(rows)) if _q.center == "mean"
+                         else np.median(comm.gather(rows), axis=0))
+                _update(batch[None, :])  # ASM's own update, on one row that is the global statistic
+
+            patch(q, "_update_running_center", update)
         inner = getattr(q, "inner", q)
-        if not isinstance(inner, (quant.ElasticBinarizer, quant.LSQQuantizer)):
+        if role.endswith(".weight") or not isinstance(inner, (quant.ElasticBinarizer, quant.LSQQuantizer)):
             continue
-        patched.append((inner, vars(inner).get("forward")))
 
         def forward(x, training, _q=inner, _forward=inner.forward):
             (scale,) = _q.params.values()
             if training and np.isnan(scale).any():
-                scale[...] = comm.mean(initial_value(_q, x), weight=x.size)
+                initial = (quant.elastic_alpha_init(x, _q.signed) if isinstance(_q, quant.ElasticBinarizer)
+                           else quant.lsq_step_init(x, _q.bits, _q.signed, _q.channel_axis))
+                scale[...] = comm.mean(initial, weight=x.size)
             return _forward(x, training)
 
-        inner.forward = forward
+        patch(inner, "forward", forward)
     try:
         yield
     finally:
-        for q, own in patched:
+        for obj, name, own in reversed(patched):
             if own is None:
-                del q.forward  # back to the class's method
+                delattr(obj, name)  # back to the class's method
             else:
-                q.forward = own
+                setattr(obj, name, own)
 
 
 # ---------------------------------------------------------------------------------------------

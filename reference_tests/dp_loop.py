@@ -9,9 +9,8 @@ from the rank or the world size). Each rank computes its slices of the global ba
 every rank runs the same AdamW step, and rank 0 writes <out>/<method>/step<t>.safetensors after every
 step and final.safetensors at the end. --resume-step T continues from step<T> (with any number of
 ranks). --die-at T / --raise-at T / --hang-at T make the last rank SIGKILL itself / raise / sleep for
-an hour in the backward of step T. --no-lazy-init / --no-size-normalised leave out the collective
-first-batch initialisation of the elastic/LSQ scales / the correction of their gradients, to show that
-they matter.
+an hour in the backward of step T. --no-state-collectives / --no-size-normalised leave out
+distributed.global_quantizer_state / the correction of the scale gradients, to show that they matter.
 """
 import argparse
 import contextlib
@@ -28,6 +27,7 @@ from minibvit import checkpoint, distributed, methods, ops, schemes  # noqa: E40
 from minibvit.model import ViT, ViTConfig  # noqa: E402
 from minibvit.optim import AdamW, clip_grad_norm  # noqa: E402
 
+FP_PATCH_HEAD_INPUTS = {"patch_embed.proj.input": "fp", "head*.input": "fp"}
 ACTIVATIONS_FP = {"*.input": "fp", "blocks.*.attn.[qkv]": "fp", "blocks.*.attn.attn": "fp"}
 
 # name -> (scheme, overrides, scheme options, distilled, GRS lambda, accumulation override). Each holds
@@ -36,10 +36,11 @@ ACTIVATIONS_FP = {"*.input": "fp", "blocks.*.attn.[qkv]": "fp", "blocks.*.attn.a
 METHODS = {
     "fp": ("fp", {}, {}, False, 0.0, None),
     "fp_accum1": ("fp", {}, {}, False, 0.0, 1),
-    # BinaryViT with a batch-independent ASM centre and full-precision patch/head inputs: elastic
-    # binarizers (lazy alpha init, size-normalised alpha gradients), ASM shifts, GRS
-    "binaryvit": ("binaryvit", {"patch_embed.proj.input": "fp", "head*.input": "fp"}, {"asm_center": "token"},
-                  False, 1e-2, None),
+    # BinaryViT (ASM with running mean / median centres, elastic binarizers with lazy alpha init and
+    # size-normalised alpha gradients, GRS) with full-precision patch/head inputs (their 8-bit min-max
+    # scales need a collective inside the quantizer)
+    "binaryvit": ("binaryvit", FP_PATCH_HEAD_INPUTS, {"asm_center": "mean"}, False, 1e-2, None),
+    "binaryvit_median": ("binaryvit", FP_PATCH_HEAD_INPUTS, {"asm_center": "median"}, False, 1e-2, None),
     # GSB's stage 1 (binary MLP weights) with the distillation token and both heads on the labels
     "gsb_stage1": ("gsb_stage1", {}, {}, True, 0.0, None),
     # TerViT's ternary channel-wise weights (8-bit min-max patch/head weights), full-precision activations
@@ -91,7 +92,7 @@ def train(name, args, comm):
     for step in range(start, args.steps):
         x, y = global_batch(args.seed, step, args.batch, cfg)
         for part in distributed.batch_slices(args.batch, comm.rank, comm.world, accum):
-            with contextlib.nullcontext() if args.no_lazy_init else distributed.lazy_init_collectively(model, comm):
+            with contextlib.nullcontext() if args.no_state_collectives else distributed.global_quantizer_state(model, comm):
                 logits, cache = model.forward(x[part.slice], training=True)
             loss, dlogits = loss_and_grad(logits, y[part.slice])
             reducer.begin(part)
@@ -147,7 +148,7 @@ def main():
     ap.add_argument("--die-at", type=int)
     ap.add_argument("--raise-at", type=int)
     ap.add_argument("--hang-at", type=int)
-    ap.add_argument("--no-lazy-init", action="store_true")
+    ap.add_argument("--no-state-collectives", action="store_true")
     ap.add_argument("--no-size-normalised", action="store_true")
     args = ap.parse_args()
     comm = distributed.init()

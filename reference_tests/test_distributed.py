@@ -21,7 +21,7 @@ if not os.path.exists(MPIEXEC):
     MPIEXEC = shutil.which("mpiexec")
 HAVE_MPI = importlib.util.find_spec("mpi4py") is not None and MPIEXEC is not None
 needs_mpi = pytest.mark.skipif(not HAVE_MPI, reason="needs mpi4py and mpiexec (pip install 'minibvit[mpi]')")
-METHODS = ["fp", "fp_accum1", "binaryvit", "gsb_stage1", "tervit_weights", "lsq"]
+METHODS = ["fp", "fp_accum1", "binaryvit", "binaryvit_median", "gsb_stage1", "tervit_weights", "lsq"]
 LAUNCH_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
               "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS")
 
@@ -192,9 +192,10 @@ def test_two_ranks_with_accumulation_match_one_process_without(runs):
 
 
 @needs_mpi
-def test_without_the_lazy_init_collective_the_replicas_diverge_and_the_job_stops(runs):
-    result = _run(2, "dp_loop.py", "--out", runs / "no-init", "--methods", "binaryvit", "--accum", 2,
-                  "--no-lazy-init", expect_ok=False)
+@pytest.mark.parametrize("method", ["binaryvit", "lsq"])
+def test_without_the_state_collectives_the_replicas_diverge_and_the_job_stops(runs, method):
+    result = _run(2, "dp_loop.py", "--out", runs / f"no-state-{method}", "--methods", method, "--accum", 2,
+                  "--no-state-collectives", expect_ok=False)
     assert result.returncode != 0 and "the model state differs between ranks" in result.stderr
 
 

@@ -512,6 +512,18 @@ def global_quantizer_state(model, comm):
                 setattr(obj, name, own)
 
 
+def roles_needing_quantizer_collectives(model):
+    """Roles whose quantizer takes a statistic of its input inside every forward that only the
+    quantizer itself can make global (docs/scaling.md): 8-bit min-max activation scales and GSB's
+    value / attention quantizers. Until the quantizers call a collective, a trainer with world > 1
+    should refuse these (the replicas would diverge)."""
+    from . import methods, quant
+
+    return [role for role, q in model.quantizers.items()
+            if (isinstance(q, quant.MinMaxQuantizer) and not role.endswith(".weight"))
+            or isinstance(q, (methods.GSBValueQuantizer, methods.GSBAttnQuantizer))]
+
+
 # ---------------------------------------------------------------------------------------------
 # replicas
 

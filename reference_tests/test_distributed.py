@@ -157,6 +157,23 @@ def test_reducer_in_one_process_gives_the_global_batch_gradient(accum):
     assert reducer.bytes_per_step == 0
 
 
+def test_roles_needing_quantizer_collectives_name_min_max_activations_and_gsb():
+    from minibvit import schemes
+
+    cfg = ViTConfig(image_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=5, distilled=True)
+
+    def roles(method, **overrides):
+        return distributed.roles_needing_quantizer_collectives(
+            ViT(cfg, schemes.build_quantizers(cfg, method, overrides or None)))
+
+    assert roles("fp") == [] and roles("gsb_stage1") == []
+    assert roles("binaryvit") == ["patch_embed.proj.input", "head.input", "head_dist.input"]
+    assert sorted(roles("gsb")) == sorted(["patch_embed.proj.input", "head.input", "head_dist.input"]
+                                         + [f"blocks.{i}.attn.{t}" for i in range(2) for t in ("attn", "v")])
+    assert len(roles("tervit")) == 3 + 2 * 8  # patch, head, head_dist inputs; 8 activations per block
+    assert roles("binaryvit", **{"patch_embed.proj.input": "fp", "head*.input": "fp"}) == []
+
+
 def test_reducer_refuses_mixed_dtypes_and_unknown_names():
     with pytest.raises(ValueError, match="one floating dtype"):
         distributed.GradientReducer({"a": np.zeros(2), "b": np.zeros(2, np.float32)}, distributed.SingleProcess())

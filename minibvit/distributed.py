@@ -7,7 +7,8 @@ fail-fast error handling.
     reducer = distributed.GradientReducer(model.parameters(), comm)
     for each global batch (x, y):              # the same global batch on every rank
         for part in distributed.batch_slices(len(y), comm.rank, comm.world, accum_steps):
-            logits, cache = model.forward(x[part.slice], training=True, rng=rng)
+            with distributed.global_quantizer_state(model, comm):
+                logits, cache = model.forward(x[part.slice], training=True, rng=rng)
             loss, dlogits = loss_fn(logits, y[part.slice])  # mean over the rank's slice
             reducer.begin(part)
             model.backward(dlogits, cache, on_grads_ready=reducer.hook(model))
@@ -308,12 +309,10 @@ def batch_slices(global_batch, rank, world, accum_steps=1):
         raise ValueError(f"a global batch of {global_batch} rows cannot give each of {world} ranks a row in each of "
                          f"{accum_steps} micro-steps; use a batch of at least {world * accum_steps} rows, "
                          f"fewer ranks or fewer --accum-steps")
-    micro_bounds = np.linspace(0, global_batch, accum_steps + 1).round().astype(int)
     parts = []
     for a in range(accum_steps):
-        lo, hi = micro_bounds[a], micro_bounds[a + 1]
-        bounds = lo + np.linspace(0, hi - lo, world + 1).round().astype(int)
-        start, stop = int(bounds[rank]), int(bounds[rank + 1])
+        lo, hi = global_batch * a // accum_steps, global_batch * (a + 1) // accum_steps
+        start, stop = lo + (hi - lo) * rank // world, lo + (hi - lo) * (rank + 1) // world
         parts.append(Part(slice(start, stop), (stop - start) / global_batch, (stop - start) / (hi - lo),
                           a == accum_steps - 1))
     return parts

@@ -379,12 +379,13 @@ class GradientReducer:
         self.wait_s = 0.0  # time finish() waited for communication (not hidden behind the backward)
         self.overlap_s = 0.0  # time from the first bucket's start to finish(): the backward that can hide it
         self._part, self._missing, self._requests, self._started = None, None, [], set()
-        self._first_start = None
+        self._first_start, self._reported = None, set()
 
     def begin(self, part):
         """Start a micro-step (a Part of batch_slices); the first micro-step of a step clears the sums."""
         if self._part is None or self._part.last:
             self.flat[...] = 0
+            self._reported = set()
         self._part = part
         self._missing = [len(names) for _, names in self.buckets]
         self._requests, self._started, self._first_start = [], set(), None
@@ -406,6 +407,7 @@ class GradientReducer:
             scale = part.weight * (math.sqrt(part.batch_fraction) if name in self.size_normalised else 1.0)
             self.views[name] += self.flat.dtype.type(scale) * grads[name]
             self._missing[self.bucket_of[name]] -= 1
+            self._reported.add(name)
         if part.last and self.overlap:
             for b, missing in enumerate(self._missing):
                 if missing == 0:
@@ -423,16 +425,17 @@ class GradientReducer:
 
     def finish(self):
         """After the backward of a micro-step: None before the last micro-step, then {name: summed
-        gradient} (views into the flat buffer, valid until the next begin)."""
+        gradient} for the names the backward reported (views into the flat buffer, valid until the
+        next begin), so that the optimizer skips a parameter without a gradient, as in one process."""
         if not self._part.last:
             return None
         t0 = time.perf_counter()
         self.overlap_s = t0 - self._first_start if self._first_start is not None else 0.0
-        for b in range(len(self.buckets)):  # gradients never reported (no gradient this step) stay 0
+        for b in range(len(self.buckets)):  # a parameter without a gradient adds its zeros
             self._start(b)
         self.comm.wait(self._requests, "gradient allreduce")
         self.wait_s = time.perf_counter() - t0
-        return dict(self.views)
+        return {name: view for name, view in self.views.items() if name in self._reported}
 
 
 def size_normalised_grad_names(model):

@@ -174,6 +174,15 @@ def test_roles_needing_quantizer_collectives_name_min_max_activations_and_gsb():
     assert roles("binaryvit", **{"patch_embed.proj.input": "fp", "head*.input": "fp"}) == []
 
 
+def test_reducer_returns_only_the_gradients_the_backward_reported():
+    reducer = distributed.GradientReducer({"a": np.zeros(2), "b": np.zeros(3)}, distributed.SingleProcess())
+    for part in distributed.batch_slices(2, 0, 1, 2):
+        reducer.begin(part)
+        reducer.ready(["a"], {"a": np.ones(2)})
+        grads = reducer.finish()
+    assert list(grads) == ["a"] and np.array_equal(grads["a"], [1.0, 1.0])
+
+
 def test_reducer_refuses_mixed_dtypes_and_unknown_names():
     with pytest.raises(ValueError, match="one floating dtype"):
         distributed.GradientReducer({"a": np.zeros(2), "b": np.zeros(2, np.float32)}, distributed.SingleProcess())

@@ -424,13 +424,23 @@ class ViT:
         self._accumulate(f"{b}.norm1.bias", db)
         return ops.add(dx, dh, out=dh)
 
-    def backward(self, dlogits, cache):
+    def backward(self, dlogits, cache, on_grads_ready=None):
         """Backpropagate d loss / d logits (same structure as forward's logits) through the model.
-        Fills ``self.grads`` (a fresh dict, names as in ``parameters()``) and returns d images."""
+        Fills ``self.grads`` (a fresh dict, names as in ``parameters()``) and returns d images.
+        on_grads_ready(names), if given, is called with the names whose gradients are complete: after
+        the head and final norm, after each block (last block first) and after the stem."""
         (pz, pxz, c_pw, c_px, c_pe, c_tok, c_pos_drop, c_blocks, c_norm, c_pool, c_head, c_head_dist,
          training) = cache
         c = self.cfg
         self.grads = {}
+        reported = 0
+
+        def grads_ready():  # self.grads only gains names, so the new ones are its tail
+            nonlocal reported
+            if on_grads_ready is not None:
+                on_grads_ready(list(self.grads)[reported:])
+                reported = len(self.grads)
+
         if c.distilled:
             if training:
                 dlogits, dlogits_dist = dlogits
@@ -445,8 +455,10 @@ class ViT:
         dt, dg, db = ops.layernorm_backward(dt, c_norm)
         self._accumulate("norm.weight", dg)
         self._accumulate("norm.bias", db)
+        grads_ready()
         for i in reversed(range(c.depth)):
             dt = self._block_backward(i, dt, c_blocks[i])
+            grads_ready()
         dt = ops.dropout_backward(dt, c_pos_drop)
         dt, dpos, dcls, ddist = ops.tokens_backward(dt, c_tok)
         self._accumulate("pos_embed", dpos)
@@ -460,4 +472,5 @@ class ViT:
         self._accumulate_quant("patch_embed.proj.weight", gw)
         dx, gx = _quantize_backward(pxz, dx_q, c_px)
         self._accumulate_quant("patch_embed.proj.input", gx)
+        grads_ready()
         return dx

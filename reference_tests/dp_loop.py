@@ -1,0 +1,160 @@
+"""A minimal data-parallel training loop for the distributed tests (test_distributed.py):
+
+    python reference_tests/dp_loop.py --out DIR [--methods fp,binaryvit] [--accum 2] [--steps 3]
+    mpiexec -n 2 python reference_tests/dp_loop.py --out DIR ...
+
+A tiny float64 ViT on synthetic data (the global batch of step t comes from (seed, t) only, never
+from the rank or the world size). Each rank computes its slices of the global batch
+(distributed.batch_slices), the gradients go through distributed.GradientReducer during the backward,
+every rank runs the same AdamW step, and rank 0 writes <out>/<method>/step<t>.safetensors after every
+step and final.safetensors at the end. --resume-step T continues from step<T> (with any number of
+ranks). --die-at T / --raise-at T / --hang-at T make the last rank SIGKILL itself / raise / sleep for
+an hour in the backward of step T. --no-state-collectives / --no-size-normalised leave out
+distributed.global_quantizer_state / the correction of the scale gradients, to show that they matter.
+"""
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+from minibvit import checkpoint, distributed, methods, ops, schemes  # noqa: E402
+from minibvit.model import ViT, ViTConfig  # noqa: E402
+from minibvit.optim import AdamW, clip_grad_norm  # noqa: E402
+
+FP_PATCH_HEAD_INPUTS = {"patch_embed.proj.input": "fp", "head*.input": "fp"}
+ACTIVATIONS_FP = {"*.input": "fp", "blocks.*.attn.[qkv]": "fp", "blocks.*.attn.attn": "fp"}
+
+# name -> (scheme, overrides, scheme options, distilled, GRS lambda, accumulation override). Each holds
+# only quantizer state that distributed.py makes global without editing the quantizers (see
+# docs/scaling.md for min-max activation scales, ASM running centres and GSB masks).
+METHODS = {
+    "fp": ("fp", {}, {}, False, 0.0, None),
+    "fp_accum1": ("fp", {}, {}, False, 0.0, 1),
+    # BinaryViT (ASM with running mean / median centres, elastic binarizers with lazy alpha init and
+    # size-normalised alpha gradients, GRS) with full-precision patch/head inputs (their 8-bit min-max
+    # scales need a collective inside the quantizer)
+    "binaryvit": ("binaryvit", FP_PATCH_HEAD_INPUTS, {"asm_center": "mean"}, False, 1e-2, None),
+    "binaryvit_median": ("binaryvit", FP_PATCH_HEAD_INPUTS, {"asm_center": "median"}, False, 1e-2, None),
+    # GSB's stage 1 (binary MLP weights) with the distillation token and both heads on the labels
+    "gsb_stage1": ("gsb_stage1", {}, {}, True, 0.0, None),
+    # TerViT's ternary channel-wise weights (8-bit min-max patch/head weights), full-precision activations
+    "tervit_weights": ("tervit", ACTIVATIONS_FP, {}, False, 0.0, None),
+    # LSQ 8-bit activations (lazy step init, size-normalised step gradients) and weights
+    "lsq": ("fp", {"blocks.*.input": "a_lsq8", "blocks.*.weight": "w_lsq8"}, {}, False, 0.0, None),
+}
+
+
+def config(distilled):
+    return ViTConfig(image_size=8, patch_size=4, in_chans=3, embed_dim=16, depth=2, num_heads=2, num_classes=5,
+                     distilled=distilled)
+
+
+def global_batch(seed, step, size, cfg):
+    rng = np.random.default_rng([seed, step])
+    return rng.standard_normal((size, cfg.in_chans, cfg.image_size, cfg.image_size)), rng.integers(0, cfg.num_classes, size)
+
+
+def loss_and_grad(logits, y):
+    if isinstance(logits, tuple):  # a distilled model without a teacher: both heads learn the labels
+        (l1, c1), (l2, c2) = ops.cross_entropy_forward(logits[0], y), ops.cross_entropy_forward(logits[1], y)
+        return 0.5 * (l1 + l2), (ops.cross_entropy_backward(0.5, c1), ops.cross_entropy_backward(0.5, c2))
+    loss, cache = ops.cross_entropy_forward(logits, y)
+    return loss, ops.cross_entropy_backward(1.0, cache)
+
+
+def train(name, args, comm):
+    scheme, overrides, options, distilled, grs, accum = METHODS[name]
+    accum = accum or args.accum
+    cfg = config(distilled)
+    quantizers = schemes.build_quantizers(cfg, scheme, overrides, schemes.SchemeOptions(**options), dtype="float64")
+    model = ViT(cfg, quantizers, dtype=np.float64, seed=args.seed)
+    opt = AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    out = os.path.join(args.out, name)
+    start = 0
+    if args.resume_step is not None:
+        tensors, meta = checkpoint.load_checkpoint(os.path.join(out, f"step{args.resume_step}.safetensors"))
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        opt.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}, meta["optimizer"])
+        start = meta["step"]
+    distributed.broadcast_state(model.state_dict(), comm)
+    distributed.check_replicas(model.state_dict(), comm)
+    reducer = distributed.GradientReducer(model.parameters(), comm, bucket_bytes=args.bucket_bytes,
+                                          size_normalised=() if args.no_size_normalised else distributed.size_normalised_grad_names(model))
+    binarized = schemes.binarized_weight_roles(model.quantizers)
+    if comm.is_main:
+        os.makedirs(out, exist_ok=True)
+    for step in range(start, args.steps):
+        x, y = global_batch(args.seed, step, args.batch, cfg)
+        for part in distributed.batch_slices(args.batch, comm.rank, comm.world, accum):
+            with contextlib.nullcontext() if args.no_state_collectives else distributed.global_quantizer_state(model, comm):
+                logits, cache = model.forward(x[part.slice], training=True)
+            loss, dlogits = loss_and_grad(logits, y[part.slice])
+            reducer.begin(part)
+            hook = reducer.hook(model)
+            fault = {args.die_at: "kill", args.raise_at: "raise", args.hang_at: "hang"}.get(step)
+            if fault:
+                hook = fault_hook(hook, comm, fault)
+            model.backward(dlogits, cache, on_grads_ready=hook)
+            grads = reducer.finish()
+        for role in binarized if grs else ():  # GRS depends only on the replicated weights: after the allreduce
+            w = model.params[role]
+            g = methods.grs_gradient(w - w.mean(axis=1, keepdims=True), grs)  # on the centred weight (BiT's w_binary)
+            grads[role] += g - g.mean(axis=1, keepdims=True)  # pulled back through the centring
+        clip_grad_norm(grads, 1.0)
+        opt.step(grads)
+        distributed.check_replicas(model.state_dict(), comm)
+        if comm.is_main:
+            save(os.path.join(out, f"step{step + 1}.safetensors"), model, opt, step + 1)
+        comm.barrier()
+    if comm.is_main:
+        save(os.path.join(out, "final.safetensors"), model, opt, args.steps)
+
+
+def fault_hook(hook, comm, fault):
+    """The reducer's hook, but the last rank dies (SIGKILL), raises or hangs after the first block."""
+    def faulty(names):
+        hook(names)
+        if comm.rank == comm.world - 1 and any(n.startswith("blocks.") for n in names):
+            if fault == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if fault == "hang":
+                time.sleep(3600)
+            raise RuntimeError("injected failure in the backward")
+    return faulty
+
+
+def save(path, model, opt, step):
+    arrays, opt_meta = opt.state_dict()
+    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **{f"optim.{k}": v for k, v in arrays.items()}}
+    checkpoint.save_checkpoint(path, tensors, {"step": step, "optimizer": opt_meta})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--methods", default="fp")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=11)
+    ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bucket-bytes", type=int, default=4096)  # several buckets even for the tiny model
+    ap.add_argument("--resume-step", type=int)
+    ap.add_argument("--die-at", type=int)
+    ap.add_argument("--raise-at", type=int)
+    ap.add_argument("--hang-at", type=int)
+    ap.add_argument("--no-state-collectives", action="store_true")
+    ap.add_argument("--no-size-normalised", action="store_true")
+    args = ap.parse_args()
+    comm = distributed.init()
+    for name in args.methods.split(","):
+        train(name, args, comm)
+
+
+if __name__ == "__main__":
+    main()

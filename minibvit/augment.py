@@ -1,4 +1,4 @@
-"""DeiT's ImageNet augmentation, evaluation transform and the soft-target cross-entropy.
+"""DeiT's ImageNet augmentation and evaluation transform (the soft-target cross-entropy it needs is ops.soft_target_cross_entropy_*).
 
 Two halves, split where the pixels leave uint8:
 
@@ -393,28 +393,3 @@ def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     x *= scale
     x -= shift
     return x
-
-
-# ---------------------------------------------------------------------------------------------------
-# Soft-target cross-entropy (the lead moves this pair into ops.py at the merge)
-# ---------------------------------------------------------------------------------------------------
-
-def soft_target_cross_entropy_forward(logits, targets):
-    """Mean cross-entropy against soft targets (timm's SoftTargetCrossEntropy):
-    loss = mean_b( -sum_c t_bc log softmax(z_b)_c ).
-
-    logits, targets: (B, C); rows of targets are distributions (mixup/cutmix). Returns loss, cache.
-    """
-    if targets.shape != logits.shape:
-        raise ValueError(f"targets must have the logits' shape {logits.shape}, got {targets.shape}")
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    targets = targets.astype(logits.dtype, copy=False)
-    loss = -(targets * logp).sum() / logits.shape[0]
-    return loss, (logp, targets)
-
-
-def soft_target_cross_entropy_backward(dloss, cache):
-    """d logits = dloss * (softmax(z) sum_c t - t) / B (= softmax(z) - t for distributions)."""
-    logp, targets = cache
-    return (np.exp(logp) * targets.sum(axis=1, keepdims=True) - targets) * (dloss / logp.shape[0])

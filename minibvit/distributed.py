@@ -474,7 +474,7 @@ def global_quantizer_state(model, comm):
     This wraps methods of the quantizer objects for the duration of the body: a stand-in until the
     quantizers call the collectives themselves (docs/scaling.md lists those, and the in-forward
     statistics -- min-max activation scales, GSB masks -- that need them)."""
-    from . import methods, quant
+    from . import binaryvit, gsb, quant
 
     patched = []  # (object, attribute, its own instance-level value or None)
 
@@ -483,7 +483,7 @@ def global_quantizer_state(model, comm):
         setattr(obj, name, function)
 
     for role, q in model.quantizers.items():
-        if isinstance(q, methods.ASM) and q.center in ("mean", "median"):
+        if isinstance(q, binaryvit.ASM) and q.center in ("mean", "median"):
             def update(x, _q=q, _update=q._update_running_center):
                 rows = x.reshape(-1, _q.channels)
                 batch = (comm.mean(rows.mean(axis=0), weight=len(rows)) if _q.center == "mean"
@@ -519,11 +519,11 @@ def roles_needing_quantizer_collectives(model):
     quantizer itself can make global (docs/scaling.md): 8-bit min-max activation scales and GSB's
     value / attention quantizers. Until the quantizers call a collective, a trainer with world > 1
     should refuse these (the replicas would diverge)."""
-    from . import methods, quant
+    from . import binaryvit, gsb, quant
 
     return [role for role, q in model.quantizers.items()
             if (isinstance(q, quant.MinMaxQuantizer) and not role.endswith(".weight"))
-            or isinstance(q, (methods.GSBValueQuantizer, methods.GSBAttnQuantizer))]
+            or isinstance(q, (gsb.GSBValueQuantizer, gsb.GSBAttnQuantizer))]
 
 
 # ---------------------------------------------------------------------------------------------

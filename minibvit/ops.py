@@ -472,24 +472,41 @@ def _log_softmax(z):
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+def soft_target_cross_entropy_forward(logits, targets):
+    """Mean cross-entropy against soft targets (mixup / cutmix; torch.nn.functional.cross_entropy with
+    class probabilities, timm's SoftTargetCrossEntropy):  loss = mean_b( -sum_c t_bc log softmax(z_b)_c ).
+
+    logits, targets: (B, C). Returns the scalar loss and the cache.
+    """
+    if targets.shape != logits.shape:
+        raise ValueError(f"targets must have the logits' shape {logits.shape}, got {targets.shape}")
+    logp = _log_softmax(logits)
+    targets = targets.astype(logits.dtype, copy=False)
+    return -(targets * logp).sum() / logits.shape[0], (logp, targets)
+
+
+def soft_target_cross_entropy_backward(dloss, cache):
+    """d logits = dloss * (softmax(z) sum_c t - t) / B  (= softmax(z) - t for rows that are distributions)."""
+    logp, targets = cache
+    return (np.exp(logp) * targets.sum(axis=1, keepdims=True) - targets) * (dloss / logp.shape[0])
+
+
 def cross_entropy_forward(logits, labels, label_smoothing=0.0):
-    """Mean cross-entropy with label smoothing (as torch.nn.functional.cross_entropy):
-    target q = (1 - eps) onehot(y) + eps / C;  loss = mean_b( -sum_c q_bc log softmax(z_b)_c ).
+    """Mean cross-entropy with label smoothing (as torch.nn.functional.cross_entropy): the soft-target
+    loss with target q = (1 - eps) onehot(y) + eps / C.
 
     logits: (B, C); labels: (B,) integers in [0, C). Returns the scalar loss and the cache.
     """
     B, C = logits.shape
     if labels.shape != (B,):
         raise ValueError(f"labels must have shape ({B},), got {labels.shape}")
-    logp = _log_softmax(logits)
     target = np.full_like(logits, label_smoothing / C)
     target[np.arange(B), labels] += 1.0 - label_smoothing
-    loss = -(target * logp).sum() / B
-    return loss, (logp, target)
+    return soft_target_cross_entropy_forward(logits, target)
 
 
 def cross_entropy_backward(dloss, cache):
-    """d logits = dloss * (softmax(z) - q) / B."""
+    """d logits = dloss * (softmax(z) - q) / B: the soft-target gradient, using sum_c q = 1."""
     logp, target = cache
     return (np.exp(logp) - target) * (dloss / logp.shape[0])
 

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from minibvit import distributed, methods, quant  # noqa: E402
+from minibvit import distributed, gsb, quant  # noqa: E402
 
 
 def close(a, b, what, rtol=1e-14):
@@ -57,20 +57,20 @@ def main():
     assert np.array_equal(np.median(comm.gather(rows), axis=0), np.median(x.reshape(-1, x.shape[-1]), axis=0)), "ASM median"
 
     # GSB value quantizer: masks from the global max / min, group sizes and first-batch scales from sums
-    t1, t2 = methods.gsb_value_masks(x)
+    t1, t2 = gsb.gsb_value_masks(x)
     vmax, vmin = comm.max(xr.max()), comm.min(xr.min())
-    r1 = (xr > methods.GSB_T1_FRACTION * vmax) | (xr < methods.GSB_T1_FRACTION * vmin)
-    r2 = (xr > methods.GSB_T2_FRACTION * vmax) | (xr < methods.GSB_T2_FRACTION * vmin)
+    r1 = (xr > gsb.GSB_T1_FRACTION * vmax) | (xr < gsb.GSB_T1_FRACTION * vmin)
+    r2 = (xr > gsb.GSB_T2_FRACTION * vmax) | (xr < gsb.GSB_T2_FRACTION * vmin)
     assert np.array_equal(r1, t1[part.slice]) and np.array_equal(r2, t2[part.slice]), "GSB value masks"
     groups = (~r1, r1 & ~r2, r2)
     sums = comm.sum(np.array([v for g in groups for v in (np.abs(xr[g]).sum(), g.sum())]))
     means = sums[0::2] / sums[1::2]  # every group is non-empty here (no fallback needed)
-    close(2 * means, methods.gsb_value_init(x), "GSB value alpha init", 1e-13)
+    close(2 * means, gsb.gsb_value_init(x), "GSB value alpha init", 1e-13)
     assert comm.sum(np.array([r1.sum(), r2.sum()])).tolist() == [t1.sum(), t2.sum()], "GSB group sizes"
 
     # GSB attention quantizer (max over the tensor): the global max
     a = np.abs(x)
-    assert np.array_equal(methods.gsb_attn_masks(a)[0][part.slice], a[part.slice] > methods.GSB_T1_FRACTION * comm.max(a[part.slice].max())), "GSB attention masks"
+    assert np.array_equal(gsb.gsb_attn_masks(a)[0][part.slice], a[part.slice] > gsb.GSB_T1_FRACTION * comm.max(a[part.slice].max())), "GSB attention masks"
     if comm.is_main:
         print("collectives ok")
 

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from minibvit import checkpoint, distributed, methods, ops, schemes  # noqa: E402
+from minibvit import binaryvit, checkpoint, distributed, methods, ops  # noqa: E402
 from minibvit.model import ViT, ViTConfig  # noqa: E402
 from minibvit.optim import AdamW, clip_grad_norm  # noqa: E402
 
@@ -72,7 +72,7 @@ def train(name, args, comm):
     scheme, overrides, options, distilled, grs, accum = METHODS[name]
     accum = accum or args.accum
     cfg = config(distilled)
-    quantizers = schemes.build_quantizers(cfg, scheme, overrides, schemes.SchemeOptions(**options), dtype="float64")
+    quantizers = methods.build_quantizers(cfg, scheme, overrides, methods.QuantizerOptions(**options), dtype="float64")
     model = ViT(cfg, quantizers, dtype=np.float64, seed=args.seed)
     opt = AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
     out = os.path.join(args.out, name)
@@ -86,7 +86,7 @@ def train(name, args, comm):
     distributed.check_replicas(model.state_dict(), comm)
     reducer = distributed.GradientReducer(model.parameters(), comm, bucket_bytes=args.bucket_bytes,
                                           size_normalised=() if args.no_size_normalised else distributed.size_normalised_grad_names(model))
-    binarized = schemes.binarized_weight_roles(model.quantizers)
+    binarized = methods.binarized_weight_roles(model.quantizers)
     if comm.is_main:
         os.makedirs(out, exist_ok=True)
     for step in range(start, args.steps):
@@ -104,7 +104,7 @@ def train(name, args, comm):
             grads = reducer.finish()
         for role in binarized if grs else ():  # GRS depends only on the replicated weights: after the allreduce
             w = model.params[role]
-            g = methods.grs_gradient(w - w.mean(axis=1, keepdims=True), grs)  # on the centred weight (BiT's w_binary)
+            g = binaryvit.grs_gradient(w - w.mean(axis=1, keepdims=True), grs)  # on the centred weight (BiT's w_binary)
             grads[role] += g - g.mean(axis=1, keepdims=True)  # pulled back through the centring
         clip_grad_norm(grads, 1.0)
         opt.step(grads)

@@ -253,7 +253,7 @@ def test_cutmix_lam_is_exact_box_area_fraction():
 def test_smoothed_one_hot_matches_ops_cross_entropy_smoothing():
     rng = np.random.default_rng(3)
     logits, labels = rng.standard_normal((6, 5)), rng.integers(0, 5, 6)
-    soft, _ = A.soft_target_cross_entropy_forward(logits, A.smoothed_one_hot(labels, 5, 0.1))
+    soft, _ = ops.soft_target_cross_entropy_forward(logits, A.smoothed_one_hot(labels, 5, 0.1))
     hard, _ = ops.cross_entropy_forward(logits, labels, 0.1)
     assert abs(soft - hard) < 1e-14
 
@@ -276,8 +276,8 @@ def test_soft_target_cross_entropy_matches_torch():
     rng = np.random.default_rng(5)
     logits = rng.standard_normal((7, 11)) * 3
     for targets in (rng.dirichlet(np.ones(11), size=7), rng.uniform(0, 1, (7, 11))):  # also rows not summing to 1
-        loss, cache = A.soft_target_cross_entropy_forward(logits, targets)
-        dlogits = A.soft_target_cross_entropy_backward(0.7, cache)
+        loss, cache = ops.soft_target_cross_entropy_forward(logits, targets)
+        dlogits = ops.soft_target_cross_entropy_backward(0.7, cache)
         z = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
         ref = torch.nn.functional.cross_entropy(z, torch.tensor(targets, dtype=torch.float64))
         (ref * 0.7).backward()
@@ -288,22 +288,22 @@ def test_soft_target_cross_entropy_matches_torch():
 def test_soft_target_cross_entropy_finite_differences():
     rng = np.random.default_rng(6)
     logits, targets = rng.standard_normal((4, 6)), rng.dirichlet(np.ones(6), size=4)
-    _, cache = A.soft_target_cross_entropy_forward(logits, targets)
-    grad = A.soft_target_cross_entropy_backward(1.0, cache)
+    _, cache = ops.soft_target_cross_entropy_forward(logits, targets)
+    grad = ops.soft_target_cross_entropy_backward(1.0, cache)
     eps = 1e-6
     numeric = np.zeros_like(logits)
     for idx in np.ndindex(*logits.shape):
         plus, minus = logits.copy(), logits.copy()
         plus[idx] += eps
         minus[idx] -= eps
-        numeric[idx] = (A.soft_target_cross_entropy_forward(plus, targets)[0]
-                        - A.soft_target_cross_entropy_forward(minus, targets)[0]) / (2 * eps)
+        numeric[idx] = (ops.soft_target_cross_entropy_forward(plus, targets)[0]
+                        - ops.soft_target_cross_entropy_forward(minus, targets)[0]) / (2 * eps)
     np.testing.assert_allclose(grad, numeric, rtol=1e-7, atol=1e-10)
 
 
 def test_soft_target_cross_entropy_rejects_shape_mismatch():
     with pytest.raises(ValueError, match="shape"):
-        A.soft_target_cross_entropy_forward(np.zeros((2, 3)), np.zeros((2, 4)))
+        ops.soft_target_cross_entropy_forward(np.zeros((2, 3)), np.zeros((2, 4)))
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK"])

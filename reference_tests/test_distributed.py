@@ -158,13 +158,13 @@ def test_reducer_in_one_process_gives_the_global_batch_gradient(accum):
 
 
 def test_roles_needing_quantizer_collectives_name_min_max_activations_and_gsb():
-    from minibvit import schemes
+    from minibvit import methods
 
     cfg = ViTConfig(image_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=5, distilled=True)
 
     def roles(method, **overrides):
         return distributed.roles_needing_quantizer_collectives(
-            ViT(cfg, schemes.build_quantizers(cfg, method, overrides or None)))
+            ViT(cfg, methods.build_quantizers(cfg, method, overrides or None)))
 
     assert roles("fp") == [] and roles("gsb_stage1") == []
     assert roles("binaryvit") == ["patch_embed.proj.input", "head.input", "head_dist.input"]

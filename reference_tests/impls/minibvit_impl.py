@@ -1,35 +1,4 @@
-"""minibvit's adapter: the one file that maps the contract names (docs/conformance.md, "The adapter
-contract") to minibvit's objects. Every minibvit import of the reference tests is in this file; when
-minibvit's modules move, re-point the imports here and nothing else.
-
-The contract's ``methods`` namespace holds the method-specific pieces (GSB quantizers, GRS, ASM,
-diagnostics): minibvit keeps them in gsb.py, binaryvit.py and diagnostics.py, merged here into one
-read-only namespace. The contract's ``schemes`` namespace (per-method quantizer tables: resolve,
-build_quantizers, SchemeOptions, tensor_roles, binarized_weight_roles) is minibvit's method registry,
-minibvit/methods.py, whose options record is called QuantizerOptions.
-"""
-import types
-
-import numpy as np
-
-from minibvit import (binaryvit, checkpoint, cost, data, diagnostics, engine, gsb, infer, kernels, methods as _registry,
-                      ops, quant, train)
-from minibvit.model import ViT, ViTConfig
-from minibvit.optim import SGD, AdamW, clip_grad_norm, cosine_lr
-
-__all__ = ["ops", "quant", "methods", "schemes", "kernels", "engine", "infer", "checkpoint", "data", "train", "cost",
-           "ViT", "ViTConfig", "build_vit", "AdamW", "SGD", "clip_grad_norm", "cosine_lr"]
-
-
-methods = types.SimpleNamespace(**{name: value for module in (gsb, binaryvit, diagnostics)
-                                    for name, value in vars(module).items() if not name.startswith("__")})
-schemes = types.SimpleNamespace(resolve=_registry.resolve, build_quantizers=_registry.build_quantizers,
-                                SchemeOptions=_registry.QuantizerOptions, tensor_roles=_registry.tensor_roles,
-                                binarized_weight_roles=_registry.binarized_weight_roles)
-
-
-def build_vit(cfg, state=None, dtype=np.float64, quantizers=None, seed=0):
-    model = ViT(cfg, quantizers=quantizers, dtype=dtype, seed=seed)
-    if state is not None:
-        model.load_state_dict(state)
-    return model
+"""minibvit's adapter, the reference tests' default implementation: minibvit/conformance/impl.py maps
+every contract name (docs/conformance.md, "The adapter contract") to minibvit's objects, in one place."""
+from minibvit.conformance.impl import *  # noqa: F401,F403
+from minibvit.conformance.impl import __all__  # noqa: F401

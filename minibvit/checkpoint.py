@@ -1,23 +1,33 @@
 """Checkpoints: named numpy arrays plus JSON metadata in one safetensors file (no pickle).
 
 The metadata (config, optimizer and scheduler position, RNG state, epoch, step, ...) is stored as
-one JSON string under the safetensors metadata key "minibvit", together with a format version:
-``{"format_version": 1, "metadata": {...}}``. ``save_checkpoint`` writes a temporary file in the
-target's directory, flushes and fsyncs it, then renames it over the target (``os.replace`` is
-atomic), so the file at ``path`` is always either the previous complete checkpoint or the new one.
+one JSON string under the safetensors metadata key "minibvit", together with a format version and a
+digest: ``{"format_version": 1, "metadata": {...}, "sha256": "<64 hex digits>"}``. The digest
+(``content_digest``) covers every tensor's name, dtype, shape and bytes and the metadata, so a flipped
+bit, a truncated copy or a hand edit of a tensor, its dtype or shape, or the metadata is refused on
+load. Files written before digests were stored (no "sha256" key) still load, with a
+``CheckpointWarning`` saying that they cannot be verified; saving them again adds the digest.
+
+``save_checkpoint`` writes a temporary file in the target's directory, flushes and fsyncs it, then
+renames it over the target (``os.replace`` is atomic), so the file at ``path`` is always either the
+previous complete checkpoint or the new one. Every minibvit file goes through this module: training
+checkpoints (minibvit.train) and packed engine files (minibvit.engine's export and PackedViT.load).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import secrets
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 FORMAT_VERSION = 1
 METADATA_KEY = "minibvit"
+DIGEST_KEY = "sha256"
 TENSOR_DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
                  "float16", "float32", "float64")
 _BIT_GENERATORS = {cls.__name__: cls for cls in (np.random.PCG64, np.random.PCG64DXSM,
@@ -26,6 +36,10 @@ _BIT_GENERATORS = {cls.__name__: cls for cls in (np.random.PCG64, np.random.PCG6
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, corrupt, foreign or of an unsupported version."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that loads but cannot be verified (written before digests were stored)."""
 
 
 def save_checkpoint(path, tensors, metadata):
@@ -53,7 +67,8 @@ def save_checkpoint(path, tensors, metadata):
     if not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
     _check_json(metadata, "metadata")
-    payload = json.dumps({"format_version": FORMAT_VERSION, "metadata": metadata}, allow_nan=False)
+    payload = json.dumps({"format_version": FORMAT_VERSION, "metadata": metadata,
+                          DIGEST_KEY: content_digest(arrays, metadata)}, allow_nan=False)
     data = save(arrays, metadata={METADATA_KEY: payload})
 
     path = Path(path)
@@ -80,8 +95,9 @@ def load_checkpoint(path):
     """Read a checkpoint written by save_checkpoint; the file is opened read-only.
 
     Returns (tensors: dict of str -> numpy array, metadata: dict). Raises CheckpointError for a
-    missing file, a truncated or corrupt file, a safetensors file without minibvit metadata, or an
-    unsupported format version.
+    missing file, a truncated or corrupt file, a safetensors file without minibvit metadata, an
+    unsupported format version, or contents that do not match the stored digest. A file without a
+    digest (written before digests were stored) loads with a CheckpointWarning.
     """
     from safetensors import SafetensorError
     from safetensors.numpy import load
@@ -113,7 +129,44 @@ def load_checkpoint(path):
         tensors = load(data)
     except SafetensorError as error:
         raise CheckpointError(f"{path}: corrupt checkpoint ({error})") from error
-    return tensors, payload["metadata"]
+    metadata = payload["metadata"]
+    stored_digest = payload.get(DIGEST_KEY)
+    if stored_digest is None:
+        warnings.warn(f"{path} has no content digest (it was written by a minibvit from before "
+                      f"digests were stored), so corruption in it cannot be detected; loading it "
+                      f"anyway. Save it again (continue the run, or re-export a packed file) to "
+                      f"add one", CheckpointWarning, stacklevel=2)
+    elif stored_digest != content_digest(tensors, metadata):
+        raise CheckpointError(
+            f"{path} is corrupt: its tensors or metadata do not match the SHA-256 digest stored when "
+            f"it was written (a damaged copy, a flipped bit or an edit by hand); do not use it: "
+            f"restore a good copy, or write it again (train again, resume from another checkpoint, "
+            f"or export again)")
+    return tensors, metadata
+
+
+def content_digest(tensors, metadata):
+    """SHA-256 (hex) of a checkpoint's contents, as stored under "sha256" by save_checkpoint.
+
+    tensors: dict of str -> numpy array; metadata: dict of JSON values. The digest covers, in
+    name order, each tensor's name, dtype, shape and little-endian C-order bytes, then the metadata
+    as canonical JSON (sorted keys), each part length-prefixed so that no two contents collide by
+    concatenation. Byte order and memory layout of the arrays do not change it.
+    """
+    digest = hashlib.sha256()
+
+    def part(data):
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+
+    for name in sorted(tensors):
+        array = np.asarray(tensors[name])
+        little = array.dtype.newbyteorder("<")
+        part(json.dumps([name, little.str, list(array.shape)]).encode())
+        values = np.ascontiguousarray(array, dtype=little).reshape(-1)
+        part(memoryview(values.view(np.uint8)))
+    part(json.dumps(metadata, sort_keys=True, allow_nan=False).encode())
+    return digest.hexdigest()
 
 
 def rng_state_to_json(rng):

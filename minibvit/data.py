@@ -191,7 +191,8 @@ def check_images(dataset, image_size, channels):
         return
     fixes = []
     if (height, width) != (image_size, image_size):
-        fixes.append(f"load the data resized with image_size={image_size} (--image-size {image_size})")
+        fixes.append(f"load the data resized to the model's size (load_dataset(..., "
+                     f"image_size={image_size}))")
     if have_channels != channels:
         fixes.append(f"use a model with in_chans={have_channels} (channel counts are not converted)")
     raise ValueError(
@@ -414,13 +415,24 @@ _FASHION_OFFLINE = (
 
 
 def _find_cifar_dir(root):
+    """The one CIFAR-10 layout under root: ("py" or "bin", directory). root may be a batches
+    directory or its parent; more than one copy (both formats) is refused rather than guessed."""
     if not root.is_dir():
         raise DatasetError(f"CIFAR-10 data_dir {root} is not a directory")
+    found = []
     for directory in (root, root / "cifar-10-batches-py", root / "cifar-10-batches-bin"):
         if (directory / "data_batch_1").is_file():
-            return "py", directory
+            found.append(("py", directory))
         if (directory / "data_batch_1.bin").is_file():
-            return "bin", directory
+            found.append(("bin", directory))
+    if len(found) == 1:
+        return found[0]
+    if found:
+        copies = " and ".join(f"{'python' if layout == 'py' else 'binary'} batches in {directory}"
+                              for layout, directory in found)
+        raise DatasetError(
+            f"CIFAR-10 data_dir {root} holds more than one copy: {copies}; minibvit does not guess "
+            f"which to use: pass the directory of one of them as data_dir (--data-dir)")
     raise DatasetError(
         f"no CIFAR-10 batches in {root}: expected data_batch_1 ... data_batch_5 and test_batch "
         f"(python format, cifar-10-batches-py) or data_batch_1.bin ... data_batch_5.bin and "

@@ -556,7 +556,7 @@ def test_check_images():
     dataset = data.load_dataset("synthetic", "test", limit_per_class=1)
     data.check_images(dataset, 32, 3)
     expected = (r"32x32 with 3 channel\(s\), but the model expects 28x28 with 1 .*"
-                r"image_size=28 \(--image-size 28\) and use a model with in_chans=3")
+                r"image_size=28\)\) and use a model with in_chans=3")
     with pytest.raises(ValueError, match=expected):
         data.check_images(dataset, 28, 1)
     with pytest.raises(ValueError, match=r"expects 32x32 with 1 channel\(s\): use a model with in_chans=3"):

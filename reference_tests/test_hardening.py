@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from adapter import ViTConfig, build_vit, checkpoint, data, quant, schemes, train
+from minibvit import methods as registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
@@ -26,7 +27,7 @@ def tiny_run(tmp_path, method, name="run"):
     """Best checkpoint of the final stage of a one-step run of `method` on synthetic data."""
     out = tmp_path / name
     assert train.main(TINY + ["--method", method, "--out", str(out)]) == 0
-    return str(out / train.RECIPES[method][-1].name / "best.safetensors")
+    return str(out / registry.METHODS[method].stages[-1].name / "best.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------

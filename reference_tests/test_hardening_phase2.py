@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from minibvit import checkpoint, cost, engine, infer, kernels, train
+from minibvit import checkpoint, cost, engine, infer, kernels, methods, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset", "synthetic", "--limit-per-class", "12", "--embed-dim", "16", "--depth", "1",
@@ -30,7 +30,7 @@ def phase2(item):
 
 
 def _final_stage(method):
-    return train.RECIPES[method][-1].name
+    return methods.METHODS[method].stages[-1].name
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,6 @@ def test_compile_time_is_reported_apart_from_the_first_epoch(tmp_path):
         assert any(re.fullmatch(r"(compile|warm_?up)\w*_s", key) for key in first), sorted(first)
 
 
-@phase2("--help shows one default per option")
 def test_help_shows_one_default(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])

@@ -101,8 +101,8 @@ def test_packed_logits_equal_simulated_forward(tmp_path, scheme, center, config)
 def test_float_fallback_paths_equal_simulated_forward(tmp_path, monkeypatch, scheme, center):
     """Without decision intervals (a table that is not one interval per column) and with a
     non-monotone exp table, the engine takes its float paths: the same bits."""
-    monkeypatch.setattr(engine, "decision_intervals", lambda table: None)
-    monkeypatch.setattr(engine, "table_is_monotone", lambda table: False)
+    monkeypatch.setattr(engine.fused, "decision_intervals", lambda table: None)
+    monkeypatch.setattr(engine.fused, "table_is_monotone", lambda table: False)
     model, eng, _ = exported(tmp_path, scheme, config=WIDE_HEADS, center=center)
     assert all(blk.get("fc1_intervals") is None and not blk["exp_monotone"] for blk in eng.blocks)
     assert eng.net is None
@@ -112,7 +112,7 @@ def test_float_fallback_paths_equal_simulated_forward(tmp_path, monkeypatch, sch
 def test_non_monotone_softmax_in_whole_network_kernel(tmp_path, monkeypatch):
     """With decision intervals but a non-monotone exp table, _binary_net evaluates each attention
     probability instead of thresholding the scores: the same bits."""
-    monkeypatch.setattr(engine, "table_is_monotone", lambda table: False)
+    monkeypatch.setattr(engine.fused, "table_is_monotone", lambda table: False)
     model, eng, _ = exported(tmp_path, "binaryvit", config=WIDE_HEADS, center="mean")
     assert eng.net is not None and not eng.net.exp_monotone.any()
     assert_bit_exact(model, eng, images(model.cfg, 5))
@@ -243,7 +243,7 @@ def test_transpose_bits64(seed):
     words = np.random.default_rng(seed).integers(0, 2 ** 63, 64, dtype=np.uint64) * np.uint64(2)
     words[::7] |= np.uint64(1)
     out = words.copy()
-    engine._transpose_bits64(out)
+    engine.fused.transpose_bits64(out)
     bits = np.unpackbits(words.view(np.uint8), bitorder="little").reshape(64, 64)
     expected = np.ascontiguousarray(np.packbits(bits.T, axis=1, bitorder="little")).view(np.uint64).reshape(64)
     np.testing.assert_array_equal(out, expected)
@@ -269,7 +269,7 @@ def test_layernorm_and_sign_pack_bit_exact(n, seed, zeros):
     expected = kernels.pack_signs(np.where(h - threshold >= 0, 1.0, -1.0).astype(np.float32))
     bits = np.empty_like(expected)
     dummy_i = np.zeros((1, 1), np.int32)
-    engine._residual_norm_pack(x, add, dummy_i, dummy_i[0], gamma, gamma, 1, gamma, beta, np.float32(1e-6),
+    engine.fused.residual_norm_pack(x, add, dummy_i, dummy_i[0], gamma, gamma, 1, gamma, beta, np.float32(1e-6),
                                threshold, bits, np.zeros((1, 1), np.float32), 1)
     np.testing.assert_array_equal(x, expected_x)
     np.testing.assert_array_equal(bits, expected)
@@ -287,7 +287,7 @@ def test_decision_intervals_reproduce_tables(n, seed, k):
     assert intervals is not None
     acc = rng.integers(-k, k + 1, (7, n)).astype(np.int32)
     bits = np.empty((7, -(-n // 64)), np.uint64)
-    engine._pack_interval_rows(acc, *engine._interval_operands(intervals), bits)
+    engine.fused.pack_interval_rows(acc, *engine.fused.interval_operands(intervals), bits)
     np.testing.assert_array_equal(bits, kernels.pack_bits(table[np.arange(n), acc + k]))
     if 2 * k + 1 >= 5:
         table[0] = False
@@ -310,12 +310,12 @@ def test_softmax_bits_equal_ops_softmax_and_binarizer():
     x *= inv_sqrt_d
     p, _ = ops.softmax_forward(x)
     probs = np.empty_like(p)
-    engine._softmax(scores, table, False, probs, np.float32(1), np.empty((0, 1), np.uint64))
+    engine.fused.score_softmax(scores, table, False, probs, np.float32(1), np.empty((0, 1), np.uint64))
     np.testing.assert_array_equal(probs, p)
     for alpha in (np.float32(2 / n), np.float32(0.05), np.float32(0.5)):
         levels = np.clip(np.round(p / alpha), 0, 1)
         bits = np.empty((len(scores), -(-n // 64)), np.uint64)
-        engine._softmax(scores, table, True, np.empty((0, n), np.float32), alpha, bits)
+        engine.fused.score_softmax(scores, table, True, np.empty((0, n), np.float32), alpha, bits)
         np.testing.assert_array_equal(bits, kernels.pack_bits(levels))
 
 

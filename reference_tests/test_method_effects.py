@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from adapter import methods, train
+from minibvit import methods, train
 
 
 def run_stage(tmp_path, tag, scheme, **kw):

@@ -34,7 +34,8 @@ def in_order_sum(values):
 def moments_in_order(row):
     n = row.size
     mean = in_order_sum(row) / n
-    var = in_order_sum([(float(v) - mean) ** 2 for v in row]) / n
+    deviations = [float(v) - mean for v in row]
+    var = in_order_sum([t * t for t in deviations]) / n  # t * t, not t ** 2: pow() is not always the rounded square
     return mean, var
 
 

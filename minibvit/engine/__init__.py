@@ -49,7 +49,10 @@ Why the logits have the same bits as the training-time forward ``ViT.forward(x, 
     engine.packed      PackedViT
 
 Packed file: safetensors with the minibvit metadata of minibvit.checkpoint (``kind`` =
-"minibvit-packed"); ``export`` lists the tensors, docs/engine.md the format and measurements.
+"minibvit-packed"). Its tensors are one table, ``tensor_specs(cfg, scheme, options)`` (name ->
+dtype, shape, content): export writes exactly those, and the loader refuses a file with a missing,
+unexpected, retyped or reshaped tensor, a set bit in a bit-plane's zero tail, or metadata without a
+valid scheme, model_config or scheme_options. docs/engine.md lists the format and measurements.
 """
 from ..kernels.gsb import gsb_combine
 from .format import (EXPORTABLE_SCHEMES, PACKED_KIND, PACKED_VERSION, ExportReport, TensorSpec, check_tensors,

@@ -9,11 +9,10 @@ lists the format. packed_kind(scheme) says how a quantizer table's blocks are pa
 "gsb"): it reads the table's ``packed`` attribute in the method registry (minibvit.methods), so the
 engine never looks at a method's name.
 """
-import dataclasses
 import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -372,7 +371,7 @@ def _read_metadata(path, meta):
     given = meta.get("scheme_options", {})
     if not isinstance(given, dict):
         raise refuse(f"has 'scheme_options' of type {type(given).__name__}, not a mapping")
-    known = [f.name for f in dataclasses.fields(methods.QuantizerOptions)]
+    known = [f.name for f in fields(methods.QuantizerOptions)]
     unknown = sorted(set(given) - set(known))
     if unknown:
         raise refuse(f"has unknown scheme option(s) {', '.join(map(repr, unknown))} (known: {', '.join(known)})")

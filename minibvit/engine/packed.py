@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .. import checkpoint, kernels, ops, quant
+from .. import kernels, ops, quant
 from ..gsb import gsb_attn_masks, gsb_value_masks
 from . import binary_net, fused
 from .format import check_tensors, packed_kind, read_packed
@@ -44,7 +44,7 @@ class PackedViT:
     def __init__(self, cfg, scheme, options, tensors):
         self.kind = packed_kind(scheme)  # "binary" | "ternary" | "gsb"; ValueError for other methods
         self.cfg, self.scheme, self.options, self.tensors = cfg, scheme, options, tensors
-        check_tensors(cfg, self.kind, tensors)
+        check_tensors(cfg, scheme, options, tensors)  # every tensor's dtype, shape and zero tail (format)
         self.patch_weight = self._dequantized("patch_embed.proj")  # float32 8-bit values, as the model
         self._signed8 = quant.make_quantizer("a_minmax8_signed")
         self._unsigned8 = quant.make_quantizer("a_minmax8_unsigned")
@@ -64,7 +64,8 @@ class PackedViT:
     @classmethod
     def load(cls, path):
         """Read a packed model file written by ``export`` (engine.format.read_packed: a
-        CheckpointError for a missing, corrupt or foreign file, a ValueError for another version)."""
+        CheckpointError naming the file for a missing, corrupt or foreign file, bad metadata or a
+        tensor that does not match the format; a ValueError for another version)."""
         cfg, scheme, options, tensors, meta = read_packed(path)
         engine = cls(cfg, scheme, options, tensors)
         engine.metadata = meta
@@ -81,13 +82,10 @@ class PackedViT:
         return {"codes": t[f"{name}.weight_codes"], "scale": t[f"{name}.weight_scale"], "bias": t[f"{name}.bias"]}
 
     def _binarizer(self, name, channels):
+        """The binarizer of role ``name`` from its tensors (present with their shapes: check_tensors)."""
         t = self.tensors
-        if f"{name}_scale" not in t:
-            raise checkpoint.CheckpointError(f"the packed model has no {name}_scale")
         token = f"{name}_shift" in t
         shift = t.get(f"{name}_shift" if token else f"{name}_threshold", np.zeros(channels, _F32))
-        if shift.shape != (channels,):
-            raise checkpoint.CheckpointError(f"{name} threshold has shape {shift.shape}, expected ({channels},)")
         return _Binarizer(t[f"{name}_scale"].reshape(()), np.ascontiguousarray(shift, _F32), token)
 
     def _block(self, b):

@@ -241,6 +241,9 @@ def binary_gemm(a_packed, w_packed_T, K, row_scale=None, col_scale=None, bias=No
         int32 [M, N]  dot = K - 2 * popcount(a XOR w)            if no scale or bias is given
         float32 [M, N] dot * row_scale[m] * col_scale[n] + bias[n] otherwise, computed in the
         kernel's epilogue (missing scales are 1, a missing bias is 0).
+    Both operands must keep the zero tail of their last word (the contract in kernels.pack; not
+    checked here, check_zero_tail checks it): a tail bit set in one operand and not the other
+    lowers the dot of that row and column by 2.
     """
     a = check_words(a_packed, "a_packed", 2)
     w = check_words(w_packed_T, "w_packed_T", 2)
@@ -293,6 +296,7 @@ def binary_bmm(a_packed, b_packed, K):
         a_packed: uint64 [B, M, W]; b_packed: uint64 [B, N, W]; K: int
     Returns:
         int32 [B, M, N] = K - 2 * popcount(a XOR b)
+    Zero tails required, as in binary_gemm (not checked here).
     """
     a = check_words(a_packed, "a_packed", 3)
     b = check_words(b_packed, "b_packed", 3)
@@ -320,6 +324,7 @@ def and_bmm(p_bits, v_packed, K):
         K:        int, number of tokens
     Returns:
         int32 [B, M, D] = popcount(p AND NOT v) - popcount(p AND v) = popcount(p) - 2 popcount(p AND v)
+    Zero tails required, as in binary_gemm (not checked here): a tail bit of p counts as a token.
     """
     p = check_words(p_bits, "p_bits", 3)
     v = check_words(v_packed, "v_packed", 3)

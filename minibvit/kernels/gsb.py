@@ -43,6 +43,7 @@ def gsb_partial_products(a_bases, v_signs, v_masks, K):
         K:       int, number of tokens
     Returns:
         int32 [B, 3, 3, M, D], exact.
+    Zero tails required in every operand, as in binary_gemm (not checked here).
     """
     a, s, t = _check_gsb(a_bases, v_signs, v_masks, K)
     n_batch, _, n_rows, n_words = a.shape
@@ -98,6 +99,7 @@ def gsb_attention_product(a_bases, a_scales, v_signs, v_masks, v_scales, K):
         v_scales: (b1, b2, b3), shape [3] or [B, 3]
     Returns:
         float64 [B, M, D] = sum_ij a_i b_j C_ij, combined in float64 from the exact integers (gsb_combine).
+    Zero tails required, as in gsb_partial_products (not checked here).
     """
     partial = gsb_partial_products(a_bases, v_signs, v_masks, K)
     n_batch = partial.shape[0]

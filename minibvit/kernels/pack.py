@@ -2,8 +2,16 @@
 
 Bit convention (larq compute-engine): bit 0 encodes +1, bit 1 encodes -1, and sign(0) = +1, so
 ``x >= 0`` packs to bit 0 (``-0.0`` too) and ``x < 0`` packs to bit 1 (NaN packs to bit 0). Bit j of
-word w holds element 64*w + j; the tail of the last word is zero. Each fast packer has a NumPy
-reference (np.packbits) beside it. Also the operand checks every kernel module shares.
+word w holds element 64*w + j. Each fast packer has a NumPy reference (np.packbits) beside it.
+Also the operand checks every kernel module shares.
+
+The zero-tail contract: when 64 does not divide K, the last word of every packed row holds only
+K % 64 elements, and its remaining bits (the tail) are 0. The packers write it so by construction;
+the kernels rely on it and do not check it (a check inside the GEMM would cost a pass over the
+operands on every call): a set tail bit is counted by popcount like any other, so binary_gemm's
+K - 2 popcount(a XOR w) comes out 2 too small for every tail bit set in one operand and not the
+other. Operands that come from elsewhere (a file, another program) are checked once where that
+costs nothing: check_zero_tail, called by the packed engine at export and at load.
 """
 import contextlib
 
@@ -75,6 +83,37 @@ def _pack_rows(x):
     return out
 
 
+def tail_mask(k):
+    """uint64 with the tail bits of a last word of K elements set (bits K % 64 .. 63; 0 when 64
+    divides K): the bits that must be zero in every packed operand."""
+    used = k % WORD_BITS
+    return np.uint64(0) if used == 0 else ~np.uint64((1 << used) - 1)
+
+
+def check_zero_tail(packed, k, name, word_axis=-1):
+    """Refuse packed words whose tail is not zero (the zero-tail contract, module docstring).
+
+    Inputs:
+        packed:    uint64 array packed along K on axis word_axis (-1 for activations [..., W],
+                   0 for word-major weights [W, N])
+        k:         the true length K
+        name:      the operand's name, for the message
+    Returns packed unchanged; ValueError naming the operand and the first bad word otherwise.
+    Reads only the last word of each row (N words for a weight [W, N])."""
+    packed = np.asarray(packed)
+    mask = tail_mask(k)
+    if mask:
+        last = np.take(packed, -1, axis=word_axis)
+        bad = np.flatnonzero(last & mask)
+        if bad.size:
+            raise ValueError(f"{name} has bits set in the tail of its last packed word (K={k}: bits "
+                             f"{k % WORD_BITS}..63 of word {packed.shape[word_axis] - 1} must be 0) in {bad.size} "
+                             f"of its {last.size} packed vectors (the first at index {bad[0]}); the kernels would "
+                             f"count them and return wrong results. Pack it with minibvit.kernels (pack_signs, "
+                             f"pack_bits, pack_weight) or clear the tail bits")
+    return packed
+
+
 def _as_rows(x, name):
     x = np.asarray(x)
     if x.ndim == 0:
@@ -84,18 +123,39 @@ def _as_rows(x, name):
     return x, np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
 
 
+# The float dtypes the Numba packer reads directly (native byte order).
+_NATIVE_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+# Mask dtypes pack_bits accepts (numpy kind codes): bool, signed / unsigned integer, float, complex.
+_MASK_KINDS = "biufc"
+
+
+def _pack_mask(rows, shape):
+    """uint64 words of a bool [R, K] (bit = True), reshaped to shape[:-1] + (ceil(K/64),)."""
+    with threads_for(rows.size, _PARALLEL_MIN_ELEMENTS):
+        packed = _pack_rows(rows.view(np.uint8))
+    return packed.reshape(shape[:-1] + (words(shape[-1]),))
+
+
 def pack_signs(x):
     """Pack the signs of the last axis of a float array into uint64 words.
 
     Inputs:
-        x: float array [..., K]
+        x: float array [..., K], any float dtype and byte order
     Returns:
         uint64 [..., ceil(K/64)]; bit j of word w is 1 where x[..., 64*w + j] < 0 (sign -1),
         0 where x >= 0 (sign(0) = +1); tail bits of the last word are 0.
+    float32 and float64 in native byte order are packed by the Numba kernel. Every other float dtype
+    (float16, longdouble, a non-native byte order) is packed from NumPy's ``x < 0`` computed in the
+    array's own dtype: that comparison is exact in every float dtype (-0.0 and NaN give False), so
+    the bits are exactly the signs, with no conversion that could round a tiny negative longdouble
+    to -0.0 (which would flip its bit). It costs one extra pass and a bool array. Non-float input
+    is refused with a TypeError (integers and bools: use pack_bits for masks).
     """
     x, rows = _as_rows(x, "x")
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"pack_signs expects a float array, got {x.dtype}; use pack_bits for masks")
+    if rows.dtype not in _NATIVE_FLOATS:
+        return _pack_mask(rows < 0, x.shape)
     with threads_for(rows.size, _PARALLEL_MIN_ELEMENTS):
         packed = _pack_rows(rows)
     return packed.reshape(x.shape[:-1] + (words(x.shape[-1]),))
@@ -105,16 +165,18 @@ def pack_bits(mask):
     """Pack a {0,1} (or bool) mask along its last axis: bit = 1 where the mask is nonzero.
 
     Inputs:
-        mask: bool or numeric array [..., K]
+        mask: bool or numeric (integer, float, complex; any byte order) array [..., K]
     Returns:
         uint64 [..., ceil(K/64)], tail bits 0.
+    Other dtypes (strings, objects, dates) are refused with a TypeError: ``!= 0`` is not a mask test
+    for them (a string array compares unequal to 0 everywhere).
     """
     mask, rows = _as_rows(mask, "mask")
+    if rows.dtype.kind not in _MASK_KINDS:
+        raise TypeError(f"pack_bits expects a bool or numeric mask, got {rows.dtype}; convert it to bool first")
     if rows.dtype != np.bool_:
         rows = rows != 0
-    with threads_for(rows.size, _PARALLEL_MIN_ELEMENTS):
-        packed = _pack_rows(rows.view(np.uint8))
-    return packed.reshape(mask.shape[:-1] + (words(mask.shape[-1]),))
+    return _pack_mask(rows, mask.shape)
 
 
 def _packbits_reference(bits):

@@ -31,6 +31,7 @@ def ternary_gemm_binary(a_packed, w_nonzero, w_sign, K, row_scale=None, col_scal
     Returns:
         int32 [M, N] = popcount(nz & ~(a ^ s)) - popcount(nz & (a ^ s))
                      = popcount(nz) - 2 popcount(nz & (a ^ s)),   or the float32 epilogue.
+    Zero tails required, as in binary_gemm (not checked here).
     """
     a = check_words(a_packed, "a_packed", 2)
     nz = check_words(w_nonzero, "w_nonzero", 2)
@@ -177,6 +178,8 @@ def ternary_gemm_int8(a_int8, w_nonzero, w_sign, K, row_scale=None, col_scale=No
         int32 [M, N] = sum_k a[m, k] * T[n, k] (exact), or the float32 epilogue
         float32(dot) * row_scale[m] * col_scale[n] + bias[n].
     Computed with byte dot products (VPDPBUSD on AVX512-VNNI); see the section comment.
+    Zero tails required in the weight planes, as in binary_gemm (not checked here): the products
+    read only the first K bits, but the zero-point correction sum_k T[n, k] counts tail bits too.
     """
     a = np.asarray(a_int8)
     if a.dtype != np.int8 or a.ndim != 2:

@@ -211,7 +211,6 @@ def test_packed_tensor_of_the_wrong_dtype_is_refused(runs, tmp_path, name, dtype
         engine.PackedViT.load(path)
 
 
-@phase2("--compare against a checkpoint of another method is refused")
 def test_compare_against_another_method_is_refused(runs, capsys):
     _, packed = runs("binary")
     other, _ = runs("binaryvit")

@@ -67,3 +67,23 @@ def test_the_warm_up_leaves_the_run_bit_identical(tmp_path, monkeypatch):
         assert warm.keys() == cold.keys()
         for name in warm:
             np.testing.assert_array_equal(warm[name], cold[name], err_msg=name)
+
+
+def test_evaluate_and_infer_load_the_data_at_the_models_image_size(tmp_path, capsys):
+    # A checkpoint that does not say which size training resized to (here: its train_config dropped)
+    # is evaluated at the model's size: synthetic images are 32x32, the model takes 16x16.
+    from minibvit import engine, evaluate, infer
+
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--method", "binary", "--max-steps", "1", "--image-size", "16", "--out", str(out)]) == 0
+    tensors, meta = checkpoint.load_checkpoint(str(out / "binary" / "best.safetensors"))
+    meta.pop("train_config")
+    bare = str(tmp_path / "bare.safetensors")
+    checkpoint.save_checkpoint(bare, tensors, meta)
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", bare]) == 0, capsys.readouterr().err
+    assert "synthetic test accuracy" in capsys.readouterr().out
+    packed = str(tmp_path / "bare.packed.safetensors")
+    engine.export(bare, packed)
+    assert infer.main(["--packed", packed, "--compare", bare, "--limit", "8"]) == 0, capsys.readouterr().err
+    assert "bit-identical on 8/8" in capsys.readouterr().out

@@ -268,7 +268,6 @@ def test_pack_signs_other_float_dtypes(dtype):
         np.testing.assert_array_equal(packed, kernels.pack_signs_reference(x))
 
 
-@phase2("cost's predicted tensor bytes equal the exported file's tensor bytes")
 @pytest.mark.parametrize("method", ["binary", "binaryvit", "tervit", "gsb"])
 def test_cost_predicts_the_exported_tensor_bytes(runs, method):
     best, packed = runs(method)

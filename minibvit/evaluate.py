@@ -23,7 +23,8 @@ def load_split(name, split, data_dir, trained_size, model_cfg):
     trained_size, or as stored when None) and, if its images are of another size, resized to
     model_cfg.image_size. Raises ValueError when the channel counts differ (they are not converted)."""
     dataset = data.load_dataset(name, split, data_dir=data_dir, image_size=trained_size)
-    if dataset.images.shape[1:3] != (model_cfg.image_size,) * 2:
+    _, height, width, channels = dataset.images.shape
+    if (height, width) != (model_cfg.image_size,) * 2 and channels == model_cfg.in_chans:
         dataset = data.load_dataset(name, split, data_dir=data_dir, image_size=model_cfg.image_size)
     data.check_images(dataset, model_cfg.image_size, model_cfg.in_chans)
     return dataset

@@ -17,16 +17,22 @@ Methods (precision of every tensor):
 - binary (BiT / GSB-style baseline): block linears (qkv, proj, fc1, fc2) W1A1 with a per-output-
   channel FP32 weight scale and one FP32 elastic alpha per activation binarizer; Q.K^T with binary Q, K;
   unsigned 1-bit attention probabilities times binary V; patch embedding and head W8A8 (per-output-
-  channel FP32 weight scale, one FP32 activation step); LayerNorm, softmax, GELU, residuals, biases,
+  channel FP32 weight scale; the 8-bit activations are min-max quantized, their step taken from each
+  batch at run time, so nothing is stored for them); LayerNorm, softmax, GELU, residuals, biases,
   class/position tokens FP32.
 - binaryvit: binary + ASM, one FP32 threshold per channel (last axis) of every activation binarizer
-  except the attention probabilities (as minibvit.methods).
+  except the attention probabilities (as minibvit.methods): embed_dim channels in front of the
+  linears and mlp_hidden in front of fc2, head_dim for Q, K and V (one threshold vector shared by the
+  heads).
 - gsb: binary, but attention probabilities and V each as `gsb_bases` binary bases (A.V = bases^2 binary
   products), plus the learnable attention bias (heads x N x N), the V shift (heads x head_dim), three FP32
   scales per GSB quantizer, a distillation token and a second head. ViT only.
 - tervit: block linears ternary weights (per-output-channel FP32 scale) x 8-bit activations; both
-  attention matmuls 8-bit x 8-bit; patch embedding and head W8A8. Unsigned 8-bit activations (post-GELU,
-  attention probabilities) also store an int32 zero point.
+  attention matmuls 8-bit x 8-bit; patch embedding and head W8A8. Every 8-bit activation is min-max
+  quantized at run time (step and, for the unsigned post-GELU and attention probabilities, zero point
+  from each batch): nothing stored.
+The deployed bytes are those of minibvit.engine.export's file: the sum of its tensors' bytes equals
+the predicted packed bytes exactly for every method (the file adds only its JSON header).
 Swin's patch-merging reduction is quantized like the block linears; its relative-position-bias tables
 stay FP32.
 """
@@ -318,7 +324,7 @@ def _fp32_part(count):
 
 
 # Storage parts that are quantizer parameters, dropped with count_scales=False.
-QUANTIZER_PARTS = ("weight_scale", "act_scale", "act_zero_point", "act_threshold", "basis_scales")
+QUANTIZER_PARTS = ("weight_scale", "act_scale", "act_threshold", "basis_scales")
 
 
 def _kept(storage, conv):
@@ -327,17 +333,16 @@ def _kept(storage, conv):
     return {k: p for k, p in storage.items() if not k.endswith(QUANTIZER_PARTS)}
 
 
-def _act_quantizer(method, bits, channels, prefix="", unsigned=False, probabilities=False):
-    """Parameters of one activation quantizer (as minibvit.methods sets them up): the FP32 alpha or 8-bit
-    step; the int32 zero point of an unsigned (asymmetric) 8-bit quantizer; for binaryvit the per-channel
-    ASM threshold (channels = the binarized tensor's last axis) in front of every activation binarizer
-    but the attention probabilities."""
-    if bits == FP32:
+def _act_quantizer(method, bits, channels, prefix="", probabilities=False):
+    """Stored parameters of one activation quantizer (as minibvit.methods sets them up and
+    minibvit.engine.export stores them): a 1-bit binarizer's FP32 alpha and, for binaryvit, its
+    per-channel ASM threshold (channels = the binarized tensor's last axis) in front of every
+    activation binarizer but the attention probabilities. An 8-bit activation is min-max quantized
+    with a step (and zero point) taken from each batch at run time: nothing is stored."""
+    if bits != 1:
         return {}
     parts = {f"{prefix}act_scale": _fp32_part(1)}
-    if bits == 8 and unsigned:
-        parts[f"{prefix}act_zero_point"] = Part(1, 4)
-    if _precision(method).asm_thresholds and bits == 1 and not probabilities:
+    if _precision(method).asm_thresholds and not probabilities:
         parts[f"{prefix}act_threshold"] = _fp32_part(channels)
     return parts
 
@@ -350,7 +355,7 @@ def _quantize_flops(bits):
 # row builders
 
 
-def _linear(name, group, rows, k, n, bias, bits, method, conv, unsigned_input=False):
+def _linear(name, group, rows, k, n, bias, bits, method, conv):
     """A linear layer applied to `rows` input rows of width k, output width n."""
     w_bits, a_bits = bits
     storage = {"weight": Part(k * n, _weight_bytes(w_bits, k, n, conv))}
@@ -358,7 +363,7 @@ def _linear(name, group, rows, k, n, bias, bits, method, conv, unsigned_input=Fa
         storage["weight_scale"] = _fp32_part(n)  # per output channel
     if bias:
         storage["bias"] = _fp32_part(n)
-    storage.update(_act_quantizer(method, a_bits, k, unsigned=unsigned_input))
+    storage.update(_act_quantizer(method, a_bits, k))
     macs = rows * k * n
     flops, bops = _mac_cost(w_bits, a_bits, macs, conv)
     if conv.elementwise:
@@ -388,10 +393,11 @@ def _attention(prefix, method, conv, heads, head_dim, scores, outputs, macs, tok
     FP32 relative-position-bias entries (Swin)."""
     rows = []
     qk_bits, av_bits = _precision(method).qk, _precision(method).av
-    dim = heads * head_dim
     ew = conv.elementwise
 
-    storage = {**_act_quantizer(method, qk_bits[0], dim, "q."), **_act_quantizer(method, qk_bits[1], dim, "k.")}
+    # Q, K and V are binarized per head: their ASM thresholds have head_dim channels, shared by the heads
+    storage = {**_act_quantizer(method, qk_bits[0], head_dim, "q."),
+               **_act_quantizer(method, qk_bits[1], head_dim, "k.")}
     flops, bops = _mac_cost(*qk_bits, macs, conv)
     if ew:  # FP32: 1/sqrt(d) scaling; quantized: the rescale (1/sqrt(d) folded in) of each score
         flops += (outputs * (_quantize_flops(qk_bits[0]) + _quantize_flops(qk_bits[1]))
@@ -415,8 +421,8 @@ def _attention(prefix, method, conv, heads, head_dim, scores, outputs, macs, tok
                       + outputs * nb * nb * ELEMENTWISE_FLOPS["gsb_combine"])
         label = f"{nb}x{nb} 1b x 1b"
     else:
-        storage = {**_act_quantizer(method, av_bits[0], tokens, "attn.", unsigned=True, probabilities=True),
-                   **_act_quantizer(method, av_bits[1], dim, "v.")}
+        storage = {**_act_quantizer(method, av_bits[0], tokens, "attn.", probabilities=True),
+                   **_act_quantizer(method, av_bits[1], head_dim, "v.")}
         flops, bops = _mac_cost(*av_bits, macs, conv)
         if ew:
             rescale = ELEMENTWISE_FLOPS["scale"] * outputs if av_bits[0] != FP32 else 0
@@ -429,8 +435,7 @@ def _attention(prefix, method, conv, heads, head_dim, scores, outputs, macs, tok
 def _mlp(prefix, rows, dim, hidden, bits, method, conv):
     return [_linear(f"{prefix}.fc1", "block linears", rows, dim, hidden, True, bits, method, conv),
             _elementwise(f"{prefix}.gelu", "GELU", rows * hidden, "gelu", conv),
-            _linear(f"{prefix}.fc2", "block linears", rows, hidden, dim, True, bits, method, conv,
-                    unsigned_input=True)]  # post-GELU
+            _linear(f"{prefix}.fc2", "block linears", rows, hidden, dim, True, bits, method, conv)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """Accuracy of a trained checkpoint on a test split:
 ``python -m minibvit.evaluate --checkpoint runs/fashion-mnist-binaryvit/binaryvit/best.safetensors``.
 
-The dataset, its location and the image size default to those the checkpoint was trained with.
+The dataset and its location default to those the checkpoint was trained with. The images are loaded
+at the model's image size: as stored when that is their size or the size training resized them to,
+else resized to it (bilinear, as training's --image-size does); there is no --image-size option, since
+a model takes images of one size only.
 """
 if __name__ == "__main__":  # before NumPy loads its thread pools (minibvit.process)
     from minibvit.process import configure_process
@@ -13,6 +16,18 @@ import sys  # noqa: E402
 
 from . import checkpoint, data  # noqa: E402
 from .train import evaluate, load_model  # noqa: E402
+
+
+def load_split(name, split, data_dir, trained_size, model_cfg):
+    """A dataset split at the model's image size: loaded as training loaded it (resized to
+    trained_size, or as stored when None) and, if its images are of another size, resized to
+    model_cfg.image_size. Raises ValueError when the channel counts differ (they are not converted)."""
+    dataset = data.load_dataset(name, split, data_dir=data_dir, image_size=trained_size)
+    _, height, width, channels = dataset.images.shape
+    if (height, width) != (model_cfg.image_size,) * 2 and channels == model_cfg.in_chans:
+        dataset = data.load_dataset(name, split, data_dir=data_dir, image_size=model_cfg.image_size)
+    data.check_images(dataset, model_cfg.image_size, model_cfg.in_chans)
+    return dataset
 
 
 def main(argv=None):
@@ -29,9 +44,8 @@ def main(argv=None):
         name = args.dataset or meta.get("dataset", {}).get("name") or train_cfg.get("dataset")
         if name is None:
             raise ValueError("the checkpoint does not name its dataset: pass --dataset")
-        kw = {"data_dir": args.data_dir or train_cfg.get("data_dir"), "image_size": train_cfg.get("image_size")}
-        dataset = data.load_dataset(name, args.split, **kw)
-        data.check_images(dataset, model.cfg.image_size, model.cfg.in_chans)
+        dataset = load_split(name, args.split, args.data_dir or train_cfg.get("data_dir"),
+                             train_cfg.get("image_size"), model.cfg)
         acc, loss = evaluate(model, dataset, args.batch_size)
     except (ValueError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,9 +10,11 @@ Evaluate a packed model on a dataset split with the bit-packed engine (minibvit.
     python -m minibvit.infer --packed binaryvit.packed.safetensors [--dataset cifar10] [--data-dir DIR]
         [--split test] [--batch-size 256] [--limit N] [--compare CHECKPOINT]
 
-The dataset, its location and image size default to those the model was trained with. --compare
-also runs the training-time (simulated) forward of a checkpoint on the same batches and reports
-whether the logits are bit-identical and the predictions agree. Exit status 2 on bad input.
+The dataset and its location default to those the model was trained with; the images are loaded at
+the model's image size (minibvit.evaluate.load_split). --compare also runs the training-time
+(simulated) forward of a checkpoint on the same batches and reports whether the logits are
+bit-identical and the predictions agree; a checkpoint of another quantizer table or other quantizer
+options than the packed model's is refused. Exit status 2 on bad input.
 """
 if __name__ == "__main__":  # before NumPy loads its thread pools (minibvit.process)
     from minibvit.process import configure_process
@@ -25,8 +27,9 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from . import checkpoint, data  # noqa: E402
+from . import checkpoint, data, methods  # noqa: E402
 from .engine import PackedViT, export  # noqa: E402
+from .evaluate import load_split  # noqa: E402
 
 
 def export_main(argv):
@@ -51,13 +54,22 @@ def _dataset(engine, args):
     name = args.dataset or (meta.get("dataset") or {}).get("name")
     if name is None:
         raise ValueError("the packed model does not name its dataset: pass --dataset")
-    dataset = data.load_dataset(name, args.split, data_dir=args.data_dir or options.get("data_dir"),
-                                image_size=options.get("image_size"))
-    data.check_images(dataset, engine.cfg.image_size, engine.cfg.in_chans)
+    dataset = load_split(name, args.split, args.data_dir or options.get("data_dir"), options.get("image_size"),
+                         engine.cfg)
     if args.limit is not None:
         dataset = data.Dataset(dataset.images[:args.limit], dataset.labels[:args.limit], dataset.num_classes,
                                dataset.class_names, dataset.mean, dataset.std, dataset.name)
     return name, dataset
+
+
+def check_same_method(engine, meta, packed_path, checkpoint_path):
+    """Refuse --compare against a checkpoint of another quantizer table or quantizer options than the
+    packed model's (its logits could not match)."""
+    theirs = (meta["scheme"], methods.QuantizerOptions(**meta.get("scheme_options", {})))
+    if theirs != (engine.scheme, engine.options):
+        raise ValueError(f"--compare {checkpoint_path} is a checkpoint of {theirs[0]} ({theirs[1]}), but "
+                         f"{packed_path} was exported from {engine.scheme} ({engine.options}): compare a packed "
+                         f"model with the checkpoint it was exported from")
 
 
 def evaluate_main(argv):
@@ -80,7 +92,8 @@ def evaluate_main(argv):
         simulated = None
         if args.compare:
             from .train import load_model
-            simulated, _ = load_model(args.compare, expect_config=engine.cfg)
+            simulated, meta = load_model(args.compare, expect_config=engine.cfg)
+            check_same_method(engine, meta, args.packed, args.compare)
     except (ValueError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

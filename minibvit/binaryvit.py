@@ -130,7 +130,12 @@ class ASM:
         "none": c = 0 (only the learnable shift).
       backward: dL/dr = -sum over leading axes of dL/dy.
     params / buffers merge the inner binarizer's (same arrays), grads merge the inner's param grads.
+    collective: as quant._Quantizer's; the batch statistic of the running centre is then that of every
+    rank's rows (the row-weighted mean of the ranks' means; the median of the gathered rows).
+    distributed.global_quantizer_state sets it on the ASM and on its inner binarizer.
     """
+
+    collective = None
 
     def __init__(self, inner, channels, center=ASM_DEFAULT_CENTER, momentum=ASM_DEFAULT_MOMENTUM,
                  dtype=np.float32):
@@ -148,9 +153,14 @@ class ASM:
         if center in ("mean", "median"):
             self.buffers["running_center"] = np.full(channels, np.nan, self.dtype)
 
-    def _update_running_center(self, x):
+    def _update_running_center(self, x, reduce=None):
         flat = x.reshape(-1, self.channels)
-        batch = flat.mean(axis=0) if self.center == "mean" else np.median(flat, axis=0)
+        if self.center == "mean":
+            batch = flat.mean(axis=0)
+            if reduce is not None:
+                batch = reduce.mean(batch, weight=len(flat))
+        else:
+            batch = np.median(flat if reduce is None else reduce.gather(flat), axis=0)
         running = self.buffers["running_center"]
         if np.isnan(running).any():
             running[...] = batch
@@ -169,7 +179,7 @@ class ASM:
         shift = self.params["shift"]
         if self.center in ("mean", "median"):
             if training:
-                self._update_running_center(x)
+                self._update_running_center(x, self.collective)
             elif np.isnan(self.buffers["running_center"]).any():
                 raise ValueError("ASM running_center not initialised: run one training forward or "
                                  "load a checkpoint")

@@ -1,6 +1,6 @@
 """Data-parallel training over MPI: launch detection, batch slices, bucketed gradient allreduce
-overlapped with the backward, the collectives that keep data-dependent quantizer state global, and
-fail-fast error handling.
+overlapped with the backward, the communicator the quantizers take their input statistics through
+(global_quantizer_state), and fail-fast error handling.
 
     comm = distributed.init()                  # SingleProcess, or MPICommunicator under mpiexec/srun
     distributed.broadcast_state(model.state_dict(), comm)
@@ -16,12 +16,12 @@ fail-fast error handling.
         opt.step(grads, lr=lr)                 # the same step on every rank
 
 A single process (no launcher in the environment) gets ``SingleProcess``, whose collectives are
-identities, and never imports mpi4py; importing this module changes nothing. docs/scaling.md has the
-integration plan for the trainer and the quantizers, the measured figures and the scaling model.
+identities, and never imports mpi4py; importing this module changes nothing. docs/scaling.md says how
+each piece of data-dependent quantizer state is made global, and has the trainer integration, the
+measured figures and the scaling model.
 """
 import contextlib
 import hashlib
-import math
 import os
 import sys
 import time
@@ -292,7 +292,6 @@ class Part:
 
     slice: slice  # rows of the global batch this rank computes in this micro-step
     weight: float  # its rows / global batch: the factor of its mean loss in the global mean loss
-    batch_fraction: float  # its rows / micro-step rows (all ranks): see GradientReducer
     last: bool  # the last micro-step: the gradient is complete after it
 
 
@@ -313,8 +312,7 @@ def batch_slices(global_batch, rank, world, accum_steps=1):
     for a in range(accum_steps):
         lo, hi = global_batch * a // accum_steps, global_batch * (a + 1) // accum_steps
         start, stop = lo + (hi - lo) * rank // world, lo + (hi - lo) * (rank + 1) // world
-        parts.append(Part(slice(start, stop), (stop - start) / global_batch, (stop - start) / (hi - lo),
-                          a == accum_steps - 1))
+        parts.append(Part(slice(start, stop), (stop - start) / global_batch, a == accum_steps - 1))
     return parts
 
 
@@ -348,19 +346,13 @@ class GradientReducer:
     differentiated.
 
     params: {name: array} (model.parameters()), one floating dtype.
-    size_normalised: names whose backward divides by the square root of a size proportional to the
-        batch (size_normalised_grad_names); they also get the factor sqrt(part.batch_fraction).
     """
 
-    def __init__(self, params, comm, bucket_bytes=DEFAULT_BUCKET_BYTES, overlap=True, size_normalised=()):
+    def __init__(self, params, comm, bucket_bytes=DEFAULT_BUCKET_BYTES, overlap=True):
         dtypes = {p.dtype for p in params.values()}
         if len(dtypes) != 1 or not np.issubdtype(next(iter(dtypes)), np.floating):
             raise ValueError(f"GradientReducer needs parameters of one floating dtype, got {sorted(map(str, dtypes))}")
         self.comm, self.overlap = comm, overlap
-        self.size_normalised = frozenset(size_normalised)
-        unknown = self.size_normalised - set(params)
-        if unknown:
-            raise ValueError(f"size_normalised names that are not parameters: {sorted(unknown)}")
         order = _ready_order(list(params))
         self.flat = np.zeros(sum(params[n].size for n in order), dtype=dtypes.pop())
         self.views, self.bucket_of, self.buckets = {}, {}, []  # bucket: (flat slice, names)
@@ -404,8 +396,7 @@ class GradientReducer:
             if name not in self.views:
                 raise ValueError(f"the backward reported a gradient {name!r} that is not among the reducer's "
                                  f"parameters; build the GradientReducer from model.parameters()")
-            scale = part.weight * (math.sqrt(part.batch_fraction) if name in self.size_normalised else 1.0)
-            self.views[name] += self.flat.dtype.type(scale) * grads[name]
+            self.views[name] += self.flat.dtype.type(part.weight) * grads[name]
             self._missing[self.bucket_of[name]] -= 1
             self._reported.add(name)
         if part.last and self.overlap:
@@ -438,92 +429,45 @@ class GradientReducer:
         return {name: view for name, view in self.views.items() if name in self._reported}
 
 
-def size_normalised_grad_names(model):
-    """Quantizer parameters whose pseudo-gradient divides by sqrt(size of an activation tensor), a size
-    proportional to the batch: the elastic binarizers' alpha (BiT) and LSQ steps on activations.
-    On a slice of b of the micro-step's B rows that factor is 1/sqrt(N b / B) instead of 1/sqrt(N),
-    so the reducer multiplies these gradients by sqrt(b / B). Weight quantizers (LSQ on a weight)
-    are batch-independent. GSB's alpha2/alpha3 divide by mask counts, which need the counts' sum
-    (docs/scaling.md) and are not covered here."""
-    from . import quant
-
-    names = []
-    for role, q in model.quantizers.items():
-        inner = getattr(q, "inner", q)
-        if isinstance(inner, quant.ElasticBinarizer):
-            names.append(f"{role}_quant.alpha")
-        elif isinstance(inner, quant.LSQQuantizer) and not role.endswith(".weight"):
-            names.append(f"{role}_quant.step")
-    return names
-
-
 @contextlib.contextmanager
 def global_quantizer_state(model, comm):
-    """While the body runs (a training forward), make the data-dependent quantizer state that needs no
-    change to the quantizers equal to its value on the whole micro-batch, as in one process:
+    """While the body runs (the model's training forward on this rank's slice of a micro-step), every
+    activation quantizer of `model` takes the statistics of its input over all ranks' slices through
+    `comm`'s collectives, so the forward, its cache and the quantizer state it updates are those of
+    one process on the whole micro-step:
 
-    - the first-batch scales of the elastic binarizers and activation LSQ quantizers: before its own
-      forward, a quantizer whose scale is still NaN gets the element-count-weighted mean over ranks of
-      its initial value on each rank's slice (2 mean|x|, 4 mean|x|, 2 mean|x| / sqrt(Qp) are linear in
-      a mean, so this is the value on the whole micro-batch);
-    - ASM's running centre ("mean" / "median"): the batch statistic that updates it is the row-weighted
-      mean of the ranks' per-channel means / the per-channel median of all ranks' rows (allgather).
+    - 8-bit min-max activation scales: MAX of max|x| (signed), MAX of (-min x, max x) (unsigned);
+    - the first-batch scales of the elastic binarizers and activation LSQ quantizers: the
+      element-count-weighted mean of the ranks' initial values (all are linear in a mean |x|);
+    - the sizes 1/sqrt(N) of the elastic alpha / LSQ step gradients: SUM of the slices' sizes;
+    - ASM's running centre: the row-weighted mean of the ranks' per-channel means, or the per-channel
+      median of all ranks' rows (gather);
+    - GSB: MAX of max / -min v and of max A (max_over="tensor"), SUM of the group counts and, at the
+      first batch, of the groups' sums of |x|.
 
-    Both act layer by layer, so every later layer sees the global state of the earlier ones. A weight
-    quantizer's state is already the same on every rank. In one process the collectives are identities.
-    This wraps methods of the quantizer objects for the duration of the body: a stand-in until the
-    quantizers call the collectives themselves (docs/scaling.md lists those, and the in-forward
-    statistics -- min-max activation scales, GSB masks -- that need them)."""
-    from . import binaryvit, gsb, quant
-
-    patched = []  # (object, attribute, its own instance-level value or None)
-
-    def patch(obj, name, function):
-        patched.append((obj, name, vars(obj).get(name)))
-        setattr(obj, name, function)
-
+    The quantizers call the collectives themselves (each quantizer's `collective`, which this sets on
+    every activation role, and on an ASM's inner binarizer, and resets afterwards), in training
+    forwards only; the backward reads what it needs from the forward's cache, so it may run outside
+    the body. Weight roles are left alone (weights are the same on every rank). With SingleProcess the
+    collectives are identities and the forward gives the bits of a forward without this context.
+    Every rank must run the same forward (the same model, one call per quantizer in the same order).
+    """
+    quantizers = []
     for role, q in model.quantizers.items():
-        if isinstance(q, binaryvit.ASM) and q.center in ("mean", "median"):
-            def update(x, _q=q, _update=q._update_running_center):
-                rows = x.reshape(-1, _q.channels)
-                batch = (comm.mean(rows.mean(axis=0), weight=len(rows)) if _q.center == "mean"
-                         else np.median(comm.gather(rows), axis=0))
-                _update(batch[None, :])  # ASM's own update, on one row that is the global statistic
-
-            patch(q, "_update_running_center", update)
-        inner = getattr(q, "inner", q)
-        if role.endswith(".weight") or not isinstance(inner, (quant.ElasticBinarizer, quant.LSQQuantizer)):
-            continue
-
-        def forward(x, training, _q=inner, _forward=inner.forward):
-            (scale,) = _q.params.values()
-            if training and np.isnan(scale).any():
-                initial = (quant.elastic_alpha_init(x, _q.signed) if isinstance(_q, quant.ElasticBinarizer)
-                           else quant.lsq_step_init(x, _q.bits, _q.signed, _q.channel_axis))
-                scale[...] = comm.mean(initial, weight=x.size)
-            return _forward(x, training)
-
-        patch(inner, "forward", forward)
+        while q is not None and not role.endswith(".weight"):
+            if not hasattr(q, "collective"):
+                raise TypeError(f"the quantizer of {role!r} ({q!r}) has no 'collective' attribute: it cannot take "
+                                f"its input statistics over the ranks; give it one (see minibvit.quant's docstring)")
+            quantizers.append(q)
+            q = getattr(q, "inner", None)
+    previous = [q.collective for q in quantizers]
+    for q in quantizers:
+        q.collective = comm
     try:
         yield
     finally:
-        for obj, name, own in reversed(patched):
-            if own is None:
-                delattr(obj, name)  # back to the class's method
-            else:
-                setattr(obj, name, own)
-
-
-def roles_needing_quantizer_collectives(model):
-    """Roles whose quantizer takes a statistic of its input inside every forward that only the
-    quantizer itself can make global (docs/scaling.md): 8-bit min-max activation scales and GSB's
-    value / attention quantizers. Until the quantizers call a collective, a trainer with world > 1
-    should refuse these (the replicas would diverge)."""
-    from . import binaryvit, gsb, quant
-
-    return [role for role, q in model.quantizers.items()
-            if (isinstance(q, quant.MinMaxQuantizer) and not role.endswith(".weight"))
-            or isinstance(q, (gsb.GSBValueQuantizer, gsb.GSBAttnQuantizer))]
+        for q, collective in zip(quantizers, previous):
+            q.collective = collective
 
 
 # ---------------------------------------------------------------------------------------------

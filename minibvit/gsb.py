@@ -26,6 +26,11 @@ Stages (minibvit.methods registry): a full-precision teacher, then STAGE1_TABLE 
 only) and then gsb_table(binary) (the whole binary baseline with GSB's A and V), both trained with
 DeiT hard distillation through a distillation token. Conventions: the masked terms use sign(v T) with
 sign(0) = 0 (the official code's torch.sign of a masked tensor). docs/gsb.md.
+
+Data parallelism (minibvit.quant's module docstring): the masks, group sizes and first-batch scales are
+statistics of the whole tensor; with `reduce` (a Collective of minibvit.distributed) they are taken
+over every rank's slice of it: max / min v and max A by MAX, the group counts and the init's sums of
+|x| by SUM. The counts are taken in the forward and kept in the cache for the backward.
 """
 
 import numpy as np
@@ -54,32 +59,47 @@ def _group_scale(count, dtype):
     return dtype.type(1.0 / np.sqrt(count)) if count > 0 else dtype.type(0.0)
 
 
-def _mean_abs_with_fallback(x, masks):
-    """mean |x| over the first non-empty mask in `masks`; over all of x if every mask is empty."""
-    for mask in masks:
-        if mask.any():
-            return np.abs(x[mask]).mean()
-    return np.abs(x).mean()
+def _mean_abs_with_fallback(x, chains, reduce=None):
+    """For each chain of masks in `chains`: mean |x| over the first mask of the chain that is non-empty
+    (over the ranks of reduce), over all of x if every mask of the chain is empty. The sums and counts
+    of every mask travel in one SUM, so the fallback is decided on the global counts. Returns a list of
+    x.dtype scalars (the division is np.mean's: the float sum over the integer count)."""
+    abs_x = np.abs(x)
+    masks = [mask for chain in chains for mask in chain]
+    totals = np.array([abs_x[mask].sum() for mask in masks] + [abs_x.sum()], dtype=np.float64)
+    counts = np.array([mask.sum() for mask in masks] + [x.size], dtype=np.int64)
+    if reduce is not None:
+        totals, counts = reduce.sum(totals), reduce.sum(counts)
+    means, start = [], 0
+    for chain in chains:
+        chosen = next((i for i in range(start, start + len(chain)) if counts[i] > 0), len(masks))
+        means.append(x.dtype.type(totals[chosen] / counts[chosen]))
+        start += len(chain)
+    return means
 
 
 # ------------------------------------------------------------------------------------------------
 # GSB: value quantizer
 # ------------------------------------------------------------------------------------------------
 
-def gsb_value_masks(v):
+def gsb_value_masks(v, reduce=None):
     """GSB group masks of the values, over the whole tensor.
 
     T1 = 1[v > 0.7 max v] + 1[v < 0.7 min v],  T2 = 1[v > 0.9 max v] + 1[v < 0.9 min v]  (T2 within T1).
 
-    Args: v (any shape) float array.  Returns: (t1, t2) boolean arrays of v's shape.
+    Args: v (any shape) float array; reduce: None or the Collective whose ranks hold v's slices.
+    Returns: (t1, t2) boolean arrays of v's shape.
     """
     vmax, vmin = v.max(), v.min()
+    if reduce is not None:
+        vmax, negated_min = reduce.max(np.array([vmax, -vmin]))  # -min is exact: one allreduce
+        vmin = -negated_min
     t1 = (v > GSB_T1_FRACTION * vmax) | (v < GSB_T1_FRACTION * vmin)
     t2 = (v > GSB_T2_FRACTION * vmax) | (v < GSB_T2_FRACTION * vmin)
     return t1, t2
 
 
-def gsb_value_init(v):
+def gsb_value_init(v, reduce=None):
     """First-batch initialisation of the three GSB value scales (official GSB code).
 
     alpha1 = 2 mean|v| outside T1, alpha2 = 2 mean|v| over T1 minus T2, alpha3 = 2 mean|v| over T2.
@@ -87,17 +107,23 @@ def gsb_value_init(v):
     T2 -> all: T2 holds max v if it is > 0 and min v if it is < 0, so it is empty only for an all-zero
     v), so the result is never NaN. An all-zero v gives zeros (floored to 1e-5 in use).
 
-    Args: v (any shape) float array (the shifted values).  Returns: alphas (3,) in v's dtype.
+    Args: v (any shape) float array (the shifted values); reduce: None or the Collective whose ranks
+    hold v's slices (the groups and fallbacks are those of the whole tensor).
+    Returns: alphas (3,) in v's dtype.
     """
     check_float_array(v, "v", nonempty=True)
-    t1, t2 = gsb_value_masks(v)
-    means = (_mean_abs_with_fallback(v, [~t1]),
-             _mean_abs_with_fallback(v, [t1 & ~t2, t1]),
-             _mean_abs_with_fallback(v, [t2]))
+    t1, t2 = gsb_value_masks(v, reduce)
+    means = _mean_abs_with_fallback(v, [[~t1], [t1 & ~t2, t1], [t2]], reduce)
     return (2 * np.array(means)).astype(v.dtype)
 
 
-def gsb_value_forward(v, alphas, mode="official"):
+def _group_counts(x, t1, t2, reduce):
+    """(|x|, |T1|, |T2|) as an int64 array, summed over the ranks of reduce: the group sizes G_k."""
+    counts = np.array([x.size, t1.sum(), t2.sum()], dtype=np.int64)
+    return counts if reduce is None else reduce.sum(counts)
+
+
+def gsb_value_forward(v, alphas, mode="official", reduce=None):
     """GSB value quantizer (Gao et al. 2024, `ElasticQuantQKV` in the official code).
 
     Forward (both modes):  V_q = a1 sign(v) + a2 T1 sign(v) + a3 T2 sign(v),  a_k = max(alpha_k, 1e-5),
@@ -115,15 +141,16 @@ def gsb_value_forward(v, alphas, mode="official"):
       v: (any shape) float array, the (shifted) values.
       alphas: (3,) array (alpha1, alpha2, alpha3).
       mode: "official" or "principled".
+      reduce: None, or the Collective whose ranks hold v's slices (masks and |G_k| of the whole tensor).
     Returns: out (v's shape, v's dtype), cache for gsb_value_backward.
     """
     check_float_array(v, "v", nonempty=True)
     check_choice(mode, GSB_MODES, "mode")
     a = _effective_alphas(alphas, v.dtype)
-    t1, t2 = gsb_value_masks(v)
+    t1, t2 = gsb_value_masks(v, reduce)
     s = sign(v)
     out = a[0] * s + a[1] * (t1 * s) + a[2] * (t2 * s)
-    cache = (v, a, t1, t2, mode)
+    cache = (v, a, t1, t2, _group_counts(v, t1, t2, reduce), mode)
     return out, cache
 
 
@@ -132,12 +159,11 @@ def gsb_value_backward(dout, cache):
 
     Args: dout (v's shape), cache.  Returns: dv (v's shape), dalphas (3,).
     """
-    v, a, t1, t2, mode = cache
+    v, a, t1, t2, counts, mode = cache
     dtype = v.dtype
     s = sign(v)
     v_groups = (v, v * t1, v * t2)
     signs = (s, t1 * s, t2 * s)  # sign(v * T) with sign(0) = 0 outside the group
-    counts = (v.size, int(t1.sum()), int(t2.sum()))
     masks = (None, t1, t2)
     dv = np.zeros_like(v)
     dalphas = np.zeros(3, dtype=dtype)
@@ -155,24 +181,28 @@ def gsb_value_backward(dout, cache):
 # GSB: attention-probability quantizer
 # ------------------------------------------------------------------------------------------------
 
-def _attn_max(a, max_over):
-    return a.max() if max_over == "tensor" else a.max(axis=-1, keepdims=True)
+def _attn_max(a, max_over, reduce=None):
+    """max A over the tensor (over the ranks of reduce), or over each attention row (no collective)."""
+    if max_over == "row":
+        return a.max(axis=-1, keepdims=True)
+    return a.max() if reduce is None else reduce.max(a.max())
 
 
-def gsb_attn_masks(a, max_over="tensor"):
+def gsb_attn_masks(a, max_over="tensor", reduce=None):
     """GSB group masks of attention probabilities: T1 = 1[A > 0.7 max A], T2 = 1[A > 0.9 max A].
 
     max_over="tensor" takes max A over the whole tensor (official code, depends on the batch);
     max_over="row" takes it over each attention row (last axis), batch-independent at inference.
 
-    Args: a (..., N) float array.  Returns: (t1, t2) boolean arrays of a's shape.
+    Args: a (..., N) float array; reduce: None or the Collective whose ranks hold a's slices.
+    Returns: (t1, t2) boolean arrays of a's shape.
     """
     check_choice(max_over, GSB_MAX_OVER, "max_over")
-    amax = _attn_max(a, max_over)
+    amax = _attn_max(a, max_over, reduce)
     return a > GSB_T1_FRACTION * amax, a > GSB_T2_FRACTION * amax
 
 
-def gsb_attn_init(a, max_over="tensor"):
+def gsb_attn_init(a, max_over="tensor", reduce=None):
     """First-batch initialisation of the three GSB attention scales (official GSB code).
 
     alpha1 = 4 mean|A|, alpha2 = 4 mean|A| over T1 minus T2, alpha3 = 4 mean|A| over T2 (|A| = A for
@@ -180,17 +210,16 @@ def gsb_attn_init(a, max_over="tensor"):
     (T1 minus T2 -> T1 -> all; T2 -> all: T2 holds the maximum whenever it is > 0, otherwise T1 is
     empty too), so the result is never NaN.
 
-    Args: a (..., N) float array; max_over "tensor" | "row".  Returns: alphas (3,) in a's dtype.
+    Args: a (..., N) float array; max_over "tensor" | "row"; reduce: None or the Collective whose ranks
+    hold a's slices.  Returns: alphas (3,) in a's dtype.
     """
     check_float_array(a, "a", nonempty=True)
-    t1, t2 = gsb_attn_masks(a, max_over)
-    means = (np.abs(a).mean(),
-             _mean_abs_with_fallback(a, [t1 & ~t2, t1]),
-             _mean_abs_with_fallback(a, [t2]))
+    t1, t2 = gsb_attn_masks(a, max_over, reduce)
+    means = _mean_abs_with_fallback(a, [[], [t1 & ~t2, t1], [t2]], reduce)  # [] : alpha1 over all of A
     return (4 * np.array(means)).astype(a.dtype)
 
 
-def gsb_attn_forward(a, alphas, mode="official", max_over="tensor"):
+def gsb_attn_forward(a, alphas, mode="official", max_over="tensor", reduce=None):
     """GSB attention quantizer (Gao et al. 2024, `ElasticQuantAttention` in the official code).
 
     Forward (both modes):  A_q = a1 clamp(round(A/a1), 0, 1) + a2 T1 + a3 T2,  a_k = max(alpha_k, 1e-5),
@@ -214,17 +243,18 @@ def gsb_attn_forward(a, alphas, mode="official", max_over="tensor"):
       a: (..., N) float array, attention probabilities plus bias.
       alphas: (3,) array (alpha1, alpha2, alpha3).
       mode: "official" or "principled".  max_over: "tensor" or "row".
+      reduce: None, or the Collective whose ranks hold a's slices (max A and |T_k| of the whole tensor).
     Returns: out (a's shape, a's dtype), cache for gsb_attn_backward.
     """
     check_float_array(a, "a", nonempty=True)
     check_choice(mode, GSB_MODES, "mode")
     check_choice(max_over, GSB_MAX_OVER, "max_over")
     al = _effective_alphas(alphas, a.dtype)
-    amax = _attn_max(a, max_over)
+    amax = _attn_max(a, max_over, reduce)
     t1, t2 = a > GSB_T1_FRACTION * amax, a > GSB_T2_FRACTION * amax
     level1 = np.clip(np.rint(a / al[0]), 0, 1)
     out = level1 * al[0] + t1 * al[1] + t2 * al[2]
-    cache = (a, al, t1, t2, amax, mode)
+    cache = (a, al, t1, t2, amax, _group_counts(a, t1, t2, reduce), mode)
     return out, cache
 
 
@@ -233,14 +263,14 @@ def gsb_attn_backward(dout, cache):
 
     Args: dout (a's shape), cache.  Returns: da (a's shape), dalphas (3,).
     """
-    a, al, t1, t2, amax, mode = cache
+    a, al, t1, t2, amax, counts, mode = cache
     dtype = a.dtype
     q = a / al[0]
     below, above = q < 0, q > 1
     inside = ~below & ~above
     dalphas = np.empty(3, dtype=dtype)
-    dalphas[0] = np.sum((above + inside * (np.rint(q) - q)) * dout) * _group_scale(a.size, dtype)
-    scale2, scale3 = _group_scale(int(t1.sum()), dtype), _group_scale(int(t2.sum()), dtype)
+    dalphas[0] = np.sum((above + inside * (np.rint(q) - q)) * dout) * _group_scale(counts[0], dtype)
+    scale2, scale3 = _group_scale(counts[1], dtype), _group_scale(counts[2], dtype)
     if mode == "official":
         da = inside * dout + t1 * dout * al[1] + t2 * dout * al[2]
         dalphas[1] = np.sum(t1 * dout) * scale2
@@ -288,8 +318,10 @@ class GSBValueQuantizer:
     (The official code adds its shift; we subtract like quant.shift_forward: the same model with the
     parameter negated.)
     params: "shift" (heads, head_dim) init 0; "alpha" (3,) NaN until the first training batch
-    (gsb_value_init of y). Input v: (B, heads, N, head_dim).
+    (gsb_value_init of y). Input v: (B, heads, N, head_dim). collective: as quant._Quantizer's.
     """
+
+    collective = None
 
     def __init__(self, heads, head_dim, mode="official", dtype=np.float32):
         check_choice(mode, GSB_MODES, "mode")
@@ -303,8 +335,9 @@ class GSBValueQuantizer:
         """v: (B, heads, N, head_dim) -> out (same shape), cache."""
         _check_input(v, (self.heads, None, self.head_dim), self.dtype, "GSBValueQuantizer")
         y = v - self.params["shift"][:, None, :]
-        _init_or_check(self.params["alpha"], gsb_value_init, y, training, "GSBValueQuantizer")
-        return gsb_value_forward(y, self.params["alpha"], mode=self.mode)
+        reduce = self.collective if training else None
+        _init_or_check(self.params["alpha"], lambda x: gsb_value_init(x, reduce), y, training, "GSBValueQuantizer")
+        return gsb_value_forward(y, self.params["alpha"], mode=self.mode, reduce=reduce)
 
     def backward(self, dout, cache):
         """Returns dv (B, heads, N, head_dim) and grads {"shift": (heads, head_dim), "alpha": (3,)}."""
@@ -313,7 +346,7 @@ class GSBValueQuantizer:
 
     def basis_form(self, cache):
         """([S, T1 S, T2 S], (a1, a2, a3)): V_q = sum_k a_k * basis_k with integer bases (S = sign)."""
-        v, a, t1, t2, _ = cache
+        v, a, t1, t2 = cache[:4]
         s = sign(v)
         return [s, t1 * s, t2 * s], a
 
@@ -326,8 +359,11 @@ class GSBAttnQuantizer:
 
     forward: y = a + bias[h, i, j] (broadcast over batch), then gsb_attn_forward(y, alpha).
     params: "bias" (heads, N, N) init 0; "alpha" (3,) NaN until the first training batch
-    (gsb_attn_init of y). Input a: (B, heads, N, N) softmax probabilities.
+    (gsb_attn_init of y). Input a: (B, heads, N, N) softmax probabilities. collective: as
+    quant._Quantizer's.
     """
+
+    collective = None
 
     def __init__(self, heads, tokens, mode="official", max_over="tensor", dtype=np.float32):
         check_choice(mode, GSB_MODES, "mode")
@@ -342,9 +378,10 @@ class GSBAttnQuantizer:
         """a: (B, heads, N, N) -> out (same shape), cache."""
         _check_input(a, (self.heads, self.tokens, self.tokens), self.dtype, "GSBAttnQuantizer")
         y = a + self.params["bias"]
-        _init_or_check(self.params["alpha"], lambda x: gsb_attn_init(x, self.max_over), y, training,
+        reduce = self.collective if training else None
+        _init_or_check(self.params["alpha"], lambda x: gsb_attn_init(x, self.max_over, reduce), y, training,
                        "GSBAttnQuantizer")
-        return gsb_attn_forward(y, self.params["alpha"], mode=self.mode, max_over=self.max_over)
+        return gsb_attn_forward(y, self.params["alpha"], mode=self.mode, max_over=self.max_over, reduce=reduce)
 
     def backward(self, dout, cache):
         """Returns da (B, heads, N, N) and grads {"bias": (heads, N, N), "alpha": (3,)}."""
@@ -353,7 +390,7 @@ class GSBAttnQuantizer:
 
     def basis_form(self, cache):
         """([clamp(round(A/a1), 0, 1), T1, T2], (a1, a2, a3)): A_q = sum_k a_k * basis_k, {0, 1} bases."""
-        a, al, t1, t2, _, _ = cache
+        a, al, t1, t2 = cache[:4]
         return [np.clip(np.rint(a / al[0]), 0, 1), t1.astype(a.dtype), t2.astype(a.dtype)], al
 
     def __repr__(self):

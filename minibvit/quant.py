@@ -16,6 +16,16 @@ at ``SCALE_FLOOR`` before use, with its gradient passed straight to the raw para
 code does the same with eps = 1e-5), so a scale that training drives to zero or below can
 recover instead of producing inf/NaN.
 
+Data parallelism: every statistic an activation quantizer takes over its input tensor (a min-max
+range, a first-batch scale, the tensor size that normalises a scale gradient) goes through an
+optional ``reduce`` argument, a Collective of minibvit.distributed (``sum``, ``max``, ``min``,
+``mean(x, weight)``, ``gather``), so that a rank holding a slice of the batch gets the statistic of the
+whole batch. ``reduce=None`` (the default) means this process's tensor, and is the code path of one
+process. The wrappers pass their ``collective`` attribute (None unless
+``distributed.global_quantizer_state`` sets it) in training forwards only; a weight is the same on every
+rank and never needs one. Backward needs no collective: what it needs of the batch (sizes, group
+counts) is taken in the forward and kept in the cache.
+
 The stateful wrappers at the end (``Identity``, ``WeightBinarizer``, ``SignBinarizer``,
 ``ElasticBinarizer``, ``Ternarizer``, ``LSQQuantizer``, ``MinMaxQuantizer``, ``Shifted``)
 hold the learnable parameters, and ``make_quantizer(spec)`` builds one from a short spec name
@@ -263,7 +273,12 @@ def weight_binarize_backward(dout, cache):
 # elastic binarizer (BiT) and learnable shift
 
 
-def elastic_alpha_init(x, signed):
+def _global_size(size, reduce):
+    """The number of elements of a tensor whose slices the ranks of `reduce` hold (size without one)."""
+    return size if reduce is None else int(reduce.sum(np.array(size, dtype=np.int64)))
+
+
+def elastic_alpha_init(x, signed, reduce=None):
     """Data-driven initial value of the elastic binarizer's scale (BiT).
 
     alpha0 = 2 * mean|x| (signed) or 4 * mean|x| (unsigned).
@@ -271,20 +286,24 @@ def elastic_alpha_init(x, signed):
     Args:
         x: first batch of activations, any shape.
         signed: which binarizer the scale belongs to.
+        reduce: None, or the Collective over whose ranks' slices the mean is taken (module docstring).
     Returns:
         alpha0: shape (1,), x's dtype.
     """
     check_float_array(x, "x")
-    return ((2 if signed else 4) * np.abs(x).mean()).reshape(1).astype(x.dtype, copy=False)
+    mean_abs = np.abs(x).mean()
+    if reduce is not None:
+        mean_abs = reduce.mean(mean_abs, weight=x.size)
+    return ((2 if signed else 4) * mean_abs).reshape(1).astype(x.dtype, copy=False)
 
 
-def elastic_binarize_forward(x, alpha, signed, alpha_grad="lsq"):
+def elastic_binarize_forward(x, alpha, signed, alpha_grad="lsq", reduce=None):
     """Elastic binarizer with a learnable scale (BiT, Liu et al. 2022, arXiv:2205.13016).
 
     Forward (alpha floored at SCALE_FLOOR, q = x / alpha):
         signed:   out = alpha * sign(x)                          in {-alpha, +alpha}
         unsigned: out = alpha * clamp(round(q), 0, 1)            in {0, alpha}  (round half to even)
-    Pseudo-gradients, with g = dout, N = x.size, s = 1 / sqrt(N):
+    Pseudo-gradients, with g = dout, N = x.size (over the ranks of reduce), s = 1 / sqrt(N):
         signed:   dx = 1[|q| <= 1] * g
                   "lsq": dalpha = sum(sign(x) * g) * s                               (BiT)
                   "gsb": dalpha = sum((sign(x) - 1[|q| <= 1] * q) * g) * s
@@ -296,6 +315,7 @@ def elastic_binarize_forward(x, alpha, signed, alpha_grad="lsq"):
         alpha: learnable scale, shape (1,).
         signed: binarize to {-alpha, +alpha} (True) or {0, alpha} (False).
         alpha_grad: "lsq" or "gsb" (only changes the signed case).
+        reduce: None, or the Collective whose ranks hold the slices of the tensor (N sums them).
     Returns:
         out: array of x's shape and dtype.
         cache: for elastic_binarize_backward.
@@ -308,7 +328,7 @@ def elastic_binarize_forward(x, alpha, signed, alpha_grad="lsq"):
         out = a * sign(x)
     else:
         out = a * np.clip(np.round(q), 0, 1)
-    return out, (x, q, signed, alpha_grad, alpha.dtype)
+    return out, (x, q, signed, alpha_grad, alpha.dtype, _global_size(x.size, reduce))
 
 
 def elastic_binarize_backward(dout, cache):
@@ -321,8 +341,8 @@ def elastic_binarize_backward(dout, cache):
         dx: shape of x.
         dalpha: shape (1,), alpha's dtype.
     """
-    x, q, signed, alpha_grad, alpha_dtype = cache
-    grad_scale = 1.0 / math.sqrt(q.size)
+    x, q, signed, alpha_grad, alpha_dtype, size = cache
+    grad_scale = 1.0 / math.sqrt(size)
     if signed:
         inside = np.abs(q) <= 1
         dx = dout * inside
@@ -463,13 +483,14 @@ def lsq_range(bits, signed):
     return 0, 2**bits - 1
 
 
-def lsq_step_init(x, bits, signed, channel_axis=None):
+def lsq_step_init(x, bits, signed, channel_axis=None, reduce=None):
     """LSQ's initial step size: 2 * mean|x| / sqrt(Qp) (Esser et al. 2020, arXiv:1902.08153).
 
     Args:
         x: first batch (activations) or the latent weight, any shape.
         bits, signed: as in lsq_forward.
         channel_axis: None for one step per tensor, else the channel axis.
+        reduce: None, or the Collective over whose ranks' slices the mean is taken (activations only).
     Returns:
         step0: x's dtype, shape (1,) per tensor or (C,) per channel (mean over the other axes).
     """
@@ -477,6 +498,8 @@ def lsq_step_init(x, bits, signed, channel_axis=None):
     _, qp = lsq_range(bits, signed)
     axis = _normalize_axis(x, channel_axis)
     mean_abs = np.abs(x).mean(axis=_other_axes(x.ndim, axis))
+    if reduce is not None:
+        mean_abs = reduce.mean(mean_abs, weight=x.size)  # every channel has x.size / C elements per rank
     return (2 * mean_abs / math.sqrt(qp)).reshape(-1).astype(x.dtype, copy=False)
 
 
@@ -493,13 +516,13 @@ def lsq_codes(x, step, bits, signed, channel_axis=None):
     return np.clip(np.round(x / s), qn, qp).astype(_code_dtype(qn, qp))
 
 
-def lsq_forward(x, step, bits, signed, channel_axis=None):
+def lsq_forward(x, step, bits, signed, channel_axis=None, reduce=None):
     """Learned Step Size Quantization (LSQ, Esser et al. 2020, arXiv:1902.08153).
 
     Forward (step floored at SCALE_FLOOR, q = x / step):
         out = clamp(round(q), Qn, Qp) * step       (round half to even; Qn, Qp from lsq_range)
     Pseudo-gradients, with g = dout, N = number of elements per step (per channel when
-    channel_axis is given), gs = 1 / sqrt(N * Qp):
+    channel_axis is given; over the ranks of reduce), gs = 1 / sqrt(N * Qp):
         dx    = 1[Qn <= q <= Qp] * g
         dstep = sum(v * g) * gs  over the elements of each step, with
                 v = Qn if q < Qn, Qp if q > Qp, round(q) - q otherwise
@@ -509,6 +532,7 @@ def lsq_forward(x, step, bits, signed, channel_axis=None):
         bits: integer in [2, 16].
         signed: signed (two's complement range) or unsigned codes.
         channel_axis: None for one step per tensor, else the axis holding the channels.
+        reduce: None, or the Collective whose ranks hold the slices of the tensor (N sums them).
     Returns:
         out: array of x's shape and dtype.
         cache: for lsq_backward.
@@ -519,7 +543,8 @@ def lsq_forward(x, step, bits, signed, channel_axis=None):
     s = _scale_param(step, "step", x, axis)
     q = x / s
     out = np.clip(np.round(q), qn, qp) * s
-    return out, (q, qn, qp, axis, step.dtype)
+    per_step = _global_size(x.size if axis is None else x.size // x.shape[axis], reduce)
+    return out, (q, qn, qp, axis, step.dtype, per_step)
 
 
 def lsq_backward(dout, cache):
@@ -532,18 +557,17 @@ def lsq_backward(dout, cache):
         dx: shape of x.
         dstep: shape of step, step's dtype.
     """
-    q, qn, qp, axis, step_dtype = cache
+    q, qn, qp, axis, step_dtype, per_step = cache
     inside = (q >= qn) & (q <= qp)
     dx = dout * inside
     v = np.where(q < qn, qn, np.where(q > qp, qp, np.round(q) - q))
     reduce_axes = _other_axes(q.ndim, axis)
-    per_step = q.size if axis is None else q.size // q.shape[axis]
     grad_scale = 1.0 / math.sqrt(per_step * qp)
     dstep = (np.sum(v * dout, axis=reduce_axes) * grad_scale).reshape(-1).astype(step_dtype)
     return dx, dstep
 
 
-def minmax_codes(x, bits, signed, channel_axis=None):
+def minmax_codes(x, bits, signed, channel_axis=None, reduce=None):
     """Integer export form of minmax_quant_forward: out == (codes - zero_point) * scale.
 
     signed (symmetric): scale = max|x| / (2^(b-1) - 1), zero_point = 0,
@@ -559,6 +583,8 @@ def minmax_codes(x, bits, signed, channel_axis=None):
         bits: integer in [2, 16].
         signed: symmetric signed or asymmetric unsigned codes.
         channel_axis: None for per tensor statistics, else the channel axis.
+        reduce: None, or the Collective whose ranks hold the slices of the tensor: max|x| (signed) or
+            min x and max x (unsigned, in one MAX of (-min, max)) are taken over all of them.
     Returns:
         codes: integer array of x's shape (int8 / uint8 for 8 bits).
         scale: x's dtype, shape (1,) or (C,).
@@ -571,14 +597,21 @@ def minmax_codes(x, bits, signed, channel_axis=None):
     shape = _broadcast_shape(x.ndim, axis)
     if signed:
         qmax = 2 ** (bits - 1) - 1
-        scale = np.abs(x).max(axis=axes) / qmax
+        amax = np.abs(x).max(axis=axes)
+        if reduce is not None:
+            amax = reduce.max(amax)
+        scale = amax / qmax
         scale = np.where(scale > 0, scale, 1).astype(x.dtype, copy=False)
         zero_point = np.zeros(scale.shape, dtype=np.int32)
         codes = np.clip(np.round(x / scale.reshape(shape)), -qmax, qmax).astype(_code_dtype(-qmax, qmax))
     else:
         qmax = 2**bits - 1
-        lo = np.minimum(x.min(axis=axes), 0)
-        hi = np.maximum(x.max(axis=axes), 0)
+        x_min, x_max = x.min(axis=axes), x.max(axis=axes)
+        if reduce is not None:
+            negated_min, x_max = reduce.max(np.stack([-x_min, x_max]))  # -min is exact: one allreduce
+            x_min = -negated_min
+        lo = np.minimum(x_min, 0)
+        hi = np.maximum(x_max, 0)
         scale = (hi - lo) / qmax
         scale = np.where(scale > 0, scale, 1).astype(x.dtype, copy=False)
         zero_point = np.round(-lo / scale).astype(np.int32)
@@ -587,7 +620,7 @@ def minmax_codes(x, bits, signed, channel_axis=None):
     return codes, scale.reshape(-1), zero_point.reshape(-1)
 
 
-def minmax_quant_forward(x, bits, signed, channel_axis=None):
+def minmax_quant_forward(x, bits, signed, channel_axis=None, reduce=None):
     """Min-max uniform quantizer with statistics of the current tensor (Jacob et al. 2018,
     arXiv:1712.05877); TerViT's 8-bit activations and 8-bit patch embedding / head.
 
@@ -599,11 +632,12 @@ def minmax_quant_forward(x, bits, signed, channel_axis=None):
         bits: integer in [2, 16].
         signed: symmetric signed or asymmetric unsigned.
         channel_axis: None for per tensor statistics, else the channel axis.
+        reduce: None, or the Collective whose ranks hold the slices of the tensor (minmax_codes).
     Returns:
         out: array of x's shape and dtype.
         cache: (codes - zero_point in x's dtype, scale); the backward needs nothing.
     """
-    codes, scale, zero_point = minmax_codes(x, bits, signed, channel_axis)
+    codes, scale, zero_point = minmax_codes(x, bits, signed, channel_axis, reduce)
     shape = _broadcast_shape(x.ndim, _normalize_axis(x, channel_axis))
     levels = codes.astype(x.dtype) - zero_point.reshape(shape).astype(x.dtype)
     out = levels * scale.reshape(shape)
@@ -624,7 +658,13 @@ def _nan_param(shape, dtype):
 
 
 class _Quantizer:
-    """Base: no learnable state. Subclasses set params/buffers in __init__."""
+    """Base: no learnable state. Subclasses set params/buffers in __init__.
+
+    collective: None, or the Collective (minibvit.distributed) over whose ranks a training forward
+    takes its input statistics; set for the duration of a forward by distributed.global_quantizer_state.
+    """
+
+    collective = None
 
     def __init__(self):
         self.params = {}
@@ -726,15 +766,16 @@ class ElasticBinarizer(_Quantizer):
         return {"signed": self.signed, "alpha_grad": self.alpha_grad}
 
     def forward(self, x, training):
-        self._ensure_initialised(x, training, {"alpha": lambda x: elastic_alpha_init(x, self.signed)})
-        return elastic_binarize_forward(x, self.params["alpha"], self.signed, self.alpha_grad)
+        reduce = self.collective if training else None
+        self._ensure_initialised(x, training, {"alpha": lambda x: elastic_alpha_init(x, self.signed, reduce)})
+        return elastic_binarize_forward(x, self.params["alpha"], self.signed, self.alpha_grad, reduce)
 
     def backward(self, dout, cache):
         dx, dalpha = elastic_binarize_backward(dout, cache)
         return dx, {"alpha": dalpha}
 
     def integer_form(self, cache):
-        x, q, signed, _, _ = cache
+        x, q, signed = cache[:3]
         levels = sign(x) if signed else np.clip(np.round(q), 0, 1)
         return levels, _scale_param(self.params["alpha"], "alpha", x, None).reshape(())
 
@@ -787,9 +828,10 @@ class LSQQuantizer(_Quantizer):
         return options
 
     def forward(self, x, training):
-        init = {"step": lambda x: lsq_step_init(x, self.bits, self.signed, self.channel_axis)}
+        reduce = self.collective if training else None
+        init = {"step": lambda x: lsq_step_init(x, self.bits, self.signed, self.channel_axis, reduce)}
         self._ensure_initialised(x, training, init)
-        return lsq_forward(x, self.params["step"], self.bits, self.signed, self.channel_axis)
+        return lsq_forward(x, self.params["step"], self.bits, self.signed, self.channel_axis, reduce)
 
     def backward(self, dout, cache):
         dx, dstep = lsq_backward(dout, cache)
@@ -813,7 +855,8 @@ class MinMaxQuantizer(_Quantizer):
         return options
 
     def forward(self, x, training):
-        return minmax_quant_forward(x, self.bits, self.signed, self.channel_axis)
+        return minmax_quant_forward(x, self.bits, self.signed, self.channel_axis,
+                                    self.collective if training else None)
 
     def backward(self, dout, cache):
         return minmax_quant_backward(dout, cache), {}

@@ -1,9 +1,11 @@
-"""Check distributed.py's collectives, and the per-state collectives of docs/scaling.md, on uneven
-shards: ``mpiexec -n 2 python reference_tests/dp_collectives.py`` prints "collectives ok" on rank 0
-(any mismatch raises, which aborts the job with a non-zero exit code).
+"""Check distributed.py's collectives, and every quantizer function that takes a statistic of its input
+with ``reduce=comm``, on uneven shards: ``mpiexec -n 2 python reference_tests/dp_collectives.py``
+prints "collectives ok" on rank 0 (any mismatch raises, which aborts the job with a non-zero exit code).
 
-Every rank builds the same global float64 tensors and takes its rows; each statistic computed from the
-shards with a collective must equal the quantizer's own function on the whole tensor.
+Every rank builds the same global float64 tensors and takes its rows. With reduce=comm, a quantizer's
+forward on the shard must give exactly the rows of its forward on the whole tensor, its input gradient
+the rows of the whole input gradient, and the sum over ranks of its scale gradients (and its first-batch
+scales, running centres) the whole tensor's, to the rounding of the sums.
 """
 import os
 import sys
@@ -12,65 +14,106 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from minibvit import distributed, gsb, quant  # noqa: E402
+from minibvit import binaryvit, distributed, gsb, quant  # noqa: E402
 
 
-def close(a, b, what, rtol=1e-14):
+def close(a, b, what, rtol=1e-13):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=0, err_msg=what)
+
+
+def same(a, b, what):
+    assert np.array_equal(a, b), what
+
+
+def check_pair(what, comm, rows, forward, backward, x, g):
+    """forward(t, reduce) -> (out, cache); backward(dout, cache) -> (dx, *param grads)."""
+    out_whole, cache_whole = forward(x, None)
+    out, cache = forward(x[rows], comm)
+    same(out, out_whole[rows], f"{what}: forward")
+    whole, part = backward(g, cache_whole), backward(g[rows], cache)
+    same(part[0], whole[0][rows], f"{what}: input gradient")
+    for k, (p, w) in enumerate(zip(part[1:], whole[1:])):
+        close(comm.sum(p), w, f"{what}: parameter gradient {k}")
 
 
 def main():
     comm = distributed.init()
     rng = np.random.default_rng(5)
     x = rng.standard_normal((7 * comm.world + 3, 5, 6))  # (batch, tokens, channels): uneven shards
-    part = distributed.batch_slices(len(x), comm.rank, comm.world)[0]
-    xr = x[part.slice]
+    g = rng.standard_normal(x.shape)
+    rows = distributed.batch_slices(len(x), comm.rank, comm.world)[0].slice
+    xr = x[rows]
 
     # the generic collectives
-    close(comm.sum(xr.sum(axis=0)), x.sum(axis=0), "sum", 1e-13)
-    assert np.array_equal(comm.max(xr.max(axis=0)), x.max(axis=0)), "max"
-    assert np.array_equal(comm.min(xr.min(axis=0)), x.min(axis=0)), "min"
-    close(comm.mean(xr.mean(axis=0), weight=len(xr)), x.mean(axis=0), "weighted mean", 1e-13)
-    assert np.array_equal(comm.gather(xr), x), "gather"
+    close(comm.sum(xr.sum(axis=0)), x.sum(axis=0), "sum")
+    same(comm.max(xr.max(axis=0)), x.max(axis=0), "max")
+    same(comm.min(xr.min(axis=0)), x.min(axis=0), "min")
+    close(comm.mean(xr.mean(axis=0), weight=len(xr)), x.mean(axis=0), "weighted mean")
+    same(comm.gather(xr), x, "gather")
     b = x[0].copy() if comm.rank == 0 else np.zeros_like(x[0])
-    assert np.array_equal(comm.broadcast(b), x[0]), "broadcast"
+    same(comm.broadcast(b), x[0], "broadcast")
     comm.barrier()
 
-    # 8-bit min-max activation scales: MAX of max|x| (signed), MIN / MAX of the range (unsigned)
-    _, scale, _ = quant.minmax_codes(x, 8, signed=True)
-    close(comm.max(np.abs(xr).max()) / 127, scale[0], "min-max signed scale")
-    _, scale, zero_point = quant.minmax_codes(x, 8, signed=False)
-    lo, hi = min(comm.min(xr.min()), 0), max(comm.max(xr.max()), 0)
-    close((hi - lo) / 255, scale[0], "min-max unsigned scale")
-    assert np.round(-lo / ((hi - lo) / 255)) == zero_point[0], "min-max zero point"
-
-    # elastic / LSQ first-batch scales: element-count-weighted mean of the shards' initial values
+    # 8-bit min-max: signed (max|x|) and unsigned (min, max), per tensor and per channel
     for signed in (True, False):
-        close(comm.mean(quant.elastic_alpha_init(xr, signed), weight=xr.size), quant.elastic_alpha_init(x, signed),
-              "elastic alpha init", 1e-13)
-    close(comm.mean(quant.lsq_step_init(xr, 8, True, -1), weight=xr.size), quant.lsq_step_init(x, 8, True, -1),
-          "LSQ per-channel step init", 1e-13)
+        for axis in (None, -1):
+            t = x if signed else x + 0.4  # unsigned: a range that is not symmetric
+            check_pair(f"min-max signed={signed} axis={axis}", comm, rows,
+                       lambda t, r: quant.minmax_quant_forward(t, 8, signed, axis, r),
+                       lambda d, c: (quant.minmax_quant_backward(d, c),), t, g)
 
-    # ASM running centres: per-channel mean (weighted by rows) and median (gathered rows)
-    rows = xr.reshape(-1, x.shape[-1])
-    close(comm.mean(rows.mean(axis=0), weight=len(rows)), x.reshape(-1, x.shape[-1]).mean(axis=0), "ASM mean", 1e-13)
-    assert np.array_equal(np.median(comm.gather(rows), axis=0), np.median(x.reshape(-1, x.shape[-1]), axis=0)), "ASM median"
+    # elastic binarizer: first-batch alpha, and the 1/sqrt(N) of the alpha gradient
+    for signed, alpha_grad in ((True, "lsq"), (True, "gsb"), (False, "lsq")):
+        close(quant.elastic_alpha_init(xr, signed, comm), quant.elastic_alpha_init(x, signed), "elastic alpha init")
+        alpha = quant.elastic_alpha_init(x, signed)
+        check_pair(f"elastic signed={signed} {alpha_grad}", comm, rows,
+                   lambda t, r: quant.elastic_binarize_forward(t, alpha, signed, alpha_grad, r),
+                   quant.elastic_binarize_backward, x, g)
 
-    # GSB value quantizer: masks from the global max / min, group sizes and first-batch scales from sums
-    t1, t2 = gsb.gsb_value_masks(x)
-    vmax, vmin = comm.max(xr.max()), comm.min(xr.min())
-    r1 = (xr > gsb.GSB_T1_FRACTION * vmax) | (xr < gsb.GSB_T1_FRACTION * vmin)
-    r2 = (xr > gsb.GSB_T2_FRACTION * vmax) | (xr < gsb.GSB_T2_FRACTION * vmin)
-    assert np.array_equal(r1, t1[part.slice]) and np.array_equal(r2, t2[part.slice]), "GSB value masks"
-    groups = (~r1, r1 & ~r2, r2)
-    sums = comm.sum(np.array([v for g in groups for v in (np.abs(xr[g]).sum(), g.sum())]))
-    means = sums[0::2] / sums[1::2]  # every group is non-empty here (no fallback needed)
-    close(2 * means, gsb.gsb_value_init(x), "GSB value alpha init", 1e-13)
-    assert comm.sum(np.array([r1.sum(), r2.sum()])).tolist() == [t1.sum(), t2.sum()], "GSB group sizes"
+    # LSQ on activations: first-batch step and the 1/sqrt(N Qp) of the step gradient, per tensor / channel
+    for axis in (None, -1):
+        close(quant.lsq_step_init(xr, 8, True, axis, comm), quant.lsq_step_init(x, 8, True, axis), "LSQ step init")
+        step = quant.lsq_step_init(x, 8, True, axis)
+        check_pair(f"LSQ axis={axis}", comm, rows, lambda t, r: quant.lsq_forward(t, step, 8, True, axis, r),
+                   quant.lsq_backward, x, g)
 
-    # GSB attention quantizer (max over the tensor): the global max
-    a = np.abs(x)
-    assert np.array_equal(gsb.gsb_attn_masks(a)[0][part.slice], a[part.slice] > gsb.GSB_T1_FRACTION * comm.max(a[part.slice].max())), "GSB attention masks"
+    # ASM running centres: per-channel mean (weighted by rows) and median (gathered rows), and its inner
+    # binarizer's first-batch alpha, through the wrapper's collective attribute
+    for center in ("mean", "median"):
+        asms = [binaryvit.ASM(quant.make_quantizer("a_elastic_signed", dtype=np.float64), 6, center=center,
+                              dtype=np.float64) for _ in range(2)]
+        asms[1].collective = asms[1].inner.collective = comm
+        for t in (x, x[::-1] * 0.5):  # the first batch sets the centre, the second updates it
+            asms[0].forward(t, True)
+            asms[1].forward(t[rows], True)
+        close(asms[1].buffers["running_center"], asms[0].buffers["running_center"], f"ASM {center} centre")
+        close(asms[1].params["alpha"], asms[0].params["alpha"], f"ASM {center} inner alpha")
+
+    # GSB values: masks of the global max / min, group sizes, first-batch alphas (also with a group that
+    # is empty on some ranks only, and with one empty everywhere: the fallback follows the global counts)
+    v = x.reshape(len(x), 5, 2, 3).transpose(0, 2, 1, 3).copy()  # (B, heads, N, head_dim)
+    gv = g.reshape(v.shape)
+    sparse = np.zeros_like(v)
+    sparse[0, 0, 0, 0], sparse[-1, 1, 2, 1] = 10.0, 7.5  # T2 on rank 0's rows, T1 minus T2 on the last rank's
+    lonely = np.zeros_like(v)
+    lonely[-1, 0, 0, 0] = 10.0  # T1 minus T2 empty everywhere; every row but one all zero
+    for t, what in ((v, "random"), (sparse, "group on one rank"), (lonely, "empty group")):
+        close(gsb.gsb_value_init(t[rows], comm), gsb.gsb_value_init(t), f"GSB value init, {what}")
+    for mode in gsb.GSB_MODES:
+        alphas = gsb.gsb_value_init(v)
+        check_pair(f"GSB value {mode}", comm, rows, lambda t, r: gsb.gsb_value_forward(t, alphas, mode, r),
+                   gsb.gsb_value_backward, v, gv)
+
+    # GSB attention: max over the tensor (a collective) or per row (none); counts and init either way
+    a = np.exp(v) / np.exp(v).sum(axis=-1, keepdims=True)
+    for max_over in gsb.GSB_MAX_OVER:
+        close(gsb.gsb_attn_init(a[rows], max_over, comm), gsb.gsb_attn_init(a, max_over), f"GSB attn init {max_over}")
+        close(gsb.gsb_attn_init(sparse[rows], max_over, comm), gsb.gsb_attn_init(sparse, max_over),
+              f"GSB attn init {max_over}, group on one rank")
+        for mode in gsb.GSB_MODES:
+            alphas = gsb.gsb_attn_init(a, max_over)
+            check_pair(f"GSB attention {mode} {max_over}", comm, rows,
+                       lambda t, r: gsb.gsb_attn_forward(t, alphas, mode, max_over, r), gsb.gsb_attn_backward, a, gv)
     if comm.is_main:
         print("collectives ok")
 

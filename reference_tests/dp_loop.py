@@ -9,8 +9,8 @@ from the rank or the world size). Each rank computes its slices of the global ba
 every rank runs the same AdamW step, and rank 0 writes <out>/<method>/step<t>.safetensors after every
 step and final.safetensors at the end. --resume-step T continues from step<T> (with any number of
 ranks). --die-at T / --raise-at T / --hang-at T make the last rank SIGKILL itself / raise / sleep for
-an hour in the backward of step T. --no-state-collectives / --no-size-normalised leave out
-distributed.global_quantizer_state / the correction of the scale gradients, to show that they matter.
+an hour in the backward of step T. --no-state-collectives runs the forwards without
+distributed.global_quantizer_state (each rank's quantizers see only its slice), to show that it matters.
 """
 import argparse
 import contextlib
@@ -23,30 +23,29 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from minibvit import binaryvit, checkpoint, distributed, methods, ops  # noqa: E402
+from minibvit import checkpoint, distributed, methods, ops  # noqa: E402
 from minibvit.model import ViT, ViTConfig  # noqa: E402
 from minibvit.optim import AdamW, clip_grad_norm  # noqa: E402
 
-FP_PATCH_HEAD_INPUTS = {"patch_embed.proj.input": "fp", "head*.input": "fp"}
-ACTIVATIONS_FP = {"*.input": "fp", "blocks.*.attn.[qkv]": "fp", "blocks.*.attn.attn": "fp"}
-
-# name -> (scheme, overrides, scheme options, distilled, GRS lambda, accumulation override). Each holds
-# only quantizer state that distributed.py makes global without editing the quantizers (see
-# docs/scaling.md for min-max activation scales, ASM running centres and GSB masks).
-METHODS = {
-    "fp": ("fp", {}, {}, False, 0.0, None),
-    "fp_accum1": ("fp", {}, {}, False, 0.0, 1),
-    # BinaryViT (ASM with running mean / median centres, elastic binarizers with lazy alpha init and
-    # size-normalised alpha gradients, GRS) with full-precision patch/head inputs (their 8-bit min-max
-    # scales need a collective inside the quantizer)
-    "binaryvit": ("binaryvit", FP_PATCH_HEAD_INPUTS, {"asm_center": "mean"}, False, 1e-2, None),
-    "binaryvit_median": ("binaryvit", FP_PATCH_HEAD_INPUTS, {"asm_center": "median"}, False, 1e-2, None),
-    # GSB's stage 1 (binary MLP weights) with the distillation token and both heads on the labels
-    "gsb_stage1": ("gsb_stage1", {}, {}, True, 0.0, None),
-    # TerViT's ternary channel-wise weights (8-bit min-max patch/head weights), full-precision activations
-    "tervit_weights": ("tervit", ACTIVATIONS_FP, {}, False, 0.0, None),
-    # LSQ 8-bit activations (lazy step init, size-normalised step gradients) and weights
-    "lsq": ("fp", {"blocks.*.input": "a_lsq8", "blocks.*.weight": "w_lsq8"}, {}, False, 0.0, None),
+# name -> (registry method, overrides of its final table, QuantizerOptions keywords, accumulation override).
+# Each run trains the method's final stage as the registry configures it (methods.build_quantizers on the
+# final table, the stage's distillation token and its gradient hooks: GRS for binaryvit), from scratch.
+RUNS = {
+    "fp": ("fp", {}, {}, None),
+    "fp_accum1": ("fp", {}, {}, 1),
+    # elastic binarizers (first-batch alpha, size-normalised alpha gradient), 8-bit min-max patch/head
+    "binary": ("binary", {}, {}, None),
+    # + ASM with running mean / median centres and GRS
+    "binaryvit": ("binaryvit", {}, {}, None),
+    "binaryvit_median": ("binaryvit", {}, {"asm_center": "median"}, None),
+    # 8-bit min-max activations everywhere (signed and unsigned), ternary and 8-bit min-max weights
+    "tervit": ("tervit", {}, {}, None),
+    # GSB value / attention quantizers (masks, counts, first-batch alphas), distillation token
+    "gsb": ("gsb", {}, {}, None),
+    "gsb_principled": ("gsb", {}, {"gsb_mode": "principled"}, None),
+    "gsb_row": ("gsb", {}, {"gsb_max_over": "row"}, None),
+    # LSQ 8-bit activations (first-batch step, size-normalised step gradients) and weights
+    "lsq": ("fp", {"blocks.*.input": "a_lsq8", "blocks.*.weight": "w_lsq8"}, {}, None),
 }
 
 
@@ -69,11 +68,14 @@ def loss_and_grad(logits, y):
 
 
 def train(name, args, comm):
-    scheme, overrides, options, distilled, grs, accum = METHODS[name]
+    method, overrides, options, accum = RUNS[name]
     accum = accum or args.accum
-    cfg = config(distilled)
-    quantizers = methods.build_quantizers(cfg, scheme, overrides, methods.QuantizerOptions(**options), dtype="float64")
+    stage = methods.get_method(method).final
+    cfg = config(stage.distilled)
+    quantizers = methods.build_quantizers(cfg, stage.table, overrides, methods.QuantizerOptions(**options),
+                                          dtype="float64")
     model = ViT(cfg, quantizers, dtype=np.float64, seed=args.seed)
+    hooks = methods.gradient_hooks(stage, model.quantizers)
     opt = AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
     out = os.path.join(args.out, name)
     start = 0
@@ -84,9 +86,7 @@ def train(name, args, comm):
         start = meta["step"]
     distributed.broadcast_state(model.state_dict(), comm)
     distributed.check_replicas(model.state_dict(), comm)
-    reducer = distributed.GradientReducer(model.parameters(), comm, bucket_bytes=args.bucket_bytes,
-                                          size_normalised=() if args.no_size_normalised else distributed.size_normalised_grad_names(model))
-    binarized = methods.binarized_weight_roles(model.quantizers)
+    reducer = distributed.GradientReducer(model.parameters(), comm, bucket_bytes=args.bucket_bytes)
     if comm.is_main:
         os.makedirs(out, exist_ok=True)
     for step in range(start, args.steps):
@@ -102,12 +102,11 @@ def train(name, args, comm):
                 hook = fault_hook(hook, comm, fault)
             model.backward(dlogits, cache, on_grads_ready=hook)
             grads = reducer.finish()
-        for role in binarized if grs else ():  # GRS depends only on the replicated weights: after the allreduce
-            w = model.params[role]
-            g = binaryvit.grs_gradient(w - w.mean(axis=1, keepdims=True), grs)  # on the centred weight (BiT's w_binary)
-            grads[role] += g - g.mean(axis=1, keepdims=True)  # pulled back through the centring
-        clip_grad_norm(grads, 1.0)
-        opt.step(grads)
+        model.grads = grads
+        for hook in hooks:  # GRS depends only on the replicated weights: after the allreduce
+            hook(model, step)
+        clip_grad_norm(model.grads, 1.0)
+        opt.step(model.grads)
         distributed.check_replicas(model.state_dict(), comm)
         if comm.is_main:
             save(os.path.join(out, f"step{step + 1}.safetensors"), model, opt, step + 1)
@@ -149,7 +148,6 @@ def main():
     ap.add_argument("--raise-at", type=int)
     ap.add_argument("--hang-at", type=int)
     ap.add_argument("--no-state-collectives", action="store_true")
-    ap.add_argument("--no-size-normalised", action="store_true")
     args = ap.parse_args()
     comm = distributed.init()
     for name in args.methods.split(","):

@@ -1,6 +1,8 @@
-"""Data-parallel training (minibvit.distributed): slices, the gradient reducer and the backward hook in
-one process; with mpi4py and mpiexec, 2 ranks against 1 process (dp_loop.py), resume with another
-number of ranks, the collectives (dp_collectives.py) and a rank that dies, raises or hangs."""
+"""Data-parallel training (minibvit.distributed): slices, the gradient reducer, the backward hook and the
+quantizers' collective in one process; with mpi4py and mpiexec, 2 ranks against 1 process for every
+method as the registry configures it (dp_loop.py), resume with another number of ranks, the collectives
+and every quantizer function that takes one (dp_collectives.py), and a rank that dies, raises or hangs."""
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -21,7 +23,10 @@ if not os.path.exists(MPIEXEC):
     MPIEXEC = shutil.which("mpiexec")
 HAVE_MPI = importlib.util.find_spec("mpi4py") is not None and MPIEXEC is not None
 needs_mpi = pytest.mark.skipif(not HAVE_MPI, reason="needs mpi4py and mpiexec (pip install 'minibvit[mpi]')")
-METHODS = ["fp", "fp_accum1", "binaryvit", "binaryvit_median", "gsb_stage1", "tervit_weights", "lsq"]
+sys.path.insert(0, HERE)
+from dp_loop import RUNS  # noqa: E402
+
+METHODS = list(RUNS)
 LAUNCH_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
               "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS")
 
@@ -71,7 +76,6 @@ def test_batch_slices_cover_the_batch_with_loss_weights_summing_to_one(batch, wo
     assert rows == list(range(batch))
     assert sum(p.weight for per_rank in parts for p in per_rank) == pytest.approx(1.0, abs=1e-15)
     for a in range(accum):
-        assert sum(per_rank[a].batch_fraction for per_rank in parts) == pytest.approx(1.0, abs=1e-15)
         sizes = [per_rank[a].slice.stop - per_rank[a].slice.start for per_rank in parts]
         assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
     assert all([p.last for p in per_rank] == [False] * (accum - 1) + [True] for per_rank in parts)
@@ -157,21 +161,87 @@ def test_reducer_in_one_process_gives_the_global_batch_gradient(accum):
     assert reducer.bytes_per_step == 0
 
 
-def test_roles_needing_quantizer_collectives_name_min_max_activations_and_gsb():
+class RecordingCollective(distributed.SingleProcess):
+    """One process's collectives (identities) that record which were called."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sum(self, x):
+        self.calls.append("sum")
+        return super().sum(x)
+
+    def max(self, x):
+        self.calls.append("max")
+        return super().max(x)
+
+    def min(self, x):
+        self.calls.append("min")
+        return super().min(x)
+
+    def mean(self, x, weight=1.0):
+        self.calls.append("mean")
+        return super().mean(x, weight)
+
+    def gather(self, x):
+        self.calls.append("gather")
+        return super().gather(x)
+
+
+REGISTRY_TABLES = [("fp", {}), ("binary", {}), ("binaryvit", {}), ("binaryvit", {"asm_center": "median"}),
+                   ("tervit_w8a8", {}), ("tervit", {}), ("gsb_stage1", {}), ("gsb", {}), ("gsb", {"gsb_max_over": "row"}),
+                   ("gsb", {"gsb_mode": "principled"})]
+
+
+@pytest.mark.parametrize("table,options", REGISTRY_TABLES)
+def test_one_process_forward_with_the_quantizers_collective_gives_the_same_bits(table, options):
+    """Two training steps' forward and backward (first-batch initialisation, then running updates), float32:
+    inside global_quantizer_state with SingleProcess the bits equal those without it; the quantizers call
+    the collective in training forwards only, and are reset afterwards."""
     from minibvit import methods
 
-    cfg = ViTConfig(image_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=5, distilled=True)
+    cfg = ViTConfig(image_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=5,
+                    distilled=table.startswith("gsb"))
+    models = [ViT(cfg, methods.build_quantizers(cfg, table, options=methods.QuantizerOptions(**options)), seed=3)
+              for _ in range(2)]
+    comm = RecordingCollective()
+    rng = np.random.default_rng(4)
+    for step in range(2):
+        x = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
+        outputs = []
+        for use_collective, model in zip((False, True), models):
+            with distributed.global_quantizer_state(model, comm) if use_collective else contextlib.nullcontext():
+                logits, cache = model.forward(x, training=True)
+            dlogits = tuple(np.ones_like(z) for z in logits) if cfg.distilled else np.ones_like(logits)
+            model.backward(dlogits, cache)
+            outputs.append((logits, dict(model.grads), model.state_dict()))
+        (l0, g0, s0), (l1, g1, s1) = outputs
+        assert np.array_equal(np.stack(l0) if cfg.distilled else l0, np.stack(l1) if cfg.distilled else l1), table
+        assert g0.keys() == g1.keys() and all(np.array_equal(g0[k], g1[k]) for k in g0), table
+        assert all(np.array_equal(s0[k], s1[k], equal_nan=True) for k in s0), table
+    quantizers = [q for q in models[1].quantizers.values()] + [q.inner for q in models[1].quantizers.values()
+                                                                 if hasattr(q, "inner")]
+    assert all(q.collective is None for q in quantizers)
+    activations = [role for role in models[1].quantizers if not role.endswith(".weight")]
+    if table == "tervit":  # one MAX per min-max activation quantizer per forward (unsigned: of (-min, max))
+        assert comm.calls == ["max"] * 2 * len(activations)
+    assert bool(comm.calls) == bool(activations), table
+    calls = len(comm.calls)
+    with distributed.global_quantizer_state(models[1], comm):
+        models[1].forward(x, training=False)
+    assert len(comm.calls) == calls, "an evaluation forward called a collective"
 
-    def roles(method, **overrides):
-        return distributed.roles_needing_quantizer_collectives(
-            ViT(cfg, methods.build_quantizers(cfg, method, overrides or None)))
 
-    assert roles("fp") == [] and roles("gsb_stage1") == []
-    assert roles("binaryvit") == ["patch_embed.proj.input", "head.input", "head_dist.input"]
-    assert sorted(roles("gsb")) == sorted(["patch_embed.proj.input", "head.input", "head_dist.input"]
-                                         + [f"blocks.{i}.attn.{t}" for i in range(2) for t in ("attn", "v")])
-    assert len(roles("tervit")) == 3 + 2 * 8  # patch, head, head_dist inputs; 8 activations per block
-    assert roles("binaryvit", **{"patch_embed.proj.input": "fp", "head*.input": "fp"}) == []
+def test_global_quantizer_state_refuses_a_quantizer_without_a_collective():
+    class Opaque:
+        def forward(self, x, training):
+            return x, None
+
+    model = ViT(ViTConfig(image_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=5),
+                {"blocks.0.mlp.fc1.input": Opaque()})
+    with pytest.raises(TypeError, match="blocks.0.mlp.fc1.input.*no 'collective'"):
+        with distributed.global_quantizer_state(model, distributed.SingleProcess()):
+            pass
 
 
 def test_reducer_returns_only_the_gradients_the_backward_reported():
@@ -218,20 +288,21 @@ def test_two_ranks_with_accumulation_match_one_process_without(runs):
 
 
 @needs_mpi
-@pytest.mark.parametrize("method", ["binaryvit", "lsq"])
-def test_without_the_state_collectives_the_replicas_diverge_and_the_job_stops(runs, method):
+@pytest.mark.parametrize("method", ["binaryvit", "gsb", "lsq"])
+def test_without_the_quantizers_collective_the_replicas_diverge_and_the_job_stops(runs, method):
     result = _run(2, "dp_loop.py", "--out", runs / f"no-state-{method}", "--methods", method, "--accum", 2,
                   "--no-state-collectives", expect_ok=False)
     assert result.returncode != 0 and "the model state differs between ranks" in result.stderr
 
 
 @needs_mpi
-def test_without_the_size_normalised_correction_the_scales_learn_differently(runs):
-    _run(2, "dp_loop.py", "--out", runs / "no-size", "--methods", "binaryvit,lsq", "--accum", 2, "--no-size-normalised")
-    for method, scale in (("binaryvit", "alpha"), ("lsq", "step")):
-        got, _ = _weights(runs / "no-size" / method / "final.safetensors")
-        want, _ = _weights(runs / "one" / method / "final.safetensors")
-        assert max(np.abs(got[k] - want[k]).max() for k in want if k.endswith(scale)) > 1e-6, method
+def test_without_the_quantizers_collective_min_max_scales_change_the_training(runs):
+    """TerViT's min-max scales are no state: the replicas stay equal, but each rank quantized its rows
+    with its own scale, so the step is not the one of one process."""
+    _run(2, "dp_loop.py", "--out", runs / "no-state-tervit", "--methods", "tervit", "--accum", 2, "--no-state-collectives")
+    got, _ = _weights(runs / "no-state-tervit" / "tervit" / "final.safetensors")
+    want, _ = _weights(runs / "one" / "tervit" / "final.safetensors")
+    assert max(np.abs(got[k] - want[k]).max() for k in want) > 1e-6
 
 
 @needs_mpi

@@ -190,3 +190,25 @@ def activation_diagnostics(model, x):
     if errors:
         out["binarization_error"] = float(np.mean(errors))
     return out
+
+
+def dead_activation_quantizers(model, x):
+    """[(role, what)] of the activation quantizers that pass nothing on, on one batch x (evaluation mode).
+
+    A quantizer whose input is all zero, or whose output is all zero (BiT's unsigned attention
+    binarizer on near-uniform attention: every probability is below alpha/2, so every output is 0),
+    cuts the class token off from the image: every image then gets the same logits. The trainer
+    warns about these after the first training step (when the scales have been set from a batch).
+    """
+    roles = [role for role in model.quantizers if not role.endswith(".weight")]
+    seen = record_quantizer_inputs(model, roles, x)
+    dead = []
+    for role in roles:
+        if role not in seen:
+            continue
+        t, out = seen[role]
+        if not np.any(t):
+            dead.append((role, "its input is all zero"))
+        elif not np.any(out):
+            dead.append((role, "its output is all zero"))
+    return dead

@@ -18,6 +18,16 @@ Every stage writes ``last.safetensors`` (also every ``--save-every`` steps), ``b
 configuration) and, with matplotlib installed, ``curves.png`` and ``weights.png``. ``--resume``
 continues a stopped run exactly: the batches, augmentation and dropout of step t depend only on
 (seed, epoch, step), so a resumed run ends with bit-identical weights.
+
+log.jsonl is as durable as the checkpoint: it is flushed before every save, the checkpoint carries
+the epoch's running sums (so a resumed epoch's train loss and accuracy cover the whole epoch), and a
+resumed (or fresh) stage first drops the records written after the checkpoint's position, which it
+then writes again: every step appears once. Each stage first runs one throwaway step on a copy of
+the model to compile Numba's kernels; its time is the first epoch record's ``warmup_s``, not part of
+``epoch_time_s`` / ``images_per_s``. Warnings (stderr and ``{"stage", "epoch", "step", "warning"}``
+records): an activation quantizer that passes nothing on after the first step (BiT's unsigned
+attention binarizer outputs all zeros on the near-uniform attention of a weak teacher), and a model
+that predicts one class for every test image.
 """
 if __name__ == "__main__":  # before NumPy loads its thread pools (minibvit.process)
     from minibvit.process import configure_process
@@ -25,6 +35,8 @@ if __name__ == "__main__":  # before NumPy loads its thread pools (minibvit.proc
     configure_process()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -32,6 +44,7 @@ import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -263,15 +276,21 @@ class Stopped(Exception):
     pass
 
 
-def evaluate(model, dataset, batch_size):
-    """Top-1 accuracy (and mean loss) of a model on a dataset split, in evaluation mode."""
+def evaluate(model, dataset, batch_size, predicted_classes=None):
+    """Top-1 accuracy (and mean loss) of a model on a dataset split, in evaluation mode.
+
+    predicted_classes: an optional set that receives every class the model predicted (one class
+    for every image is the sign of a dead model, warned about by train_stage)."""
     correct, total, loss_sum = 0, 0, 0.0
     for x, y in data.iterate_batches(dataset, batch_size, seed=0, epoch=0, train=False, augment=False):
         logits, _ = model.forward(x, training=False)
         loss, _ = ops.cross_entropy_forward(logits, y)
         loss_sum += float(loss) * len(y)
-        correct += int((logits.argmax(axis=1) == y).sum())
+        pred = logits.argmax(axis=1)
+        correct += int((pred == y).sum())
         total += len(y)
+        if predicted_classes is not None:
+            predicted_classes.update(np.unique(pred).tolist())
     return correct / total, loss_sum / total
 
 
@@ -293,29 +312,116 @@ def _loss(stage, cfg, logits, y, teacher_logits):
     return ce, ops.cross_entropy_backward(1.0, c)
 
 
+@contextlib.contextmanager
+def quiet_floating_point():
+    """Silence NumPy's floating-point RuntimeWarnings (overflow, invalid value, divide by zero), also
+    those of the kernels' worker threads: a diverging run is reported once, by the loss check of the
+    next step, not by a screen of warnings before it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
+        yield
+
+
 def train_step(model, opt, x, y, *, lr, rng, loss_fn, teacher=None, hooks=(), step=0, clip_grad=None):
     """One optimizer step: forward, teacher, loss, backward, gradient hooks (GRS), clip, AdamW.
 
     loss_fn(logits, y, teacher_logits) -> (loss, dlogits); hooks: callables hook(model, step) that
     edit model.grads after backward (methods.gradient_hooks). Raises TrainingDiverged on a non-finite
-    loss before touching the weights. Returns (loss, logits, gradient norm before clipping).
+    loss before touching the weights (NumPy's floating-point warnings are silenced: quiet_floating_point).
+    Returns (loss, logits, gradient norm before clipping).
     """
-    logits, cache = model.forward(x, training=True, rng=rng)
-    teacher_logits = teacher.forward(x, training=False)[0] if teacher is not None else None
-    loss, dlogits = loss_fn(logits, y, teacher_logits)
-    if not np.isfinite(loss):
-        raise TrainingDiverged(f"the loss became {loss}")
-    model.backward(dlogits, cache)
-    for hook in hooks:
-        hook(model, step)
-    gnorm = clip_grad_norm(model.grads, clip_grad or None)
-    opt.step(model.grads, lr=lr)
+    with quiet_floating_point():
+        logits, cache = model.forward(x, training=True, rng=rng)
+        teacher_logits = teacher.forward(x, training=False)[0] if teacher is not None else None
+        loss, dlogits = loss_fn(logits, y, teacher_logits)
+        if not np.isfinite(loss):
+            raise TrainingDiverged(f"the loss became {loss}")
+        model.backward(dlogits, cache)
+        for hook in hooks:
+            hook(model, step)
+        gnorm = clip_grad_norm(model.grads, clip_grad or None)
+        opt.step(model.grads, lr=lr)
     return loss, logits, gnorm
+
+
+def make_run_dir(path):
+    """Create the run directory `path` (and its parents), or refuse clearly (an existing file there)."""
+    for at in (path, os.path.dirname(path)):
+        if at and os.path.exists(at) and not os.path.isdir(at):
+            raise ValueError(f"--out: {at} is an existing file, not a directory; choose a directory path "
+                             f"(nothing was written)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out: cannot create the run directory {path}: {e.strerror}") from None
+
+
+def _steps_done(record, steps):
+    """How many steps of the stage had run when a log.jsonl record was written (epoch records after
+    the epoch's last step, step and warning records after their step)."""
+    if "train_loss" in record:
+        return (record["epoch"] + 1) * steps
+    return record["epoch"] * steps + record["step"] + 1
+
+
+def truncate_log(path, steps, position):
+    """Keep the records of log.jsonl written at or before `position` (steps done, as in the checkpoint
+    the run resumes from; 0 for a fresh start), drop the rest and any line a kill cut short. The
+    resumed run writes the dropped records again, so every record appears once."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                keep = line.endswith("\n") and _steps_done(json.loads(line), steps) <= position
+            except (ValueError, TypeError, KeyError):  # a line cut short by a kill, or not a record
+                continue
+            if keep:
+                kept.append(line)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def _warn(log, stage, epoch, step, text):
+    """A warning on stderr and as a {"stage", "epoch", "step", "warning"} record of log.jsonl."""
+    print(f"[{stage.name}] warning: {text}", file=sys.stderr)
+    log.write(json.dumps({"stage": stage.name, "epoch": epoch, "step": step, "warning": text}) + "\n")
+
+
+def _warm_up_loss(logits, y, teacher_logits):
+    """The warm-up step's loss: the cross-entropy of every head (it runs the kernels the stage loss
+    runs, without calling the stage loss itself)."""
+    heads = logits if isinstance(logits, tuple) else (logits,)
+    caches = [ops.cross_entropy_forward(h, y)[1] for h in heads]
+    grads = tuple(ops.cross_entropy_backward(1.0, c) for c in caches)
+    return 0.0, grads if isinstance(logits, tuple) else grads[0]
+
+
+def _warm_up(model, cfg, stage, x, y, teacher, steps):
+    """Compile (Numba) everything a training step and an evaluation forward run, on a throwaway copy
+    of the model with its own optimizer and hooks, so the compile time stays out of the epoch's time
+    and images/s. The model, its optimizer and every RNG stream are untouched. Returns seconds."""
+    t0 = time.perf_counter()
+    scratch = copy.deepcopy(model)
+    opt = AdamW(scratch.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    hooks = methods.gradient_hooks(stage, scratch.quantizers, cfg.grs_lambda, cfg.grs_variant,
+                                   int(cfg.grs_warmup_epochs * steps))
+    try:
+        train_step(scratch, opt, x, y, lr=cfg.lr, rng=np.random.default_rng(0), loss_fn=_warm_up_loss, teacher=teacher,
+                   hooks=hooks, step=0, clip_grad=cfg.clip_grad)
+    except TrainingDiverged:
+        pass  # the real step reports it
+    with quiet_floating_point():
+        scratch.forward(x, training=False)
+    return time.perf_counter() - t0
 
 
 def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teacher=None):
     """Train one stage into out_dir; returns (best checkpoint path, best accuracy)."""
-    os.makedirs(out_dir, exist_ok=True)
+    make_run_dir(out_dir)
     last_path, best_path = os.path.join(out_dir, "last.safetensors"), os.path.join(out_dir, "best.safetensors")
     epochs = cfg.teacher_epochs if (stage.first and cfg.teacher_epochs) else cfg.epochs
     img = train_set.images
@@ -336,6 +442,7 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
                         "class_names": list(train_set.class_names)},
             "rng": "dropout/drop-path of global step t use numpy default_rng([seed, 7, t]); batches use (seed, epoch, step)"}
     epoch, start_step, best_acc = 0, 0, -1.0
+    sums = {"seen": 0, "correct": 0, "loss_sum": 0.0}  # the current epoch's running sums
     if os.path.exists(last_path):
         tensors, saved = checkpoint.load_checkpoint(last_path)
         if saved.get("model_config") != meta["model_config"] or saved.get("scheme") != stage.table:
@@ -351,6 +458,7 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         opt.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}, saved["optimizer"])
         epoch, start_step, best_acc = saved["epoch"], saved["step"], saved["best_acc"]
+        sums = saved.get("epoch_sums", sums)
         print(f"[{stage.name}] resuming at epoch {epoch} step {start_step}", file=sys.stderr)
     elif init_state is not None:
         transfer_state(init_state, model)
@@ -364,74 +472,108 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
         interrupted["flag"] = True
 
     old_handler = signal.signal(signal.SIGINT, on_sigint)
-    log = open(os.path.join(out_dir, "log.jsonl"), "a")
+    log_path = os.path.join(out_dir, "log.jsonl")
+    truncate_log(log_path, steps, epoch * steps + start_step)
+    log = open(log_path, "a")
     flip_counter = diagnostics.FlipCounter()
     done_steps = 0
 
     def loss_fn(logits, y, teacher_logits):
         return _loss(stage, cfg, logits, y, teacher_logits)
 
+    def save_last(next_epoch, next_step, **extra):
+        log.flush()  # the log holds every step the checkpoint holds
+        save_training_state(last_path, model, opt, {**meta, "epoch": next_epoch, "step": next_step,
+                                                    "best_acc": best_acc, **extra})
+
+    drop_last = len(train_set) >= cfg.batch_size
     try:
         from tqdm import tqdm
 
+        warmup_s = None
+        if epoch < epochs:
+            x, y = next(iter(data.iterate_batches(train_set, cfg.batch_size, cfg.seed, epoch, start_step=start_step,
+                                                  drop_last=drop_last)))
+            warmup_s = _warm_up(model, cfg, stage, x, y, teacher, steps)
         while epoch < epochs:
             bar = tqdm(total=steps, initial=start_step, desc=f"{stage.name} {epoch + 1}/{epochs}", file=sys.stderr,
                        disable=None, leave=False)
-            t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
+            t0, timed = time.perf_counter(), 0
+            seen, correct, loss_sum = sums["seen"], sums["correct"], sums["loss_sum"]
+            last_step = start_step - 1
             batches = data.iterate_batches(train_set, cfg.batch_size, cfg.seed, epoch, start_step=start_step,
-                                           drop_last=len(train_set) >= cfg.batch_size)
+                                           drop_last=drop_last)
             for step, (x, y) in enumerate(batches, start=start_step):
-                gstep = epoch * steps + step
+                gstep, last_step = epoch * steps + step, step
                 lr = cosine_lr(gstep, total_steps, cfg.lr, warmup, cfg.min_lr)
                 rng = np.random.default_rng([cfg.seed, 7, gstep])
                 try:
                     loss, logits, gnorm = train_step(model, opt, x, y, lr=lr, rng=rng, loss_fn=loss_fn, teacher=teacher,
                                                      hooks=hooks, step=gstep, clip_grad=cfg.clip_grad)
                 except TrainingDiverged as e:
+                    kept = (f"The last good checkpoint is kept: {last_path}" if os.path.exists(last_path)
+                            else "No checkpoint had been saved yet.")
                     raise TrainingDiverged(f"[{stage.name}] {e} at epoch {epoch} step {step}; lower --lr or raise "
-                                           f"--clip-grad. The last good checkpoint is kept: {last_path}") from None
+                                           f"--clip-grad. {kept}") from None
                 pred = (logits[0] + logits[1]) / 2 if isinstance(logits, tuple) else logits
                 correct += int((pred.argmax(1) == y).sum())
                 seen += len(y)
+                timed += len(y)
                 loss_sum += float(loss) * len(y)
                 record = {"stage": stage.name, "epoch": epoch, "step": step, "global_step": gstep, "lr": lr,
                           "loss": float(loss), "grad_norm": gnorm}
                 flip_counter.update(model, binarized)
-                if gstep % cfg.log_every == 0:
-                    record.update(diagnostics.weight_diagnostics(model, binarized, flip_counter))
-                    record.update(diagnostics.activation_diagnostics(model, x[: min(len(x), 32)]))
+                with quiet_floating_point():  # diverged weights: the next step's loss check reports it
+                    if gstep % cfg.log_every == 0:
+                        record.update(diagnostics.weight_diagnostics(model, binarized, flip_counter))
+                        record.update(diagnostics.activation_diagnostics(model, x[: min(len(x), 32)]))
+                    # the scales are set now: a quantizer that passes nothing on kills the model
+                    dead = diagnostics.dead_activation_quantizers(model, x[: min(len(x), 32)]) if gstep == 0 else []
                 log.write(json.dumps(record) + "\n")
+                if dead:
+                    _warn(log, stage, epoch, step, "after the first step, " + "; ".join(
+                        f"{role}: {what}" for role, what in dead) + ". The layers after them see no image "
+                        "(a near-uniform attention binarizes to all zeros, e.g. from a weak teacher)")
                 elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / elapsed:.0f}")
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{timed / elapsed:.0f}")
                 bar.update(1)
                 done_steps += 1
-                next_state = (epoch, step + 1)
+                epoch_sums = {"seen": seen, "correct": correct, "loss_sum": loss_sum}
                 if (step + 1) % cfg.save_every == 0 and step + 1 < steps:
-                    save_training_state(last_path, model, opt, {**meta, "epoch": epoch, "step": step + 1, "best_acc": best_acc})
+                    save_last(epoch, step + 1, epoch_sums=epoch_sums)
                 if interrupted["flag"]:
-                    save_training_state(last_path, model, opt, {**meta, "epoch": next_state[0], "step": next_state[1],
-                                                                "best_acc": best_acc})
+                    save_last(epoch, step + 1, epoch_sums=epoch_sums)
                     raise Stopped(f"[{stage.name}] interrupted: saved {last_path}; continue with --resume")
                 if cfg.max_steps and done_steps >= cfg.max_steps:
                     break
             bar.close()
             train_time = time.perf_counter() - t0
-            acc, test_loss = evaluate(model, test_set, cfg.eval_batch_size)
-            epoch, start_step = epoch + 1, 0
-            record = {"stage": stage.name, "epoch": epoch - 1, "train_loss": loss_sum / max(seen, 1),
+            predicted = set()
+            acc, test_loss = evaluate(model, test_set, cfg.eval_batch_size, predicted)
+            record = {"stage": stage.name, "epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                       "train_acc": correct / max(seen, 1), "test_loss": test_loss, "test_acc": acc,
-                      "epoch_time_s": train_time, "images_per_s": seen / max(train_time, 1e-9)}
+                      "epoch_time_s": train_time, "images_per_s": timed / max(train_time, 1e-9)}
+            compiled = ""
+            if warmup_s is not None:  # the first epoch of this process: compile time kept apart
+                record["warmup_s"] = warmup_s
+                compiled = f" (+{warmup_s:.1f}s compile/warm-up, not counted)"
+                warmup_s = None
             log.write(json.dumps(record) + "\n")
+            print(f"[{stage.name}] epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}"
+                  f" | test acc {acc:.4f} | {train_time:.0f}s, {record['images_per_s']:.0f} img/s{compiled}", file=sys.stderr)
+            if len(predicted) == 1 and test_set.num_classes > 1:
+                (only,) = predicted
+                _warn(log, stage, epoch, last_step, f"every test image was predicted as class {only} "
+                      f"({test_set.class_names[only]}): the output does not depend on the image")
             log.flush()
-            print(f"[{stage.name}] epoch {epoch}/{epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}"
-                  f" | test acc {acc:.4f} | {train_time:.0f}s, {record['images_per_s']:.0f} img/s", file=sys.stderr)
+            epoch, start_step = epoch + 1, 0
+            sums = {"seen": 0, "correct": 0, "loss_sum": 0.0}
             stop_now = bool(cfg.max_steps and done_steps >= cfg.max_steps)
             if acc > best_acc:
                 best_acc = acc
                 save_training_state(best_path, model, opt, {**meta, "epoch": epoch, "step": 0, "best_acc": best_acc,
                                                             "complete": True})
-            save_training_state(last_path, model, opt, {**meta, "epoch": epoch, "step": 0, "best_acc": best_acc,
-                                                        "complete": epoch >= epochs or stop_now})
+            save_last(epoch, 0, complete=epoch >= epochs or stop_now)
             if stop_now:
                 break
     finally:
@@ -488,6 +630,7 @@ def load_data(cfg):
 def run(cfg):
     """Run the whole recipe of cfg.method; returns {stage: (best checkpoint, best accuracy)}."""
     cfg = resolve_config(cfg)
+    make_run_dir(cfg.out)
     train_set, test_set = load_data(cfg)
     recipe = methods.get_method(cfg.method).stages
     results = {}

@@ -77,7 +77,6 @@ def _records(path):
 # training and evaluation
 
 
-@phase2("--out at an existing file gives a clear error")
 def test_out_at_an_existing_file_is_a_clear_error(tmp_path, capsys):
     target = tmp_path / "a_file"
     target.write_text("not a directory")
@@ -87,7 +86,6 @@ def test_out_at_an_existing_file_is_a_clear_error(tmp_path, capsys):
     assert target.read_text() == "not a directory"
 
 
-@phase2("a NaN loss before the first save names no missing file and prints no NumPy warnings")
 def test_nan_before_the_first_save(tmp_path):
     out = tmp_path / "nan"
     result = _cli("minibvit.train", TINY + ["--method", "fp", "--limit-per-class", "40", "--lr", "1e30",
@@ -114,8 +112,6 @@ def _wait_for_mid_epoch_checkpoint(path, proc, timeout=120):
     raise AssertionError("no mid-epoch checkpoint appeared")
 
 
-@phase2("log.jsonl as durable as the checkpoint across SIGKILL + --resume (flushed at every save, "
-        "the epoch's running sums carried in the checkpoint)")
 def test_log_survives_sigkill_and_resume(tmp_path):
     args = TINY + ["--method", "fp", "--epochs", "2", "--save-every", "2", "--limit-per-class", "40"]
     steps_per_epoch = 10 * 40 // 16
@@ -148,7 +144,6 @@ def test_log_survives_sigkill_and_resume(tmp_path):
     assert epochs == [(r["epoch"], r["train_loss"], r["train_acc"]) for r in expected if "train_loss" in r]
 
 
-@phase2("Numba's compile time kept out of the first epoch's time and img/s, and reported apart")
 def test_compile_time_is_reported_apart_from_the_first_epoch(tmp_path):
     out = tmp_path / "run"
     result = _cli("minibvit.train", TINY + ["--method", "binary", "--max-steps", "2", "--out", str(out)])
@@ -167,7 +162,6 @@ def test_help_shows_one_default(capsys):
     assert not doubled, doubled
 
 
-@phase2("a dead student (input-independent logits) is warned about in the log")
 def test_dead_student_is_warned_about(tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(TINY + ["--max-steps", "1", "--method", "binary", "--out", str(out)]) == 0

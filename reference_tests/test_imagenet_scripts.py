@@ -25,8 +25,8 @@ needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 
 def _dry_run(recipe, tmp_path, **env):
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    environ.update(DATA=str(tmp_path / "imagenet"), OUT=str(tmp_path / "out"), DRY_RUN="1", PYTHON=sys.executable,
-                   ESTIMATE_ARGS=TINY, **env)
+    environ.update({"DATA": str(tmp_path / "imagenet"), "OUT": str(tmp_path / "out"), "DRY_RUN": "1",
+                    "PYTHON": sys.executable, "ESTIMATE_ARGS": TINY, **env})
     result = subprocess.run(["bash", os.path.join(SCRIPTS, f"{recipe}.sh")], capture_output=True, text=True,
                             env=environ, timeout=120)
     assert result.returncode == 0, result.stderr

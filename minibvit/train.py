@@ -317,7 +317,7 @@ class ImageNetSplit:
 
         if source is None:
             source = imagenet.hub_source(split) if cfg.data_dir == "hub" else imagenet.folder_source(cfg.data_dir, split)
-        self.source, self.split, self.workers = source, split, cfg.workers
+        self.source, self.workers = source, cfg.workers
         self.class_names, self.num_classes = tuple(source.classes), len(source.classes)
         self.mean, self.std = np.asarray(augment.IMAGENET_MEAN), np.asarray(augment.IMAGENET_STD)
         self.image_shape = (cfg.image_size, cfg.image_size, 3)

@@ -49,7 +49,8 @@ from dataclasses import dataclass, field  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from . import checkpoint, data, diagnostics, methods, ops  # noqa: E402
+from . import checkpoint, data, diagnostics, distributed, methods, ops  # noqa: E402
+from .loader import LoaderError  # noqa: E402
 from .model import PRESETS, ViT, ViTConfig  # noqa: E402
 from .optim import AdamW, clip_grad_norm, cosine_lr  # noqa: E402
 
@@ -58,6 +59,9 @@ from .optim import AdamW, clip_grad_norm, cosine_lr  # noqa: E402
 # configuration
 
 GROUPS = ("data", "model", "optimisation", "method options", "run")
+DATASET_CHOICES = data.DATASET_NAMES + ("imagenet",)
+IMAGENET_OPTIONS = ("rand_augment", "mixup", "cutmix", "random_erasing")  # DeiT's augmentation switches
+DTYPES = ("float32", "float64")
 
 
 def _f(group, help, default=None, shown=None):
@@ -81,12 +85,20 @@ class TrainConfig:
     refuses method options that do not apply to the method (methods.check_options)."""
 
     # data
-    dataset: str = _f("data", f"one of {', '.join(data.DATASET_NAMES)}", "fashion-mnist")
-    data_dir: str = _f("data", "local dataset files (cifar-10-batches-py/bin, Fashion-MNIST IDX files, an image folder)",
-                       shown="the dataset's standard location")
+    dataset: str = _f("data", f"one of {', '.join(DATASET_CHOICES)}", "fashion-mnist")
+    data_dir: str = _f("data", "local dataset files (cifar-10-batches-py/bin, Fashion-MNIST IDX files, an image folder; "
+                       "for imagenet the root holding train/<wnid>/*.JPEG and val/, or 'hub' for the Hugging Face "
+                       "ILSVRC/imagenet-1k: docs/imagenet.md)", shown="the dataset's standard location")
     image_size: int = _f("data", "resize images to this size", shown="the dataset's")
     limit_per_class: int = _f("data", "train on N images per class (GSB's small-data setting)", shown="all")
     fraction: float = _f("data", "or train on this fraction of every class, in (0, 1]", shown="all")
+    workers: int = _f("data", "[imagenet] JPEG-decoding worker processes (per rank)", 4)
+    rand_augment: int = _f("data", "[imagenet] RandAugment ops per image at DeiT's magnitude 9 +- 0.5; 0 turns it off",
+                           shown="2 (DeiT)")
+    mixup: float = _f("data", "[imagenet] mixup alpha (soft targets); 0 turns mixup off", shown="0.8 (DeiT)")
+    cutmix: float = _f("data", "[imagenet] cutmix alpha (soft targets); 0 turns cutmix off", shown="1.0 (DeiT)")
+    random_erasing: float = _f("data", "[imagenet] random-erasing probability per image, in [0, 1]; 0 turns it off",
+                               shown="0.25 (DeiT)")
     # model
     model: str = _f("model", f"model preset, one of {', '.join(PRESETS)}", shown="by dataset")
     patch_size: int = _f("model", "patch size", shown="the preset's")
@@ -105,6 +117,8 @@ class TrainConfig:
     weight_decay: float = _f("optimisation", "AdamW decoupled weight decay", 0.05)
     label_smoothing: float = _f("optimisation", "label smoothing of the cross-entropy, in [0, 1)", 0.1)
     clip_grad: float = _f("optimisation", "clip the global gradient norm to this (0: no clipping)", 5.0)
+    accum_steps: int = _f("optimisation", "micro-steps per optimizer step: each --batch-size batch is computed in this "
+                          "many parts (less memory, the same global batch)", 1)
     # method and its options
     method: str = _f("method options", f"one of {', '.join(methods.METHODS)}: runs the method's whole recipe", "fp")
     teacher: str = _f("method options", "a full-precision minibvit checkpoint to distil from (skips training a teacher)",
@@ -128,6 +142,8 @@ class TrainConfig:
     eval_batch_size: int = _f("run", "evaluation batch size", 256)
     resume: bool = _f("run", "continue every stage from its last.safetensors", False)
     max_steps: int = _f("run", "stop each stage after this many steps (smoke tests)", shown="no limit")
+    dtype: str = _f("run", f"floating type of the weights and the arithmetic, one of {', '.join(DTYPES)} "
+                    "(float64: equivalence tests)", "float32")
 
     def method_options(self):
         """{option: value} of every method option (None = not given)."""
@@ -138,12 +154,13 @@ class TrainConfig:
             if not cond:
                 raise ValueError(f"invalid option: {msg}")
 
-        need(self.dataset in data.DATASET_NAMES, f"--dataset must be one of {data.DATASET_NAMES}, got {self.dataset!r}")
+        need(self.dataset in DATASET_CHOICES, f"--dataset must be one of {DATASET_CHOICES}, got {self.dataset!r}")
+        need(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         need(self.method in methods.METHODS, f"--method must be one of {list(methods.METHODS)}, got {self.method!r}")
         need(self.model is None or self.model in PRESETS, f"--model must be one of {sorted(PRESETS)}, got {self.model!r}")
         for name in ("epochs", "teacher_epochs", "batch_size", "image_size", "patch_size", "embed_dim", "depth",
                      "num_heads", "limit_per_class", "save_every", "log_every",
-                     "eval_batch_size", "max_steps"):
+                     "eval_batch_size", "max_steps", "accum_steps", "workers"):
             v = getattr(self, name)
             need(v is None or (isinstance(v, int) and v >= 1), f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         for name in ("lr", "kd_temperature"):
@@ -162,6 +179,20 @@ class TrainConfig:
             v = getattr(self, o.name)
             need(v is None or v in o.choices, f"--{o.name.replace('_', '-')} must be one of {list(o.choices)}, got {v!r}")
         need(self.drop_path is None or 0 <= self.drop_path < 1, f"--drop-path must be in [0, 1), got {self.drop_path}")
+        if self.dataset == "imagenet":
+            need(self.data_dir is not None, "--dataset imagenet needs --data-dir: the ImageNet root (train/<wnid>/*.JPEG, "
+                 "val/) or 'hub' (docs/imagenet.md)")
+            need(not (self.fraction or self.limit_per_class), "--fraction and --limit-per-class do not apply to imagenet")
+        else:
+            given = [f"--{n.replace('_', '-')}" for n in IMAGENET_OPTIONS if getattr(self, n) is not None]
+            need(not given, f"{', '.join(given)} apply to --dataset imagenet only")
+        need(self.rand_augment is None or (isinstance(self.rand_augment, int) and self.rand_augment >= 0),
+             f"--rand-augment must be an integer >= 0, got {self.rand_augment!r}")
+        for name in ("mixup", "cutmix"):
+            v = getattr(self, name)
+            need(v is None or (math.isfinite(v) and v >= 0), f"--{name} must be >= 0, got {v!r}")
+        need(self.random_erasing is None or 0 <= self.random_erasing <= 1,
+             f"--random-erasing must be in [0, 1], got {self.random_erasing!r}")
         for name in ("teacher", "init_from"):
             path = getattr(self, name)
             need(path is None or os.path.isfile(path), f"--{name.replace('_', '-')} {path!r} is not a file")
@@ -173,6 +204,9 @@ DATASET_DEFAULTS = {
     "cifar10": dict(model="cifar", epochs=30, batch_size=128, lr=1e-3),
     "synthetic": dict(model="cifar", embed_dim=64, depth=2, num_heads=2, patch_size=8, epochs=8, batch_size=64, lr=2e-3),
     "imagefolder": dict(model="cifar", epochs=30, batch_size=64, lr=1e-3),
+    # DeiT-S's recipe (Touvron et al. 2021): batch 1024, lr 5e-4 * 1024 / 512, DeiT's augmentation
+    "imagenet": dict(model="deit-small", image_size=224, epochs=300, batch_size=1024, lr=1e-3, rand_augment=2,
+                     mixup=0.8, cutmix=1.0, random_erasing=0.25),
 }
 
 
@@ -212,9 +246,10 @@ def quantizer_options(cfg):
                                     gsb_mode=cfg.gsb_mode, gsb_max_over=cfg.gsb_max_over)
 
 
-def build_model(model_cfg, table, options, seed=0):
+def build_model(model_cfg, table, options, seed=0, dtype="float32"):
     """A ViT with fresh quantizers of quantizer table `table` (methods.TABLES)."""
-    return ViT(model_cfg, quantizers=methods.build_quantizers(model_cfg, table, options=options), seed=seed)
+    return ViT(model_cfg, quantizers=methods.build_quantizers(model_cfg, table, options=options, dtype=dtype),
+               dtype=np.dtype(dtype), seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +275,8 @@ def load_model(path, expect_config=None):
     model_cfg = ViTConfig.from_dict(meta["model_config"])
     if expect_config is not None and model_cfg != expect_config:
         raise ValueError(f"checkpoint {path} holds a model {model_cfg} but {expect_config} was requested")
-    model = build_model(model_cfg, meta["scheme"], methods.QuantizerOptions(**meta.get("scheme_options", {})))
+    dtype = tensors["model.cls_token"].dtype.name if "model.cls_token" in tensors else "float32"
+    model = build_model(model_cfg, meta["scheme"], methods.QuantizerOptions(**meta.get("scheme_options", {})), dtype=dtype)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     return model, meta
 
@@ -268,6 +304,110 @@ def transfer_state(src, model):
 # ---------------------------------------------------------------------------------------------
 # one stage
 
+class ImageNetSplit:
+    """An ImageNet split as train_stage uses a data.Dataset (name, num_classes, class_names, mean, std,
+    image_shape, len), its batches decoded in worker processes by imagenet.ImageNetData: DeiT's
+    augmentation for "train" (each part a switch of cfg), resize + center crop for "val". close()
+    stops the workers. source: an imagenet source (default: from cfg.data_dir, or the hub for 'hub')."""
+
+    name = "imagenet"
+
+    def __init__(self, cfg, split, source=None):
+        from . import augment, imagenet
+
+        if source is None:
+            source = imagenet.hub_source(split) if cfg.data_dir == "hub" else imagenet.folder_source(cfg.data_dir, split)
+        self.source, self.workers = source, cfg.workers
+        self.class_names, self.num_classes = tuple(source.classes), len(source.classes)
+        self.mean, self.std = np.asarray(augment.IMAGENET_MEAN), np.asarray(augment.IMAGENET_STD)
+        self.image_shape = (cfg.image_size, cfg.image_size, 3)
+        transform = batch_augment = None
+        if split == "train":
+            rand_augment = augment.RandAugmentConfig(num_ops=cfg.rand_augment) if cfg.rand_augment else None
+            transform = augment.TrainTransform(size=cfg.image_size, rand_augment=rand_augment)
+            # label smoothing goes into the soft targets when mixing (then the loss does not apply it again)
+            batch_augment = augment.BatchAugment(num_classes=self.num_classes, erase_prob=cfg.random_erasing,
+                                                 mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                                                 smoothing=cfg.label_smoothing)
+        self.data = imagenet.ImageNetData(source, train=split == "train", image_size=cfg.image_size,
+                                          transform=transform, batch_augment=batch_augment, num_workers=cfg.workers)
+        self._shard = None  # (batch size, rank, world, ImageNetData of this rank's evaluation batches)
+
+    def __len__(self):
+        return len(self.source)
+
+    def eval_batches(self, batch_size, comm):
+        """This rank's whole evaluation batches (distributed.owned_batches), decoded by a loader that
+        reads only them."""
+        if comm.world == 1:
+            return self.data.batches(batch_size, 0, 0)
+        if self._shard is None or self._shard[:3] != (batch_size, comm.rank, comm.world):
+            if self._shard is not None:
+                self._shard[3].close()
+            from . import imagenet
+
+            n = len(self)
+            owned = distributed.owned_batches(data.steps_per_epoch(n, batch_size, drop_last=False), comm)
+            rows = np.concatenate([np.arange(k * batch_size, min(n, (k + 1) * batch_size)) for k in owned] or
+                                  [np.zeros(0, np.int64)])
+            shard = imagenet.ImageNetData(SubsetSource(self.source, rows), train=False, image_size=self.image_shape[0],
+                                          num_workers=self.workers) if len(rows) else None
+            self._shard = (batch_size, comm.rank, comm.world, shard)
+        shard = self._shard[3]
+        return iter(()) if shard is None else shard.batches(batch_size, 0, 0)
+
+    def close(self):
+        self.data.close()
+        if self._shard is not None and self._shard[3] is not None:
+            self._shard[3].close()
+        self._shard = None
+
+
+class SubsetSource:
+    """The samples `indices` of an imagenet source, in that order (picklable, for the loader's workers)."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+        self.labels, self.classes = np.asarray(source.labels)[self.indices], source.classes
+
+    def __len__(self):
+        return len(self.indices)
+
+    def open(self, i):
+        return self.source.open(int(self.indices[i]))
+
+    def describe(self, i):
+        return self.source.describe(int(self.indices[i]))
+
+
+def train_batches(dataset, cfg, epoch, start_step, drop_last, part=None):
+    """The training batches (x, targets) of `epoch` from step start_step, a function of (seed, epoch,
+    step) only; targets are int64 labels, or float32 (B, classes) soft targets under mixup/cutmix.
+    part=(lo, hi): only those rows of every global batch (ImageNet decodes only them; mixup then pairs
+    images within the part, as DeiT on several GPUs)."""
+    if isinstance(dataset, ImageNetSplit):
+        return dataset.data.batches(cfg.batch_size, cfg.seed, epoch, start_step, drop_last, part)
+    batches = data.iterate_batches(dataset, cfg.batch_size, cfg.seed, epoch, start_step=start_step, drop_last=drop_last)
+    return batches if part is None else ((x[part[0]:part[1]], y[part[0]:part[1]]) for x, y in batches)
+
+
+def eval_batches(dataset, batch_size, comm):
+    """This rank's whole evaluation batches (x, int labels), in order (all of them in one process)."""
+    if isinstance(dataset, ImageNetSplit):
+        yield from dataset.eval_batches(batch_size, comm)
+        return
+    owned = distributed.owned_batches(data.steps_per_epoch(len(dataset), batch_size, drop_last=False), comm)
+    batches = data.iterate_batches(dataset, batch_size, seed=0, epoch=0, train=False, augment=False)
+    for k, batch in enumerate(batches):
+        if k in owned:
+            yield batch
+
+
+def hard_labels(targets):
+    """Integer labels of a batch's targets (the most likely class of soft targets)."""
+    return targets.argmax(axis=1) if targets.ndim == 2 else targets
+
+
 class TrainingDiverged(RuntimeError):
     pass
 
@@ -276,40 +416,56 @@ class Stopped(Exception):
     pass
 
 
-def evaluate(model, dataset, batch_size, predicted_classes=None):
+def evaluate(model, dataset, batch_size, predicted_classes=None, comm=None):
     """Top-1 accuracy (and mean loss) of a model on a dataset split, in evaluation mode.
 
     predicted_classes: an optional set that receives every class the model predicted (one class
-    for every image is the sign of a dead model, warned about by train_stage)."""
+    for every image is the sign of a dead model, warned about by train_stage).
+    comm: with several ranks each evaluates whole batches (distributed.owned_batches; no batch is
+    split, so batch statistics are those of one process) and the counts are summed."""
+    comm = comm or distributed.SingleProcess()
     correct, total, loss_sum = 0, 0, 0.0
-    for x, y in data.iterate_batches(dataset, batch_size, seed=0, epoch=0, train=False, augment=False):
+    predicted = np.zeros(dataset.num_classes)
+    for x, y in eval_batches(dataset, batch_size, comm):
         logits, _ = model.forward(x, training=False)
         loss, _ = ops.cross_entropy_forward(logits, y)
         loss_sum += float(loss) * len(y)
         pred = logits.argmax(axis=1)
         correct += int((pred == y).sum())
         total += len(y)
-        if predicted_classes is not None:
-            predicted_classes.update(np.unique(pred).tolist())
-    return correct / total, loss_sum / total
+        predicted[pred] = 1
+    correct, loss_sum, total = comm.sum(np.array([correct, loss_sum, total], np.float64))
+    if predicted_classes is not None:
+        predicted_classes.update(np.flatnonzero(comm.sum(predicted)).tolist())
+    return float(correct / total), float(loss_sum / total)
+
+
+def _cross_entropy(logits, targets, label_smoothing):
+    """(loss, backward(dloss) -> dlogits) against int labels (with label smoothing) or soft targets
+    (mixup/cutmix: the smoothing is already in them, ops.soft_target_cross_entropy_*)."""
+    if targets.ndim == 2:
+        loss, cache = ops.soft_target_cross_entropy_forward(logits, targets)
+        return loss, lambda dloss: ops.soft_target_cross_entropy_backward(dloss, cache)
+    loss, cache = ops.cross_entropy_forward(logits, targets, label_smoothing)
+    return loss, lambda dloss: ops.cross_entropy_backward(dloss, cache)
 
 
 def _loss(stage, cfg, logits, y, teacher_logits):
-    """Stage loss and d loss / d logits (same structure as logits)."""
+    """Stage loss and d loss / d logits (same structure as logits); y: int labels or soft targets."""
     if stage.kd == "hard":  # DeiT: 0.5 CE(cls head, y) + 0.5 CE(dist head, argmax teacher)
-        l1, c1 = ops.cross_entropy_forward(logits[0], y, cfg.label_smoothing)
-        l2, c2 = ops.cross_entropy_forward(logits[1], teacher_logits.argmax(axis=1), 0.0)
-        return 0.5 * (l1 + l2), (ops.cross_entropy_backward(0.5, c1), ops.cross_entropy_backward(0.5, c2))
+        l1, b1 = _cross_entropy(logits[0], y, cfg.label_smoothing)
+        l2, b2 = _cross_entropy(logits[1], teacher_logits.argmax(axis=1), 0.0)
+        return 0.5 * (l1 + l2), (b1(0.5), b2(0.5))
     if stage.distilled:  # no teacher: both heads learn the labels
-        l1, c1 = ops.cross_entropy_forward(logits[0], y, cfg.label_smoothing)
-        l2, c2 = ops.cross_entropy_forward(logits[1], y, cfg.label_smoothing)
-        return 0.5 * (l1 + l2), (ops.cross_entropy_backward(0.5, c1), ops.cross_entropy_backward(0.5, c2))
-    ce, c = ops.cross_entropy_forward(logits, y, cfg.label_smoothing)
+        l1, b1 = _cross_entropy(logits[0], y, cfg.label_smoothing)
+        l2, b2 = _cross_entropy(logits[1], y, cfg.label_smoothing)
+        return 0.5 * (l1 + l2), (b1(0.5), b2(0.5))
+    ce, back = _cross_entropy(logits, y, cfg.label_smoothing)
     if stage.kd == "soft":
         kd, ck = ops.kd_soft_forward(logits, teacher_logits, cfg.kd_temperature)
         a = cfg.kd_alpha
-        return (1 - a) * ce + a * kd, ops.cross_entropy_backward(1 - a, c) + ops.kd_soft_backward(a, ck)
-    return ce, ops.cross_entropy_backward(1.0, c)
+        return (1 - a) * ce + a * kd, back(1 - a) + ops.kd_soft_backward(a, ck)
+    return ce, back(1.0)
 
 
 @contextlib.contextmanager
@@ -322,21 +478,52 @@ def quiet_floating_point():
         yield
 
 
-def train_step(model, opt, x, y, *, lr, rng, loss_fn, teacher=None, hooks=(), step=0, clip_grad=None):
+def train_step(model, opt, x, y, *, lr, rng, loss_fn, teacher=None, hooks=(), step=0, clip_grad=None,
+               parts=None, reducer=None, first_row=0):
     """One optimizer step: forward, teacher, loss, backward, gradient hooks (GRS), clip, AdamW.
 
     loss_fn(logits, y, teacher_logits) -> (loss, dlogits); hooks: callables hook(model, step) that
     edit model.grads after backward (methods.gradient_hooks). Raises TrainingDiverged on a non-finite
     loss before touching the weights (NumPy's floating-point warnings are silenced: quiet_floating_point).
     Returns (loss, logits, gradient norm before clipping).
+
+    Data-parallel and/or accumulated (docs/scaling.md): parts = distributed.batch_slices(global batch,
+    rank, world, accum_steps), reducer = the distributed.GradientReducer, x and y this rank's rows of
+    the global batch, x[0] being its row `first_row`, and rng(micro) -> the Generator of micro-step
+    `micro`. Each part runs forward (with the quantizer state made global over the ranks), teacher,
+    loss and a backward whose gradients the reducer sums, weighted, over micro-steps and ranks while
+    the backward runs; GRS, clipping and AdamW then act on the summed gradient, the same on every
+    rank. Returns this rank's share sum(weight * part loss) of the global mean loss and the logits of
+    its rows, in the parts' order.
     """
     with quiet_floating_point():
-        logits, cache = model.forward(x, training=True, rng=rng)
-        teacher_logits = teacher.forward(x, training=False)[0] if teacher is not None else None
-        loss, dlogits = loss_fn(logits, y, teacher_logits)
-        if not np.isfinite(loss):
-            raise TrainingDiverged(f"the loss became {loss}")
-        model.backward(dlogits, cache)
+        if parts is None:
+            logits, cache = model.forward(x, training=True, rng=rng)
+            teacher_logits = teacher.forward(x, training=False)[0] if teacher is not None else None
+            loss, dlogits = loss_fn(logits, y, teacher_logits)
+            if not np.isfinite(loss):
+                raise TrainingDiverged(f"the loss became {loss}")
+            model.backward(dlogits, cache)
+        else:
+            comm = reducer.comm
+            loss, pieces = 0.0, []
+            for micro, part in enumerate(parts):
+                rows = slice(part.slice.start - first_row, part.slice.stop - first_row)
+                xs, ys = x[rows], y[rows]
+                with distributed.global_quantizer_state(model, comm) if comm.world > 1 else contextlib.nullcontext():
+                    logits, cache = model.forward(xs, training=True, rng=rng(micro))
+                teacher_logits = teacher.forward(xs, training=False)[0] if teacher is not None else None
+                part_loss, dlogits = loss_fn(logits, ys, teacher_logits)
+                if not np.isfinite(part_loss):
+                    raise TrainingDiverged(f"the loss became {part_loss} (rank {comm.rank}, micro-step {micro})")
+                reducer.begin(part)
+                model.backward(dlogits, cache, on_grads_ready=reducer.hook(model))
+                grads = reducer.finish()
+                loss += part.weight * float(part_loss)
+                pieces.append(logits)
+            model.grads = grads
+            logits = (tuple(np.concatenate(heads) for heads in zip(*pieces)) if isinstance(pieces[0], tuple)
+                      else np.concatenate(pieces))
         for hook in hooks:
             hook(model, step)
         gnorm = clip_grad_norm(model.grads, clip_grad or None)
@@ -420,16 +607,25 @@ def _warm_up(model, cfg, stage, x, y, teacher, steps):
 
 
 def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teacher=None):
-    """Train one stage into out_dir; returns (best checkpoint path, best accuracy)."""
-    make_run_dir(out_dir)
+    """Train one stage into out_dir; returns (best checkpoint path, best accuracy).
+
+    With several MPI ranks (distributed.init) every rank runs this with the same arguments: each
+    computes its slice of every global batch, rank 0 alone logs, prints and writes the checkpoints
+    (every rank passes a barrier after each), and one small allreduce per step sums the loss, the
+    correct predictions and the Ctrl-C flag (docs/scaling.md)."""
+    comm = distributed.current()
+    main_rank = comm.is_main
+    if main_rank:
+        make_run_dir(out_dir)
     last_path, best_path = os.path.join(out_dir, "last.safetensors"), os.path.join(out_dir, "best.safetensors")
     epochs = cfg.teacher_epochs if (stage.first and cfg.teacher_epochs) else cfg.epochs
-    img = train_set.images
-    model_cfg = model_config(cfg, stage.distilled, train_set.num_classes, img.shape[3], img.shape[1])
+    height, _, channels = train_set.image_shape if isinstance(train_set, ImageNetSplit) else train_set.images.shape[1:]
+    model_cfg = model_config(cfg, stage.distilled, train_set.num_classes, channels, height)
     options = quantizer_options(cfg)
-    model = build_model(model_cfg, stage.table, options, seed=cfg.seed)
+    model = build_model(model_cfg, stage.table, options, seed=cfg.seed, dtype=cfg.dtype)
     opt = AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = data.steps_per_epoch(len(train_set), cfg.batch_size, drop_last=len(train_set) >= cfg.batch_size)
+    drop_last = len(train_set) >= cfg.batch_size
+    steps = data.steps_per_epoch(len(train_set), cfg.batch_size, drop_last=drop_last)
     total_steps = epochs * steps
     warmup = int(round(cfg.warmup_epochs * steps))
     binarized = methods.binarized_weight_roles(model.quantizers)
@@ -439,8 +635,10 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
             "scheme_options": dataclasses.asdict(options), "stage": stage.name, "method": cfg.method,
             "gradient_hooks": [repr(h) for h in hooks], "train_config": dataclasses.asdict(cfg),
             "dataset": {"name": train_set.name, "mean": train_set.mean.tolist(), "std": train_set.std.tolist(),
-                        "class_names": list(train_set.class_names)},
-            "rng": "dropout/drop-path of global step t use numpy default_rng([seed, 7, t]); batches use (seed, epoch, step)"}
+                        "class_names": list(train_set.class_names),
+                        **({"wnids": list(train_set.class_names)} if isinstance(train_set, ImageNetSplit) else {})},
+            "rng": "dropout/drop-path of global step t use numpy default_rng([seed, 7, t]), or [seed, 7, t, micro-step, "
+                   "rank] with several ranks or --accum-steps; batches use (seed, epoch, step)"}
     epoch, start_step, best_acc = 0, 0, -1.0
     sums = {"seen": 0, "correct": 0, "loss_sum": 0.0}  # the current epoch's running sums
     if os.path.exists(last_path):
@@ -449,8 +647,7 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
             raise ValueError(f"{out_dir} holds a run of a different model or method than requested; "
                              f"choose another --out (nothing was overwritten)")
         if saved.get("complete"):
-            print(f"[{stage.name}] reusing the finished stage in {out_dir} (test acc {saved['best_acc']:.4f})",
-                  file=sys.stderr)
+            _say(comm, f"[{stage.name}] reusing the finished stage in {out_dir} (test acc {saved['best_acc']:.4f})")
             return best_path, saved["best_acc"]
         if not cfg.resume:
             raise ValueError(f"{out_dir} holds an unfinished run; pass --resume to continue it or choose another "
@@ -459,12 +656,27 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
         opt.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}, saved["optimizer"])
         epoch, start_step, best_acc = saved["epoch"], saved["step"], saved["best_acc"]
         sums = saved.get("epoch_sums", sums)
-        print(f"[{stage.name}] resuming at epoch {epoch} step {start_step}", file=sys.stderr)
+        _say(comm, f"[{stage.name}] resuming at epoch {epoch} step {start_step}")
     elif init_state is not None:
         transfer_state(init_state, model)
 
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump({k: v for k, v in meta.items() if k != "rng"}, f, indent=2)
+    data_parallel = comm.world > 1 or cfg.accum_steps > 1
+    reducer = None
+    if data_parallel:  # rank 0's state everywhere (also a resumed or initialised one), then check it
+        state = _state_tensors(model, opt)[0]
+        distributed.broadcast_state(state, comm)
+        distributed.check_replicas(state, comm)
+        reducer = distributed.GradientReducer(model.parameters(), comm)
+    # ImageNet on several ranks without accumulation: each rank decodes only its rows of every batch
+    decode_part = isinstance(train_set, ImageNetSplit) and comm.world > 1 and cfg.accum_steps == 1 and drop_last
+    part_rows = None
+    if decode_part:
+        (own,) = distributed.batch_slices(cfg.batch_size, comm.rank, comm.world, 1)
+        part_rows = (own.slice.start, own.slice.stop)
+
+    if main_rank:
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump({k: v for k, v in meta.items() if k != "rng"}, f, indent=2)
 
     interrupted = {"flag": False}
 
@@ -473,62 +685,86 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
 
     old_handler = signal.signal(signal.SIGINT, on_sigint)
     log_path = os.path.join(out_dir, "log.jsonl")
-    truncate_log(log_path, steps, epoch * steps + start_step)
-    log = open(log_path, "a")
+    if main_rank:
+        truncate_log(log_path, steps, epoch * steps + start_step)
+    log = open(log_path if main_rank else os.devnull, "a")
     flip_counter = diagnostics.FlipCounter()
     done_steps = 0
 
     def loss_fn(logits, y, teacher_logits):
         return _loss(stage, cfg, logits, y, teacher_logits)
 
+    def save_state(path, state_meta):
+        """Rank 0 writes (atomically), after a check that the replicas agree; every rank waits for it."""
+        if comm.world > 1:
+            distributed.check_replicas(_state_tensors(model, opt)[0], comm)
+        if main_rank:
+            save_training_state(path, model, opt, state_meta)
+        comm.barrier()
+
     def save_last(next_epoch, next_step, **extra):
         log.flush()  # the log holds every step the checkpoint holds
-        save_training_state(last_path, model, opt, {**meta, "epoch": next_epoch, "step": next_step,
-                                                    "best_acc": best_acc, **extra})
+        save_state(last_path, {**meta, "epoch": next_epoch, "step": next_step, "best_acc": best_acc, **extra})
 
-    drop_last = len(train_set) >= cfg.batch_size
+    def dropout_rng(gstep):
+        if not data_parallel:
+            return np.random.default_rng([cfg.seed, 7, gstep])
+        return lambda micro: np.random.default_rng([cfg.seed, 7, gstep, micro, comm.rank])
+
     try:
         from tqdm import tqdm
 
         warmup_s = None
         if epoch < epochs:
-            x, y = next(iter(data.iterate_batches(train_set, cfg.batch_size, cfg.seed, epoch, start_step=start_step,
-                                                  drop_last=drop_last)))
-            warmup_s = _warm_up(model, cfg, stage, x, y, teacher, steps)
+            x, y = next(iter(train_batches(train_set, cfg, epoch, start_step, drop_last, part_rows)))
+            if data_parallel:  # one micro-step's rows
+                rows = -(-len(y) // (cfg.accum_steps * (1 if decode_part else comm.world)))
+                x, y = x[:rows], y[:rows]
+            warmup_s = _warm_up(model, cfg, stage, x, hard_labels(y), teacher, steps)
         while epoch < epochs:
             bar = tqdm(total=steps, initial=start_step, desc=f"{stage.name} {epoch + 1}/{epochs}", file=sys.stderr,
-                       disable=None, leave=False)
+                       disable=None if main_rank else True, leave=False)
             t0, timed = time.perf_counter(), 0
             seen, correct, loss_sum = sums["seen"], sums["correct"], sums["loss_sum"]
             last_step = start_step - 1
-            batches = data.iterate_batches(train_set, cfg.batch_size, cfg.seed, epoch, start_step=start_step,
-                                           drop_last=drop_last)
+            batches = train_batches(train_set, cfg, epoch, start_step, drop_last, part_rows)
             for step, (x, y) in enumerate(batches, start=start_step):
                 gstep, last_step = epoch * steps + step, step
                 lr = cosine_lr(gstep, total_steps, cfg.lr, warmup, cfg.min_lr)
-                rng = np.random.default_rng([cfg.seed, 7, gstep])
+                batch_rows = cfg.batch_size if decode_part else len(y)  # the global batch
+                first_row = part_rows[0] if decode_part else 0
+                parts = distributed.batch_slices(batch_rows, comm.rank, comm.world, cfg.accum_steps) if data_parallel else None
                 try:
-                    loss, logits, gnorm = train_step(model, opt, x, y, lr=lr, rng=rng, loss_fn=loss_fn, teacher=teacher,
-                                                     hooks=hooks, step=gstep, clip_grad=cfg.clip_grad)
+                    loss, logits, gnorm = train_step(model, opt, x, y, lr=lr, rng=dropout_rng(gstep), loss_fn=loss_fn,
+                                                     teacher=teacher, hooks=hooks, step=gstep, clip_grad=cfg.clip_grad,
+                                                     parts=parts, reducer=reducer, first_row=first_row)
                 except TrainingDiverged as e:
                     kept = (f"The last good checkpoint is kept: {last_path}" if os.path.exists(last_path)
                             else "No checkpoint had been saved yet.")
                     raise TrainingDiverged(f"[{stage.name}] {e} at epoch {epoch} step {step}; lower --lr or raise "
                                            f"--clip-grad. {kept}") from None
                 pred = (logits[0] + logits[1]) / 2 if isinstance(logits, tuple) else logits
-                correct += int((pred.argmax(1) == y).sum())
-                seen += len(y)
-                timed += len(y)
-                loss_sum += float(loss) * len(y)
+                labels = hard_labels(y if parts is None else np.concatenate(
+                    [y[p.slice.start - first_row:p.slice.stop - first_row] for p in parts]))
+                # the step's global loss, correct predictions and Ctrl-C flag (identities in one process)
+                loss, step_correct, stop = comm.sum(np.array([float(loss), int((pred.argmax(1) == labels).sum()),
+                                                              float(interrupted["flag"])]))
+                interrupted["flag"] = bool(stop)
+                correct += int(step_correct)
+                seen += batch_rows
+                timed += batch_rows
+                loss_sum += float(loss) * batch_rows
                 record = {"stage": stage.name, "epoch": epoch, "step": step, "global_step": gstep, "lr": lr,
                           "loss": float(loss), "grad_norm": gnorm}
-                flip_counter.update(model, binarized)
-                with quiet_floating_point():  # diverged weights: the next step's loss check reports it
-                    if gstep % cfg.log_every == 0:
-                        record.update(diagnostics.weight_diagnostics(model, binarized, flip_counter))
-                        record.update(diagnostics.activation_diagnostics(model, x[: min(len(x), 32)]))
-                    # the scales are set now: a quantizer that passes nothing on kills the model
-                    dead = diagnostics.dead_activation_quantizers(model, x[: min(len(x), 32)]) if gstep == 0 else []
+                dead = []
+                if main_rank:  # diagnostics: the weights are global, the activations those of rank 0's rows
+                    flip_counter.update(model, binarized)
+                    with quiet_floating_point():  # diverged weights: the next step's loss check reports it
+                        if gstep % cfg.log_every == 0:
+                            record.update(diagnostics.weight_diagnostics(model, binarized, flip_counter))
+                            record.update(diagnostics.activation_diagnostics(model, x[: min(len(x), 32)]))
+                        # the scales are set now: a quantizer that passes nothing on kills the model
+                        dead = diagnostics.dead_activation_quantizers(model, x[: min(len(x), 32)]) if gstep == 0 else []
                 log.write(json.dumps(record) + "\n")
                 if dead:
                     _warn(log, stage, epoch, step, "after the first step, " + "; ".join(
@@ -549,7 +785,7 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
             bar.close()
             train_time = time.perf_counter() - t0
             predicted = set()
-            acc, test_loss = evaluate(model, test_set, cfg.eval_batch_size, predicted)
+            acc, test_loss = evaluate(model, test_set, cfg.eval_batch_size, predicted, comm)
             record = {"stage": stage.name, "epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                       "train_acc": correct / max(seen, 1), "test_loss": test_loss, "test_acc": acc,
                       "epoch_time_s": train_time, "images_per_s": timed / max(train_time, 1e-9)}
@@ -559,9 +795,10 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
                 compiled = f" (+{warmup_s:.1f}s compile/warm-up, not counted)"
                 warmup_s = None
             log.write(json.dumps(record) + "\n")
-            print(f"[{stage.name}] epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}"
-                  f" | test acc {acc:.4f} | {train_time:.0f}s, {record['images_per_s']:.0f} img/s{compiled}", file=sys.stderr)
-            if len(predicted) == 1 and test_set.num_classes > 1:
+            _say(comm, f"[{stage.name}] epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f} acc "
+                 f"{record['train_acc']:.4f} | test acc {acc:.4f} | {train_time:.0f}s, {record['images_per_s']:.0f} "
+                 f"img/s{compiled}")
+            if len(predicted) == 1 and test_set.num_classes > 1 and main_rank:
                 (only,) = predicted
                 _warn(log, stage, epoch, last_step, f"every test image was predicted as class {only} "
                       f"({test_set.class_names[only]}): the output does not depend on the image")
@@ -571,16 +808,25 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
             stop_now = bool(cfg.max_steps and done_steps >= cfg.max_steps)
             if acc > best_acc:
                 best_acc = acc
-                save_training_state(best_path, model, opt, {**meta, "epoch": epoch, "step": 0, "best_acc": best_acc,
-                                                            "complete": True})
+                save_state(best_path, {**meta, "epoch": epoch, "step": 0, "best_acc": best_acc, "complete": True})
             save_last(epoch, 0, complete=epoch >= epochs or stop_now)
             if stop_now:
                 break
     finally:
         log.close()
         signal.signal(signal.SIGINT, old_handler)
-    _plot(out_dir, model, binarized)
+        for split in (train_set, test_set):  # stop ImageNet's decoding workers
+            if isinstance(split, ImageNetSplit):
+                split.close()
+    if main_rank:
+        _plot(out_dir, model, binarized)
     return best_path, best_acc
+
+
+def _say(comm, text):
+    """Print a progress line on stderr, from rank 0 only."""
+    if comm.is_main:
+        print(text, file=sys.stderr)
 
 
 def _plot(out_dir, model, binarized):
@@ -620,6 +866,9 @@ def _plot(out_dir, model, binarized):
 # the whole recipe
 
 def load_data(cfg):
+    """(train split, test split): in memory (minibvit.data), or ImageNet's train and val (ImageNetSplit)."""
+    if cfg.dataset == "imagenet":
+        return ImageNetSplit(cfg, "train"), ImageNetSplit(cfg, "val")
     kw = dict(data_dir=cfg.data_dir, image_size=cfg.image_size)
     train_set = data.load_dataset(cfg.dataset, "train", limit_per_class=cfg.limit_per_class, fraction=cfg.fraction,
                                   seed=cfg.seed, **kw)
@@ -630,8 +879,19 @@ def load_data(cfg):
 def run(cfg):
     """Run the whole recipe of cfg.method; returns {stage: (best checkpoint, best accuracy)}."""
     cfg = resolve_config(cfg)
-    make_run_dir(cfg.out)
+    comm = distributed.init()  # SingleProcess, or MPI under mpiexec / srun
+    if comm.is_main:
+        make_run_dir(cfg.out)
     train_set, test_set = load_data(cfg)
+    try:
+        return _run_stages(cfg, train_set, test_set)
+    finally:
+        for split in (train_set, test_set):
+            if isinstance(split, ImageNetSplit):
+                split.close()
+
+
+def _run_stages(cfg, train_set, test_set):
     recipe = methods.get_method(cfg.method).stages
     results = {}
     teacher = None
@@ -684,14 +944,20 @@ def _parser():
 def main(argv=None):
     args = _parser().parse_args(argv)
     cfg = TrainConfig(**vars(args))
+    comm = distributed.init()
     try:
         results = run(cfg)
-    except (ValueError, checkpoint.CheckpointError, TrainingDiverged) as e:
+    except (ValueError, checkpoint.CheckpointError, TrainingDiverged, LoaderError) as e:
+        if comm.world > 1:  # a rank that returned would leave the others waiting: end the job
+            comm.abort(f"[rank {comm.rank}/{comm.world}] error: {e}", 2)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Stopped as e:
-        print(str(e), file=sys.stderr)
+    except Stopped as e:  # every rank stops at the same step (the flag is summed every step)
+        if comm.is_main:
+            print(str(e), file=sys.stderr)
         return 130
+    if not comm.is_main:
+        return 0
     for stage, (path, acc) in results.items():
         print(f"{stage}: best test accuracy {acc:.4f}  ({path})")
     return 0

@@ -126,7 +126,6 @@ def model_config(method):
                       ("depth", "depth"), ("heads", "num_heads"), ("classes", "num_classes")):
         if getattr(args, arg) is not None:
             fields[name] = getattr(args, arg)
-    fields.setdefault("num_classes", 10)
     return ViTConfig(**fields, distilled=methods.get_method(method).final.distilled)
 
 
@@ -360,6 +359,7 @@ def measure_memory(names):
     out = {}
     passthrough = [a for a in sys.argv[1:] if a not in ("--profile",)]
     for name in names:
+        print(f"memory: {name} in a subprocess", file=sys.stderr, flush=True)
         cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--memory-probe", name]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:
@@ -473,6 +473,8 @@ def time_steps(names, with_torch):
     teacher_times = []
     try:
         for round_ in range(args.steps + 2):
+            print(f"round {round_ + 1}/{args.steps + 2}" + (" (warm-up)" if round_ < 2 else ""), file=sys.stderr,
+                  flush=True)
             this = {name: timed(step) for name, step in steps.items()}
             this_torch = {}
             for name, worker in workers.items():

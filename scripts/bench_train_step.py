@@ -21,7 +21,8 @@ What is printed, in this order:
   - the step table: per method the median step time of minibvit (NumPy/Numba) and of PyTorch,
     each relative to the fp step of its own library, the GEMM floor and step / GEMM floor.
     Interleaved: each round times one step of every method, then one PyTorch step of every method,
-    then the GEMM floors, so that a change of machine load hits all alike; 2 warm-up rounds, then
+    then the GEMM floors and the teacher's forward, so that a change of machine load hits all
+    alike; 2 warm-up rounds, then
     the median of --steps rounds. Every timed step starts after a pause of PAUSE seconds (PyTorch's
     OpenMP threads spin for a while after its step; they must not share the cores the next timed
     step needs).
@@ -450,8 +451,9 @@ def timed(fn):
 
 def time_steps(names, with_torch):
     """Round-robin: per round one minibvit step of every method, one PyTorch step of every method,
-    then each distinct GEMM floor. Returns {method: {"minibvit": [s], "torch": [s] or None,
-    "gemm": [s]}} over the timed rounds."""
+    each distinct GEMM floor (a distilled model has one more token and head), and the fp model's
+    forward when a method distils. Returns ({method: {"minibvit": [s], "torch": [s] or None,
+    "gemm": [s], "gemm_gflop": float}}, [teacher forward s]) over the timed rounds."""
     steps = {name: MethodStep(name, args.batch) for name in names}
     for step in steps.values():
         step()  # compiles, initialises the quantizers' scales from the batch

@@ -367,6 +367,8 @@ def measure_memory(names):
             sys.stderr.write(run.stderr)
             raise RuntimeError(f"the memory subprocess of {name} failed (its error is above)")
         out[name] = json.loads(run.stdout.strip().splitlines()[-1])
+        print(f"memory: {name}: peak {out[name]['peak_mib']:.0f} MiB, {out[name]['before_mib']:.0f} MiB before the step",
+              file=sys.stderr, flush=True)
     return out
 
 

@@ -14,8 +14,15 @@ Use from a benchmark:
         seconds = torch_side.time(runs=1)          # list of wall times, one per run
 
 Kinds (arrays are passed through an .npz file, settings as JSON; no pickle):
-    train-step   TorchViT float32 + AdamW(lr): one step = zero_grad, forward, cross-entropy, backward, step.
-                 arrays: the state dict (timm names), "x" [B, C, H, W] float32, "y" [B] int64.
+    train-step   TorchViT float32 + AdamW(lr): one step = zero_grad, forward, loss, backward, step.
+                 arrays: the state dict (timm names), "x" [B, C, H, W] float32, "y" [B] int64, and
+                 "teacher_logits" [B, classes] float32 for a distillation loss. Optional settings
+                 (their defaults give a plain float cross-entropy step): quantizers {role: spec}
+                 (reference_tests/torch_quant.py modules; minibvit.methods.resolve gives the table),
+                 options (QuantizerOptions fields), loss {"kind": "ce" | "soft" | "hard",
+                 "label_smoothing", "kd_temperature", "kd_alpha"} as minibvit.train's stage loss,
+                 weight_decay (on the parameters minibvit.optim.decays names, else torch's default
+                 on all), clip_grad (global norm; None: no clipping).
     inference    TorchViT float32 forward under torch.inference_mode. arrays: the state dict; each time()
                  call names the batch size (seeded random images).
     matmul       torch.matmul(x, w.T) on seeded float32 data; each time() call names the shape (m, k, n).
@@ -43,15 +50,17 @@ class BaselineProcess:
         config: dict of ViTConfig fields (train-step, inference)
         arrays: dict name -> np.ndarray (train-step, inference)
         lr: AdamW learning rate (train-step)
+        settings: the train-step options of the module docstring (quantizers, options, loss,
+            weight_decay, clip_grad)
     """
 
-    def __init__(self, kind, threads, config=None, arrays=None, lr=1e-4):
+    def __init__(self, kind, threads, config=None, arrays=None, lr=1e-4, **settings):
         import numpy as np
         from minibvit.process import env_set_by_configure
 
         self._dir = tempfile.TemporaryDirectory(prefix="minibvit-baseline-")
         with open(os.path.join(self._dir.name, "setup.json"), "w") as f:
-            json.dump({"kind": kind, "threads": threads, "config": config, "lr": lr}, f)
+            json.dump({"kind": kind, "threads": threads, "config": config, "lr": lr, **settings}, f)
         np.savez(os.path.join(self._dir.name, "arrays.npz"), **(arrays or {}))
         env = {k: v for k, v in os.environ.items() if k not in env_set_by_configure()}
         self._proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), self._dir.name], env=env,
@@ -91,7 +100,11 @@ class BaselineProcess:
 # worker side
 # ------------------------------------------------------------------------------------------------
 
-def _load_model(config, arrays):
+def _load_model(config, arrays, quantizers=None, options=None):
+    """TorchViT float32 with the state dict from arrays; quantizers {role: spec} become the
+    reference torch modules of torch_quant.py."""
+    import types
+
     import torch
 
     sys.path.insert(0, os.path.join(ROOT, "reference_tests"))
@@ -99,9 +112,35 @@ def _load_model(config, arrays):
     from torch_reference import TorchViT
     from minibvit.model import ViTConfig
 
-    model = TorchViT(ViTConfig(**config), dtype=torch.float32)
-    model.load_numpy({k: v for k, v in arrays.items() if k not in ("x", "y")})
+    cfg = ViTConfig(**config)
+    quant = None
+    if quantizers:
+        from torch_quant import torch_quantizers
+        quant = torch_quantizers(quantizers, cfg, types.SimpleNamespace(**(options or {})), dtype=torch.float32)
+    model = TorchViT(cfg, quant=quant, dtype=torch.float32)
+    model.load_numpy({k: v for k, v in arrays.items() if k not in ("x", "y", "teacher_logits")})
     return model
+
+
+def _loss_fn(loss, teacher_logits):
+    """The stage loss of minibvit.train (its _loss) in torch: logits (a pair for a distilled model),
+    labels -> scalar."""
+    import torch.nn.functional as F
+
+    kind, smoothing = loss.get("kind", "ce"), loss.get("label_smoothing", 0.0)
+    if kind == "hard":  # DeiT: 0.5 CE(cls head, y) + 0.5 CE(dist head, argmax teacher)
+        hard = teacher_logits.argmax(dim=1)
+        return lambda logits, y: 0.5 * (F.cross_entropy(logits[0], y, label_smoothing=smoothing)
+                                        + F.cross_entropy(logits[1], hard))
+    if kind == "soft":  # (1 - a) CE + a tau^2 KL(teacher || student), both at temperature tau
+        tau, a = loss["kd_temperature"], loss["kd_alpha"]
+        target = F.softmax(teacher_logits / tau, dim=1)
+        return lambda logits, y: ((1 - a) * F.cross_entropy(logits, y, label_smoothing=smoothing)
+                                  + a * tau * tau * F.kl_div(F.log_softmax(logits / tau, dim=1), target,
+                                                             reduction="batchmean"))
+    if kind != "ce":
+        raise ValueError(f"unknown train-step loss kind {kind!r}; expected ce, soft or hard")
+    return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=smoothing)
 
 
 def _build(setup, arrays):
@@ -110,14 +149,26 @@ def _build(setup, arrays):
 
     kind = setup["kind"]
     if kind == "train-step":
-        model = _load_model(setup["config"], arrays)
-        params = list(model.named_params().values())
-        opt = torch.optim.AdamW(params, lr=setup["lr"])
+        model = _load_model(setup["config"], arrays, setup.get("quantizers"), setup.get("options"))
+        named = model.named_params()
+        params = list(named.values())
+        if setup.get("weight_decay") is None:
+            opt = torch.optim.AdamW(params, lr=setup["lr"])
+        else:
+            from minibvit.optim import decays
+            groups = [[p for n, p in named.items() if decays(n, p) == d] for d in (True, False)]
+            opt = torch.optim.AdamW([{"params": groups[0], "weight_decay": setup["weight_decay"]},
+                                     {"params": groups[1], "weight_decay": 0.0}], lr=setup["lr"])
         x, y = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])
+        teacher = torch.from_numpy(arrays["teacher_logits"]) if "teacher_logits" in arrays else None
+        loss_fn = _loss_fn(setup.get("loss") or {}, teacher)
+        clip = setup.get("clip_grad")
 
         def step(request):
             opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
+            loss_fn(model(x), y).backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
             opt.step()
         return step
     if kind == "inference":

@@ -135,6 +135,9 @@ class SingleProcess:
         raise SystemExit(code)
 
 
+ABORT_GRACE_S = 0.5  # seconds between printing the reason and MPI_Abort
+
+
 class MPICommunicator(SingleProcess):
     """COMM_WORLD through mpi4py. Every wait polls a non-blocking operation with a deadline, so a dead
     or stuck peer ends the job with a message (abort) instead of a hang."""
@@ -201,6 +204,9 @@ class MPICommunicator(SingleProcess):
 
     def abort(self, message, code=1):
         print(message, file=sys.stderr, flush=True)
+        # MPI_Abort tears the job down at once, and mpiexec may then drop output it has not forwarded
+        # yet (seen: a job that exited 1 with an empty stderr): give the message time to get out.
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(code)
 
 

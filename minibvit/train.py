@@ -121,7 +121,8 @@ class TrainConfig:
                           "many parts (less memory, the same global batch)", 1)
     # method and its options
     method: str = _f("method options", f"one of {', '.join(methods.METHODS)}: runs the method's whole recipe", "fp")
-    teacher: str = _f("method options", "a full-precision minibvit checkpoint to distil from (skips training a teacher)",
+    teacher: str = _f("method options", "a full-precision minibvit checkpoint: the teacher to distil from, or "
+                      "TerViT's fp stage (it replaces the recipe's full-precision stage)",
                       shown="trained first")
     init_from: str = _f("method options", "a minibvit checkpoint to start the final stage from (skips the earlier stages)",
                         shown="the previous stage")
@@ -904,13 +905,15 @@ def _run_stages(cfg, train_set, test_set):
         init_model, _ = load_model(cfg.init_from)
         init_state = init_model.state_dict()
         recipe = recipe[-1:]
+    replaced = methods.TEACHER_STAGE  # the stage a --teacher checkpoint stands for
     for stage in recipe:
         if stage.first and not stage.quantizer_table.patterns and len(recipe) > 1 and cfg.teacher:
-            continue  # the user's teacher replaces the full-precision stage
+            replaced = stage.name  # the user's checkpoint replaces the full-precision stage (TerViT's "fp")
+            continue
         if stage.init and stage.init in results:
             prev, _ = load_model(results[stage.init][0])
             init_state = prev.state_dict()
-        elif stage.init and cfg.teacher and stage.init == methods.TEACHER_STAGE:
+        elif stage.init and cfg.teacher and stage.init == replaced:
             init_state = teacher.state_dict()
         stage_teacher = teacher if stage.kd != "none" else None
         if stage.kd != "none" and stage_teacher is None:

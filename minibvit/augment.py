@@ -30,7 +30,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FILL = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)  # (124, 116, 104), as timm
 EVAL_CROP_RATIO = 0.875  # DeiT: resize to int(224 / 0.875) = 256, center-crop 224
-RESAMPLE = Image.BICUBIC
+RESAMPLE = Image.Resampling.BICUBIC
 
 # Domain tags keeping the random streams apart (the loader seeds [seed, tag, epoch, step, index]).
 CROP_STREAM, ERASE_STREAM, MIX_STREAM = 10, 11, 12

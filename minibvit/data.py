@@ -778,7 +778,7 @@ def _stack_pil(pil_images, image_size, names):
     for image, name in zip(pil_images, names):
         image = image.convert(mode)
         if image_size is not None and image.size != (image_size, image_size):
-            image = image.resize((image_size, image_size), Image.BILINEAR)
+            image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
         array = np.asarray(image, dtype=np.uint8)
         arrays.append(array[..., None] if array.ndim == 2 else array)
         if arrays[-1].shape != arrays[0].shape:
@@ -797,7 +797,7 @@ def _resize_array(images, image_size):
     resized = np.empty((len(images), image_size, image_size, images.shape[3]), dtype=np.uint8)
     for i, image in enumerate(images):
         pil = Image.fromarray(image[..., 0] if images.shape[3] == 1 else image)
-        array = np.asarray(pil.resize((image_size, image_size), Image.BILINEAR))
+        array = np.asarray(pil.resize((image_size, image_size), Image.Resampling.BILINEAR))
         resized[i] = array.reshape(image_size, image_size, images.shape[3])
     return resized
 

@@ -107,7 +107,7 @@ def test_eval_transform_is_torchvision_resize_then_center_crop(height, width):
     short, long = min(height, width), max(height, width)
     new = (256, int(256 * long / short))
     new_w, new_h = (new[0], new[1]) if width <= height else (new[1], new[0])
-    resized = np.asarray(img.resize((new_w, new_h), Image.BICUBIC))
+    resized = np.asarray(img.resize((new_w, new_h), Image.Resampling.BICUBIC))
     top, left = int(round((new_h - 224) / 2.0)), int(round((new_w - 224) / 2.0))
     assert out.shape == (224, 224, 3)
     np.testing.assert_array_equal(out, resized[top:top + 224, left:left + 224])

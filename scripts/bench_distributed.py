@@ -39,6 +39,9 @@ LAYOUTS = [(1, 2, True), (2, 1, True), (2, 1, False)]  # (ranks, threads per ran
 
 
 def worker(args):
+    from minibvit.process import configure_process
+
+    configure_process()  # first, as the trainer's main does: thread-pool waits and malloc settings
     import numpy as np
 
     from minibvit import distributed, ops

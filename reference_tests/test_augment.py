@@ -12,6 +12,8 @@ from jpeg_tree import textured_image
 from minibvit import augment as A
 from minibvit import ops
 
+pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
+
 
 def jpeg_bytes(height, width, seed):
     buf = io.BytesIO()

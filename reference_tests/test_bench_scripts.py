@@ -10,6 +10,8 @@ import pytest
 from minibvit import cost
 from minibvit.model import ViTConfig
 
+pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "bench_train_step.py")
 TINY = ["--dim", "16", "--depth", "1", "--heads", "2", "--batch", "4", "--steps", "1", "--threads", "1"]

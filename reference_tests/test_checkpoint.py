@@ -15,6 +15,8 @@ from hypothesis.extra import numpy as hnp
 from minibvit import checkpoint
 from minibvit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
+pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
+
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

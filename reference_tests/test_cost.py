@@ -9,6 +9,8 @@ from hypothesis import assume, given, settings, strategies as st
 
 import adapter
 
+pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
+
 cost = getattr(adapter, "cost", None)
 if cost is None:  # until reference_tests/adapter.py re-exports the accounting module
     from minibvit import cost

@@ -15,6 +15,8 @@ from PIL import Image
 from minibvit import data
 from minibvit.data import DatasetError
 
+pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
+
 datasets = pytest.importorskip("datasets", reason="the hub code path is tested with datasets.Dataset")
 
 # ---------------------------------------------------------------------------------------------

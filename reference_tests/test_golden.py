@@ -21,6 +21,8 @@ sys.path.insert(0, ROOT)
 
 from minibvit.conformance import golden  # noqa: E402  (NumPy and safetensors only)
 
+pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
+
 pytest.importorskip("torch", reason="the golden references are computed with PyTorch (pip install torch==2.13.0)")
 
 # the cases the plain-torch and JAX runners cover

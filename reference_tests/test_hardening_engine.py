@@ -11,6 +11,8 @@ import pytest
 from minibvit import checkpoint, engine, kernels, methods
 from minibvit.model import ViT, ViTConfig
 
+pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
+
 CONFIG = dict(image_size=16, patch_size=4, in_chans=3, embed_dim=72, depth=1, num_heads=3, num_classes=10)
 
 

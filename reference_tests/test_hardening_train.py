@@ -12,6 +12,8 @@ import pytest
 from minibvit import checkpoint, diagnostics, methods, train
 from minibvit.model import ViT, ViTConfig
 
+pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
+
 TINY = ["--dataset", "synthetic", "--limit-per-class", "12", "--embed-dim", "16", "--depth", "1",
         "--num-heads", "2", "--patch-size", "8", "--batch-size", "16", "--eval-batch-size", "500",
         "--epochs", "1"]

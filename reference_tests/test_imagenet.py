@@ -14,6 +14,8 @@ from minibvit import imagenet
 from minibvit.imagenet import ImageNetData, ImageNetLayoutError
 from minibvit.loader import decode_batch
 
+pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
+
 SIZE = 24
 
 

@@ -18,6 +18,8 @@ import estimate  # noqa: E402
 
 from minibvit import methods, train  # noqa: E402
 
+pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
+
 TINY = "--image-size 32 --patch-size 8 --embed-dim 32 --depth 2 --num-heads 2 --num-classes 10 --images 1000"
 RECIPES = {"binaryvit_deit_s": "binaryvit", "tervit_deit_s": "tervit", "gsb_deit_s": "gsb"}
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

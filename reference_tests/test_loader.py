@@ -15,6 +15,8 @@ from minibvit import augment as A
 from minibvit import imagenet
 from minibvit.loader import BatchLoader, LoaderError, decode_batch
 
+pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 24
 

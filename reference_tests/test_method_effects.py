@@ -9,6 +9,8 @@ import pytest
 
 from minibvit import methods, train
 
+pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
+
 
 def run_stage(tmp_path, tag, scheme, **kw):
     cfg = train.resolve_config(train.TrainConfig(

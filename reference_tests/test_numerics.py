@@ -14,6 +14,8 @@ from hypothesis.extra import numpy as hnp
 from minibvit import kernels, numerics, ops
 from minibvit.engine import fused
 
+pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
+
 PACKAGE = pathlib.Path(numerics.__file__).parent
 
 

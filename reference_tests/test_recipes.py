@@ -1,7 +1,10 @@
 """Recipes and their switches (issue 17): which checkpoint each stage starts from."""
 import numpy as np
+import pytest
 
 from minibvit import checkpoint, train
+
+pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
 
 TINY = dict(dataset="synthetic", limit_per_class=12, embed_dim=16, depth=1, num_heads=2, patch_size=8,
             batch_size=16, eval_batch_size=500, epochs=1, max_steps=1)

@@ -11,6 +11,8 @@ from minibvit import binaryvit, cost, diagnostics, gsb, methods, ops, quant, tra
 from minibvit.model import ViT, ViTConfig
 from minibvit.optim import AdamW
 
+pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(image_size=16, patch_size=8, in_chans=3, num_classes=4, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0)
 

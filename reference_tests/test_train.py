@@ -12,6 +12,8 @@ import pytest
 
 from minibvit import checkpoint, methods, train
 
+pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset", "synthetic", "--limit-per-class", "12", "--embed-dim", "16", "--depth", "1", "--num-heads", "2",
         "--patch-size", "8", "--batch-size", "16", "--eval-batch-size", "500", "--epochs", "1", "--log-every", "2"]

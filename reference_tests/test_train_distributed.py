@@ -20,7 +20,7 @@ MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 if not os.path.exists(MPIEXEC):
     MPIEXEC = shutil.which("mpiexec")
 HAVE_MPI = importlib.util.find_spec("mpi4py") is not None and MPIEXEC is not None
-pytestmark = pytest.mark.skipif(not HAVE_MPI, reason="needs mpi4py and mpiexec (pip install 'minibvit[mpi]')")
+pytestmark = [pytest.mark.impl_specific, pytest.mark.skipif(not HAVE_MPI, reason="needs mpi4py and mpiexec (pip install 'minibvit[mpi]')")]
 LAUNCH_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
               "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS")
 # a tiny float64 ViT on synthetic data; global batch 11: uneven slices on 2 ranks and 2 micro-steps

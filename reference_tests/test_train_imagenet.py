@@ -14,6 +14,8 @@ from minibvit.augment import IMAGENET_MEAN, IMAGENET_STD
 
 import jpeg_tree
 
+pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
+
 TINY = ["--dataset", "imagenet", "--model", "deit-tiny", "--image-size", "32", "--patch-size", "8", "--embed-dim", "16",
         "--depth", "1", "--num-heads", "2", "--epochs", "2", "--batch-size", "4", "--eval-batch-size", "4",
         "--drop-path", "0.1"]  # augmentation: imagenet's defaults (DeiT's), all on

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
+
 pytest.importorskip("torch", reason="the tutorials check minibvit against PyTorch")
 pytest.importorskip("matplotlib", reason="the tutorials draw figures (pip install -e '.[tutorials]')")
 

@@ -19,12 +19,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import golden, profiles
+from minibvit.conformance import golden, profiles
 
 REPRODUCIBLE_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1",
                     "MKL_NUM_THREADS": "1"}
-REFERENCE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                             "reference_tests")
+REFERENCE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # tolerances (rtol, atol), float64 references
 OP_TOL = (1e-10, 1e-12)
@@ -555,7 +554,7 @@ def build_cases(patterns=()):
     """[(manifest entry, tensors)] for every case (or those matching the patterns)."""
     from fnmatch import fnmatchcase
 
-    from . import impl
+    from minibvit.conformance import impl
 
     torch = _torch()
     torch.manual_seed(0)

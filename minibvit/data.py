@@ -57,9 +57,14 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
                     ".pbm")
 GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
-# Horizontal flips keep the label of natural images and of the (symmetric) synthetic shapes; for
-# Fashion-MNIST only the crop is used.
-FLIP_AUGMENT = {"cifar10": True, "imagefolder": True, "synthetic": True, "fashion-mnist": False}
+AUGMENT_MODES = ("none", "flip", "crop", "crop-flip")
+"""Training augmentations: nothing, a horizontal flip with probability 1/2, a random crop of the
+zero-padded image, or both (crop, then flip)."""
+# The mode of augment=True. Horizontal flips keep the label of natural images and of the (symmetric)
+# synthetic shapes; Fashion-MNIST gets the crop only (the trainer's own default is in
+# train.DATASET_DEFAULTS).
+DEFAULT_AUGMENT = {"cifar10": "crop-flip", "cifar100": "crop-flip", "imagefolder": "crop-flip",
+                   "synthetic": "crop-flip", "fashion-mnist": "crop"}
 
 # Domain tags that keep the random streams of shuffling, augmentation and subsetting apart.
 _ORDER_STREAM, _AUGMENT_STREAM, _SUBSET_STREAM = 0, 1, 2
@@ -255,19 +260,36 @@ def crop_padding(image_size):
     return max(1, round(image_size / 8))
 
 
+def augment_mode(dataset_name, augment):
+    """The augmentation mode (one of AUGMENT_MODES) of an `augment` argument: a mode, True (the
+    dataset's DEFAULT_AUGMENT) or False ("none")."""
+    if augment is True:
+        return DEFAULT_AUGMENT[dataset_name]
+    if augment is False:
+        return "none"
+    if augment not in AUGMENT_MODES:
+        raise ValueError(f"augment={augment!r} is not an augmentation; choose one of {list(AUGMENT_MODES)} "
+                         f"(or True for the dataset's default, False for none)")
+    return augment
+
+
 def iterate_batches(dataset, batch_size, seed, epoch, start_step=0, train=True, augment=True,
-                    drop_last=None):
+                    drop_last=None, padding=None):
     """Batches of one epoch: an iterator of (x float32 (B, C, H, W), y int64 (B,)).
 
     x is normalised by the dataset's mean/std. train=True visits the samples in a permutation drawn
-    from a generator seeded by (seed, epoch); train=False in order. Augmentation (train and augment):
-    a random crop of the zero-padded image (crop_padding) and, where FLIP_AUGMENT allows, a horizontal
-    flip with probability 1/2, drawn for batch i from a generator seeded by (seed, epoch, i) -- so
-    starting at start_step yields exactly the batches start_step, start_step+1, ... of the full epoch.
+    from a generator seeded by (seed, epoch); train=False in order. Augmentation (train only):
+    augment is one of AUGMENT_MODES, True (the dataset's DEFAULT_AUGMENT) or False ("none"); the crop
+    pads `padding` pixels of zeros on every side (None: crop_padding(image size)). Batch i's draws
+    come from a generator seeded by (seed, epoch, i) -- so starting at start_step yields exactly the
+    batches start_step, start_step+1, ... of the full epoch, in every mode.
     drop_last: skip the final incomplete batch; None means drop_last=train.
     """
     if not isinstance(dataset, Dataset):
         raise TypeError(f"dataset must be a minibvit.data.Dataset, got {type(dataset).__name__}")
+    mode = augment_mode(dataset.name, augment)
+    if padding is not None and not (_is_int(padding) and padding >= 1):
+        raise ValueError(f"padding must be a positive integer or None, got {padding!r}")
     for label, value in (("seed", seed), ("epoch", epoch), ("start_step", start_step)):
         if not (_is_int(value) and value >= 0):
             raise ValueError(f"{label} must be a non-negative integer, got {value!r}")
@@ -282,20 +304,28 @@ def iterate_batches(dataset, batch_size, seed, epoch, start_step=0, train=True, 
     # x = (u8 / 255 - mean) / std, computed as u8 * scale - shift in float32
     scale = (1.0 / (255.0 * dataset.std)).astype(np.float32).reshape(1, -1, 1, 1)
     shift = (dataset.mean / dataset.std).astype(np.float32).reshape(1, -1, 1, 1)
-    padding = crop_padding(dataset.images.shape[1])
-    flip = FLIP_AUGMENT[dataset.name]
+    padding = crop_padding(dataset.images.shape[1]) if padding is None else padding
 
     def batches():
         for step in range(start_step, steps):
             index = order[step * batch_size:(step + 1) * batch_size]
             images = dataset.images[index]
-            if train and augment:
+            if train and mode != "none":
                 rng = np.random.default_rng([seed, _AUGMENT_STREAM, epoch, step])
-                images = random_crop_flip(images, padding, flip, rng)
+                images = augment_batch(images, mode, padding, rng)
             x = images.transpose(0, 3, 1, 2).astype(np.float32) * scale - shift
             yield x, dataset.labels[index]
 
     return batches()
+
+
+def augment_batch(images, mode, padding, rng):
+    """One batch's augmentation: uint8 (B, H, W, C) -> uint8 (B, H, W, C) for a mode of
+    AUGMENT_MODES other than "none" (crop modes: random_crop_flip; "flip": draws only the flips)."""
+    if mode == "flip":
+        mirror = rng.random(len(images)) < 0.5
+        return np.where(mirror[:, None, None, None], images[:, :, ::-1], images)
+    return random_crop_flip(images, padding, mode == "crop-flip", rng)
 
 
 def random_crop_flip(images, padding, flip, rng):

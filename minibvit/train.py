@@ -92,6 +92,10 @@ class TrainConfig:
     image_size: int = _f("data", "resize images to this size", shown="the dataset's")
     limit_per_class: int = _f("data", "train on N images per class (GSB's small-data setting)", shown="all")
     fraction: float = _f("data", "or train on this fraction of every class, in (0, 1]", shown="all")
+    augment: str = _f("data", f"training augmentation, one of {', '.join(data.AUGMENT_MODES)} (not for imagenet: "
+                      "its DeiT switches are below)", shown="by dataset")
+    crop_padding: int = _f("data", "pixels of zero padding on every side before the random crop",
+                           shown="image size / 8, at least 1")
     workers: int = _f("data", "[imagenet] JPEG-decoding worker processes (per rank)", 4)
     rand_augment: int = _f("data", "[imagenet] RandAugment ops per image at DeiT's magnitude 9 +- 0.5; 0 turns it off",
                            shown="2 (DeiT)")
@@ -160,7 +164,7 @@ class TrainConfig:
         need(self.method in methods.METHODS, f"--method must be one of {list(methods.METHODS)}, got {self.method!r}")
         need(self.model is None or self.model in PRESETS, f"--model must be one of {sorted(PRESETS)}, got {self.model!r}")
         for name in ("epochs", "teacher_epochs", "batch_size", "image_size", "patch_size", "embed_dim", "depth",
-                     "num_heads", "limit_per_class", "save_every", "log_every",
+                     "num_heads", "limit_per_class", "save_every", "log_every", "crop_padding",
                      "eval_batch_size", "max_steps", "accum_steps", "workers"):
             v = getattr(self, name)
             need(v is None or (isinstance(v, int) and v >= 1), f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
@@ -180,7 +184,12 @@ class TrainConfig:
             v = getattr(self, o.name)
             need(v is None or v in o.choices, f"--{o.name.replace('_', '-')} must be one of {list(o.choices)}, got {v!r}")
         need(self.drop_path is None or 0 <= self.drop_path < 1, f"--drop-path must be in [0, 1), got {self.drop_path}")
+        need(self.augment is None or self.augment in data.AUGMENT_MODES,
+             f"--augment must be one of {list(data.AUGMENT_MODES)}, got {self.augment!r}")
         if self.dataset == "imagenet":
+            need(self.augment is None and self.crop_padding is None, "--augment and --crop-padding do not apply to "
+                 "--dataset imagenet: it has DeiT's augmentation, switched by --rand-augment, --mixup, --cutmix and "
+                 "--random-erasing")
             need(self.data_dir is not None, "--dataset imagenet needs --data-dir: the ImageNet root (train/<wnid>/*.JPEG, "
                  "val/) or 'hub' (docs/imagenet.md)")
             need(not (self.fraction or self.limit_per_class), "--fraction and --limit-per-class do not apply to imagenet")
@@ -201,10 +210,11 @@ class TrainConfig:
 
 # Per-dataset defaults sized for a 2-core CPU.
 DATASET_DEFAULTS = {
-    "fashion-mnist": dict(model="fashion-mnist", epochs=5, batch_size=64, lr=2e-3),
-    "cifar10": dict(model="cifar", epochs=30, batch_size=128, lr=1e-3),
-    "synthetic": dict(model="cifar", embed_dim=64, depth=2, num_heads=2, patch_size=8, epochs=8, batch_size=64, lr=2e-3),
-    "imagefolder": dict(model="cifar", epochs=30, batch_size=64, lr=1e-3),
+    "fashion-mnist": dict(model="fashion-mnist", epochs=5, batch_size=64, lr=2e-3, augment="flip"),
+    "cifar10": dict(model="cifar", epochs=30, batch_size=128, lr=1e-3, augment="crop-flip"),
+    "synthetic": dict(model="cifar", embed_dim=64, depth=2, num_heads=2, patch_size=8, epochs=8, batch_size=64, lr=2e-3,
+                      augment="crop-flip"),
+    "imagefolder": dict(model="cifar", epochs=30, batch_size=64, lr=1e-3, augment="crop-flip"),
     # DeiT-S's recipe (Touvron et al. 2021): batch 1024, lr 5e-4 * 1024 / 512, DeiT's augmentation
     "imagenet": dict(model="deit-small", image_size=224, epochs=300, batch_size=1024, lr=1e-3, rand_augment=2,
                      mixup=0.8, cutmix=1.0, random_erasing=0.25),
@@ -224,6 +234,9 @@ def resolve_config(cfg):
     for o in methods.OPTIONS:
         if getattr(cfg, o.name) is None:
             setattr(cfg, o.name, o.default)
+    if cfg.crop_padding is not None and cfg.augment not in ("crop", "crop-flip"):
+        raise ValueError(f"invalid option: --crop-padding applies to the random crop, but --augment is {cfg.augment!r}; "
+                         f"remove --crop-padding or choose --augment crop or crop-flip")
     if cfg.out is None:
         cfg.out = os.path.join("runs", f"{cfg.dataset}-{cfg.method}")
     return cfg
@@ -388,7 +401,8 @@ def train_batches(dataset, cfg, epoch, start_step, drop_last, part=None):
     images within the part, as DeiT on several GPUs)."""
     if isinstance(dataset, ImageNetSplit):
         return dataset.data.batches(cfg.batch_size, cfg.seed, epoch, start_step, drop_last, part)
-    batches = data.iterate_batches(dataset, cfg.batch_size, cfg.seed, epoch, start_step=start_step, drop_last=drop_last)
+    batches = data.iterate_batches(dataset, cfg.batch_size, cfg.seed, epoch, start_step=start_step, drop_last=drop_last,
+                                   augment=cfg.augment, padding=cfg.crop_padding)
     return batches if part is None else ((x[part[0]:part[1]], y[part[0]:part[1]]) for x, y in batches)
 
 

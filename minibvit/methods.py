@@ -9,12 +9,17 @@ records and compare no method names; the packed engine is to read `packed` inste
 names (today minibvit/engine.py still keeps its own EXPORTABLE_SCHEMES). The math of every paper lives in its
 own file: binaryvit.py (GRS, ASM), gsb.py, tervit.py; quant.py holds the generic quantizers.
 
-    method     stages (each initialised from the one before)                    distillation
+    method     stages (each initialised from the one before)                    distillation (default)
     fp         fp                                                               -
     binary     teacher (fp) -> binary                                           soft KD
     binaryvit  teacher (fp) -> binaryvit (binary + ASM, GRS hook)               soft KD
     tervit     fp -> tervit_w8a8 -> tervit (ternary weights, A8)                -
     gsb        teacher (fp) -> gsb_stage1 (binary MLP weights) -> gsb           DeiT hard (dist token)
+
+A run trains ``recipe(method, kd, direct)``: these stages with --kd applied to every stage after the
+first (whose full-precision model is the teacher of every distilled stage) and, with --tervit-direct,
+the method's progressive stages left out. ``stage_epochs`` is the budget rule: --epochs is the total
+of the quantized stages after the first, split evenly over them; --stage-epochs sets stages by name.
 
 Tensor roles are
 
@@ -38,7 +43,7 @@ methods with an ASM, GSB options to methods with GSB quantizers, soft-KD options
 soft-distilled stage. GRS is on by default only in stages that declare the hook (BinaryViT's);
 giving --grs-lambda turns it on (or off, with 0) in every binarized stage of the method.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 
 from . import binaryvit, gsb, quant, tervit
@@ -47,12 +52,12 @@ from .quant import check_choice
 PACKED_KINDS = (None, "binary", "ternary", "gsb")
 """How the packed engine exports a table: not at all, binary bit-planes, ternary planes, GSB bases."""
 KD_KINDS = ("none", "soft", "hard")
-"""Distillation of a stage: none, soft (KL to the teacher's logits), hard (DeiT distillation token)."""
+"""Distillation of a stage from the teacher (the recipe's first, full-precision stage): none, soft (KL
+to the teacher's logits), hard (DeiT's hard labels: through the distillation token where the stage's
+model has one, else through the class head)."""
 HOOKS = ("grs",)
 """Gradient hooks a stage may run after backward, before clipping: GRS (binaryvit.GRSHook)."""
 EXTRA_SPECS = ("gsb_attn", "gsb_value")
-TEACHER_STAGE = "teacher"
-"""The stage name of a full-precision teacher; --teacher replaces it, later stages distil from it."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,8 +98,10 @@ class Stage:
     """One training stage: trains table `table` into <out>/<name>/.
 
     init: the stage whose best checkpoint initialises this one (None: fresh weights).
-    kd: one of KD_KINDS; distilled: the model has a distillation token and head.
-    first: trained for --teacher-epochs. hooks: gradient hooks on by default (None: the table's).
+    kd: one of KD_KINDS, the method's default; distilled: the model has a distillation token and
+    head (recipe keeps it only while the stage distils "hard").
+    first: the full-precision first stage (the teacher; trained for --teacher-epochs).
+    hooks: gradient hooks on by default (None: the table's).
     """
 
     name: str
@@ -137,11 +144,21 @@ class Option:
 
 @dataclass(frozen=True)
 class Method:
-    """A method: its stages (in training order) and summary; options, hooks and precision follow."""
+    """A method: its stages (in training order) and summary; options, hooks and precision follow.
+    progressive: the intermediate stages a direct run (--tervit-direct) leaves out."""
 
     name: str
     stages: tuple
     summary: str = ""
+    progressive: tuple = ()
+
+    def __post_init__(self):
+        names = [s.name for s in self.stages]
+        if any(s.first for s in self.stages[1:]):
+            raise ValueError(f"method {self.name!r}: only its first stage may be marked first")
+        bad = [n for n in self.progressive if n not in names[1:-1]]
+        if bad:
+            raise ValueError(f"method {self.name!r}: progressive stages {bad} are not intermediate stages of {names}")
 
     @property
     def final(self):
@@ -165,17 +182,14 @@ class Method:
         return self.final.quantizer_table.packed
 
     def option_groups(self):
-        """The option groups that apply to this method."""
-        specs = set().union(*(t.specs() for t in self.tables))
-        groups = set()
-        if any(_binarizes_weights(s) for s in specs):
-            groups.add("grs")
-        if any(s.startswith("asm:") for s in specs):
-            groups.add("asm")
-        if specs & set(EXTRA_SPECS):
-            groups.add("gsb")
-        if any(s.kd == "soft" for s in self.stages):
-            groups.add("kd_soft")
+        """The option groups that apply to this method under some setting of its switches (--kd
+        soft makes the soft-KD options apply to every method with a teacher; check_options
+        refines this with the run's recipe)."""
+        groups = option_groups(self.stages)
+        if len(self.stages) > 1:  # a full-precision first stage, and stages that can distil from it
+            groups |= {"kd", "kd_soft"}
+        if self.progressive:
+            groups.add("progressive")
         return groups
 
     @property
@@ -207,6 +221,24 @@ class Precision:
     asm_thresholds: bool  # one FP32 threshold per channel in front of the activation binarizers but A
     gsb_attention: bool  # A and V as GSB bases (and the attention bias, V shift, a distillation token)
     distilled: bool
+
+
+def option_groups(stages):
+    """The option groups that apply to a sequence of stages: "grs" (binarized weights), "asm",
+    "gsb", "ternary" (ternary weights) from the specs of their tables, "kd_soft" where one distils soft."""
+    specs = set().union(*(s.quantizer_table.specs() for s in stages))
+    groups = set()
+    if any(_binarizes_weights(s) for s in specs):
+        groups.add("grs")
+    if any(s.startswith("asm:") for s in specs):
+        groups.add("asm")
+    if specs & set(EXTRA_SPECS):
+        groups.add("gsb")
+    if any(s in tervit.TERNARY_SPECS.values() for s in specs):
+        groups.add("ternary")
+    if any(s.kd == "soft" for s in stages):
+        groups.add("kd_soft")
+    return groups
 
 
 def _binarizes_weights(spec):
@@ -285,7 +317,8 @@ METHODS = {m.name: m for m in (
                    Stage("gsb", "gsb", init="gsb_stage1", kd="hard", distilled=True)),
            "GSB: group superposition binarization"),
     Method("tervit", (Stage("fp", "fp", first=True), Stage("tervit_w8a8", "tervit_w8a8", init="fp"),
-                      Stage("tervit", "tervit", init="tervit_w8a8")), "TerViT: progressive ternary"),
+                      Stage("tervit", "tervit", init="tervit_w8a8")), "TerViT: progressive ternary",
+           progressive=("tervit_w8a8",)),
 )}
 """Every method by name, in the order --help and the cost tables list them."""
 
@@ -303,8 +336,17 @@ OPTIONS = (
            gsb.GSB_MODES),
     Option("gsb_max_over", "gsb", gsb.GSB_MAX_OVER[0],
            "GSB attention masks: max over the whole tensor (official) or per attention row", gsb.GSB_MAX_OVER),
+    Option("kd", "kd", None, "distillation of every stage after the first from the first (full-precision) stage: "
+           "none; soft (KL to its logits); hard (0.5 CE(y) + 0.5 CE(argmax teacher), through GSB's distillation "
+           "token, which only hard keeps, else through the class head)", KD_KINDS,
+           shown=", ".join(f"{m.name} {m.distillation}" for m in METHODS.values() if len(m.stages) > 1)),
     Option("kd_temperature", "kd_soft", 1.0, "soft-distillation temperature, > 0"),
     Option("kd_alpha", "kd_soft", 0.5, "soft distillation: loss = (1 - a) CE + a KD, a in [0, 1]"),
+    Option("ternary_granularity", "ternary", tervit.TERNARY_GRANULARITIES[0],
+           "ternary weights' threshold and scale per output channel (TerViT) or per tensor (TWN)",
+           tervit.TERNARY_GRANULARITIES),
+    Option("tervit_direct", "progressive", False, "leave out the progressive stages (TerViT's 8-bit stage): the "
+           "final stage starts from the full-precision stage", shown="off"),
 )
 """Method options: TrainConfig fields that only some methods take (Method.options)."""
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
@@ -318,15 +360,77 @@ def get_method(name):
 
 
 def check_options(method, given):
-    """Refuse method options that do not apply to `method`. given: {option name: value}, only the
-    options the user set (None = not set)."""
+    """Refuse method options that do not apply to `method`, or not to its recipe as given (the soft-KD
+    options without a soft-distilled stage). given: {option name: value}, only the options the user
+    set (None or False = not set)."""
     m = get_method(method)
-    wrong = [name for name, value in given.items() if value is not None and name not in m.options]
+    given = {name: value for name, value in given.items() if value is not None and value is not False}
+    _refuse(method, [name for name in given if name not in m.options], m.options)
+    groups = option_groups(recipe(method, given.get("kd"), bool(given.get("tervit_direct"))))
+    kd = given.get("kd") or m.distillation
+    _refuse(f"{method} with --kd {kd}", [n for n in given if OPTION_BY_NAME[n].group == "kd_soft" and
+                                         "kd_soft" not in groups], m.options, "add --kd soft or remove")
+
+
+def _refuse(what, wrong, allowed, fix="remove"):
     if wrong:
         flags = ", ".join("--" + n.replace("_", "-") for n in wrong)
-        allowed = ", ".join("--" + n.replace("_", "-") for n in m.options) or "none"
-        raise ValueError(f"{flags} do(es) not apply to --method {method} (its method options: {allowed}); "
-                         f"remove {'it' if len(wrong) == 1 else 'them'}")
+        allowed = ", ".join("--" + n.replace("_", "-") for n in allowed) or "none"
+        raise ValueError(f"{flags} do(es) not apply to --method {what} (its method options: {allowed}); "
+                         f"{fix} {'it' if len(wrong) == 1 else 'them'}")
+
+
+def recipe(method, kd=None, direct=False):
+    """The stages a run of `method` trains, in order (Stage records).
+
+    kd (one of KD_KINDS, None: each stage's own) is the distillation of every stage after the first;
+    the first (full-precision) stage is the teacher. A stage keeps its distillation token only while
+    it distils "hard" (GSB: with --kd none or soft, the model has the class head only). Initialisation
+    is separate: each stage still starts from its `init` stage whatever kd is. direct: the method's
+    progressive stages are left out, and the stage after one starts from where it would have started
+    (TerViT direct: fp -> tervit)."""
+    m = get_method(method)
+    if kd is not None:
+        check_choice(kd, KD_KINDS, "kd")
+        if len(m.stages) == 1:
+            raise ValueError(f"--kd does not apply to --method {method}: it has no teacher stage to distil from")
+    if direct and not m.progressive:
+        raise ValueError(f"--method {method} has no progressive stages to leave out (a direct run)")
+    stages, starts = [], {}  # starts: a left-out stage -> the stage it would have started from
+    for s in m.stages:
+        init = starts.get(s.init, s.init)
+        if direct and s.name in m.progressive:
+            starts[s.name] = init
+            continue
+        kind = s.kd if (kd is None or s.first) else kd
+        stages.append(replace(s, init=init, kd=kind, distilled=s.distilled and kind == "hard"))
+    return tuple(stages)
+
+
+def stage_epochs(stages, epochs, teacher_epochs=None, explicit=None):
+    """{stage name: epochs} of a recipe: the budget rule.
+
+    The first (full-precision) stage trains teacher_epochs (None: epochs). `epochs` is the TOTAL of
+    the quantized stages after it, split evenly, the earlier stages taking the remainder (5 over two
+    stages: 3 + 2), so that methods with one or two quantized stages get the same quantized
+    training. Each stage gets at least 1 epoch: a total below the number of quantized stages gives
+    each 1 (more than asked; the trainer says so). explicit {stage name: epochs} sets the stages it
+    names (the others keep the rule's share); a name that is not a stage of the recipe is refused."""
+    names = [s.name for s in stages]
+    unknown = [n for n in (explicit or {}) if n not in names]
+    if unknown:
+        raise ValueError(f"--stage-epochs names {', '.join(map(repr, unknown))}, not a stage of this run "
+                         f"(its stages: {', '.join(names)})")
+    out = {}
+    quantized = [s.name for s in stages if not s.first]
+    for s in stages:
+        if s.first:
+            out[s.name] = teacher_epochs or epochs
+    share, extra = divmod(epochs, max(len(quantized), 1))
+    for i, name in enumerate(quantized):
+        out[name] = max(1, share + (i < extra))
+    out.update(explicit or {})
+    return {n: out[n] for n in names}
 
 
 def grs_strength(stage, grs_lambda):
@@ -349,11 +453,13 @@ class QuantizerOptions:
     asm_momentum: float = binaryvit.ASM_DEFAULT_MOMENTUM
     gsb_mode: str = gsb.GSB_MODES[0]  # "official" (the published code's gradients) or "principled"
     gsb_max_over: str = gsb.GSB_MAX_OVER[0]  # GSB attention masks: max over the whole "tensor" or per "row"
+    ternary_granularity: str = tervit.TERNARY_GRANULARITIES[0]  # ternary weights per output "channel" or "tensor"
 
     def __post_init__(self):
         check_choice(self.asm_center, binaryvit.ASM_CENTERS, "asm_center")
         check_choice(self.gsb_mode, gsb.GSB_MODES, "gsb_mode")
         check_choice(self.gsb_max_over, gsb.GSB_MAX_OVER, "gsb_max_over")
+        check_choice(self.ternary_granularity, tervit.TERNARY_GRANULARITIES, "ternary_granularity")
 
 
 def tensor_roles(cfg):
@@ -376,10 +482,12 @@ def _table(name):
     return TABLES[name]
 
 
-def resolve(cfg, table, overrides=None):
+def resolve(cfg, table, overrides=None, options=None):
     """{role: spec} for every quantized role of quantizer table ``table`` (a method's final table has
-    the method's name) with ``overrides`` (pattern -> spec) applied on top. Unknown names or specs
-    raise ValueError."""
+    the method's name) with ``overrides`` (pattern -> spec) applied on top and the ternary
+    granularity of ``options`` (QuantizerOptions; None: the defaults). Unknown names or specs raise
+    ValueError."""
+    granularity = (options or QuantizerOptions()).ternary_granularity
     patterns = {**_table(table).patterns, **(overrides or {})}
     for spec in patterns.values():
         check_spec(spec)
@@ -390,7 +498,7 @@ def resolve(cfg, table, overrides=None):
             if fnmatchcase(role, pattern):
                 spec = s
         if spec is not None and spec != "fp":
-            out[role] = spec
+            out[role] = tervit.granular_spec(spec, granularity)
     return out
 
 
@@ -409,7 +517,7 @@ def build_quantizers(cfg, table, overrides=None, options=None, dtype="float32"):
     """Fresh quantizer objects {role: quantizer} for a model config and quantizer table."""
     options = options or QuantizerOptions()
     out = {}
-    for role, spec in resolve(cfg, table, overrides).items():
+    for role, spec in resolve(cfg, table, overrides, options).items():
         if spec == "gsb_attn":
             q = gsb.GSBAttnQuantizer(cfg.num_heads, cfg.num_tokens, mode=options.gsb_mode,
                                      max_over=options.gsb_max_over, dtype=dtype)

@@ -12,13 +12,16 @@ The rule itself is generic and stays in minibvit.quant (ternarize_forward / tern
 per_channel=True here, per_channel=False for TWN's per-tensor ternary; spec "w_ternary_channel"):
 one implementation for both, this file says how TerViT uses it.
 
+--ternary-granularity tensor swaps in TWN's per-tensor rule (granular_spec) as an ablation.
+
 Progressive training (the stages of minibvit.methods' "tervit" record):
     fp           full-precision ViT
     tervit_w8a8  8-bit weights and activations everywhere (W8A8_TABLE), from fp's weights
     tervit       ternary channel-wise weights in the block linears, activations still 8-bit
                  (TERNARY_TABLE), from tervit_w8a8's latent weights
 Each stage starts from the previous stage's best checkpoint, so the ternary stage starts from
-weights already adapted to quantized activations. TerViT has no public code and we worked from its
+weights already adapted to quantized activations. --tervit-direct leaves tervit_w8a8 out (the
+ternary stage starts from fp), the ablation of the progressive schedule. TerViT has no public code and we worked from its
 abstract and summary; our choices where it is silent (docs/methods.md "What we could not read"):
 TWN's Delta = 0.7 mean|W|, identity STE, min-max 8-bit activations per tensor and per batch (symmetric
 for signed tensors, asymmetric for non-negative ones), min-max 8-bit weights per output channel in
@@ -39,6 +42,18 @@ W8A8_TABLE = {
     "head*.input": "a_minmax8_signed",
 }
 """TerViT stage 1: 8-bit activations everywhere and 8-bit weights."""
+
+TERNARY_GRANULARITIES = ("channel", "tensor")
+TERNARY_SPECS = {"channel": "w_ternary_channel", "tensor": "w_ternary_tensor"}
+"""The ternary weight spec of each granularity (--ternary-granularity): TerViT's Delta_c, alpha_c per
+output channel, or TWN's one Delta, alpha per tensor (the same rule, quant.ternarize_forward)."""
+
+
+def granular_spec(spec, granularity):
+    """A spec with its ternary granularity set: a ternary weight spec becomes TERNARY_SPECS[granularity],
+    any other spec stays."""
+    return TERNARY_SPECS[granularity] if spec in TERNARY_SPECS.values() else spec
+
 
 TERNARY_TABLE = {**W8A8_TABLE, "blocks.*.attn.*.weight": "w_ternary_channel",
                  "blocks.*.mlp.*.weight": "w_ternary_channel"}

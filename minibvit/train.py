@@ -4,14 +4,18 @@ One command runs a method's whole recipe. Earlier stages (a full-precision teach
 stage, GSB's stage 1) are trained into ``<out>/<stage>/`` or reused when that directory already holds
 a finished stage; ``--teacher`` / ``--init-from`` replace them with your own checkpoints.
 
-    method     stages (each initialised from the one before)          distillation
+    method     stages (each initialised from the one before)          distillation (--kd, default)
     fp         fp                                                     -
     binary     teacher (fp) -> binary                                 soft KD from the teacher
     binaryvit  teacher (fp) -> binaryvit (binary + GRS + ASM)          soft KD from the teacher
-    tervit     fp -> tervit_w8a8 -> tervit (ternary weights, A8)      -
+    tervit     fp -> tervit_w8a8 -> tervit (ternary weights, A8)      none (--tervit-direct: fp -> tervit)
     gsb        teacher (fp) -> gsb_stage1 (binary MLP weights) -> gsb DeiT hard distillation (dist token)
 
-The stages, their quantizer tables and which options apply to which method are data: minibvit.methods.
+The first (full-precision) stage trains --teacher-epochs (default --epochs) and is the teacher of
+every distilled stage. --epochs is the TOTAL of the quantized stages after it, split evenly (tervit
+and gsb: --epochs 6 is 3 + 3; binary: 6), so methods get equal quantized budgets; --stage-epochs
+NAME=N sets stages by name. The stages, their quantizer tables and which options apply to which
+method are data: minibvit.methods (docs/methods.md).
 
 Every stage writes ``last.safetensors`` (also every ``--save-every`` steps), ``best.safetensors``
 (best test accuracy), ``log.jsonl`` (every metric and diagnostic), ``config.json`` (the resolved
@@ -112,8 +116,11 @@ class TrainConfig:
     mlp_ratio: float = _f("model", "MLP hidden width / embedding width", shown="the preset's")
     drop_path: float = _f("model", "stochastic-depth rate, in [0, 1)", shown=0.0)
     # optimisation
-    epochs: int = _f("optimisation", "epochs of every stage", shown="by dataset")
+    epochs: int = _f("optimisation", "the TOTAL epochs of the method's quantized stages (every stage after the first), "
+                     "split evenly over them (tervit 5: 3 + 2; the fp method: its one stage)", shown="by dataset")
     teacher_epochs: int = _f("optimisation", "epochs of the first, full-precision stage", shown="--epochs")
+    stage_epochs: str = _f("optimisation", "NAME=N[,NAME=N...]: epochs of the named stages (the others keep "
+                           "their share of --epochs)", shown="the split of --epochs")
     batch_size: int = _f("optimisation", "training batch size", shown="by dataset")
     lr: float = _f("optimisation", "peak AdamW learning rate (cosine schedule)", shown="by dataset")
     min_lr: float = _f("optimisation", "final learning rate of the cosine schedule", 1e-5)
@@ -130,6 +137,7 @@ class TrainConfig:
                       shown="trained first")
     init_from: str = _f("method options", "a minibvit checkpoint to start the final stage from (skips the earlier stages)",
                         shown="the previous stage")
+    kd: str = _m("kd")
     kd_temperature: float = _m("kd_temperature")
     kd_alpha: float = _m("kd_alpha")
     grs_lambda: float = _m("grs_lambda")
@@ -139,6 +147,8 @@ class TrainConfig:
     asm_momentum: float = _m("asm_momentum")
     gsb_mode: str = _m("gsb_mode")
     gsb_max_over: str = _m("gsb_max_over")
+    ternary_granularity: str = _m("ternary_granularity")
+    tervit_direct: bool = _m("tervit_direct")
     # run
     out: str = _f("run", "run directory; each stage writes <out>/<stage>/", shown="runs/<dataset>-<method>")
     seed: int = _f("run", "seed of the weights, batches, augmentation and dropout", 0)
@@ -206,6 +216,24 @@ class TrainConfig:
         for name in ("teacher", "init_from"):
             path = getattr(self, name)
             need(path is None or os.path.isfile(path), f"--{name.replace('_', '-')} {path!r} is not a file")
+        need(not (self.teacher and len(methods.get_method(self.method).stages) == 1), f"--teacher does not apply to "
+             f"--method {self.method} (it has no stage that starts from or distils from a teacher); remove it")
+        if self.stage_epochs is not None:
+            parse_stage_epochs(self.stage_epochs)
+
+
+def parse_stage_epochs(text):
+    """'tervit_w8a8=2,tervit=4' -> {stage: epochs} (positive integers); ValueError naming the bad item."""
+    out = {}
+    for item in text.split(","):
+        name, eq, value = item.strip().partition("=")
+        if not (name and eq and value.isdigit() and int(value) >= 1):
+            raise ValueError(f"invalid option: --stage-epochs {text!r}: {item!r} is not NAME=N with N a positive "
+                             f"integer (e.g. --stage-epochs tervit_w8a8=2,tervit=4)")
+        if name in out:
+            raise ValueError(f"invalid option: --stage-epochs {text!r} names stage {name!r} twice")
+        out[name] = int(value)
+    return out
 
 
 # Per-dataset defaults sized for a 2-core CPU.
@@ -239,7 +267,40 @@ def resolve_config(cfg):
                          f"remove --crop-padding or choose --augment crop or crop-flip")
     if cfg.out is None:
         cfg.out = os.path.join("runs", f"{cfg.dataset}-{cfg.method}")
+    epochs_per_stage(cfg)  # refuses --stage-epochs naming a stage the run does not have
     return cfg
+
+
+def recipe(cfg):
+    """The stages of a resolved config's run (methods.recipe with --kd and --tervit-direct)."""
+    return methods.recipe(cfg.method, cfg.kd, cfg.tervit_direct)
+
+
+def epochs_per_stage(cfg, stages=None):
+    """{stage: epochs} of a resolved config's run (methods.stage_epochs, the budget rule), over
+    `stages` (default: recipe(cfg))."""
+    explicit = parse_stage_epochs(cfg.stage_epochs) if cfg.stage_epochs else None
+    return methods.stage_epochs(stages or recipe(cfg), cfg.epochs, cfg.teacher_epochs, explicit)
+
+
+def stage_sources(cfg, stages):
+    """What each stage a run trains starts from and distils from: {stage: {"init": source, "teacher":
+    source}}, a source None, {"stage": name} (that stage's best checkpoint) or {"checkpoint": path}.
+    The first stage is the teacher; --teacher stands for it (it is then not trained), --init-from
+    for the final stage's init (only the final stage is trained)."""
+    first = stages[0].name if len(stages) > 1 else None
+    given = {first: {"checkpoint": cfg.teacher}} if cfg.teacher and first else {}
+    trained = stages[-1:] if cfg.init_from else [s for s in stages if s.name not in given]
+    out = {}
+    for s in trained:
+        init = {"checkpoint": cfg.init_from} if cfg.init_from else \
+            given.get(s.init, {"stage": s.init} if s.init else None)
+        teacher = None if s.kd == "none" else given.get(first, {"stage": first})
+        if teacher is not None and cfg.init_from and not cfg.teacher:
+            raise ValueError(f"stage {s.name} distils ({s.kd}) from the {first} stage, which --init-from skips: "
+                             f"give the teacher with --teacher CKPT, or train without distillation (--kd none)")
+        out[s.name] = {"init": init, "teacher": teacher}
+    return out
 
 
 def model_config(cfg, distilled, num_classes, in_chans, image_size):
@@ -257,7 +318,8 @@ def model_config(cfg, distilled, num_classes, in_chans, image_size):
 def quantizer_options(cfg):
     """The quantizer switches of a resolved config (stored in checkpoints as "scheme_options")."""
     return methods.QuantizerOptions(asm_center=cfg.asm_center, asm_momentum=cfg.asm_momentum,
-                                    gsb_mode=cfg.gsb_mode, gsb_max_over=cfg.gsb_max_over)
+                                    gsb_mode=cfg.gsb_mode, gsb_max_over=cfg.gsb_max_over,
+                                    ternary_granularity=cfg.ternary_granularity)
 
 
 def build_model(model_cfg, table, options, seed=0, dtype="float32"):
@@ -468,9 +530,14 @@ def _cross_entropy(logits, targets, label_smoothing):
 def _loss(stage, cfg, logits, y, teacher_logits):
     """Stage loss and d loss / d logits (same structure as logits); y: int labels or soft targets."""
     if stage.kd == "hard":  # DeiT: 0.5 CE(cls head, y) + 0.5 CE(dist head, argmax teacher)
-        l1, b1 = _cross_entropy(logits[0], y, cfg.label_smoothing)
-        l2, b2 = _cross_entropy(logits[1], teacher_logits.argmax(axis=1), 0.0)
-        return 0.5 * (l1 + l2), (b1(0.5), b2(0.5))
+        teacher_labels = teacher_logits.argmax(axis=1)
+        if stage.distilled:
+            l1, b1 = _cross_entropy(logits[0], y, cfg.label_smoothing)
+            l2, b2 = _cross_entropy(logits[1], teacher_labels, 0.0)
+            return 0.5 * (l1 + l2), (b1(0.5), b2(0.5))
+        l1, b1 = _cross_entropy(logits, y, cfg.label_smoothing)  # no distillation token: both through the head
+        l2, b2 = _cross_entropy(logits, teacher_labels, 0.0)
+        return 0.5 * (l1 + l2), b1(0.5) + b2(0.5)
     if stage.distilled:  # no teacher: both heads learn the labels
         l1, b1 = _cross_entropy(logits[0], y, cfg.label_smoothing)
         l2, b2 = _cross_entropy(logits[1], y, cfg.label_smoothing)
@@ -633,7 +700,14 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
     if main_rank:
         make_run_dir(out_dir)
     last_path, best_path = os.path.join(out_dir, "last.safetensors"), os.path.join(out_dir, "best.safetensors")
-    epochs = cfg.teacher_epochs if (stage.first and cfg.teacher_epochs) else cfg.epochs
+    stages = recipe(cfg)
+    if stage not in stages:  # a stage trained on its own (tests, tutorials): the rule over it alone
+        stages = (stage,)
+    all_epochs = epochs_per_stage(cfg, stages)
+    epochs = all_epochs[stage.name]
+    sources = stage_sources(cfg, stages).get(stage.name) or {
+        "init": None if init_state is None else "given by the caller",
+        "teacher": None if teacher is None else "given by the caller"}
     height, _, channels = train_set.image_shape if isinstance(train_set, ImageNetSplit) else train_set.images.shape[1:]
     model_cfg = model_config(cfg, stage.distilled, train_set.num_classes, channels, height)
     options = quantizer_options(cfg)
@@ -648,7 +722,9 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
                                    int(cfg.grs_warmup_epochs * steps))
     meta = {"kind": "minibvit-train", "model_config": model_cfg.to_dict(), "scheme": stage.table,
             "scheme_options": dataclasses.asdict(options), "stage": stage.name, "method": cfg.method,
-            "gradient_hooks": [repr(h) for h in hooks], "train_config": dataclasses.asdict(cfg),
+            "gradient_hooks": [repr(h) for h in hooks], "kd": stage.kd, "distilled": stage.distilled,
+            "init": sources["init"], "teacher": sources["teacher"], "stage_epochs": all_epochs,
+            "train_config": dataclasses.asdict(cfg),
             "dataset": {"name": train_set.name, "mean": train_set.mean.tolist(), "std": train_set.std.tolist(),
                         "class_names": list(train_set.class_names),
                         **({"wnids": list(train_set.class_names)} if isinstance(train_set, ImageNetSplit) else {})},
@@ -907,36 +983,34 @@ def run(cfg):
 
 
 def _run_stages(cfg, train_set, test_set):
-    recipe = methods.get_method(cfg.method).stages
-    results = {}
-    teacher = None
-    init_state = None
+    stages = recipe(cfg)
+    epochs = epochs_per_stage(cfg, stages)
+    quantized = [s.name for s in stages if not s.first]
+    if quantized and sum(epochs[n] for n in quantized) > cfg.epochs and not cfg.stage_epochs:
+        _say(distributed.current(), f"note: --epochs {cfg.epochs} cannot be split over the {len(quantized)} quantized "
+             f"stages ({', '.join(quantized)}): each trains 1 epoch; give --epochs >= {len(quantized)} or --stage-epochs")
     if cfg.teacher:
-        teacher, _ = load_model(cfg.teacher)
-        if teacher.cfg.num_classes != train_set.num_classes:
-            raise ValueError(f"--teacher has {teacher.cfg.num_classes} classes, the dataset {train_set.num_classes}")
-    if cfg.init_from:
-        init_model, _ = load_model(cfg.init_from)
-        init_state = init_model.state_dict()
-        recipe = recipe[-1:]
-    replaced = methods.TEACHER_STAGE  # the stage a --teacher checkpoint stands for
-    for stage in recipe:
-        if stage.first and not stage.quantizer_table.patterns and len(recipe) > 1 and cfg.teacher:
-            replaced = stage.name  # the user's checkpoint replaces the full-precision stage (TerViT's "fp")
-            continue
-        if stage.init and stage.init in results:
-            prev, _ = load_model(results[stage.init][0])
-            init_state = prev.state_dict()
-        elif stage.init and cfg.teacher and stage.init == replaced:
-            init_state = teacher.state_dict()
-        stage_teacher = teacher if stage.kd != "none" else None
-        if stage.kd != "none" and stage_teacher is None:
-            raise RuntimeError(f"stage {stage.name} needs a teacher")
+        given, _ = load_model(cfg.teacher)
+        if given.cfg.num_classes != train_set.num_classes:
+            raise ValueError(f"--teacher has {given.cfg.num_classes} classes, the dataset {train_set.num_classes}")
+    results, loaded = {}, {}
+
+    def checkpoint_of(source):
+        return source.get("checkpoint") or results[source["stage"]][0]
+
+    def model_of(source):  # each checkpoint loaded once
+        path = checkpoint_of(source)
+        if path not in loaded:
+            loaded[path] = load_model(path)[0]
+        return loaded[path]
+
+    by_name = {s.name: s for s in stages}
+    for name, source in stage_sources(cfg, stages).items():
+        stage = by_name[name]
+        init_state = model_of(source["init"]).state_dict() if source["init"] else None
+        teacher = model_of(source["teacher"]) if source["teacher"] else None
         out_dir = os.path.join(cfg.out, stage.name)
-        results[stage.name] = train_stage(cfg, stage, out_dir, train_set, test_set, init_state, stage_teacher)
-        if stage.name == methods.TEACHER_STAGE:
-            teacher, _ = load_model(results[stage.name][0])
-        init_state = None
+        results[stage.name] = train_stage(cfg, stage, out_dir, train_set, test_set, init_state, teacher)
     return results
 
 
@@ -947,8 +1021,9 @@ def _parser():
     for f in dataclasses.fields(TrainConfig):
         name, meta = "--" + f.name.replace("_", "-"), f.metadata
         group = groups[meta["group"]]
-        if f.type is bool:
-            group.add_argument(name, action="store_true", help=meta["help"])
+        if f.type is bool:  # a method option's default None means "not given" (methods.check_options)
+            shown = f" (default: {meta['shown']})" if f.default is None else ""
+            group.add_argument(name, action="store_true", default=f.default, help=meta["help"] + shown)
             continue
         option = methods.OPTION_BY_NAME.get(f.name)
         choices = option.choices if option is not None else None

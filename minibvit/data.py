@@ -1,11 +1,14 @@
 """Image-classification datasets, limited-data subsets, batching and augmentation.
 
 ``load_dataset(name, split, ...)`` returns a :class:`Dataset` of uint8 images (N, H, W, C) and int64
-labels (N,) from one of four sources:
+labels (N,) from one of five sources:
 
 - ``cifar10``: a local ``cifar-10-batches-py`` directory (read with a restricted unpickler that only
   admits the numpy array globals the batches need) or ``cifar-10-batches-bin`` directory (no pickle),
   otherwise the Hugging Face hub (``uoft-cs/cifar10``, cached by ``datasets``).
+- ``cifar100``: the same for CIFAR-100 (its 100 fine labels): a local ``cifar-100-python`` directory
+  (``train``, ``test``, ``meta``; the same restricted unpickler), otherwise the hub
+  (``uoft-cs/cifar100``, the hub's ``cifar100``).
 - ``fashion-mnist``: IDX files, gzipped or not (default ``/usr/share/datasets/fashion-mnist/``, from
   Debian's ``dataset-fashion-mnist``), otherwise the hub (``zalando-datasets/fashion_mnist``).
 - ``imagefolder``: ``data_dir/<class>/<image>`` read with Pillow, with an optional ``train``/``test``
@@ -29,11 +32,23 @@ from pathlib import Path
 
 import numpy as np
 
-DATASET_NAMES = ("cifar10", "fashion-mnist", "imagefolder", "synthetic")
+DATASET_NAMES = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "synthetic")
 SPLITS = ("train", "test")
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                    "truck")
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl", "boy",
+    "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee", "clock",
+    "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish",
+    "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion",
+    "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange",
+    "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine",
+    "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk",
+    "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank",
+    "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
+    "willow_tree", "wolf", "woman", "worm")
+"""CIFAR-100's fine labels in label order (the meta file's fine_label_names)."""
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
 SYNTHETIC_CLASSES = ("horizontal bar", "vertical bar", "plus", "cross", "square", "square outline",
@@ -42,11 +57,14 @@ SYNTHETIC_CLASSES = ("horizontal bar", "vertical bar", "plus", "cross", "square"
 # Per-channel mean and standard deviation of the training split, pixels scaled to [0, 1].
 CIFAR10_MEAN = (0.49139968, 0.48215841, 0.44653091)
 CIFAR10_STD = (0.24703223, 0.24348513, 0.26158784)
+CIFAR100_MEAN = (0.50707516, 0.48654887, 0.44091784)
+CIFAR100_STD = (0.26733429, 0.25643846, 0.27615047)
 FASHION_MNIST_MEAN = (0.28604060,)
 FASHION_MNIST_STD = (0.35302424,)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 CIFAR10_HUB = ("uoft-cs/cifar10", "img", "label")  # repository, image column, label column
+CIFAR100_HUB = ("uoft-cs/cifar100", "img", "fine_label")  # the hub's "cifar100"; its 100 fine labels
 FASHION_MNIST_HUB = ("zalando-datasets/fashion_mnist", "image", "label")
 
 SYNTHETIC_PER_CLASS = {"train": 500, "test": 100}
@@ -127,11 +145,12 @@ def load_dataset(name, split, data_dir=None, image_size=None, limit_per_class=No
                  seed=0) -> Dataset:
     """Load one split of a dataset into memory.
 
-    name: "cifar10", "fashion-mnist", "imagefolder" or "synthetic".
+    name: "cifar10", "cifar100", "fashion-mnist", "imagefolder" or "synthetic".
     split: "train" or "test".
     data_dir: directory of local files (cifar10: a cifar-10-batches-py or cifar-10-batches-bin
-        directory or its parent; fashion-mnist: the IDX files; imagefolder: required). None uses the
-        default location (fashion-mnist) or the Hugging Face hub (cifar10, fashion-mnist).
+        directory or its parent; cifar100: a cifar-100-python directory or its parent; fashion-mnist:
+        the IDX files; imagefolder: required). None uses the default location (fashion-mnist) or the
+        Hugging Face hub (cifar10, cifar100, fashion-mnist).
     image_size: resize every image to image_size x image_size (bilinear, aspect ratio not kept);
         None keeps the native size (synthetic: 32).
     limit_per_class: keep N images per class (stratified, seeded) -- the small-data setting.
@@ -165,9 +184,9 @@ def load_dataset(name, split, data_dir=None, image_size=None, limit_per_class=No
     if not (_is_int(seed) and seed >= 0):
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
 
-    if name == "cifar10":
-        images, labels, class_names = _load_cifar10(split, data_dir)
-        mean, std = CIFAR10_MEAN, CIFAR10_STD
+    if name in CIFAR_LAYOUTS:
+        images, labels, class_names = _load_cifar(name, split, data_dir)
+        mean, std = CIFAR_LAYOUTS[name].mean, CIFAR_LAYOUTS[name].std
     elif name == "fashion-mnist":
         images, labels, class_names = _load_fashion_mnist(split, data_dir)
         mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
@@ -423,59 +442,101 @@ def _shape_mask(label, dy, dx, r, t):
 
 
 # ---------------------------------------------------------------------------------------------
-# CIFAR-10
+# CIFAR-10 and CIFAR-100
 
 
-def _load_cifar10(split, data_dir):
+@dataclasses.dataclass(frozen=True)
+class CifarLayout:
+    """Where and how one CIFAR dataset stores its python-format (pickled) and binary files.
+
+    py_dir / bin_dir: the directory names of the two formats (bin_dir None: only the python one is
+    read); files: {split: file names, without ".bin"}; label_key: the labels' key in a python batch;
+    meta: (meta file name, key of its class-name list); hub: (repository, image column, label column);
+    mean, std: the training split's per-channel statistics.
+    """
+
+    title: str
+    classes: tuple
+    py_dir: str
+    bin_dir: str
+    files: dict
+    label_key: str
+    meta: tuple
+    hub: tuple
+    mean: tuple
+    std: tuple
+
+
+CIFAR_LAYOUTS = {
+    "cifar10": CifarLayout("CIFAR-10", CIFAR10_CLASSES, "cifar-10-batches-py", "cifar-10-batches-bin",
+                           {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+                           "labels", ("batches.meta", "label_names"), CIFAR10_HUB, CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": CifarLayout("CIFAR-100", CIFAR100_CLASSES, "cifar-100-python", None,
+                            {"train": ["train"], "test": ["test"]}, "fine_labels", ("meta", "fine_label_names"),
+                            CIFAR100_HUB, CIFAR100_MEAN, CIFAR100_STD),
+}
+"""CIFAR-10 (python and binary batches) and CIFAR-100 (python files, its 100 fine labels)."""
+
+
+def _load_cifar(name, split, data_dir):
+    layout = CIFAR_LAYOUTS[name]
     if data_dir is None:
-        return _load_hub(*CIFAR10_HUB, split, alternatives=_CIFAR_OFFLINE)
-    layout, directory = _find_cifar_dir(Path(data_dir))
-    if layout == "py":
-        return _read_cifar_py(directory, split)
-    return _read_cifar_bin(directory, split)
+        return _load_hub(*layout.hub, split, alternatives=_cifar_offline(layout))
+    kind, directory = _find_cifar_dir(Path(data_dir), layout)
+    if kind == "py":
+        return _read_cifar_py(directory, split, layout)
+    return _read_cifar_bin(directory, split, layout)
 
 
-_CIFAR_OFFLINE = (
-    "--data-dir DIR with a local copy of CIFAR-10 in the python (cifar-10-batches-py) or binary "
-    f"(cifar-10-batches-bin) format; --dataset fashion-mnist, read from the IDX files that Debian's "
-    f"dataset-fashion-mnist package installs in {FASHION_MNIST_DIR}/")
+def _cifar_offline(layout):
+    formats = (f"python ({layout.py_dir}) or binary ({layout.bin_dir})" if layout.bin_dir
+               else f"python ({layout.py_dir})")
+    return (f"--data-dir DIR with a local copy of {layout.title} in the {formats} format; --dataset "
+            f"fashion-mnist, read from the IDX files that Debian's dataset-fashion-mnist package installs in "
+            f"{FASHION_MNIST_DIR}/")
+
+
 _FASHION_OFFLINE = (
     f"--data-dir DIR with the Fashion-MNIST IDX files, or install Debian's dataset-fashion-mnist "
     f"package (apt install dataset-fashion-mnist), which puts them in {FASHION_MNIST_DIR}/")
 
 
-def _find_cifar_dir(root):
-    """The one CIFAR-10 layout under root: ("py" or "bin", directory). root may be a batches
+def _find_cifar_dir(root, layout):
+    """The one layout of a CIFAR dataset under root: ("py" or "bin", directory). root may be a batches
     directory or its parent; more than one copy (both formats) is refused rather than guessed."""
     if not root.is_dir():
-        raise DatasetError(f"CIFAR-10 data_dir {root} is not a directory")
+        raise DatasetError(f"{layout.title} data_dir {root} is not a directory")
+    first = layout.files["train"][0]
     found = []
-    for directory in (root, root / "cifar-10-batches-py", root / "cifar-10-batches-bin"):
-        if (directory / "data_batch_1").is_file():
+    for directory in (root, root / layout.py_dir) + ((root / layout.bin_dir,) if layout.bin_dir else ()):
+        if (directory / first).is_file():
             found.append(("py", directory))
-        if (directory / "data_batch_1.bin").is_file():
+        if layout.bin_dir and (directory / f"{first}.bin").is_file():
             found.append(("bin", directory))
     if len(found) == 1:
         return found[0]
     if found:
-        copies = " and ".join(f"{'python' if layout == 'py' else 'binary'} batches in {directory}"
-                              for layout, directory in found)
+        copies = " and ".join(f"{'python' if kind == 'py' else 'binary'} batches in {directory}"
+                              for kind, directory in found)
         raise DatasetError(
-            f"CIFAR-10 data_dir {root} holds more than one copy: {copies}; minibvit does not guess "
+            f"{layout.title} data_dir {root} holds more than one copy: {copies}; minibvit does not guess "
             f"which to use: pass the directory of one of them as data_dir (--data-dir)")
-    raise DatasetError(
-        f"no CIFAR-10 batches in {root}: expected data_batch_1 ... data_batch_5 and test_batch "
-        f"(python format, cifar-10-batches-py) or data_batch_1.bin ... data_batch_5.bin and "
-        f"test_batch.bin (binary format, cifar-10-batches-bin), in {root} or in its "
-        f"cifar-10-batches-py/ or cifar-10-batches-bin/ sub-directory")
+    python = f"{' ... '.join(dict.fromkeys([first, layout.files['train'][-1]]))} and {layout.files['test'][0]}"
+    expected = f"{python} (python format, {layout.py_dir})"
+    subdirs = f"its {layout.py_dir}/"
+    if layout.bin_dir:
+        binary = f"{first}.bin ... {layout.files['train'][-1]}.bin and {layout.files['test'][0]}.bin"
+        expected += f" or {binary} (binary format, {layout.bin_dir})"
+        subdirs += f" or {layout.bin_dir}/"
+    raise DatasetError(f"no {layout.title} batches in {root}: expected {expected}, in {root} or in {subdirs} "
+                       f"sub-directory")
 
 
-def _cifar_files(directory, split, suffix):
-    names = ([f"data_batch_{i}{suffix}" for i in range(1, 6)] if split == "train"
-             else [f"test_batch{suffix}"])
+def _cifar_files(directory, split, suffix, layout):
+    names = [name + suffix for name in layout.files[split]]
     missing = [name for name in names if not (directory / name).is_file()]
     if missing:
-        raise DatasetError(f"CIFAR-10 directory {directory} lacks {', '.join(missing)}; the "
+        raise DatasetError(f"{layout.title} directory {directory} lacks {', '.join(missing)}; the "
                            f"{split} split needs {', '.join(names)}")
     return [directory / name for name in names]
 
@@ -485,11 +546,11 @@ def _plain_dtype(*args, **kwargs):
     carry arbitrary pickled objects inside a batch)."""
     dtype = np.dtype(*args, **kwargs)
     if dtype.hasobject:
-        raise pickle.UnpicklingError(f"refusing dtype {dtype}: a CIFAR-10 batch holds only plain numbers")
+        raise pickle.UnpicklingError(f"refusing dtype {dtype}: a CIFAR batch holds only plain numbers")
     return dtype
 
 
-# The only globals a CIFAR-10 python batch (a dict of a uint8 array, a list of labels and byte
+# The only globals a CIFAR python batch (a dict of a uint8 array, a list of labels and byte
 # strings) needs: numpy's array reconstruction, under its numpy 1.x and 2.x module names.
 _NDARRAY_RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]
 _CIFAR_PICKLE_GLOBALS = {
@@ -509,11 +570,12 @@ class _CifarBatchUnpickler(pickle.Unpickler):
         except KeyError:
             allowed = ", ".join(f"{m}.{n}" for m, n in _CIFAR_PICKLE_GLOBALS)
             raise pickle.UnpicklingError(
-                f"refusing global {module}.{name}: a CIFAR-10 batch only needs {allowed}") from None
+                f"refusing global {module}.{name}: a CIFAR batch only needs {allowed}") from None
 
 
-def read_cifar_batch(path):
-    """Read one python-format CIFAR-10 file with the restricted unpickler.
+def read_cifar_batch(path, title="CIFAR-10"):
+    """Read one python-format CIFAR-10 or CIFAR-100 file (title names it in errors) with the
+    restricted unpickler.
 
     Returns the unpickled dict with str keys (the files store byte-string keys). Raises DatasetError
     for anything that is not plain containers and numpy arrays.
@@ -523,66 +585,69 @@ def read_cifar_batch(path):
             content = _CifarBatchUnpickler(file, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
             KeyError, MemoryError) as error:
-        raise DatasetError(f"{path} is not a readable CIFAR-10 python batch ({error}); only plain "
+        raise DatasetError(f"{path} is not a readable {title} python batch ({error}); only plain "
                            f"containers and numpy arrays are accepted, so a corrupt or foreign "
-                           f"pickle is refused: re-download cifar-10-python.tar.gz") from error
+                           f"pickle is refused: re-download {title.lower()}-python.tar.gz") from error
     if not isinstance(content, dict):
-        raise DatasetError(f"{path} holds a {type(content).__name__}, not the dict of a CIFAR-10 batch")
+        raise DatasetError(f"{path} holds a {type(content).__name__}, not the dict of a {title} batch")
     return {key.decode("latin1") if isinstance(key, bytes) else key: value
             for key, value in content.items()}
 
 
-def _read_cifar_py(directory, split):
+def _read_cifar_py(directory, split, layout):
     images, labels = [], []
-    for path in _cifar_files(directory, split, ""):
-        batch = read_cifar_batch(path)
-        data, batch_labels = batch.get("data"), batch.get("labels")
+    for path in _cifar_files(directory, split, "", layout):
+        batch = read_cifar_batch(path, layout.title)
+        data, batch_labels = batch.get("data"), batch.get(layout.label_key)
         if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
                 and data.shape[1] == 3 * 32 * 32):
             raise DatasetError(f"{path}: 'data' must be a uint8 array (N, 3072), got "
                                f"{type(data).__name__} {getattr(data, 'dtype', '')} "
                                f"{getattr(data, 'shape', '')}")
         if not (isinstance(batch_labels, (list, np.ndarray)) and len(batch_labels) == len(data)):
-            raise DatasetError(f"{path}: 'labels' must be a list of {len(data)} class indices")
+            raise DatasetError(f"{path}: '{layout.label_key}' must be a list of {len(data)} class indices")
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels.append(np.asarray(batch_labels, dtype=np.int64))
-    class_names = CIFAR10_CLASSES
-    if (directory / "batches.meta").is_file():
-        names = read_cifar_batch(directory / "batches.meta").get("label_names")
-        class_names = _cifar_class_names(directory / "batches.meta",
+    class_names = layout.classes
+    meta_file, meta_key = layout.meta
+    if (directory / meta_file).is_file():
+        names = read_cifar_batch(directory / meta_file, layout.title).get(meta_key)
+        class_names = _cifar_class_names(directory / meta_file,
                                          [n.decode("utf-8") if isinstance(n, bytes) else n
-                                          for n in (names or [])])
-    return (*_check_cifar(np.concatenate(images), np.concatenate(labels), directory), class_names)
+                                          for n in (names or [])], layout)
+    return (*_check_cifar(np.concatenate(images), np.concatenate(labels), directory, layout), class_names)
 
 
-def _read_cifar_bin(directory, split):
+def _read_cifar_bin(directory, split, layout):
     records = []
-    for path in _cifar_files(directory, split, ".bin"):
+    for path in _cifar_files(directory, split, ".bin", layout):
         raw = np.fromfile(path, dtype=np.uint8)
         if raw.size == 0 or raw.size % 3073:
-            raise DatasetError(f"{path}: {raw.size} bytes is not a whole number of 3073-byte CIFAR-10 "
+            raise DatasetError(f"{path}: {raw.size} bytes is not a whole number of 3073-byte {layout.title} "
                                f"records (1 label byte + 3072 pixel bytes); the file is truncated or "
                                f"not in the binary format")
         records.append(raw.reshape(-1, 3073))
     records = np.concatenate(records)
     images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    class_names = CIFAR10_CLASSES
+    class_names = layout.classes
     if (directory / "batches.meta.txt").is_file():
         names = (directory / "batches.meta.txt").read_text().split("\n")
         class_names = _cifar_class_names(directory / "batches.meta.txt",
-                                         [n.strip() for n in names if n.strip()])
-    return (*_check_cifar(images, records[:, 0].astype(np.int64), directory), class_names)
+                                         [n.strip() for n in names if n.strip()], layout)
+    return (*_check_cifar(images, records[:, 0].astype(np.int64), directory, layout), class_names)
 
 
-def _cifar_class_names(path, names):
-    if len(names) != 10 or not all(isinstance(n, str) for n in names):
-        raise DatasetError(f"{path} should list the 10 CIFAR-10 class names, found {names!r}")
+def _cifar_class_names(path, names, layout):
+    count = len(layout.classes)
+    if len(names) != count or not all(isinstance(n, str) for n in names):
+        raise DatasetError(f"{path} should list the {count} {layout.title} class names, found {names!r}")
     return tuple(names)
 
 
-def _check_cifar(images, labels, directory):
-    if labels.min() < 0 or labels.max() > 9:
-        raise DatasetError(f"CIFAR-10 labels in {directory} must be in 0..9, found "
+def _check_cifar(images, labels, directory, layout):
+    top = len(layout.classes) - 1
+    if labels.min() < 0 or labels.max() > top:
+        raise DatasetError(f"{layout.title} labels in {directory} must be in 0..{top}, found "
                            f"{labels.min()}..{labels.max()}")
     return np.ascontiguousarray(images), labels
 

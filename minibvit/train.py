@@ -90,7 +90,7 @@ class TrainConfig:
 
     # data
     dataset: str = _f("data", f"one of {', '.join(DATASET_CHOICES)}", "fashion-mnist")
-    data_dir: str = _f("data", "local dataset files (cifar-10-batches-py/bin, Fashion-MNIST IDX files, an image folder; "
+    data_dir: str = _f("data", "local dataset files (cifar-10-batches-py/bin, cifar-100-python, Fashion-MNIST IDX files, an image folder; "
                        "for imagenet the root holding train/<wnid>/*.JPEG and val/, or 'hub' for the Hugging Face "
                        "ILSVRC/imagenet-1k: docs/imagenet.md)", shown="the dataset's standard location")
     image_size: int = _f("data", "resize images to this size", shown="the dataset's")
@@ -240,6 +240,7 @@ def parse_stage_epochs(text):
 DATASET_DEFAULTS = {
     "fashion-mnist": dict(model="fashion-mnist", epochs=5, batch_size=64, lr=2e-3, augment="flip"),
     "cifar10": dict(model="cifar", epochs=30, batch_size=128, lr=1e-3, augment="crop-flip"),
+    "cifar100": dict(model="cifar", epochs=30, batch_size=128, lr=1e-3, augment="crop-flip"),
     "synthetic": dict(model="cifar", embed_dim=64, depth=2, num_heads=2, patch_size=8, epochs=8, batch_size=64, lr=2e-3,
                       augment="crop-flip"),
     "imagefolder": dict(model="cifar", epochs=30, batch_size=64, lr=1e-3, augment="crop-flip"),

@@ -2,26 +2,41 @@
 
 Per tensor (float arrays; alpha = per-output-channel mean|W|, axis 0; sign(0) = +1):
     sign_flip_rate(W_prev, W_now)   fraction of latent weights whose sign changed
+    code_change_rate(c_prev, c_now) fraction of weight codes (sign bits, ternary codes) that changed
+    zero_mass(codes)                fraction of ternary codes that are 0
     near_zero_mass(W, frac)         fraction with |W| < frac alpha (weights a small update can flip)
     bimodality(W)                   (skew^2 + 1) / kurtosis of W / alpha: 1 for a two-point tensor
     weight_histogram(W)             histogram of W / alpha
     sign_entropy(x - threshold)     mean per-channel binary entropy of the activation sign bits
     binarization_error(x, a, s)     ||x - a sign(x - s)|| / ||x||
 Per model: record_quantizer_inputs (the one recorder of what quantizers see, shared by the trainer and
-the tutorials), FlipCounter, weight_diagnostics and activation_diagnostics (what train.py logs).
+the tutorials), weight_code, FlipCounter, weight_diagnostics, ternary_diagnostics and
+activation_diagnostics (what train.py logs).
 """
 
 import numpy as np
 
 from .binaryvit import ASM, asm_fold_threshold, binarized_latent
-from .quant import channel_mean_abs, check_float_array, sign
+from .quant import Ternarizer, channel_mean_abs, check_float_array, sign, ternary_codes
 
 
 def sign_flip_rate(w_prev, w_now):
     """Fraction of latent weights whose sign (sign(0) = +1) changed between two steps. Returns float."""
     if np.shape(w_prev) != np.shape(w_now):
         raise ValueError(f"sign_flip_rate needs equal shapes, got {np.shape(w_prev)} and {np.shape(w_now)}")
-    return float(np.mean((np.asarray(w_prev) >= 0) != (np.asarray(w_now) >= 0)))
+    return code_change_rate(np.asarray(w_prev) >= 0, np.asarray(w_now) >= 0)
+
+
+def code_change_rate(codes_prev, codes_now):
+    """Fraction of entries whose code (a sign bit, a ternary code in {-1, 0, +1}) changed. Returns float."""
+    if np.shape(codes_prev) != np.shape(codes_now):
+        raise ValueError(f"code_change_rate needs equal shapes, got {np.shape(codes_prev)} and {np.shape(codes_now)}")
+    return float(np.mean(np.asarray(codes_prev) != np.asarray(codes_now)))
+
+
+def zero_mass(codes):
+    """Fraction of ternary codes that are 0 (weights the ternarizer prunes). Returns float."""
+    return float(np.mean(np.asarray(codes) == 0))
 
 
 def near_zero_mass(w, frac=0.1):
@@ -120,27 +135,48 @@ def record_quantizer_inputs(model, roles, x):
     return seen
 
 
+def weight_code(model, role):
+    """The discrete code the quantizer of a weight role gives its latent weight: the ternary code
+    {-1, 0, +1} (quant.ternary_codes, the quantizer's own granularity) for a ternarizer, else the sign
+    bit (>= 0) of the binarized latent (binaryvit.binarized_latent)."""
+    q = model.quantizers.get(role)
+    if isinstance(q, Ternarizer):
+        return ternary_codes(model.params[role], q.per_channel, q.delta_factor)[0]
+    return binarized_latent(model, role) >= 0
+
+
 class FlipCounter:
-    """Sign flips of the binarized latent weights, counted at EVERY step and averaged per step over
-    the logging interval (so the rate does not depend on the logging interval)."""
+    """Code changes of quantized weights (weight_code: sign flips of binarized latent weights, any
+    change of a ternary code), counted at EVERY step and averaged per step over the logging interval
+    (take; so the rate does not depend on the logging interval) and over the epoch (take_epoch).
+    A step counts once the previous step's codes are known (not the first step of a process)."""
 
     def __init__(self):
         self.prev, self.flips, self.steps = {}, 0.0, 0
+        self.epoch_flips, self.epoch_steps = 0.0, 0
 
-    def update(self, model, binarized):
+    def update(self, model, roles):
         rates = []
-        for role in binarized:
-            latent = binarized_latent(model, role)
+        for role in roles:
+            code = weight_code(model, role)
             if role in self.prev:
-                rates.append(sign_flip_rate(self.prev[role], latent))
-            self.prev[role] = latent.copy()
+                rates.append(code_change_rate(self.prev[role], code))
+            self.prev[role] = code
         if rates:
-            self.flips += float(np.mean(rates))
+            rate = float(np.mean(rates))
+            self.flips += rate
             self.steps += 1
+            self.epoch_flips += rate
+            self.epoch_steps += 1
 
     def take(self):
         rate = self.flips / self.steps if self.steps else None
         self.flips, self.steps = 0.0, 0
+        return rate
+
+    def take_epoch(self):
+        rate = self.epoch_flips / self.epoch_steps if self.epoch_steps else None
+        self.epoch_flips, self.epoch_steps = 0.0, 0
         return rate
 
 
@@ -154,6 +190,19 @@ def weight_diagnostics(model, binarized, flip_counter):
     rate = flip_counter.take()
     if rate is not None:
         out["flip_rate"] = rate
+    return out
+
+
+def ternary_diagnostics(model, ternary, flip_counter, epoch=False):
+    """ternary_zero_mass (fraction of 0 codes) and ternary_flip_rate (fraction of codes that changed
+    per step, since the last call: flip_counter.take, or over the epoch: take_epoch with epoch=True),
+    averaged over the ternarized layers."""
+    if not ternary:
+        return {}
+    out = {"ternary_zero_mass": float(np.mean([zero_mass(weight_code(model, role)) for role in ternary]))}
+    rate = flip_counter.take_epoch() if epoch else flip_counter.take()
+    if rate is not None:
+        out["ternary_flip_rate"] = rate
     return out
 
 

@@ -538,6 +538,11 @@ def binarized_weight_roles(quantizers):
     return [role for role, q in quantizers.items() if isinstance(q, quant.WeightBinarizer)]
 
 
+def ternary_weight_roles(quantizers):
+    """Roles whose quantizer ternarizes a latent weight (where the ternary diagnostics apply)."""
+    return [role for role, q in quantizers.items() if isinstance(q, quant.Ternarizer)]
+
+
 def gradient_hooks(stage, quantizers, grs_lambda=None, grs_variant=binaryvit.GRS_DEFAULT_VARIANT,
                    grs_warmup_steps=0):
     """The gradient hooks a stage runs after backward: [binaryvit.GRSHook] when its GRS strength

@@ -719,6 +719,7 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
     total_steps = epochs * steps
     warmup = int(round(cfg.warmup_epochs * steps))
     binarized = methods.binarized_weight_roles(model.quantizers)
+    ternary = methods.ternary_weight_roles(model.quantizers)
     hooks = methods.gradient_hooks(stage, model.quantizers, cfg.grs_lambda, cfg.grs_variant,
                                    int(cfg.grs_warmup_epochs * steps))
     meta = {"kind": "minibvit-train", "model_config": model_cfg.to_dict(), "scheme": stage.table,
@@ -780,7 +781,7 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
     if main_rank:
         truncate_log(log_path, steps, epoch * steps + start_step)
     log = open(log_path if main_rank else os.devnull, "a")
-    flip_counter = diagnostics.FlipCounter()
+    flip_counter, ternary_counter = diagnostics.FlipCounter(), diagnostics.FlipCounter()
     done_steps = 0
 
     def loss_fn(logits, y, teacher_logits):
@@ -851,9 +852,11 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
                 dead = []
                 if main_rank:  # diagnostics: the weights are global, the activations those of rank 0's rows
                     flip_counter.update(model, binarized)
+                    ternary_counter.update(model, ternary)
                     with quiet_floating_point():  # diverged weights: the next step's loss check reports it
                         if gstep % cfg.log_every == 0:
                             record.update(diagnostics.weight_diagnostics(model, binarized, flip_counter))
+                            record.update(diagnostics.ternary_diagnostics(model, ternary, ternary_counter))
                             record.update(diagnostics.activation_diagnostics(model, x[: min(len(x), 32)]))
                         # the scales are set now: a quantizer that passes nothing on kills the model
                         dead = diagnostics.dead_activation_quantizers(model, x[: min(len(x), 32)]) if gstep == 0 else []
@@ -881,6 +884,9 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
             record = {"stage": stage.name, "epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                       "train_acc": correct / max(seen, 1), "test_loss": test_loss, "test_acc": acc,
                       "epoch_time_s": train_time, "images_per_s": timed / max(train_time, 1e-9)}
+            if main_rank:  # the ternary codes' change rate over the epoch and their zero mass at its end
+                with quiet_floating_point():
+                    record.update(diagnostics.ternary_diagnostics(model, ternary, ternary_counter, epoch=True))
             compiled = ""
             if warmup_s is not None:  # the first epoch of this process: compile time kept apart
                 record["warmup_s"] = warmup_s

@@ -68,9 +68,10 @@ IMAGENET_OPTIONS = ("rand_augment", "mixup", "cutmix", "random_erasing")  # DeiT
 DTYPES = ("float32", "float64")
 
 
-def _f(group, help, default=None, shown=None):
-    """A TrainConfig field: its argparse group, help text and the default as --help shows it."""
-    return field(default=default, metadata={"group": group, "help": help,
+def _f(group, help, default=None, shown=None, choices=None):
+    """A TrainConfig field: its argparse group, help text, the default as --help shows it and the
+    values --help lists (choices; validate checks them)."""
+    return field(default=default, metadata={"group": group, "help": help, "choices": choices,
                                             "shown": shown if shown is not None else default})
 
 
@@ -96,8 +97,9 @@ class TrainConfig:
     image_size: int = _f("data", "resize images to this size", shown="the dataset's")
     limit_per_class: int = _f("data", "train on N images per class (GSB's small-data setting)", shown="all")
     fraction: float = _f("data", "or train on this fraction of every class, in (0, 1]", shown="all")
-    augment: str = _f("data", f"training augmentation, one of {', '.join(data.AUGMENT_MODES)} (not for imagenet: "
-                      "its DeiT switches are below)", shown="by dataset")
+    augment: str = _f("data", "training augmentation: a horizontal flip, a random crop of the zero-padded image, both, "
+                      "or none (not for imagenet: its DeiT switches are below)", shown="by dataset",
+                      choices=data.AUGMENT_MODES)
     crop_padding: int = _f("data", "pixels of zero padding on every side before the random crop",
                            shown="image size / 8, at least 1")
     workers: int = _f("data", "[imagenet] JPEG-decoding worker processes (per rank)", 4)
@@ -279,9 +281,11 @@ def recipe(cfg):
 
 def epochs_per_stage(cfg, stages=None):
     """{stage: epochs} of a resolved config's run (methods.stage_epochs, the budget rule), over
-    `stages` (default: recipe(cfg))."""
+    `stages` (default: recipe(cfg)); with --init-from the run trains the final stage alone, which
+    then gets all of --epochs."""
+    stages = stages or recipe(cfg)
     explicit = parse_stage_epochs(cfg.stage_epochs) if cfg.stage_epochs else None
-    return methods.stage_epochs(stages or recipe(cfg), cfg.epochs, cfg.teacher_epochs, explicit)
+    return methods.stage_epochs(stages[-1:] if cfg.init_from else stages, cfg.epochs, cfg.teacher_epochs, explicit)
 
 
 def stage_sources(cfg, stages):
@@ -992,7 +996,7 @@ def run(cfg):
 def _run_stages(cfg, train_set, test_set):
     stages = recipe(cfg)
     epochs = epochs_per_stage(cfg, stages)
-    quantized = [s.name for s in stages if not s.first]
+    quantized = [s.name for s in stages if not s.first and s.name in epochs]
     if quantized and sum(epochs[n] for n in quantized) > cfg.epochs and not cfg.stage_epochs:
         _say(distributed.current(), f"note: --epochs {cfg.epochs} cannot be split over the {len(quantized)} quantized "
              f"stages ({', '.join(quantized)}): each trains 1 epoch; give --epochs >= {len(quantized)} or --stage-epochs")
@@ -1033,7 +1037,7 @@ def _parser():
             group.add_argument(name, action="store_true", default=f.default, help=meta["help"] + shown)
             continue
         option = methods.OPTION_BY_NAME.get(f.name)
-        choices = option.choices if option is not None else None
+        choices = option.choices if option is not None else meta.get("choices")
         metavar = "{" + ",".join(choices) + "}" if choices else f.type.__name__.upper()
         group.add_argument(name, type=f.type, default=f.default, metavar=metavar,
                            help=f"{meta['help']} (default: {meta['shown']})")

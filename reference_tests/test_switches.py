@@ -382,3 +382,14 @@ def test_each_stage_trains_its_share_and_records_every_stage(tmp_path):
     assert _config(results, "binary")["stage_epochs"] == {"teacher": 1, "binary": 2}
     log = open(os.path.join(os.path.dirname(results["binary"][0]), "log.jsonl")).read()
     assert log.count('"test_acc"') == 2
+
+
+def test_init_from_trains_the_final_stage_for_all_the_epochs(tmp_path):
+    fp = train.run(tiny(tmp_path, "fp", method="fp", max_steps=1))["fp"][0]
+    results = train.run(tiny(tmp_path, method="tervit", init_from=fp, epochs=2))
+    assert list(results) == ["tervit"] and _config(results, "tervit")["stage_epochs"] == {"tervit": 2}
+    assert _config(results, "tervit")["init"] == {"checkpoint": fp}
+    log = open(os.path.join(os.path.dirname(results["tervit"][0]), "log.jsonl")).read()
+    assert log.count('"test_acc"') == 2
+    with pytest.raises(ValueError, match="not a stage of this run"):
+        train.resolve_config(tiny(tmp_path, method="tervit", init_from=fp, stage_epochs="tervit_w8a8=1"))

@@ -93,3 +93,17 @@ def test_quick_table_is_produced_and_reused(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{len(results)} finished before" in again.stderr
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+
+
+def test_eval_every_evaluates_every_nth_and_the_last_epoch(tmp_path):
+    from minibvit import train
+
+    args = ["--dataset", "synthetic", "--method", "fp", "--image-size", "16", "--patch-size", "8", "--embed-dim", "16",
+            "--depth", "1", "--num-heads", "2", "--limit-per-class", "4", "--batch-size", "8", "--epochs", "3",
+            "--eval-every", "2", "--out", str(tmp_path / "run")]
+    assert train.main(args) == 0
+    lines = (tmp_path / "run" / "fp" / "log.jsonl").read_text().splitlines()
+    epochs = [json.loads(line) for line in lines if '"train_acc"' in line]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    assert ["test_acc" in r for r in epochs] == [False, True, True]
+    assert train.main(args[:-4] + ["--eval-every", "0", "--out", str(tmp_path / "bad")]) == 2

@@ -80,6 +80,7 @@ class Setting:
     limit_per_class: int  # None: the full training split
     teacher_epochs: int
     epochs: int
+    eval_every: int = 1  # test evaluations: the last epoch, and every eval_every-th (the 10k test pass is dear)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ class Plan:
 FULL_PLAN = Plan(
     dataset="fashion-mnist",
     settings=(Setting("full", "full data (60,000 images)", None, teacher_epochs=15, epochs=2),
-              Setting("limited", "limited data (100 per class, GSB's setting)", 100, teacher_epochs=100, epochs=30)),
+              Setting("limited", "limited data (100 per class, GSB's setting)", 100, teacher_epochs=100, epochs=30,
+                      eval_every=10)),
     seeds=(0, 1, 2),
     common=(),
 )
@@ -211,6 +213,7 @@ def train_args(plan, setting, row, seed, out):
         args += ["--epochs", str(setting.teacher_epochs)]
     else:
         args += ["--epochs", str(setting.epochs), "--teacher", teacher_path(out, setting), "--kd", row.kd]
+    args += ["--eval-every", str(setting.eval_every)]
     args += [grs_default() if f == "GRS_DEFAULT" else f for f in row.flags]
     return args
 

@@ -157,6 +157,8 @@ class TrainConfig:
     save_every: int = _f("run", "steps between mid-epoch checkpoints", 200)
     log_every: int = _f("run", "steps between diagnostic records", 10)
     eval_batch_size: int = _f("run", "evaluation batch size", 256)
+    eval_every: int = _f("run", "epochs between test evaluations (the last epoch is always evaluated; "
+                         "best.safetensors is the best evaluated epoch)", 1)
     resume: bool = _f("run", "continue every stage from its last.safetensors", False)
     max_steps: int = _f("run", "stop each stage after this many steps (smoke tests)", shown="no limit")
     dtype: str = _f("run", f"floating type of the weights and the arithmetic, one of {', '.join(DTYPES)} "
@@ -177,7 +179,7 @@ class TrainConfig:
         need(self.model is None or self.model in PRESETS, f"--model must be one of {sorted(PRESETS)}, got {self.model!r}")
         for name in ("epochs", "teacher_epochs", "batch_size", "image_size", "patch_size", "embed_dim", "depth",
                      "num_heads", "limit_per_class", "save_every", "log_every", "crop_padding",
-                     "eval_batch_size", "max_steps", "accum_steps", "workers"):
+                     "eval_batch_size", "eval_every", "max_steps", "accum_steps", "workers"):
             v = getattr(self, name)
             need(v is None or (isinstance(v, int) and v >= 1), f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         for name in ("lr", "kd_temperature"):
@@ -884,9 +886,11 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
             bar.close()
             train_time = time.perf_counter() - t0
             predicted = set()
-            acc, test_loss = evaluate(model, test_set, cfg.eval_batch_size, predicted, comm)
+            stop_now = bool(cfg.max_steps and done_steps >= cfg.max_steps)
+            evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 >= epochs or stop_now
+            acc, test_loss = evaluate(model, test_set, cfg.eval_batch_size, predicted, comm) if evaluated else (None, None)
             record = {"stage": stage.name, "epoch": epoch, "train_loss": loss_sum / max(seen, 1),
-                      "train_acc": correct / max(seen, 1), "test_loss": test_loss, "test_acc": acc,
+                      "train_acc": correct / max(seen, 1), **({"test_loss": test_loss, "test_acc": acc} if evaluated else {}),
                       "epoch_time_s": train_time, "images_per_s": timed / max(train_time, 1e-9)}
             if main_rank:  # the ternary codes' change rate over the epoch and their zero mass at its end
                 with quiet_floating_point():
@@ -898,7 +902,8 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
                 warmup_s = None
             log.write(json.dumps(record) + "\n")
             _say(comm, f"[{stage.name}] epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f} acc "
-                 f"{record['train_acc']:.4f} | test acc {acc:.4f} | {train_time:.0f}s, {record['images_per_s']:.0f} "
+                 f"{record['train_acc']:.4f} | test acc {'-' if acc is None else f'{acc:.4f}'} | {train_time:.0f}s, "
+                 f"{record['images_per_s']:.0f} "
                  f"img/s{compiled}")
             if len(predicted) == 1 and test_set.num_classes > 1 and main_rank:
                 (only,) = predicted
@@ -907,8 +912,7 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
             log.flush()
             epoch, start_step = epoch + 1, 0
             sums = {"seen": 0, "correct": 0, "loss_sum": 0.0}
-            stop_now = bool(cfg.max_steps and done_steps >= cfg.max_steps)
-            if acc > best_acc:
+            if evaluated and acc > best_acc:
                 best_acc = acc
                 save_state(best_path, {**meta, "epoch": epoch, "step": 0, "best_acc": best_acc, "complete": True})
             save_last(epoch, 0, complete=epoch >= epochs or stop_now)

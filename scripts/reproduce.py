@@ -95,7 +95,7 @@ FULL_PLAN = Plan(
     dataset="fashion-mnist",
     settings=(Setting("full", "full data (60,000 images)", None, teacher_epochs=15, epochs=2),
               Setting("limited", "limited data (100 per class, GSB's setting)", 100, teacher_epochs=100, epochs=30,
-                      eval_every=10)),
+                      eval_every=30)),
     seeds=(0, 1, 2),
     common=(),
 )
@@ -259,23 +259,53 @@ def run_one(job):
     return result
 
 
+STOPPED = 130  # train.main's exit code after Ctrl-C (it saved the run first)
+
+
 def run_all(jobs, n_jobs, say):
-    """Run the jobs (teachers first: students need them); returns every result."""
+    """Run the jobs, teachers first (the students of a setting need its teacher); after Ctrl-C (every
+    running job saves and returns STOPPED) nothing new starts. Returns every result."""
+    import signal
+
     results = []
+    stopped = False
+
+    def note(result):
+        nonlocal stopped
+        results.append(result)
+        stopped = stopped or result.get("error") == STOPPED
+        say(result)
+
     first = [j for j in jobs if j[2].key == "fp"]
     rest = [j for j in jobs if j[2].key != "fp"]
     for batch in (first, rest):
+        if batch is rest:  # a student without its teacher cannot run
+            missing = {j[1].key for j in rest if not os.path.exists(teacher_path(j[4], j[1]))}
+            for j in [j for j in rest if j[1].key in missing]:
+                note({"row": j[2].key, "setting": j[1].key, "seed": j[3], "error": "no teacher",
+                      "dir": run_dir(j[4], j[1], j[2], j[3])})
+            batch = [j for j in rest if j[1].key not in missing]
+        if stopped:
+            break
         if n_jobs == 1:
             for job in batch:
-                results.append(run_one(job))
-                say(results[-1])
+                note(run_one(job))
+                if stopped:
+                    break
             continue
-        with ProcessPoolExecutor(max_workers=n_jobs) as pool:
-            futures = [pool.submit(run_one, job) for job in batch]
-            for fut in as_completed(futures):
-                results.append(fut.result())
-                say(results[-1])
-    return results
+        # the workers get Ctrl-C from the terminal and save; this process waits for them
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            with ProcessPoolExecutor(max_workers=n_jobs) as pool:
+                futures = [pool.submit(run_one, job) for job in batch]
+                for fut in as_completed(futures):
+                    note(fut.result())
+                    if stopped:
+                        for other in futures:
+                            other.cancel()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    return results, stopped
 
 
 # ------------------------------------------------------------------------------------------------
@@ -510,8 +540,10 @@ def main(argv=None):
                 print(f"{result['setting']}/{result['row']}/seed{result['seed']}: test acc {result['test_acc']:.4f} "
                       f"({result['wall_s']:.0f}s)", file=sys.stderr)
 
-        run_all(jobs, args.jobs, say)
-        if failed:
+        _, stopped = run_all(jobs, args.jobs, say)
+        if stopped:
+            print("stopped: the running jobs saved; run the same command again to continue", file=sys.stderr)
+        elif failed:
             print(f"{len(failed)} runs failed; the report lists them as missing", file=sys.stderr)
     write_report(out, plan, rows, doc, png, time.perf_counter() - t0, args.quick)
     print(f"wrote {doc}" + (f" and {png}" if png else ""), file=sys.stderr)

@@ -34,9 +34,12 @@ precision. LayerNorm, softmax, GELU and residual adds are full precision in ever
 
 Options (TrainConfig fields) that do not apply to a method are refused (check_options): GRS options
 apply to every method with binarized weights (GRS composes with any binary method), ASM options to
-methods with an ASM, GSB options to methods with GSB quantizers, soft-KD options to methods with a
-soft-distilled stage. GRS is on by default only in stages that declare the hook (BinaryViT's);
-giving --grs-lambda turns it on (or off, with 0) in every binarized stage of the method.
+methods with elastic activation binarizers (ASM composes with any binary method: --asm on), GSB
+options to methods with GSB quantizers, soft-KD options to methods with a soft-distilled stage. GRS
+is on by default only in stages that declare the hook (BinaryViT's); giving --grs-lambda turns it on
+(or off, with 0) in every binarized stage of the method. ASM is on by default only where a table
+declares it (asm:<spec>, BinaryViT's); --asm off removes it (the method without ASM, bit for bit),
+--asm on puts it where --asm-where says; ASM's other switches are refused while ASM is off.
 """
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -359,7 +362,8 @@ def asm_default(method):
 
 
 def check_binaryvit_options(method, given):
-    """Refuse GRS / ASM option values that cannot work: ASM's switches while ASM is off, negative epochs. method: a Method; given: as check_options'."""
+    """Refuse GRS / ASM option values that cannot work: ASM's switches while ASM is off, negative
+    epochs. method: a Method; given: as check_options'."""
     asm_on = given.get("asm") == "on" or (given.get("asm") is None and asm_default(method))
     idle = [n for n in ("asm_center", "asm_momentum", "asm_where", "asm_scale") if given.get(n) is not None]
     if idle and not asm_on:

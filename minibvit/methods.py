@@ -39,9 +39,12 @@ precision. LayerNorm, softmax, GELU and residual adds are full precision in ever
 
 Options (TrainConfig fields) that do not apply to a method are refused (check_options): GRS options
 apply to every method with binarized weights (GRS composes with any binary method), ASM options to
-methods with an ASM, GSB options to methods with GSB quantizers, soft-KD options to methods with a
-soft-distilled stage. GRS is on by default only in stages that declare the hook (BinaryViT's);
-giving --grs-lambda turns it on (or off, with 0) in every binarized stage of the method.
+methods with elastic activation binarizers (ASM composes with any binary method: --asm on), GSB
+options to methods with GSB quantizers, soft-KD options to methods with a soft-distilled stage. GRS
+is on by default only in stages that declare the hook (BinaryViT's); giving --grs-lambda turns it on
+(or off, with 0) in every binarized stage of the method. ASM is on by default only where a table
+declares it (asm:<spec>, BinaryViT's); --asm off removes it (the method without ASM, bit for bit),
+--asm on puts it where --asm-where says; ASM's other switches are refused while ASM is off.
 """
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
@@ -230,7 +233,7 @@ def option_groups(stages):
     groups = set()
     if any(_binarizes_weights(s) for s in specs):
         groups.add("grs")
-    if any(s.startswith("asm:") for s in specs):
+    if any(_takes_asm(s) for s in specs):
         groups.add("asm")
     if specs & set(EXTRA_SPECS):
         groups.add("gsb")
@@ -239,6 +242,11 @@ def option_groups(stages):
     if any(s.kd == "soft" for s in stages):
         groups.add("kd_soft")
     return groups
+
+
+def _takes_asm(spec):
+    """An activation binarizer ASM can sit in front of (--asm on), or one that has an ASM."""
+    return spec.startswith(("asm:", "a_elastic"))
 
 
 def _binarizes_weights(spec):
@@ -328,10 +336,28 @@ OPTIONS = (
            shown=f"{binaryvit.GRS_DEFAULT_LAMBDA:g} in binaryvit's stage, off elsewhere"),
     Option("grs_variant", "grs", binaryvit.GRS_DEFAULT_VARIANT, "GRS penalty", binaryvit.GRS_VARIANTS),
     Option("grs_warmup_epochs", "grs", binaryvit.GRS_DEFAULT_WARMUP_EPOCHS,
-           "epochs of linear warm-up of the GRS strength from 0"),
-    Option("asm_center", "asm", binaryvit.ASM_DEFAULT_CENTER, "ASM data-driven centre", binaryvit.ASM_CENTERS),
+           "epochs of linear warm-up of the GRS strength from 0, counted from --grs-start-epoch"),
+    Option("grs_start_epoch", "grs", binaryvit.GRS_DEFAULT_START_EPOCH,
+           "epoch of the stage at which GRS starts (0: its first step; a late onset leaves the signs free first)"),
+    Option("grs_schedule", "grs", binaryvit.GRS_DEFAULT_SCHEDULE,
+           "GRS strength over the stage after the onset: constant, or annealed with a half cosine down to 0 or up "
+           "from 0 (times the warm-up)", binaryvit.GRS_SCHEDULES),
+    Option("grs_layer_norm", "grs", binaryvit.GRS_DEFAULT_LAYER_NORM,
+           "per-layer GRS strength lam * f_l / mean(f): f = 1, 1 / the layer's mean|W| (scale), sqrt(fan-in)",
+           binaryvit.GRS_LAYER_NORMS),
+    Option("grs_flip_window", "grs", binaryvit.GRS_DEFAULT_FLIP_WINDOW,
+           "regularize only the weights whose sign flipped within the last this many epochs (0: every weight)"),
+    Option("asm", "asm", None, "ASM in front of the activation binarizers (off: exactly the method without ASM)",
+           ("on", "off"), shown="on for binaryvit, off elsewhere"),
+    Option("asm_center", "asm", binaryvit.ASM_DEFAULT_CENTER,
+           "ASM data-driven centre (shift: no centre, the learnable shift alone; no ASM at all is --asm off)", binaryvit.ASM_CENTERS),
     Option("asm_momentum", "asm", binaryvit.ASM_DEFAULT_MOMENTUM,
            "ASM running-centre EMA momentum, in (0, 1]"),
+    Option("asm_where", "asm", binaryvit.ASM_DEFAULT_PLACEMENT,
+           "which activation binarizers get an ASM: all but the attention probabilities, the block linears' "
+           "inputs, Q/K/V, or the signed ones", binaryvit.ASM_PLACEMENTS),
+    Option("asm_scale", "asm", "on" if binaryvit.ASM_DEFAULT_SCALE else "off",
+           "a learned per-channel scale in the ASM in front of each signed binarizer (its STE window)", ("on", "off")),
     Option("gsb_mode", "gsb", gsb.GSB_MODES[0], "GSB gradients: the official code's or our principled STEs",
            gsb.GSB_MODES),
     Option("gsb_max_over", "gsb", gsb.GSB_MAX_OVER[0],
@@ -366,6 +392,7 @@ def check_options(method, given):
     m = get_method(method)
     given = {name: value for name, value in given.items() if value is not None and value is not False}
     _refuse(method, [name for name in given if name not in m.options], m.options)
+    check_binaryvit_options(m, given)
     groups = option_groups(recipe(method, given.get("kd"), bool(given.get("tervit_direct"))))
     kd = given.get("kd") or m.distillation
     _refuse(f"{method} with --kd {kd}", [n for n in given if OPTION_BY_NAME[n].group == "kd_soft" and
@@ -433,6 +460,27 @@ def stage_epochs(stages, epochs, teacher_epochs=None, explicit=None):
     return {n: out[n] for n in names}
 
 
+def asm_default(method):
+    """Whether ASM is on in a method when --asm is not given: where one of its tables declares it."""
+    return any(s.startswith("asm:") for t in method.tables for s in t.specs())
+
+
+def check_binaryvit_options(method, given):
+    """Refuse GRS / ASM option values that cannot work: ASM's switches while ASM is off, negative
+    epochs. method: a Method; given: as check_options'."""
+    asm_on = given.get("asm") == "on" or (given.get("asm") is None and asm_default(method))
+    idle = [n for n in ("asm_center", "asm_momentum", "asm_where", "asm_scale") if given.get(n) is not None]
+    if idle and not asm_on:
+        flags = ", ".join("--" + n.replace("_", "-") for n in idle)
+        raise ValueError(f"{flags} do(es) not apply to --method {method.name} with ASM off"
+                         f"{' (its default)' if given.get('asm') is None else ''}; add --asm on or remove "
+                         f"{'it' if len(idle) == 1 else 'them'}")
+    for name in ("grs_start_epoch", "grs_flip_window"):
+        v = given.get(name)
+        if v is not None and not (isinstance(v, (int, float)) and v >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a number of epochs >= 0, got {v!r}")
+
+
 def grs_strength(stage, grs_lambda):
     """The GRS lambda of a stage: the given --grs-lambda, else GRS's default where the stage declares
     the hook, else 0 (off)."""
@@ -449,14 +497,21 @@ def grs_strength(stage, grs_lambda):
 class QuantizerOptions:
     """Switches that choose among a quantizer's variants (stored in checkpoints as "scheme_options")."""
 
+    asm: str = None  # "on", "off", or None: as the table declares (asm:<spec> entries)
     asm_center: str = binaryvit.ASM_DEFAULT_CENTER  # binaryvit.ASM_CENTERS
     asm_momentum: float = binaryvit.ASM_DEFAULT_MOMENTUM
+    asm_where: str = binaryvit.ASM_DEFAULT_PLACEMENT  # binaryvit.ASM_PLACEMENTS
+    asm_scale: str = "on" if binaryvit.ASM_DEFAULT_SCALE else "off"
     gsb_mode: str = gsb.GSB_MODES[0]  # "official" (the published code's gradients) or "principled"
     gsb_max_over: str = gsb.GSB_MAX_OVER[0]  # GSB attention masks: max over the whole "tensor" or per "row"
     ternary_granularity: str = tervit.TERNARY_GRANULARITIES[0]  # ternary weights per output "channel" or "tensor"
 
     def __post_init__(self):
-        check_choice(self.asm_center, binaryvit.ASM_CENTERS, "asm_center")
+        if self.asm is not None:
+            check_choice(self.asm, ("on", "off"), "asm")
+        binaryvit.check_asm_center(self.asm_center)
+        check_choice(self.asm_where, binaryvit.ASM_PLACEMENTS, "asm_where")
+        check_choice(self.asm_scale, ("on", "off"), "asm_scale")
         check_choice(self.gsb_mode, gsb.GSB_MODES, "gsb_mode")
         check_choice(self.gsb_max_over, gsb.GSB_MAX_OVER, "gsb_max_over")
         check_choice(self.ternary_granularity, tervit.TERNARY_GRANULARITIES, "ternary_granularity")
@@ -517,7 +572,10 @@ def build_quantizers(cfg, table, overrides=None, options=None, dtype="float32"):
     """Fresh quantizer objects {role: quantizer} for a model config and quantizer table."""
     options = options or QuantizerOptions()
     out = {}
-    for role, spec in resolve(cfg, table, overrides, options).items():
+    specs = resolve(cfg, table, overrides, options)
+    asm_on = options.asm == "on" or (options.asm is None and any(s.startswith("asm:") for s in specs.values()))
+    for role, spec in specs.items():
+        spec = asm_spec(role, spec, options.asm_where if asm_on else None)
         if spec == "gsb_attn":
             q = gsb.GSBAttnQuantizer(cfg.num_heads, cfg.num_tokens, mode=options.gsb_mode,
                                      max_over=options.gsb_max_over, dtype=dtype)
@@ -525,12 +583,20 @@ def build_quantizers(cfg, table, overrides=None, options=None, dtype="float32"):
             q = gsb.GSBValueQuantizer(cfg.num_heads, cfg.embed_dim // cfg.num_heads, mode=options.gsb_mode,
                                       dtype=dtype)
         elif spec.startswith("asm:"):
-            q = binaryvit.ASM(quant.make_quantizer(spec[4:], dtype=dtype), _channels(cfg, role),
-                              center=options.asm_center, momentum=options.asm_momentum, dtype=dtype)
+            inner = quant.make_quantizer(spec[4:], dtype=dtype)
+            q = binaryvit.ASM(inner, _channels(cfg, role), center=options.asm_center, momentum=options.asm_momentum,
+                              dtype=dtype, scale=options.asm_scale == "on" and getattr(inner, "signed", False))
         else:
             q = quant.make_quantizer(spec, dtype=dtype)
         out[role] = q
     return out
+
+
+def asm_spec(role, spec, where):
+    """The spec of `role` with ASM on under placement `where` (binaryvit.asm_placement) or, where=None,
+    off: "asm:<base>" where ASM sits, the bare <base> elsewhere."""
+    base = spec[4:] if spec.startswith("asm:") else spec
+    return f"asm:{base}" if where is not None and binaryvit.asm_placement(role, spec, where) else base
 
 
 def binarized_weight_roles(quantizers):
@@ -543,12 +609,27 @@ def ternary_weight_roles(quantizers):
     return [role for role, q in quantizers.items() if isinstance(q, quant.Ternarizer)]
 
 
+def grs_settings(cfg, steps_per_epoch, epochs):
+    """gradient_hooks' GRS keywords from a resolved TrainConfig (its grs_* fields, epochs as steps)."""
+    return dict(grs_lambda=cfg.grs_lambda, grs_variant=cfg.grs_variant,
+                grs_warmup_steps=int(cfg.grs_warmup_epochs * steps_per_epoch),
+                grs_start_step=int(round(cfg.grs_start_epoch * steps_per_epoch)),
+                total_steps=epochs * steps_per_epoch, grs_schedule=cfg.grs_schedule,
+                grs_layer_norm=cfg.grs_layer_norm,
+                grs_flip_window_steps=int(round(cfg.grs_flip_window * steps_per_epoch)))
+
+
 def gradient_hooks(stage, quantizers, grs_lambda=None, grs_variant=binaryvit.GRS_DEFAULT_VARIANT,
-                   grs_warmup_steps=0):
+                   grs_warmup_steps=0, grs_start_step=0, total_steps=None,
+                   grs_schedule=binaryvit.GRS_DEFAULT_SCHEDULE, grs_layer_norm=binaryvit.GRS_DEFAULT_LAYER_NORM,
+                   grs_flip_window_steps=0):
     """The gradient hooks a stage runs after backward: [binaryvit.GRSHook] when its GRS strength
-    (grs_strength) is > 0 and it has binarized weights, else []. Each hook is called hook(model, step)."""
+    (grs_strength) is > 0 and it has binarized weights, else []. Each hook is called hook(model, step).
+    The trainer passes grs_settings(cfg, steps_per_epoch, epochs)."""
     lam = grs_strength(stage, grs_lambda)
     roles = binarized_weight_roles(quantizers)
     if lam > 0 and roles:
-        return [binaryvit.GRSHook(roles, lam, grs_variant, grs_warmup_steps)]
+        return [binaryvit.GRSHook(roles, lam, grs_variant, grs_warmup_steps, start_step=grs_start_step,
+                                  total_steps=total_steps, schedule=grs_schedule, layer_norm=grs_layer_norm,
+                                  flip_window=grs_flip_window_steps)]
     return []

@@ -145,8 +145,15 @@ class TrainConfig:
     grs_lambda: float = _m("grs_lambda")
     grs_variant: str = _m("grs_variant")
     grs_warmup_epochs: float = _m("grs_warmup_epochs")
+    grs_start_epoch: float = _m("grs_start_epoch")
+    grs_schedule: str = _m("grs_schedule")
+    grs_layer_norm: str = _m("grs_layer_norm")
+    grs_flip_window: float = _m("grs_flip_window")
+    asm: str = _m("asm")
     asm_center: str = _m("asm_center")
     asm_momentum: float = _m("asm_momentum")
+    asm_where: str = _m("asm_where")
+    asm_scale: str = _m("asm_scale")
     gsb_mode: str = _m("gsb_mode")
     gsb_max_over: str = _m("gsb_max_over")
     ternary_granularity: str = _m("ternary_granularity")
@@ -324,7 +331,8 @@ def model_config(cfg, distilled, num_classes, in_chans, image_size):
 
 def quantizer_options(cfg):
     """The quantizer switches of a resolved config (stored in checkpoints as "scheme_options")."""
-    return methods.QuantizerOptions(asm_center=cfg.asm_center, asm_momentum=cfg.asm_momentum,
+    return methods.QuantizerOptions(asm=cfg.asm, asm_center=cfg.asm_center, asm_momentum=cfg.asm_momentum,
+                                    asm_where=cfg.asm_where, asm_scale=cfg.asm_scale,
                                     gsb_mode=cfg.gsb_mode, gsb_max_over=cfg.gsb_max_over,
                                     ternary_granularity=cfg.ternary_granularity)
 
@@ -683,8 +691,7 @@ def _warm_up(model, cfg, stage, x, y, teacher, steps):
     t0 = time.perf_counter()
     scratch = copy.deepcopy(model)
     opt = AdamW(scratch.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    hooks = methods.gradient_hooks(stage, scratch.quantizers, cfg.grs_lambda, cfg.grs_variant,
-                                   int(cfg.grs_warmup_epochs * steps))
+    hooks = methods.gradient_hooks(stage, scratch.quantizers, **methods.grs_settings(cfg, steps, cfg.epochs))
     try:
         train_step(scratch, opt, x, y, lr=cfg.lr, rng=np.random.default_rng(0), loss_fn=_warm_up_loss, teacher=teacher,
                    hooks=hooks, step=0, clip_grad=cfg.clip_grad)
@@ -726,8 +733,7 @@ def train_stage(cfg, stage, out_dir, train_set, test_set, init_state=None, teach
     warmup = int(round(cfg.warmup_epochs * steps))
     binarized = methods.binarized_weight_roles(model.quantizers)
     ternary = methods.ternary_weight_roles(model.quantizers)
-    hooks = methods.gradient_hooks(stage, model.quantizers, cfg.grs_lambda, cfg.grs_variant,
-                                   int(cfg.grs_warmup_epochs * steps))
+    hooks = methods.gradient_hooks(stage, model.quantizers, **methods.grs_settings(cfg, steps, epochs))
     meta = {"kind": "minibvit-train", "model_config": model_cfg.to_dict(), "scheme": stage.table,
             "scheme_options": dataclasses.asdict(options), "stage": stage.name, "method": cfg.method,
             "gradient_hooks": [repr(h) for h in hooks], "kd": stage.kd, "distilled": stage.distilled,

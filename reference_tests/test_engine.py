@@ -81,7 +81,7 @@ def assert_bit_exact(model, eng, x):
     ("binaryvit", "median", WIDE_HEADS),
     ("binaryvit", "token", BASE),
     ("binaryvit", "token", WIDE_HEADS),
-    ("binaryvit", "none", BASE),
+    ("binaryvit", "shift", BASE),
     ("binaryvit", "mean", dict(BASE, global_pool="mean", gelu_approximate="tanh", qkv_bias=False)),
     ("binary", "mean", dict(BASE, distilled=True)),
     ("tervit", "mean", BASE),

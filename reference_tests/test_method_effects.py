@@ -23,8 +23,8 @@ def run_stage(tmp_path, tag, scheme, **kw):
 
 
 def test_grs_reduces_flip_rate_and_near_zero_mass(tmp_path):
-    base = run_stage(tmp_path, "lam0", "binaryvit", grs_lambda=0.0, asm_center="none")
-    grs = run_stage(tmp_path, "lam", "binaryvit", grs_lambda=0.05, asm_center="none", grs_warmup_epochs=0.5)
+    base = run_stage(tmp_path, "lam0", "binaryvit", grs_lambda=0.0, asm_center="shift")
+    grs = run_stage(tmp_path, "lam", "binaryvit", grs_lambda=0.05, asm_center="shift", grs_warmup_epochs=0.5)
     half = len(base) // 2
     flips_base = np.mean([r["flip_rate"] for r in base[half:]])
     flips_grs = np.mean([r["flip_rate"] for r in grs[half:]])

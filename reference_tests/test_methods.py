@@ -20,7 +20,7 @@ from adapter import methods, quant  # noqa: E402
 # The option lists of the contract, hard-coded (never read from the implementation under test).
 GSB_MODES = ("official", "principled")
 GSB_MAX_OVER = ("tensor", "row")
-ASM_CENTERS = ("mean", "median", "token", "none")
+ASM_CENTERS = ("mean", "median", "token", "shift")
 
 EPS = 1e-5  # profile minibvit's alpha clamp (the GSB references read the selected profile's, see P())
 F64 = dict(rtol=1e-10, atol=1e-12)
@@ -761,8 +761,8 @@ def test_asm_state_fold_and_errors():
     assert "running_center" not in token.buffers
     with pytest.raises(ValueError, match="token"):
         methods.asm_fold_threshold(token)
-    none = methods.ASM(quant.ElasticBinarizer(dtype=np.float64), 3, center="none", dtype=np.float64)
-    assert_exact(methods.asm_fold_threshold(none), np.zeros(3), "center none: threshold = shift")
+    shift = methods.ASM(quant.ElasticBinarizer(dtype=np.float64), 3, center="shift", dtype=np.float64)
+    assert_exact(methods.asm_fold_threshold(shift), np.zeros(3), "center shift: threshold = shift")
     with pytest.raises(ValueError, match="collide"):
         methods.ASM(quant.Shifted(quant.ElasticBinarizer(), 3), 3)
     with pytest.raises(ValueError, match="center"):

@@ -184,7 +184,7 @@ def test_tervit_matches_torch(method):
     compare_method(method)
 
 
-@pytest.mark.parametrize("center", ["mean", "median", "token", "none"])
+@pytest.mark.parametrize("center", ["mean", "median", "token", "shift"])
 def test_binaryvit_matches_torch(center):
     compare_method("binaryvit", options=schemes.SchemeOptions(asm_center=center, asm_momentum=0.25))
 

@@ -255,7 +255,7 @@ class ActivationShift(QuantModule):
         set by the first training batch, then c <- (1 - m) c + m stat, updated before quantizing in
         training, frozen in eval, constant in backward;
     "token": each token's own mean over its C channels (differentiated through);
-    "none": 0.
+    "shift": 0 (the learnable shift alone).
     The inner binarizer's params are registered under their own names ("alpha")."""
 
     def __init__(self, inner, channels, center, momentum, dtype):

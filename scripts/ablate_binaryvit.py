@@ -85,7 +85,8 @@ def collect(out):
                     continue
                 stage_dir = os.path.join(root, stages[0])
                 last = json.load(open(os.path.join(stage_dir, "config.json")))["train_config"]["epochs"]
-                epochs = [json.loads(line) for line in open(os.path.join(stage_dir, "log.jsonl")) if '"test_acc"' in line]
+                with open(os.path.join(stage_dir, "log.jsonl")) as f:
+                    epochs = [json.loads(line) for line in f if '"test_acc"' in line]
                 if len(epochs) < last:
                     continue  # unfinished
                 entry = results.setdefault(f"{lpc}/{variant}", {"flags": " ".join(VARIANTS.get(variant, ["?"])),

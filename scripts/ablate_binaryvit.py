@@ -5,7 +5,8 @@
 
 Every student is the final stage of its method (3 epochs by default), distilled from --teacher, on
 Fashion-MNIST with --limit-per-class images per class; test accuracy on the full test split. Each run
-goes to <out>/<variant>/seed<k>/ and a finished run is reused, so an interrupted ablation continues.
+goes to <out>/lpc<N>/<variant>/seed<k>/; a finished run is reused and an unfinished one resumed, so an
+interrupted ablation continues.
 Prints and writes <out>/ablation.json: per variant the accuracies per seed, mean, std and the
 difference to the `binary` baseline.
 """
@@ -61,7 +62,7 @@ def main(argv=None):
                 out = os.path.join(args.out, f"lpc{args.limit_per_class}", variant, f"seed{seed}")
                 flags = VARIANTS[variant] + ["--dataset", "fashion-mnist", "--limit-per-class",
                                              str(args.limit_per_class), "--epochs", str(args.epochs), "--seed",
-                                             str(seed), "--teacher", args.teacher, "--out", out]
+                                             str(seed), "--teacher", args.teacher, "--out", out, "--resume"]
                 t0 = time.time()
                 res = train.run(train.TrainConfig(**vars(train._parser().parse_args(flags))))
                 (stage,) = [s for s in res if s != "teacher"]
@@ -85,7 +86,8 @@ def collect(out):
                     continue
                 stage_dir = os.path.join(root, stages[0])
                 last = json.load(open(os.path.join(stage_dir, "config.json")))["train_config"]["epochs"]
-                epochs = [json.loads(line) for line in open(os.path.join(stage_dir, "log.jsonl")) if '"test_acc"' in line]
+                with open(os.path.join(stage_dir, "log.jsonl")) as f:
+                    epochs = [json.loads(line) for line in f if '"test_acc"' in line]
                 if len(epochs) < last:
                     continue  # unfinished
                 entry = results.setdefault(f"{lpc}/{variant}", {"flags": " ".join(VARIANTS.get(variant, ["?"])),

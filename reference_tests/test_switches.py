@@ -393,3 +393,12 @@ def test_init_from_trains_the_final_stage_for_all_the_epochs(tmp_path):
     assert log.count('"test_acc"') == 2
     with pytest.raises(ValueError, match="not a stage of this run"):
         train.resolve_config(tiny(tmp_path, method="tervit", init_from=fp, stage_epochs="tervit_w8a8=1"))
+
+
+def test_per_tensor_ternary_exports_and_runs_bit_exact_in_the_packed_engine(tmp_path):
+    from test_engine import assert_bit_exact, exported, images
+
+    model, eng, _ = exported(tmp_path, "tervit", ternary_granularity="tensor")
+    role = "blocks.0.mlp.fc1.weight"
+    assert eng.options.ternary_granularity == "tensor" and not model.quantizers[role].per_channel
+    assert_bit_exact(model, eng, images(model.cfg, 5))

@@ -7,7 +7,7 @@
 # the progressive 8-bit -> ternary schedule and channel-wise ternarization, no hyper-parameters.
 # - fp stage: DeiT's DeiT-S recipe (Touvron et al. 2021; see binaryvit_deit_s.sh), 300 epochs.
 #   minibvit's tervit recipe reuses the finished <OUT>/fp stage.
-# - 8-bit and ternary stages (OUR CHOICE): 150 epochs each (one --epochs covers both stages), global
+# - 8-bit and ternary stages (OUR CHOICE): 150 epochs each (--stage-epochs), global
 #   batch 1024, lr 5e-4 (each stage starts from trained weights), weight decay 0.05, 2 warm-up epochs,
 #   cosine to 1e-5, DeiT's augmentation, clipping at 5 (minibvit's default), no distillation.
 RECIPE=tervit_deit_s
@@ -20,6 +20,7 @@ estimate tervit "fp=$FP_EPOCHS,tervit_w8a8=$EPOCHS,tervit=$EPOCHS"
 train --method fp --out "$OUT" --epochs "$FP_EPOCHS" --batch-size 1024 --lr 1e-3 \
     --weight-decay 0.05 --warmup-epochs 5 --min-lr 1e-5 --drop-path 0.1 --label-smoothing 0.1 --clip-grad 0 \
     --rand-augment 2 --mixup 0.8 --cutmix 1.0 --random-erasing 0.25 --resume
-train --method tervit --out "$OUT" --epochs "$EPOCHS" --batch-size 1024 --lr 5e-4 \
+train --method tervit --out "$OUT" --epochs "$EPOCHS" --stage-epochs "tervit_w8a8=$EPOCHS,tervit=$EPOCHS" \
+    --batch-size 1024 --lr 5e-4 \
     --weight-decay 0.05 --warmup-epochs 2 --min-lr 1e-5 --drop-path 0.1 --label-smoothing 0.1 --clip-grad 5 \
     --rand-augment 2 --mixup 0.8 --cutmix 1.0 --random-erasing 0.25 --resume

@@ -188,7 +188,8 @@ assert np.all(per_tensor[0] == 0) and np.all(channel_error(per_channel) < 0.6)
 
 # %%
 stage_epochs = pick(5, 2)
-progressive = train.run(train.TrainConfig(method="tervit", epochs=stage_epochs, teacher_epochs=fp_epochs, **common))
+# `epochs` is the total of the quantized stages (the budget rule): stage_epochs for each of the two
+progressive = train.run(train.TrainConfig(method="tervit", epochs=2 * stage_epochs, teacher_epochs=fp_epochs, **common))
 fp_checkpoint = f"{common['out']}/fp/best.safetensors"
 direct = {}
 for epochs in (stage_epochs, 2 * stage_epochs):

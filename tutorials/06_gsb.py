@@ -67,7 +67,8 @@ torch.set_default_dtype(torch.float64)
 #   distillation token.
 #
 # Every stage gets the same number of optimizer steps whatever $L$ (more epochs for less data): 1200
-# for the teacher, 600 for each binary stage (40 and 20 in fast mode). These are tiny runs: a 64-wide,
+# for the teacher, 600 for each binary stage (40 and 20 in fast mode). (The trainer's `epochs` is the
+# total of a method's quantized stages, so GSB's two stages are given theirs by name, `stage_epochs`.) These are tiny runs: a 64-wide,
 # 2-block ViT (32-wide, 1 block in fast mode) on a synthetic task.
 
 # %%
@@ -82,8 +83,10 @@ for limit in limits:
                   limit_per_class=limit, teacher_epochs=round(teacher_steps / steps_per_epoch),
                   epochs=round(stage_steps / steps_per_epoch), **model_size)
     configs[limit] = config
+    per_stage = config["epochs"]
     results[limit] = {**train.run(train.TrainConfig(method="binary", **config)),
-                      **train.run(train.TrainConfig(method="gsb", **config))}
+                      **train.run(train.TrainConfig(method="gsb", stage_epochs=f"gsb_stage1={per_stage},gsb={per_stage}",
+                                                    **config))}
 
 print(f"{'images per class':>16s} " + " ".join(f"{stage:>10s}" for stage in ("teacher", "binary", "gsb_stage1", "gsb")))
 for limit, res in results.items():

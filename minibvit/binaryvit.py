@@ -215,7 +215,7 @@ def check_asm_center(center):
     if center == "none":
         raise ValueError("ASM centre 'none' was renamed 'shift' (c = 0, the learnable shift alone); "
                          "for no ASM at all use --asm off (QuantizerOptions(asm='off'))")
-    check_choice(center, ASM_CENTERS, "ASM center")
+    check_choice(center, ASM_CENTERS, "asm_center")
 
 
 class ASM:

@@ -465,7 +465,8 @@ def plot(out, plan, rows, table, png):
     if finite:
         ax.set_xlim(max(0, min(finite) - 5), min(100, max(finite) + 2))
     ax.legend(fontsize=8)
-    setting = plan.settings[0]
+    ran = [s for s in plan.settings if any((s.key, k) in table for k in MECHANISM_ROWS)]
+    setting = ran[0] if ran else plan.settings[0]  # the first setting whose mechanism rows ran
     for ax, key, title in ((axes[1], "flip_rate", "sign-flip rate of the binarized weights"),
                            (axes[2], "sign_entropy", "sign entropy of the activation binarizers (bits)")):
         for key_row in MECHANISM_ROWS:

@@ -384,7 +384,10 @@ def write_report(out, plan, rows, doc, png, wall_this_run, quick):
              "Every student starts from and distils from the setting's one FP teacher (the FP row's seed 0); "
              "budgets are equal (the quantized epochs below, split across TerViT's stages in its progressive "
              "rows). Differences are paired by seed (the same seed gives the same batches), with a 95% "
-             "Student-t interval; a claim is reproduced only when its interval lies above zero.", ""]
+             "Student-t interval; a claim is reproduced only when its interval lies above zero. A student "
+             "continues from the teacher for its own epochs, so one above the FP row has trained longer, "
+             "not necessarily better. Rows marked 'not run' have not been run yet: the same command "
+             "continues the table.", ""]
     if quick:
         lines += ["**Quick mode: tiny models, one seed. These numbers check that the table is produced; they "
                   "say nothing about the methods.**", ""]

@@ -575,8 +575,11 @@ def build_quantizers(cfg, table, overrides=None, options=None, dtype="float32"):
     out = {}
     specs = resolve(cfg, table, overrides, options)
     asm_on = options.asm == "on" or (options.asm is None and any(s.startswith("asm:") for s in specs.values()))
+    # ASM where the table (and its overrides) declare it, unless --asm on or --asm-where place it
+    place = asm_on and (options.asm == "on" or options.asm_where != binaryvit.ASM_DEFAULT_PLACEMENT)
     for role, spec in specs.items():
-        spec = asm_spec(role, spec, options.asm_where if asm_on else None)
+        if not asm_on or place:
+            spec = asm_spec(role, spec, options.asm_where if asm_on else None)
         if spec == "gsb_attn":
             q = gsb.GSBAttnQuantizer(cfg.num_heads, cfg.num_tokens, mode=options.gsb_mode,
                                      max_over=options.gsb_max_over, dtype=dtype)

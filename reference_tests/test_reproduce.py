@@ -78,7 +78,7 @@ def test_quick_table_is_produced_and_reused(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = (out / "results.md").read_text()
-    assert "not run" not in report and "FAILED" not in done.stderr
+    assert "| not run |" not in report and "FAILED" not in done.stderr
     for row in reproduce.ROWS:
         assert f"| {row.label} |" in report
     for c in reproduce.COMPARISONS:

@@ -12,8 +12,7 @@ import numba
 import numpy as np
 
 from .. import kernels, ops, quant
-from ..gsb import gsb_attn_masks, gsb_value_masks
-from . import binary_net, fused, ternary_net
+from . import binary_net, fused, gsb_net, ternary_net
 from .format import check_tensors, packed_kind, read_packed
 
 CHUNK_BYTES = 16 << 20  # fc1 output bytes per chunk of images (binary / binaryvit; best measured, 2 cores)
@@ -291,7 +290,7 @@ class PackedViT:
 
     def _qkv_bits(self, blk, bits, B):
         """qkv linear and the q, k, v binarizers: (qk_bits [2, B*H, N, Wd], vt_bits [B*H, d, Wn],
-        v values (B, H, N, d) float32 or None)."""
+        the qkv values [B*N, 3D] float32)."""
         c, qkv = self.cfg, blk["attn.qkv"]
         N, H, D = c.num_tokens, c.num_heads, c.embed_dim
         d = D // H
@@ -307,17 +306,17 @@ class PackedViT:
                 if blk[name].token:
                     centres[t] = views[t].mean(axis=-1).reshape(-1)                   # as binaryvit.ASM
         fused.pack_qkv(values, B, N, H, centres, shifts, qk_bits, vt_bits)
-        return qk_bits, vt_bits, views[2]
+        return qk_bits, vt_bits, values
 
     def _attention_bits(self, blk, qkv_bits, B):
         """Attention from the packed q, k, v to the proj input's packed bits [B*N, Wd]."""
         c = self.cfg
         N, H, D = c.num_tokens, c.num_heads, c.embed_dim
         d = D // H
-        qk_bits, vt_bits, v = qkv_bits
+        qk_bits, vt_bits, qkv_values = qkv_bits
         scores = kernels.binary_bmm(qk_bits[0], qk_bits[1], d)
         if self.kind == "gsb":
-            o, o_scale = self._gsb_product(blk, scores, v, B), _F32(1.0)
+            o, o_scale = self._gsb_product(blk, scores, qkv_values, B), _F32(1.0)
         else:
             p_bits = np.empty((B * H * N, (N + 63) // 64), np.uint64)
             fused.score_softmax(scores.reshape(-1, N), blk["exp_table"], blk["exp_monotone"],
@@ -334,22 +333,12 @@ class PackedViT:
         fused.pack_heads(o, o_scale, N, H, centres, binarizer.shift, bits)
         return bits
 
-    def _gsb_product(self, blk, scores, v, B):
+    def _gsb_product(self, blk, scores, values, B):
         """GSB attention output A_q V_q [B*H, N, d] (float32) from the nine exact integer products
-        of the binary bases (kernels.gsb_partial_products), combined by kernels.gsb_combine."""
-        c, opt, gsb = self.cfg, self.options, blk["gsb"]
+        of the binary bases, combined as kernels.gsb_combine does (engine.gsb_net)."""
+        c = self.cfg
         N, H = c.num_tokens, c.num_heads
-        probs = np.empty(scores.shape, _F32)
-        fused.score_softmax(scores.reshape(-1, N), blk["exp_table"], False, probs.reshape(-1, N), _F32(1.0),
+        probs = np.empty((scores.size // N, N), _F32)
+        fused.score_softmax(scores.reshape(-1, N), blk["exp_table"], False, probs, _F32(1.0),
                             np.empty((0, 1), np.uint64))
-        y = probs.reshape(B, H, N, N) + gsb["attn_bias"]                       # GSBAttnQuantizer
-        t1, t2 = gsb_attn_masks(y, opt.gsb_max_over)
-        level1 = np.clip(np.rint(y / gsb["attn_alphas"][0]), 0, 1) != 0
-        a_bases = kernels.pack_bits(np.stack([level1, t1, t2], axis=2).reshape(B * H, 3, N, N))
-        yv = v - gsb["v_shift"][:, None, :]                                   # GSBValueQuantizer
-        t1v, t2v = gsb_value_masks(yv)
-        v_signs = kernels.pack_signs(yv.swapaxes(-1, -2)).reshape(B * H, -1, (N + 63) // 64)
-        v_masks = kernels.pack_bits(np.stack([t1v, t2v], axis=2).swapaxes(-1, -2)).reshape(B * H, 2, -1, (N + 63) // 64)
-        partial = kernels.gsb_partial_products(a_bases, v_signs, v_masks, N)      # [BH, 3, 3, N, d]
-        products = partial.transpose(1, 2, 0, 3, 4)                                 # C_ij = products[i][j]
-        return kernels.gsb_combine(products, gsb["attn_alphas"], gsb["v_alphas"]).astype(_F32)
+        return gsb_net.gsb_attention(probs, values, blk["gsb"], B, N, H, self.options.gsb_max_over)

@@ -12,8 +12,7 @@ import numba
 import numpy as np
 
 from .. import kernels, ops, quant
-from ..gsb import gsb_attn_masks, gsb_value_masks
-from . import binary_net, fused
+from . import binary_net, fused, gsb_net, ternary_net
 from .format import check_tensors, packed_kind, read_packed
 
 CHUNK_BYTES = 16 << 20  # fc1 output bytes per chunk of images (binary / binaryvit; best measured, 2 cores)
@@ -46,8 +45,6 @@ class PackedViT:
         self.cfg, self.scheme, self.options, self.tensors = cfg, scheme, options, tensors
         check_tensors(cfg, scheme, options, tensors)  # every tensor's dtype, shape and zero tail (format)
         self.patch_weight = self._dequantized("patch_embed.proj")  # float32 8-bit values, as the model
-        self._signed8 = quant.make_quantizer("a_minmax8_signed")
-        self._unsigned8 = quant.make_quantizer("a_minmax8_unsigned")
         self.heads = [self._head(name) for name in (("head", "head_dist") if cfg.distilled else ("head",))]
         self.inv_sqrt_d = _F32(1.0 / math.sqrt(cfg.embed_dim // cfg.num_heads))   # ops.attention_forward's
         self.blocks = [self._block(f"blocks.{i}") for i in range(cfg.depth)]
@@ -97,16 +94,15 @@ class PackedViT:
         for name, k, n in (("attn.qkv", D, 3 * D), ("attn.proj", D, D), ("mlp.fc1", D, Hd), ("mlp.fc2", Hd, D)):
             lin = {"k": k, "bias": t.get(f"{b}.{name}.bias", np.zeros(n, _F32)),
                    "w_scale": t[f"{b}.{name}.weight_scale"]}
-            if self.kind == "ternary":
-                lin["nonzero"], lin["sign"] = t[f"{b}.{name}.weight_nonzero"], t[f"{b}.{name}.weight_sign"]
-                # sum_k T[n, k] for the zero-point correction of unsigned 8-bit inputs
-                lin["colsum"] = kernels.ternary_weight_sums(lin["nonzero"], lin["sign"])
-            else:
-                lin["bits"] = t[f"{b}.{name}.weight_bits"]
-                x = self._binarizer(f"{b}.{name}.input", k)
-                lin["input"] = x
-                lin["scale"] = x.scale * lin["w_scale"]          # = ix[1] * iw[1] of the simulated forward
-                lin["colsum"] = (k - 2 * np.bitwise_count(lin["bits"]).sum(axis=0, dtype=np.int64)).astype(np.int32)
+            if self.kind == "ternary":  # weight quads and offsets laid out once (engine.ternary_net)
+                blk[name] = ternary_net.TernaryLinear(t[f"{b}.{name}.weight_nonzero"], t[f"{b}.{name}.weight_sign"],
+                                                      k, lin["w_scale"], lin["bias"])
+                continue
+            lin["bits"] = t[f"{b}.{name}.weight_bits"]
+            x = self._binarizer(f"{b}.{name}.input", k)
+            lin["input"] = x
+            lin["scale"] = x.scale * lin["w_scale"]          # = ix[1] * iw[1] of the simulated forward
+            lin["colsum"] = (k - 2 * np.bitwise_count(lin["bits"]).sum(axis=0, dtype=np.int64)).astype(np.int32)
             blk[name] = lin
         if self.kind == "ternary":
             return blk
@@ -187,8 +183,7 @@ class PackedViT:
         B, N, D = x.shape[0], c.num_tokens, c.embed_dim
         stream = np.ascontiguousarray(self._embed(x).reshape(B * N, D))
         if self.kind == "ternary":
-            for blk in self.blocks:
-                stream = self._tervit_block(blk, stream, B)
+            ternary_net.tervit_blocks(stream, self.blocks, c, B, self.inv_sqrt_d)
         elif self.net is not None:
             groups = min(B, numba.get_num_threads())
             binary_net.run_binary_net(stream, B, N, c.num_heads, self.net, groups, self.chunk_images)
@@ -295,7 +290,7 @@ class PackedViT:
 
     def _qkv_bits(self, blk, bits, B):
         """qkv linear and the q, k, v binarizers: (qk_bits [2, B*H, N, Wd], vt_bits [B*H, d, Wn],
-        v values (B, H, N, d) float32 or None)."""
+        the qkv values [B*N, 3D] float32)."""
         c, qkv = self.cfg, blk["attn.qkv"]
         N, H, D = c.num_tokens, c.num_heads, c.embed_dim
         d = D // H
@@ -311,17 +306,17 @@ class PackedViT:
                 if blk[name].token:
                     centres[t] = views[t].mean(axis=-1).reshape(-1)                   # as binaryvit.ASM
         fused.pack_qkv(values, B, N, H, centres, shifts, qk_bits, vt_bits)
-        return qk_bits, vt_bits, views[2]
+        return qk_bits, vt_bits, values
 
     def _attention_bits(self, blk, qkv_bits, B):
         """Attention from the packed q, k, v to the proj input's packed bits [B*N, Wd]."""
         c = self.cfg
         N, H, D = c.num_tokens, c.num_heads, c.embed_dim
         d = D // H
-        qk_bits, vt_bits, v = qkv_bits
+        qk_bits, vt_bits, qkv_values = qkv_bits
         scores = kernels.binary_bmm(qk_bits[0], qk_bits[1], d)
         if self.kind == "gsb":
-            o, o_scale = self._gsb_product(blk, scores, v, B), _F32(1.0)
+            o, o_scale = self._gsb_product(blk, scores, qkv_values, B), _F32(1.0)
         else:
             p_bits = np.empty((B * H * N, (N + 63) // 64), np.uint64)
             fused.score_softmax(scores.reshape(-1, N), blk["exp_table"], blk["exp_monotone"],
@@ -338,65 +333,12 @@ class PackedViT:
         fused.pack_heads(o, o_scale, N, H, centres, binarizer.shift, bits)
         return bits
 
-    def _gsb_product(self, blk, scores, v, B):
+    def _gsb_product(self, blk, scores, values, B):
         """GSB attention output A_q V_q [B*H, N, d] (float32) from the nine exact integer products
-        of the binary bases (kernels.gsb_partial_products), combined by kernels.gsb_combine."""
-        c, opt, gsb = self.cfg, self.options, blk["gsb"]
-        N, H = c.num_tokens, c.num_heads
-        probs = np.empty(scores.shape, _F32)
-        fused.score_softmax(scores.reshape(-1, N), blk["exp_table"], False, probs.reshape(-1, N), _F32(1.0),
-                            np.empty((0, 1), np.uint64))
-        y = probs.reshape(B, H, N, N) + gsb["attn_bias"]                       # GSBAttnQuantizer
-        t1, t2 = gsb_attn_masks(y, opt.gsb_max_over)
-        level1 = np.clip(np.rint(y / gsb["attn_alphas"][0]), 0, 1) != 0
-        a_bases = kernels.pack_bits(np.stack([level1, t1, t2], axis=2).reshape(B * H, 3, N, N))
-        yv = v - gsb["v_shift"][:, None, :]                                   # GSBValueQuantizer
-        t1v, t2v = gsb_value_masks(yv)
-        v_signs = kernels.pack_signs(yv.swapaxes(-1, -2)).reshape(B * H, -1, (N + 63) // 64)
-        v_masks = kernels.pack_bits(np.stack([t1v, t2v], axis=2).swapaxes(-1, -2)).reshape(B * H, 2, -1, (N + 63) // 64)
-        partial = kernels.gsb_partial_products(a_bases, v_signs, v_masks, N)      # [BH, 3, 3, N, d]
-        products = partial.transpose(1, 2, 0, 3, 4)                                 # C_ij = products[i][j]
-        return kernels.gsb_combine(products, gsb["attn_alphas"], gsb["v_alphas"]).astype(_F32)
-
-    # -- tervit -------------------------------------------------------------------------------
-
-    def _ternary_linear(self, lin, x, signed):
-        """8-bit per-tensor min-max input (quant.minmax_codes, as the model's quantizer) times the
-        ternary weight: kernels.ternary_gemm_int8 on the codes, then the float32 epilogue."""
-        codes, x_scale, zero_point = quant.minmax_codes(x, 8, signed, None)
-        scale = x_scale.reshape(()) * lin["w_scale"]
-        if signed:
-            return kernels.ternary_gemm_int8(codes, lin["nonzero"], lin["sign"], lin["k"], col_scale=scale,
-                                             bias=lin["bias"])
-        # levels = codes - zp; sum_k levels t = sum_k (codes - 128) t + (128 - zp) sum_k t
-        centred = (codes.astype(np.int16) - 128).astype(np.int8)
-        dot = kernels.ternary_gemm_int8(centred, lin["nonzero"], lin["sign"], lin["k"]).astype(np.int64)
-        dot += (128 - int(zero_point[0])) * lin["colsum"]
-        y = dot.astype(_F32)
-        y *= scale
-        y += lin["bias"]
-        return y
-
-    def _quantized_product(self, a, b, quantizer_a, quantizer_b):
-        """The model's product of two per-tensor 8-bit tensors, on their integer levels (ops.levels_matmul)."""
-        _, ca = quantizer_a.forward(a, False)
-        _, cb = quantizer_b.forward(b, False)
-        (la, sa), (lb, sb) = quantizer_a.integer_form(ca), quantizer_b.integer_form(cb)
-        return ops.levels_matmul(la, sa, lb, sb)
-
-    def _tervit_block(self, blk, x, B):
+        of the binary bases, combined as kernels.gsb_combine does (engine.gsb_net)."""
         c = self.cfg
-        N, D = c.num_tokens, c.embed_dim
-        s8, u8 = self._signed8, self._unsigned8
-        h, _ = ops.layernorm_forward(x, *blk["norm1"], c.layernorm_eps)
-        qkv = self._ternary_linear(blk["attn.qkv"], h, True)
-        (q, k, v), _ = ops.split_heads_forward(qkv.reshape(B, N, 3 * D), c.num_heads)
-        scores = self._quantized_product(q, k.swapaxes(-1, -2), s8, s8)
-        scores *= self.inv_sqrt_d
-        attn, _ = ops.softmax_forward(scores)
-        o = self._quantized_product(attn, v, u8, s8)
-        o, _ = ops.merge_heads_forward(o)
-        x = x + self._ternary_linear(blk["attn.proj"], o.reshape(B * N, D), True)
-        h, _ = ops.layernorm_forward(x, *blk["norm2"], c.layernorm_eps)
-        h, _ = ops.gelu_forward(self._ternary_linear(blk["mlp.fc1"], h, True), c.gelu_approximate)
-        return x + self._ternary_linear(blk["mlp.fc2"], h, False)
+        N, H = c.num_tokens, c.num_heads
+        probs = np.empty((scores.size // N, N), _F32)
+        fused.score_softmax(scores.reshape(-1, N), blk["exp_table"], False, probs, _F32(1.0),
+                            np.empty((0, 1), np.uint64))
+        return gsb_net.gsb_attention(probs, values, blk["gsb"], B, N, H, self.options.gsb_max_over)

@@ -2,10 +2,12 @@
 core, and 8-bit activations x ternary weights on byte dot products. Each with a NumPy reference.
 """
 import numpy as np
-from numba import njit, prange
-from numba.extending import overload
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
-from ..intrinsics import DOT4_LANES, dot4_accumulate
+from ..intrinsics import _V16I32, _V64I8, DOT4_LANES, _dot4_instruction, _dot4_step, dot4_accumulate
 from .binary import (aligned_empty, column_blocks, epilogue_args, popcount_matmul,
                      popcount_sum_reference, row_tasks, store_row)
 from .pack import check_k, check_words, row_popcount, threads_for, unpack_ternary
@@ -101,7 +103,7 @@ def _expand_ternary_quads(w_nonzero, w_sign, k, n_cols_padded):
     return out
 
 
-def _quad_row(arow, panel, n_groups, acc):
+def quad_row(arow, panel, n_groups, acc):
     """acc[:16 * n_groups] = sum_kq dot4(arow[kq], panel[kq]), _QUAD_JAM quads per accumulator update."""
     n_quads = arow.shape[0]
     acc[:] = 0
@@ -119,21 +121,106 @@ def _quad_row(arow, panel, n_groups, acc):
         kq += 1
 
 
-overload(_quad_row, inline="always")(lambda arow, panel, n_groups, acc: _quad_row)
+overload(quad_row, inline="always")(lambda arow, panel, n_groups, acc: quad_row)
+
+
+_QUAD_ROWS = 4       # activation rows per weight load in quad_rows
+
+
+def _make_dot4_rows(n_rows, n_quads):
+    """The intrinsic dot4_rows_<n_rows>x<n_quads> (see _dot4_rows_typer)."""
+    return intrinsic(lambda typingctx, acc, group, a_quads, m, kq, panel: _dot4_rows_typer(
+        typingctx, acc, group, a_quads, m, kq, panel, n_rows, n_quads))
+
+
+def _dot4_rows_typer(typingctx, acc, group, a_quads, m, kq, panel, n_rows, n_quads):
+    """acc[r, 16g:16g+16] += sum_{i<n_quads} dot4(a_quads[m + r, kq + i], panel[kq + i, 64g:64g+64])
+    for r < n_rows: each weight vector is loaded once and used for n_rows rows, whose accumulators
+    stay in registers (n_rows x 16 int32 lanes). acc: int32 2-D C [>= n_rows, width]; a_quads:
+    uint32 2-D C; panel: int8 2-D with a contiguous last axis. The instruction is dot4_accumulate's.
+    (An intrinsic: it belongs with the others in minibvit/intrinsics.py.)"""
+    if not all(isinstance(t, types.Array) and t.ndim == 2 for t in (acc, a_quads, panel)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        acc_arg, group_v, a_arg, m_v, kq_v, panel_arg = args
+        kind = _dot4_instruction(context)
+        index_t = group_v.type
+        acc_arr = context.make_array(signature.args[0])(context, builder, acc_arg)
+        a_arr = context.make_array(signature.args[2])(context, builder, a_arg)
+        panel_arr = context.make_array(signature.args[5])(context, builder, panel_arg)
+        acc_cols = cgutils.unpack_tuple(builder, acc_arr.shape, 2)[1]
+        a_cols = cgutils.unpack_tuple(builder, a_arr.shape, 2)[1]
+        row_bytes = cgutils.unpack_tuple(builder, panel_arr.strides, 2)[0]
+        panel_bytes = builder.bitcast(panel_arr.data, ir.IntType(8).as_pointer())
+        lane0 = builder.mul(group_v, ir.Constant(index_t, 16))
+        acc_ptrs = [builder.bitcast(builder.gep(acc_arr.data, [builder.add(builder.mul(ir.Constant(index_t, r), acc_cols),
+                                                                           lane0)]), _V16I32.as_pointer())
+                    for r in range(n_rows)]
+        accs = [builder.load(ptr, align=4) for ptr in acc_ptrs]
+        i32 = ir.IntType(32)
+        for i in range(n_quads):
+            row = builder.add(kq_v, ir.Constant(index_t, i))
+            offset = builder.add(builder.mul(row, row_bytes), builder.mul(group_v, ir.Constant(index_t, 64)))
+            w = builder.load(builder.bitcast(builder.gep(panel_bytes, [offset]), _V64I8.as_pointer()), align=1)
+            for r in range(n_rows):
+                a_index = builder.add(builder.mul(builder.add(m_v, ir.Constant(index_t, r)), a_cols), row)
+                quad = builder.load(builder.bitcast(builder.gep(a_arr.data, [a_index]), i32.as_pointer()), align=4)
+                splat = builder.insert_element(ir.Constant(_V16I32, ir.Undefined), quad, ir.Constant(i32, 0))
+                splat = builder.shuffle_vector(splat, splat, ir.Constant(_V16I32, [0] * 16))
+                accs[r] = _dot4_step(builder, kind, accs[r], builder.bitcast(splat, _V64I8), w)
+        for ptr, value in zip(acc_ptrs, accs):
+            builder.store(value, ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.void(acc, group, a_quads, m, kq, panel), codegen
+
+
+_dot4_rows_jam = _make_dot4_rows(_QUAD_ROWS, _QUAD_JAM)
+_dot4_rows_one = _make_dot4_rows(_QUAD_ROWS, 1)
+
+
+def quad_rows(a_quads, m, panel, n_groups, acc):
+    """acc[r, :16 * n_groups] = sum_kq dot4(a_quads[m + r, kq], panel[kq]) for r < _QUAD_ROWS (one
+    weight load per _QUAD_ROWS rows; the accumulators of a column group stay in registers for
+    _QUAD_JAM quads)."""
+    n_quads = a_quads.shape[1]
+    acc[:] = 0
+    kq = 0
+    while kq + _QUAD_JAM <= n_quads:
+        for g in range(n_groups):
+            _dot4_rows_jam(acc, g, a_quads, m, kq, panel)
+        kq += _QUAD_JAM
+    while kq < n_quads:
+        for g in range(n_groups):
+            _dot4_rows_one(acc, g, a_quads, m, kq, panel)
+        kq += 1
+
+
+overload(quad_rows, inline="always")(lambda a_quads, m, panel, n_groups, acc: quad_rows)
 
 
 @njit(cache=True, boundscheck=False)
 def _quad_panel_rows(a_quads, m0, m1, panel, n0, nb, row_offset, col_offset, row_scale, col_scale, bias, out):
     """Rows m0..m1-1 against the weight quads of columns n0..n0+nb-1, epilogue included."""
-    acc = aligned_empty(1, _QUAD_GROUP * ((nb + _QUAD_GROUP - 1) // _QUAD_GROUP), np.int32)[0]
-    n_groups = acc.shape[0] // _QUAD_GROUP
+    accs = aligned_empty(_QUAD_ROWS, _QUAD_GROUP * ((nb + _QUAD_GROUP - 1) // _QUAD_GROUP), np.int32)
+    n_groups = accs.shape[1] // _QUAD_GROUP
     coff = col_offset[0, n0:n0 + nb]
     cs = None if col_scale is None else col_scale[n0:n0 + nb]
     bi = None if bias is None else bias[n0:n0 + nb]
-    for m in range(m0, m1):
-        _quad_row(a_quads[m], panel, n_groups, acc)
+    m = m0
+    while m + _QUAD_ROWS <= m1:
+        quad_rows(a_quads, m, panel, n_groups, accs)
+        for r in range(_QUAD_ROWS):
+            rs = None if row_scale is None else row_scale[m + r]
+            store_row(accs[r], 1, out[0, m + r, n0:n0 + nb], row_offset[0, m + r], coff, rs, cs, bi)
+        m += _QUAD_ROWS
+    acc = accs[0]
+    while m < m1:
+        quad_row(a_quads[m], panel, n_groups, acc)
         rs = None if row_scale is None else row_scale[m]
         store_row(acc, 1, out[0, m, n0:n0 + nb], row_offset[0, m], coff, rs, cs, bi)
+        m += 1
 
 
 @njit(parallel=True, cache=True, boundscheck=False)
@@ -216,3 +303,43 @@ def ternary_gemm_int8_reference(a_int8, w_nonzero, w_sign, K, row_scale=None, co
         return dot.astype(np.int32)
     rs, cs, bias = epilogue
     return dot.astype(np.float32) * rs[:, None] * cs[None, :] + bias[None, :]
+
+
+def ternary_weight_quads(w_nonzero, w_sign, K):
+    """A ternary weight's bit-planes [W, N] expanded once into the int8 quads [ceil(K/4), 4 * Npad]
+    that ternary_gemm_quads reads (Npad = N rounded up to 16; rows 64-byte aligned, zero-padded):
+    what ternary_gemm_int8 builds on every call, for a caller that keeps it (the packed engine)."""
+    nz = check_words(w_nonzero, "w_nonzero", 2)
+    sign = check_words(w_sign, "w_sign", 2)
+    k = check_k(K, nz.shape[0], "w_nonzero")
+    n_cols = nz.shape[1]
+    with threads_for(n_cols * k, _PARALLEL_MIN_ELEMENTS):
+        return _expand_ternary_quads(nz, sign, k, -(-n_cols // _QUAD_GROUP) * _QUAD_GROUP)
+
+
+def ternary_gemm_quads(a_quads, w_quads, n_cols, col_offset, row_scale=None, col_scale=None, bias=None):
+    """ternary_gemm_int8's product on operands laid out beforehand:
+
+        out[m, n] = col_offset[n] + sum_kq dot4(a_quads[m, kq], w_quads[kq, 4n:4n+4])
+
+    a_quads:    uint32 [M, Kq], 4 unsigned activation bytes per word (K zero-padded; a signed
+                activation a enters as a + 128 with col_offset = -128 * ternary_weight_sums)
+    w_quads:    int8 [Kq, 4 * Npad] from ternary_weight_quads
+    col_offset: int64 [N]
+    row_scale, col_scale, bias: optional float32 [M], [N], [N] as in binary_gemm
+    Returns int32 [M, N] (exact) or the float32 epilogue float32(dot) * row_scale * col_scale + bias."""
+    a = np.asarray(a_quads)
+    w = np.asarray(w_quads)
+    if a.dtype != np.uint32 or a.ndim != 2 or w.dtype != np.int8 or w.ndim != 2 or w.shape[0] != a.shape[1] \
+            or w.shape[1] != 4 * (-(-n_cols // _QUAD_GROUP) * _QUAD_GROUP):
+        raise ValueError(f"a_quads must be uint32 [M, Kq] and w_quads int8 [Kq, 4 * Npad] (ternary_weight_quads) "
+                         f"for N={n_cols}; got {a.dtype} {a.shape} and {w.dtype} {w.shape}")
+    n_rows = a.shape[0]
+    epilogue = epilogue_args(n_rows, n_cols, row_scale, col_scale, bias)
+    col_offset = np.ascontiguousarray(np.asarray(col_offset, np.int64).reshape(1, n_cols))
+    out = np.empty((1, n_rows, n_cols), np.int32 if epilogue is None else np.float32)
+    if out.size:
+        with threads_for(out.size * 4 * a.shape[1], _PARALLEL_MIN_MACS) as threads:
+            _quad_matmul(np.ascontiguousarray(a), w, np.zeros((1, n_rows), np.int64), col_offset,
+                         *(epilogue or (None, None, None)), out, threads)
+    return out[0]

@@ -1,0 +1,253 @@
+"""TerViT blocks on byte dot products: 8-bit activations x ternary weights (kernels.ternary_gemm_quads)
+and the 8-bit attention products (kernels.int8.dot4_bmm), with the activation quantizers fused into
+the passes that produce or lay out their operands.
+
+Every 8-bit activation of TerViT takes a per-tensor min-max scale over the whole batch tensor
+(quant.minmax_codes). A scale needs the whole tensor, so each quantizer is: the producing pass
+(LayerNorm, GELU, the attention epilogues) or one reduction pass gives max |x| (or min and max),
+the scale is computed in NumPy float32 exactly as minmax_codes does (minmax_scale), and one pass
+writes the codes straight into the layout the next product reads: the unsigned bytes of the
+activation quads (signed codes + 128, whose -128 sum t correction is a column offset of the
+product) or, for K and V, the int8 panels of the attention products. The float operations are the
+model's: ops' LayerNorm (engine.fused.residual_norm_pack), softmax and GELU, the levels' float32
+product then the scales, in ops' order; so the logits have the bits of ViT.forward(training=False).
+"""
+import numpy as np
+from numba import njit, prange
+
+from .. import ops
+from ..kernels.binary import aligned_empty
+from ..kernels.int8 import dot4_bmm_rows, padded_columns
+from ..kernels.ternary import ternary_gemm_quads, ternary_weight_quads, ternary_weight_sums
+from . import fused
+
+_F32 = np.float32
+_ROWS = 32  # rows per task of the element-wise passes
+
+
+def minmax_scale(lo_hi, signed):
+    """(scale float32, zero point int) of quant.minmax_codes (8 bits, per tensor) from the tensor's
+    max |x| (signed) or (min x, max x) (unsigned), with the same float32 operations."""
+    if signed:
+        scale = np.float32(lo_hi) / 127
+        return (scale if scale > 0 else np.float32(1)), 0
+    lo = np.minimum(np.float32(lo_hi[0]), np.float32(0))
+    hi = np.maximum(np.float32(lo_hi[1]), np.float32(0))
+    scale = (hi - lo) / 255
+    scale = scale if scale > 0 else np.float32(1)
+    return scale, int(np.round(-lo / scale))
+
+
+@njit(inline="always")
+def _signed_code(v, scale):
+    """clamp(round(v / scale), -127, 127) (minmax_codes, signed 8-bit), as int32."""
+    return np.int32(min(max(np.rint(v / scale), np.float32(-127.0)), np.float32(127.0)))
+
+
+@njit(inline="always")
+def _unsigned_code(v, scale, zero_point):
+    """clamp(round(v / scale) + zero_point, 0, 255) (minmax_codes, unsigned 8-bit), as int32."""
+    return np.int32(min(max(np.float64(np.rint(v / scale)) + zero_point, 0.0), 255.0))
+
+
+@njit(parallel=True, cache=True)
+def signed_quads(x, scale, out):
+    """out [M, 4 Kq] uint8 = signed codes of x [M, K] + 128 (the activation quads' bytes), pad 128."""
+    rows, k = x.shape
+    for r in prange(rows):
+        xr, o = x[r], out[r]
+        for j in range(k):
+            o[j] = np.uint8(_signed_code(xr[j], scale) + 128)
+        for j in range(k, o.shape[0]):
+            o[j] = 128
+
+
+@njit(parallel=True, cache=True)
+def unsigned_quads(x, scale, zero_point, out):
+    """out [M, 4 Kq] uint8 = unsigned codes of x [M, K], pad 0."""
+    rows, k = x.shape
+    for r in prange(rows):
+        xr, o = x[r], out[r]
+        for j in range(k):
+            o[j] = np.uint8(_unsigned_code(xr[j], scale, zero_point))
+        for j in range(k, o.shape[0]):
+            o[j] = 0
+
+
+@njit(inline="always")
+def _order_key(bits):
+    """An int32 key ordered as the float32 with these bits (non-NaN; -0.0 just below +0.0); its own
+    inverse. Integer min / max vectorize, float ones (with their NaN rules) do not."""
+    return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+
+
+@njit(parallel=True, cache=True)
+def min_max(x):
+    """(min, max) of a C-contiguous float32 array [M, K] (exact in any order; no NaN expected)."""
+    rows = x.shape[0]
+    tasks = (rows + _ROWS - 1) // _ROWS
+    keys = np.empty((tasks, 2), np.int32)
+    bits = x.view(np.int32)
+    for t in prange(tasks):
+        lo, hi = np.int32(0x7FFFFFFF), np.int32(-0x80000000)
+        for r in range(t * _ROWS, min(rows, (t + 1) * _ROWS)):
+            br = bits[r]
+            for j in range(x.shape[1]):
+                key = _order_key(br[j])
+                lo = min(lo, key)
+                hi = max(hi, key)
+        keys[t, 0], keys[t, 1] = lo, hi
+    lo, hi = keys[:, 0].min(), keys[:, 1].max()
+    return np.array([_order_key(lo), _order_key(hi)], np.int32).view(np.float32)
+
+
+@njit(parallel=True, cache=True)
+def qkv_absmax(qkv):
+    """max |x| over the q, k and v thirds of the fused qkv output [M, 3D]: float32 [3]."""
+    rows, dim = qkv.shape[0], qkv.shape[1] // 3
+    tasks = (rows + _ROWS - 1) // _ROWS
+    partial = np.zeros((tasks, 3), np.int32)
+    bits = qkv.view(np.int32)
+    for t in prange(tasks):
+        m0, m1, m2 = np.int32(0), np.int32(0), np.int32(0)
+        for r in range(t * _ROWS, min(rows, (t + 1) * _ROWS)):
+            br = bits[r]
+            for j in range(dim):
+                m0 = max(m0, br[j] & np.int32(0x7FFFFFFF))
+                m1 = max(m1, br[dim + j] & np.int32(0x7FFFFFFF))
+                m2 = max(m2, br[2 * dim + j] & np.int32(0x7FFFFFFF))
+        partial[t, 0], partial[t, 1], partial[t, 2] = m0, m1, m2
+    best = np.zeros(3, np.int32)
+    for t in range(tasks):
+        for i in range(3):
+            best[i] = max(best[i], partial[t, i])
+    return best.view(np.float32)
+
+
+@njit(parallel=True, cache=True)
+def qkv_operands(qkv, n_tokens, n_heads, scales, q_bytes, k_panels, k_offset, v_panels):
+    """The attention operands from the fused qkv output [B*N, 3D], per (image, head) t:
+    q_bytes [B*H, N, 4 Kq_d] uint8: signed codes of q + 128 (pad 128);
+    k_panels [B*H, Kq_d, 4 Npad] int8: [t, j // 4, 4n + j % 4] = code of k[t, n, j] (zero pad);
+    k_offset [B*H, N] int64: -128 sum_j code k[t, n, j] (the +128 of q's bytes);
+    v_panels [B*H, Kq_N, 4 dpad] int8: [t, n // 4, 4j + n % 4] = code of v[t, n, j] (zero pad).
+    scales: float32 [3], the per-tensor scales of q, k, v."""
+    dim = qkv.shape[1] // 3
+    d = dim // n_heads
+    sq, sk, sv = scales[0], scales[1], scales[2]
+    for t in prange(q_bytes.shape[0]):
+        b, hd = t // n_heads, (t % n_heads) * d
+        k_panels[t] = 0
+        v_panels[t] = 0
+        qt, kt, vt = q_bytes[t], k_panels[t], v_panels[t]
+        for n in range(n_tokens):
+            row = qkv[b * n_tokens + n]
+            qn = qt[n]
+            total = 0
+            for j in range(d):
+                qn[j] = np.uint8(_signed_code(row[hd + j], sq) + 128)
+                code = _signed_code(row[dim + hd + j], sk)
+                kt[j // 4, 4 * n + j % 4] = np.int8(code)
+                total += code
+                vt[n // 4, 4 * j + n % 4] = np.int8(_signed_code(row[2 * dim + hd + j], sv))
+            for j in range(d, qn.shape[0]):
+                qn[j] = 128
+            k_offset[t, n] = -128 * total
+
+
+@njit(parallel=True, cache=True)
+def attention_products(q_quads, k_panels, k_offset, s_qk, inv_sqrt_d, scores):
+    """scores [B*H, N, N] = float32(Q_levels K_levels^T) * s_qk * (1 / sqrt d), one task per head."""
+    for t in prange(scores.shape[0]):
+        dot4_bmm_rows(q_quads, k_panels, k_offset, s_qk, inv_sqrt_d, t, scores)
+
+
+@njit(parallel=True, cache=True)
+def attention_values(a_quads, v_panels, s_av, n_tokens, n_heads, out):
+    """The attention output float32(A_levels V_levels) * s_av, heads merged: out [B*N, D]."""
+    n_bh = a_quads.shape[0]
+    d = out.shape[1] // n_heads
+    one = np.float32(1.0)
+    for t in prange(n_bh):
+        o = np.empty((1, n_tokens, d), np.float32)
+        dot4_bmm_rows(a_quads[t:t + 1], v_panels[t:t + 1], None, s_av, one, 0, o)
+        b, hd = t // n_heads, (t % n_heads) * d
+        for n in range(n_tokens):
+            out[b * n_tokens + n, hd:hd + d] = o[0, n]
+
+
+def _quads(rows, k):
+    """uint8 [rows, 4 ceil(K/4)] and its uint32 view [rows, ceil(K/4)]."""
+    raw = np.empty((rows, 4 * -(-k // 4)), np.uint8)
+    return raw, raw.view(np.uint32)
+
+
+class TernaryLinear:
+    """One TerViT linear layer, laid out at load: weight quads, the -128 sum t and sum t offsets."""
+
+    def __init__(self, nonzero, sign, k, w_scale, bias):
+        self.k, self.n = k, nonzero.shape[1]
+        self.quads = ternary_weight_quads(nonzero, sign, k)
+        self.colsum = ternary_weight_sums(nonzero, sign).astype(np.int64)
+        self.w_scale = w_scale
+        self.bias = np.ascontiguousarray(bias, _F32)
+
+    def __call__(self, a_quads, x_scale, zero_point=None):
+        """float32 [M, N]: the model's 8-bit linear (levels product, * (s_x s_w), + bias) on the codes
+        in a_quads (signed + 128 when zero_point is None, else unsigned with that zero point)."""
+        offset = -128 * self.colsum if zero_point is None else -zero_point * self.colsum
+        scale = x_scale * self.w_scale          # = the simulated forward's s_x * s_w (float32)
+        return ternary_gemm_quads(a_quads, self.quads, self.n, offset, np.ones(a_quads.shape[0], _F32), scale,
+                                  self.bias)
+
+
+def tervit_blocks(stream, blocks, cfg, n_images, inv_sqrt_d):
+    """Every TerViT block on the stream [B*N, D] (float32, in place). blocks: dicts with norm1, norm2
+    (gamma, beta) and the TernaryLinear of attn.qkv, attn.proj, mlp.fc1, mlp.fc2."""
+    N, H, D, Hd = cfg.num_tokens, cfg.num_heads, cfg.embed_dim, cfg.mlp_hidden
+    d = D // H
+    M, BH = stream.shape[0], n_images * H
+    eps = _F32(cfg.layernorm_eps)
+    dummy_v, dummy_f = np.zeros(1, _F32), np.zeros((1, 1), _F32)
+    dummy_i, dummy_bits = np.zeros((1, 1), np.int32), np.zeros((1, 1), np.uint64)
+    h = np.empty_like(stream)
+    x_raw, x_quads = _quads(M, D)
+    h_raw, h_quads = _quads(M, Hd)
+    q_raw = np.empty((BH, N, 4 * -(-d // 4)), np.uint8)
+    k_panels = aligned_empty(BH * -(-d // 4), 4 * padded_columns(N), np.int8).reshape(BH, -(-d // 4), -1)
+    k_offset = np.empty((BH, N), np.int64)
+    v_panels = aligned_empty(BH * -(-N // 4), 4 * padded_columns(d), np.int8).reshape(BH, -(-N // 4), -1)
+    a_raw = np.empty((BH * N, 4 * -(-N // 4)), np.uint8)
+    scores = np.empty((BH, N, N), _F32)
+    o = np.empty((M, D), _F32)
+
+    def norm(add, gamma_beta, out_mode):
+        """stream += add (None: nothing added), then h = LayerNorm(stream) (out_mode 2)."""
+        gamma, beta = gamma_beta if gamma_beta is not None else (dummy_v, dummy_v)
+        fused.residual_norm_pack(stream, dummy_f if add is None else add, dummy_i, dummy_i[0], dummy_v, dummy_v,
+                                 0 if add is None else 1, gamma, beta, eps, dummy_v, dummy_bits, h, out_mode)
+
+    def signed_codes(x, raw):
+        scale, _ = minmax_scale(fused.max_abs(x.reshape(-1)), True)
+        signed_quads(x, scale, raw)
+        return scale
+
+    norm(None, blocks[0]["norm1"], 2)
+    for i, blk in enumerate(blocks):
+        qkv = blk["attn.qkv"](x_quads, signed_codes(h, x_raw))
+        s_q, s_k, s_v = (minmax_scale(m, True)[0] for m in qkv_absmax(qkv))
+        qkv_operands(qkv, N, H, np.array([s_q, s_k, s_v], _F32), q_raw, k_panels, k_offset, v_panels)
+        attention_products(q_raw.view(np.uint32), k_panels, k_offset, s_q * s_k, inv_sqrt_d, scores)
+        probs, _ = ops.softmax_forward(scores)
+        s_a, _ = minmax_scale((np.float32(0), fused.max_abs(probs.reshape(-1))), False)  # probabilities >= 0
+        unsigned_quads(probs.reshape(BH * N, N), s_a, 0, a_raw)
+        attention_values(a_raw.view(np.uint32).reshape(BH, N, -1), v_panels, s_a * s_v, N, H, o)
+        proj = blk["attn.proj"](x_quads, signed_codes(o, x_raw))
+        norm(proj, blk["norm2"], 2)
+        f = blk["mlp.fc1"](x_quads, signed_codes(h, x_raw))
+        g, _ = ops.gelu_forward(f, cfg.gelu_approximate)
+        s_g, zp = minmax_scale(min_max(g), False)
+        unsigned_quads(g, s_g, zp, h_raw)
+        y = blk["mlp.fc2"](h_quads, s_g, zp)
+        nxt = blocks[i + 1]["norm1"] if i + 1 < len(blocks) else None
+        norm(y, nxt, 2 if nxt is not None else 0)

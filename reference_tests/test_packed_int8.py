@@ -1,0 +1,105 @@
+"""The byte dot-product kernels of TerViT's packed inference (kernels.int8, kernels.ternary_gemm_quads)
+against their NumPy references, and the fused 8-bit quantizer passes of engine.ternary_net against
+quant.minmax_codes, bit for bit (exact zeros, ties and extremes included)."""
+import numpy as np
+import pytest
+
+from minibvit import kernels, quant
+from minibvit.engine import ternary_net
+from minibvit.kernels import int8
+
+pytestmark = pytest.mark.impl_specific
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 7, 9), (24, 197, 197, 64), (2, 13, 64, 197), (1, 33, 17, 260)])
+def test_uint8_int8_bmm_is_exact(shape):
+    b, m, n, k = shape
+    rng = np.random.default_rng(sum(shape))
+    u = rng.integers(0, 256, (b, m, k)).astype(np.uint8)
+    s = rng.integers(-128, 128, (b, n, k)).astype(np.int8)
+    u[0, 0] = 255
+    s[0, 0] = -128
+    expected = u.astype(np.int64) @ s.astype(np.int64).swapaxes(-1, -2)
+    np.testing.assert_array_equal(int8.uint8_int8_bmm_reference(u, s), expected)
+    got = int8.uint8_int8_bmm(u, s)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_dot4_bmm_offset_and_float_epilogue():
+    rng = np.random.default_rng(1)
+    u = rng.integers(0, 256, (4, 11, 70)).astype(np.uint8)
+    s = rng.integers(-127, 128, (4, 21, 70)).astype(np.int8)
+    offset = rng.integers(-10_000, 10_000, (4, 21))
+    s1, s2 = np.float32(0.013), np.float32(0.125)
+    exact = int8.uint8_int8_bmm_reference(u, s).astype(np.int64) + offset[:, None, :]
+    quads, panels = int8.byte_quads(u), int8.byte_panels(s)
+    np.testing.assert_array_equal(int8.dot4_bmm(quads, panels, 21, offset), exact)
+    got = int8.dot4_bmm(quads, panels, 21, offset, (s1, s2))
+    expected = (exact.astype(np.float32) * s1) * s2          # two float32 roundings, in this order
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_dot4_bmm_rejects_bad_layouts():
+    quads = int8.byte_quads(np.zeros((2, 3, 8), np.uint8))
+    with pytest.raises(ValueError, match="b_panels"):
+        int8.dot4_bmm(quads, np.zeros((2, 2, 4 * 16), np.int8), 17)
+    with pytest.raises(TypeError, match="uint32"):
+        int8.dot4_bmm(quads.astype(np.int32), np.zeros((2, 2, 64), np.int8), 5)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 100, 37), (130, 192, 300), (9, 768, 20)])
+def test_ternary_gemm_quads_signed_and_unsigned(m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    t = rng.integers(-1, 2, (n, k))
+    nz, sign = kernels.pack_ternary_weight(t)
+    quads = kernels.ternary.ternary_weight_quads(nz, sign, k)
+    sums = kernels.ternary_weight_sums(nz, sign)
+    a = rng.integers(-127, 128, (m, k)).astype(np.int8)
+    a_quads = int8.byte_quads((a.astype(np.int16) + 128).astype(np.uint8)[None])[0]
+    expected = kernels.ternary_gemm_int8_reference(a, nz, sign, k)
+    np.testing.assert_array_equal(kernels.ternary.ternary_gemm_quads(a_quads, quads, n, -128 * sums), expected)
+    codes = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    zp = 37
+    expected = (codes.astype(np.int64) - zp) @ t.T
+    got = kernels.ternary.ternary_gemm_quads(int8.byte_quads(codes[None])[0], quads, n, -zp * sums)
+    np.testing.assert_array_equal(got, expected)
+    cs = rng.uniform(0.01, 1.0, n).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    got = kernels.ternary.ternary_gemm_quads(int8.byte_quads(codes[None])[0], quads, n, -zp * sums,
+                                             np.ones(m, np.float32), cs, bias)
+    np.testing.assert_array_equal(got, expected.astype(np.float32) * cs + bias)
+
+
+def _tensor(rng, shape):
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    x.reshape(-1)[:5] = [0.0, -0.0, 1.5, -2.5, 0.5]
+    return x
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_fused_quantizers_equal_minmax_codes(signed):
+    rng = np.random.default_rng(3)
+    for x in (_tensor(rng, (37, 70)), np.abs(_tensor(rng, (5, 64))), np.zeros((3, 9), np.float32)):
+        codes, scale, zero_point = quant.minmax_codes(x, 8, signed, None)
+        k = x.shape[1]
+        out = np.empty((x.shape[0], 4 * -(-k // 4)), np.uint8)
+        if signed:
+            s, zp = ternary_net.minmax_scale(np.abs(x).max(), True)
+            ternary_net.signed_quads(x, s, out)
+            np.testing.assert_array_equal(out[:, :k].astype(np.int64) - 128, codes)
+            assert (out[:, k:] == 128).all()
+        else:
+            lo, hi = ternary_net.min_max(x)
+            assert lo == x.min() and hi == x.max()
+            s, zp = ternary_net.minmax_scale((lo, hi), False)
+            ternary_net.unsigned_quads(x, s, zp, out)
+            np.testing.assert_array_equal(out[:, :k], codes)
+        assert s == scale[0] and s.dtype == np.float32 and zp == zero_point[0]
+
+
+def test_qkv_absmax():
+    rng = np.random.default_rng(4)
+    qkv = _tensor(rng, (50, 3 * 24))
+    np.testing.assert_array_equal(ternary_net.qkv_absmax(qkv), np.abs(qkv.reshape(50, 3, 24)).max(axis=(0, 2)))

@@ -393,6 +393,7 @@ def _host_wide_vectors():
 @pytest.mark.parametrize("cpu_name,features", [("haswell", _HASWELL_FEATURES), ("x86-64", _BASELINE_FEATURES),
                                                _host_wide_vectors()],
                          ids=["avx2-only", "baseline-x86-64", "host-512-bit-vectors"])
+@pytest.mark.impl_specific  # imports minibvit.kernels in a subprocess: minibvit's own Numba CPU targets
 def test_kernels_on_other_cpus(cpu_name, features):
     env = dict(os.environ, NUMBA_CPU_NAME=cpu_name, NUMBA_CPU_FEATURES=features,
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(kn.__file__))),

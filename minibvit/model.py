@@ -144,10 +144,19 @@ def _quantized_product(qa, ca, qb, cb, a_shape=None, transpose_b=False):
     def shaped_b(t):
         return t.swapaxes(-1, -2) if transpose_b else t
 
+    pa, pb = _exact_form(qa, ca, "packed_basis_form"), _exact_form(qb, cb, "packed_basis_form")
+    if pa is not None and pb is not None and a_shape is None and not transpose_b:
+        return ops.packed_basis_matmul(pa[0], pa[1], pb[0], pb[1], pb[2], pa[2], pa[3])
     ba, bb = _exact_form(qa, ca, "basis_form"), _exact_form(qb, cb, "basis_form")
     if ba is not None and bb is not None:
         return ops.basis_matmul([shaped_a(p) for p in ba[0]], ba[1], [shaped_b(u) for u in bb[0]], bb[1],
                                 ba[0][0].dtype)
+    pa = None if getattr(qa, "packed_form", None) is None else qa.packed_form(ca, -1)
+    pb = None if pa is None or getattr(qb, "packed_form", None) is None else qb.packed_form(cb, -1 if transpose_b else -2)
+    if pb is not None:
+        product = ops.packed_matmul(pa[0], pa[1], pa[2], pb[0], pb[1], pb[2], pa[3])
+        if product is not None:
+            return product if a_shape is None else product.reshape(-1, product.shape[-1])
     ia, ib = _exact_form(qa, ca, "integer_form"), _exact_form(qb, cb, "integer_form")
     if ia is None or ib is None or np.ndim(ia[1]) != 0:
         return None

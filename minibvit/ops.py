@@ -18,7 +18,9 @@ import math
 import numpy as np
 
 from . import numerics
-from .kernels.gsb import gsb_combine
+from .kernels.binary import and_bmm, binary_bmm
+from .kernels.gsb import gsb_combine, gsb_partial_products
+from .kernels.quantize import scaled_integers
 from .numerics import exp_f32  # noqa: F401  (public: the float32 exp of the softmax)
 
 USE_NUMERICS = True  # False: every op runs its NumPy body
@@ -88,6 +90,31 @@ def levels_matmul(a_levels, a_scale, b_levels, b_scale):
     return out
 
 
+def packed_matmul(a_bits, a_kind, a_scale, b_bits, b_kind, b_scale, k):
+    """levels_matmul of two operands given as packed bits, with XNOR / AND-popcount kernels:
+
+        a @ b = float(a_levels @ b_levels) * (a_scale * b_scale)
+
+    a_bits (..., M, W) and b_bits (..., N, W) or, for a weight shared by every leading index, (N, W):
+    the levels of a (..., M, K) and of b^T (..., N, K) packed along K (kernels.pack), kind "sign"
+    (levels +-1) or "unit" (levels {0, 1}); a_scale a scalar, b_scale a scalar or (N,). The integer
+    product is exact, and its conversion to float rounds it to nearest as integer_matmul's float64
+    path does, so the result has the bits of levels_matmul on the float levels. Returns (..., M, N),
+    or None for a pair of kinds without a kernel (the caller then uses levels_matmul)."""
+    lead, (m, words), n = a_bits.shape[:-2], a_bits.shape[-2:], b_bits.shape[-2]
+    if b_bits.ndim == 2:  # one weight for every row of a
+        a3, b3 = a_bits.reshape(1, -1, words), b_bits[None]
+    else:
+        a3, b3 = a_bits.reshape(-1, m, words), b_bits.reshape(-1, n, words)
+    if (a_kind, b_kind) == ("sign", "sign"):
+        product = binary_bmm(a3, b3, k)
+    elif (a_kind, b_kind) == ("unit", "sign"):
+        product = and_bmm(a3, b3, k)
+    else:
+        return None
+    return scaled_integers(product, a_scale * b_scale).reshape(lead + (m, n))
+
+
 def basis_matmul(a_bases, a_scales, b_bases, b_scales, dtype):
     """(sum_i a_i P_i) @ (sum_j b_j U_j) for operands that are sums of scaled integer bases (GSB):
     sum_ij (a_i b_j) (P_i @ U_j), each P_i @ U_j exact (integer_matmul), combined in float64 in
@@ -95,6 +122,19 @@ def basis_matmul(a_bases, a_scales, b_bases, b_scales, dtype):
     cast to dtype. a_bases: P_i (..., M, K); b_bases: U_j (..., K, N)."""
     products = [[integer_matmul(p, u) for u in b_bases] for p in a_bases]
     return gsb_combine(products, a_scales, b_scales).astype(dtype)
+
+
+def packed_basis_matmul(a_bases, a_scales, v_signs, v_masks, v_scales, k, dtype):
+    """basis_matmul of GSB's A_q (..., M, K) and V_q (..., K, D) from packed bases, the nine exact
+    integer products from AND-popcounts (kernels.gsb_partial_products), combined by the same
+    gsb_combine, so the bits are basis_matmul's. a_bases (..., 3, M, W); v_signs (..., D, W);
+    v_masks (..., 2, D, W), all packed along K. Returns (..., M, D) in dtype."""
+    lead, (m, words), d = a_bases.shape[:-3], a_bases.shape[-2:], v_signs.shape[-2]
+    partial = gsb_partial_products(a_bases.reshape(-1, 3, m, words), v_signs.reshape(-1, d, words),
+                                   v_masks.reshape(-1, 2, d, words), k)
+    products = partial.reshape(lead + (3, 3, m, d))
+    return gsb_combine([[products[..., i, j, :, :] for j in range(3)] for i in range(3)],
+                       a_scales, v_scales).astype(dtype)
 
 
 def add(x, y, out=None):

@@ -36,6 +36,20 @@ import math
 
 import numpy as np
 
+from .kernels import quantize as fused
+from .kernels.pack import pack_signs
+
+USE_FUSED = True
+"""False: every quantizer runs its NumPy body. True: the quantizers that have one run their fused
+kernel (minibvit.kernels.quantize) for float32 / float64 input: the same bits in one pass per tensor,
+and the packed bits of the levels for the forward's popcount products (packed_form)."""
+
+
+def _fused(x, *others):
+    """True when x (and the arrays others, of x's dtype) go to the fused kernels."""
+    return (USE_FUSED and x.size > 0 and x.dtype in (np.float32, np.float64)
+            and all(o.dtype == x.dtype for o in others))
+
 SCALE_FLOOR = 1e-5
 """Smallest value a learnable scale (elastic alpha, LSQ step) takes in the forward pass."""
 
@@ -323,12 +337,17 @@ def elastic_binarize_forward(x, alpha, signed, alpha_grad="lsq", reduce=None):
     check_float_array(x, "x")
     check_choice(alpha_grad, ELASTIC_ALPHA_GRADS, "alpha_grad")
     a = _scale_param(alpha, "alpha", x, None)
+    size = _global_size(x.size, reduce)
+    if _fused(x):  # one pass: out and the packed bits of the levels
+        x = np.ascontiguousarray(x)
+        out, bits = fused.elastic_forward(x, a.reshape(()), signed)
+        return out, (x, a, signed, alpha_grad, alpha.dtype, size, bits)
     q = x / a
     if signed:
         out = a * sign(x)
     else:
         out = a * np.clip(np.round(q), 0, 1)
-    return out, (x, q, signed, alpha_grad, alpha.dtype, _global_size(x.size, reduce))
+    return out, (x, a, signed, alpha_grad, alpha.dtype, size, None)
 
 
 def elastic_binarize_backward(dout, cache):
@@ -341,22 +360,28 @@ def elastic_binarize_backward(dout, cache):
         dx: shape of x.
         dalpha: shape (1,), alpha's dtype.
     """
-    x, q, signed, alpha_grad, alpha_dtype, size = cache
+    x, a, signed, alpha_grad, alpha_dtype, size, _ = cache
     grad_scale = 1.0 / math.sqrt(size)
-    if signed:
-        inside = np.abs(q) <= 1
-        dx = dout * inside
-        if alpha_grad == "lsq":
-            dalpha_elem = sign(x)
-        else:
-            from .gsb import refined_alpha_terms  # GSB's idea lives in gsb.py (which imports this module)
-
-            dalpha_elem = refined_alpha_terms(x, q, inside)
+    if _fused(x, dout):  # one pass: dx and the sum of the terms, in np.sum's order
+        kind = fused.UNSIGNED if not signed else fused.SIGNED_LSQ if alpha_grad == "lsq" else fused.SIGNED_GSB
+        dx, total = fused.elastic_backward(kind, x, dout, a.reshape(()))
     else:
-        inside = (q >= 0) & (q <= 1)
-        dx = dout * inside
-        dalpha_elem = (q > 1) + inside * (np.round(q) - q)
-    dalpha = (np.sum(dalpha_elem * dout) * grad_scale).reshape(1).astype(alpha_dtype)
+        q = x / a
+        if signed:
+            inside = np.abs(q) <= 1
+            dx = dout * inside
+            if alpha_grad == "lsq":
+                dalpha_elem = sign(x)
+            else:
+                from .gsb import refined_alpha_terms  # GSB's idea lives in gsb.py (which imports this module)
+
+                dalpha_elem = refined_alpha_terms(x, q, inside)
+        else:
+            inside = (q >= 0) & (q <= 1)
+            dx = dout * inside
+            dalpha_elem = (q > 1) + inside * (np.round(q) - q)
+        total = np.sum(dalpha_elem * dout)
+    dalpha = (total * grad_scale).reshape(1).astype(alpha_dtype)
     return dx, dalpha
 
 
@@ -677,6 +702,14 @@ class _Quantizer:
         the integers and scaled once, as the packed inference engine does, so both give the same bits."""
         return None
 
+    def packed_form(self, cache, axis=-1):
+        """(bits, kind, scale, K): forward's levels packed along `axis` into uint64 words
+        (minibvit.kernels.pack's layout: [..., ceil(K/64)] with `axis` removed, bit 1 = level -1 for
+        kind "sign" (levels +-1), level 1 for kind "unit" (levels {0, 1})), the scale of integer_form
+        and K = the length of `axis`; None when there is no such form (or the forward kept no bits:
+        the NumPy path). The forward's popcount products (ops.packed_matmul) read it."""
+        return None
+
     def _options(self):
         return {}
 
@@ -751,6 +784,13 @@ class WeightBinarizer(_Quantizer):
         _, _, levels, alpha = cache
         return levels, (alpha.reshape(-1) if self.scale == "channel" else alpha.reshape(()))
 
+    def packed_form(self, cache, axis=-1):
+        """Sign bits of a 2-D weight's levels along its input axis (see _Quantizer.packed_form)."""
+        levels = cache[2]
+        if not USE_FUSED or levels.ndim != 2 or axis not in (-1, 1):
+            return None
+        return pack_signs(levels), "sign", self.integer_form(cache)[1], levels.shape[1]
+
 
 class ElasticBinarizer(_Quantizer):
     """BiT's elastic binarizer (elastic_binarize_forward). Param "alpha" (1,), NaN until the
@@ -775,9 +815,19 @@ class ElasticBinarizer(_Quantizer):
         return dx, {"alpha": dalpha}
 
     def integer_form(self, cache):
-        x, q, signed = cache[:3]
-        levels = sign(x) if signed else np.clip(np.round(q), 0, 1)
-        return levels, _scale_param(self.params["alpha"], "alpha", x, None).reshape(())
+        x, a, signed = cache[:3]
+        levels = sign(x) if signed else np.clip(np.round(x / a), 0, 1)
+        return levels, a.reshape(())
+
+    def packed_form(self, cache, axis=-1):
+        """The levels as packed bits for a popcount product (see _Quantizer.packed_form)."""
+        x, a, signed = cache[:3]
+        bits = cache[-1]
+        if bits is None or (axis != -1 and not signed):
+            return None
+        if axis != -1:
+            bits = fused.pack_sign_columns(x if axis == -2 else np.moveaxis(x, axis, -2))
+        return bits, ("sign" if signed else "unit"), a.reshape(()), x.shape[axis]
 
 
 class Ternarizer(_Quantizer):

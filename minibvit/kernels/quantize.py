@@ -1,0 +1,307 @@
+"""Fused quantizer kernels: each quantizer's forward, or its pseudo-gradient with its scale
+reduction, in one Numba pass over the tensor, bit-identical to the NumPy formulas of minibvit.quant.
+
+What makes them bit-identical:
+    - every element is computed with the same float operations, in the same dtype and order, as the
+      NumPy expression (no fast-math, no fused multiply-add);
+    - the scale gradients are sums of one float term per element, which NumPy's ``np.sum`` adds in
+      its pairwise order (loops_utils.h: blocks of up to 128 elements in 8 interleaved partial sums,
+      split in halves rounded down to a multiple of 8, the total added to 0). pairwise_terms
+      reproduces that order exactly, the top of the tree split across threads; the term is computed
+      where it is summed, so no array of terms is ever stored.
+
+The packed bits of an activation (bit 0 = +1 / level 0, bit 1 = -1 / level 1; kernels.pack's
+convention, tail bits 0) come out of the same forward pass (packed along the last axis); V of the
+attention, whose product with A reduces over the token axis, is packed along that axis on demand
+(pack_sign_columns).
+
+Each kernel has its NumPy reference in minibvit.quant (the function whose fast path it is); the
+tests (reference_tests/test_fused_quant.py) hold them bit for bit.
+"""
+import numpy as np
+from numba import njit, prange
+
+from ..intrinsics import bits64
+
+_PW_BLOCK = 128                  # NumPy's PW_BLOCKSIZE
+_PARALLEL_MIN = 1 << 12          # elements per parallel pairwise subtree, at least
+_TREE_DEPTH = 4                  # 16 pairwise subtrees computed in parallel
+
+# term kinds of the elastic binarizer's backward (quant.elastic_binarize_backward)
+SIGNED_LSQ, SIGNED_GSB, UNSIGNED = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the elastic binarizer's per-element pseudo-gradient: (dx, the scale-gradient term)
+
+
+@njit(inline="always")
+def _elastic_terms(kind, x, g, a, one):
+    """(dx, term) of one element, the float32/float64 operations of quant.elastic_binarize_backward:
+    q = x / a; signed: dx = g * 1[|q| <= 1], term = sign(x) * g ("lsq") or (sign(x) - 1[|q| <= 1] q) g
+    ("gsb"); unsigned: dx = g * 1[0 <= q <= 1], term = (1[q > 1] + 1[0 <= q <= 1] (round(q) - q)) g.
+    one: 1 in x's dtype (Numba would widen a float32 mixed with an integer literal to float64)."""
+    zero = one - one
+    q = x / a
+    if kind == UNSIGNED:
+        inside = one if (q >= 0 and q <= 1) else zero
+        above = one if q > 1 else zero
+        return g * inside, (above + inside * (np.rint(q) - q)) * g
+    inside = one if abs(q) <= 1 else zero
+    s = one if x >= 0 else -one
+    if kind == SIGNED_LSQ:
+        return g * inside, s * g
+    return g * inside, (s - inside * q) * g
+
+
+@njit(inline="always")
+def _term(kind, x, g, a, one, dx, i):
+    """The term of element i, its dx written."""
+    d, t = _elastic_terms(kind, x[i], g[i], a, one)
+    dx[i] = d
+    return t
+
+
+@njit(cache=True)
+def _leaf(kind, x, g, a, one, dx, start, n):
+    """NumPy's pairwise sum of the terms of elements start .. start + n - 1 for n <= 128, writing
+    their dx on the way: below 8 elements one sum from 0.; else 8 interleaved sums, combined
+    ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)), then the last n % 8 added in order."""
+    if n < 8:
+        res = one - one
+        for i in range(start, start + n):
+            res += _term(kind, x, g, a, one, dx, i)
+        return res
+    r0 = _term(kind, x, g, a, one, dx, start)
+    r1 = _term(kind, x, g, a, one, dx, start + 1)
+    r2 = _term(kind, x, g, a, one, dx, start + 2)
+    r3 = _term(kind, x, g, a, one, dx, start + 3)
+    r4 = _term(kind, x, g, a, one, dx, start + 4)
+    r5 = _term(kind, x, g, a, one, dx, start + 5)
+    r6 = _term(kind, x, g, a, one, dx, start + 6)
+    r7 = _term(kind, x, g, a, one, dx, start + 7)
+    end8 = start + n - n % 8
+    i = start + 8
+    while i < end8:
+        r0 += _term(kind, x, g, a, one, dx, i)
+        r1 += _term(kind, x, g, a, one, dx, i + 1)
+        r2 += _term(kind, x, g, a, one, dx, i + 2)
+        r3 += _term(kind, x, g, a, one, dx, i + 3)
+        r4 += _term(kind, x, g, a, one, dx, i + 4)
+        r5 += _term(kind, x, g, a, one, dx, i + 5)
+        r6 += _term(kind, x, g, a, one, dx, i + 6)
+        r7 += _term(kind, x, g, a, one, dx, i + 7)
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < start + n:
+        res += _term(kind, x, g, a, one, dx, i)
+        i += 1
+    return res
+
+
+@njit(cache=True)
+def _subtree(kind, x, g, a, one, dx, start, n):
+    """NumPy's pairwise_sum over elements start .. start + n - 1: a node of more than 128 elements
+    is the sum left + right of its halves (the first rounded down to a multiple of 8). Walked with an
+    explicit stack (a cached recursive Numba function crashes on load), left half first."""
+    starts = np.empty(128, np.int64)
+    lengths = np.empty(128, np.int64)
+    expanded = np.zeros(128, np.bool_)
+    values = np.empty(128, x.dtype)
+    top, n_values = 0, 0
+    starts[0], lengths[0] = start, n
+    while top >= 0:
+        s, m = starts[top], lengths[top]
+        if m <= _PW_BLOCK:
+            values[n_values] = _leaf(kind, x, g, a, one, dx, s, m)
+            n_values += 1
+            top -= 1
+        elif not expanded[top]:
+            expanded[top] = True
+            half = m // 2
+            half -= half % 8
+            starts[top + 1], lengths[top + 1], expanded[top + 1] = s + half, m - half, False
+            starts[top + 2], lengths[top + 2], expanded[top + 2] = s, half, False
+            top += 2
+        else:  # both halves done: values[-2] is the left one
+            values[n_values - 2] = values[n_values - 2] + values[n_values - 1]
+            n_values -= 1
+            top -= 1
+    return values[0]
+
+
+@njit(cache=True)
+def _tree_nodes(n, depth):
+    """(starts, lengths) of the 2^depth nodes at that depth of NumPy's pairwise tree over n elements
+    (every node above it has more than 128 elements, so it is split)."""
+    starts = np.zeros(1, np.int64)
+    lengths = np.full(1, n, np.int64)
+    for _ in range(depth):
+        new_starts = np.empty(2 * starts.size, np.int64)
+        new_lengths = np.empty(2 * starts.size, np.int64)
+        for i in range(starts.size):
+            half = lengths[i] // 2
+            half -= half % 8
+            new_starts[2 * i], new_lengths[2 * i] = starts[i], half
+            new_starts[2 * i + 1], new_lengths[2 * i + 1] = starts[i] + half, lengths[i] - half
+        starts, lengths = new_starts, new_lengths
+    return starts, lengths
+
+
+@njit(parallel=True, cache=True)
+def _elastic_backward_flat(kind, x, g, a, one, dx):
+    """dx (written) and the pairwise sum of the terms over the flat arrays x, g (C order)."""
+    n = x.size
+    if n <= _PARALLEL_MIN << _TREE_DEPTH:
+        return _subtree(kind, x, g, a, one, dx, 0, n)
+    starts, lengths = _tree_nodes(n, _TREE_DEPTH)
+    sums = np.empty(starts.size, x.dtype)
+    for i in prange(starts.size):
+        sums[i] = _subtree(kind, x, g, a, one, dx, starts[i], lengths[i])
+    width = sums.size
+    while width > 1:  # combine the subtrees as the recursion above them does: left + right
+        for i in range(width // 2):
+            sums[i] = sums[2 * i] + sums[2 * i + 1]
+        width //= 2
+    return sums[0]
+
+
+def elastic_backward(kind, x, dout, alpha):
+    """(dx, sum of the scale-gradient terms) of quant.elastic_binarize_backward in one pass.
+
+    x: the binarizer's input, dout: the upstream gradient (x's shape), alpha: the floored scale
+    (a scalar of x's dtype). Returns dx (x's shape and dtype) and the sum as a scalar of x's dtype,
+    equal bit for bit to np.sum(terms * dout) of the NumPy formula."""
+    x1 = np.ascontiguousarray(x).reshape(-1)
+    g1 = np.ascontiguousarray(dout, dtype=x.dtype).reshape(-1)
+    dx = np.empty_like(x1)
+    total = _elastic_backward_flat(kind, x1, g1, x.dtype.type(alpha), x.dtype.type(1), dx)
+    return dx.reshape(x.shape), x.dtype.type(0) + x.dtype.type(total)  # np.sum adds its sum to 0.
+
+
+# ---------------------------------------------------------------------------------------------
+# the elastic binarizer's forward, with the packed bits of its levels
+
+
+@njit(inline="always")
+def _store_word_tail(levels_row, out_bits, full_words, n_words, k):
+    if full_words < n_words:
+        word = np.uint64(0)
+        for j in range(64 * full_words, k):
+            word |= np.uint64(levels_row[j] != 0) << np.uint64(j - 64 * full_words)
+        out_bits[full_words] = word
+
+
+@njit(parallel=True, cache=True)
+def _elastic_forward_rows(x, a, signed, one, out, bits):
+    """out = a * sign(x) (signed) or a * clamp(round(x / a), 0, 1) (unsigned), row by row, and the
+    packed bits of the levels along each row (bit 1: level -1 (signed), level 1 (unsigned))."""
+    rows, k = x.shape
+    n_words = bits.shape[1]
+    full_words = k // 64
+    zero = one - one
+    for r in prange(rows):
+        level_bits = np.empty(k, np.uint8)
+        xr, outr = x[r], out[r]
+        if signed:
+            for j in range(k):
+                negative = not xr[j] >= 0  # sign(x) = -1 (NaN too, as np.where(x >= 0, 1, -1))
+                outr[j] = a * (-one if negative else one)
+                level_bits[j] = negative
+        else:
+            for j in range(k):
+                level = np.rint(xr[j] / a)
+                on = level >= 1  # clamp(round(q), 0, 1) == 1
+                outr[j] = a * (one if on else zero)
+                level_bits[j] = on
+        for w in range(full_words):
+            bits[r, w] = bits64(level_bits, 64 * w)
+        _store_word_tail(level_bits, bits[r], full_words, n_words, k)
+
+
+def elastic_forward(x, alpha, signed):
+    """out (x's shape and dtype) and the packed level bits [..., ceil(K/64)] (K = x.shape[-1]) of
+    quant.elastic_binarize_forward, in one pass; alpha: the floored scale (a scalar)."""
+    k = x.shape[-1] if x.ndim else 1
+    x2 = np.ascontiguousarray(x).reshape(-1, k)
+    out = np.empty_like(x2)
+    bits = np.empty((x2.shape[0], (k + 63) // 64), np.uint64)
+    _elastic_forward_rows(x2, x.dtype.type(alpha), bool(signed), x.dtype.type(1), out, bits)
+    return out.reshape(x.shape), bits.reshape(x.shape[:-1] + (bits.shape[1],))
+
+
+@njit(parallel=True, cache=True)
+def _sign_columns(x, bits):
+    """bits[b, j, w] = packed (not x[b, i, j] >= 0) over i = 64 w .. 64 w + 63 (the sign bits of the
+    columns of each x[b], packed along its rows)."""
+    n_batch, n_rows, n_cols = x.shape
+    n_words = bits.shape[2]
+    for b in prange(n_batch):
+        for w in range(n_words):
+            i0 = 64 * w
+            i1 = min(i0 + 64, n_rows)
+            for j in range(n_cols):
+                word = np.uint64(0)
+                for i in range(i0, i1):
+                    if not x[b, i, j] >= 0:
+                        word |= np.uint64(1) << np.uint64(i - i0)
+                bits[b, j, w] = word
+
+
+def pack_sign_columns(x):
+    """Sign bits of x (..., K, N) packed along K for each column: uint64 (..., N, ceil(K/64)), bit 1 where
+    sign(x) = -1 (x < 0, or NaN as quant.sign). The layout of and_bmm's v_packed (pack_signs(V^T))."""
+    k, n = x.shape[-2], x.shape[-1]
+    x3 = np.ascontiguousarray(x).reshape(-1, k, n)
+    bits = np.empty((x3.shape[0], n, (k + 63) // 64), np.uint64)
+    _sign_columns(x3, bits)
+    return bits.reshape(x.shape[:-2] + bits.shape[1:])
+
+
+@njit(parallel=True, cache=True)
+def _scale_columns(product, scale, out):
+    """out[r, n] = float(product[r, n]) * scale[n]  (one rounding of the exact integer, one product)."""
+    for r in prange(product.shape[0]):
+        for n in range(product.shape[1]):
+            out[r, n] = product[r, n]  # the conversion rounds to nearest, as float64 -> float32 does
+            out[r, n] *= scale[n]
+
+
+def scaled_integers(product, scale):
+    """float product * scale for an exact int32 product (..., N) and a scale of shape () or (N,), in the
+    scale's dtype: the bits of (float(product) * scale) of ops.levels_matmul."""
+    n = product.shape[-1]
+    scale = np.ascontiguousarray(np.broadcast_to(scale, (n,)))
+    p2 = product.reshape(-1, n)
+    out = np.empty(p2.shape, scale.dtype)
+    _scale_columns(p2, scale, out)
+    return out.reshape(product.shape)
+
+
+@njit(parallel=True, cache=True)
+def _mask_columns(mask, bits):
+    """bits[b, j, w] = packed mask[b, i, j] != 0 over i = 64 w .. 64 w + 63."""
+    n_batch, n_rows, n_cols = mask.shape
+    n_words = bits.shape[2]
+    for b in prange(n_batch):
+        for w in range(n_words):
+            i0 = 64 * w
+            i1 = min(i0 + 64, n_rows)
+            for j in range(n_cols):
+                word = np.uint64(0)
+                for i in range(i0, i1):
+                    if mask[b, i, j] != 0:
+                        word |= np.uint64(1) << np.uint64(i - i0)
+                bits[b, j, w] = word
+
+
+def pack_mask_columns(mask):
+    """A mask (..., K, N) (bool or numeric: bit = mask != 0) packed along K for each column:
+    uint64 (..., N, ceil(K/64)) (pack_bits of mask^T)."""
+    k, n = mask.shape[-2], mask.shape[-1]
+    m3 = np.ascontiguousarray(mask).reshape(-1, k, n)
+    if m3.dtype == np.bool_:
+        m3 = m3.view(np.uint8)
+    bits = np.empty((m3.shape[0], n, (k + 63) // 64), np.uint64)
+    _mask_columns(m3, bits)
+    return bits.reshape(mask.shape[:-2] + bits.shape[1:])

@@ -1,0 +1,112 @@
+"""The fused quantizer kernels (minibvit.kernels.quantize) and the popcount forward products
+(ops.packed_matmul, ops.packed_basis_matmul) against the NumPy formulas they replace, bit for bit."""
+import numpy as np
+import pytest
+
+from minibvit import ops, quant
+from minibvit.kernels import pack, quantize
+
+pytestmark = pytest.mark.impl_specific
+
+SHAPES = [(1,), (7,), (8,), (129,), (3, 5, 17), (2, 3, 65, 64), (1000, 33), (70001,), (4, 65, 384)]
+
+
+def _bits(a):
+    return np.asarray(a).tobytes()
+
+
+def _numpy_path(fn, *args):
+    saved = quant.USE_FUSED
+    quant.USE_FUSED = False
+    try:
+        return fn(*args)
+    finally:
+        quant.USE_FUSED = saved
+
+
+def _case(rng, shape, dtype):
+    x = (rng.standard_normal(shape) * 2).astype(dtype)
+    x.flat[::7] = 0  # exact zeros: sign(0) = +1
+    x.flat[1::11] = -0.0
+    x.flat[2::13] = 0.9  # |q| == 1 exactly at alpha 0.9
+    x.flat[3::17] = 0.45  # q == 0.5: round half to even
+    return x, rng.standard_normal(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("signed, alpha_grad", [(True, "lsq"), (True, "gsb"), (False, "lsq")])
+def test_elastic_fused_bit_identical(shape, dtype, signed, alpha_grad):
+    x, dout = _case(np.random.default_rng(len(shape) * 100 + shape[-1]), shape, dtype)
+    alpha = np.array([0.9], dtype)
+    out, cache = quant.elastic_binarize_forward(x, alpha, signed, alpha_grad)
+    dx, dalpha = quant.elastic_binarize_backward(dout, cache)
+    ref_out, ref_cache = _numpy_path(quant.elastic_binarize_forward, x, alpha, signed, alpha_grad)
+    ref_dx, ref_dalpha = _numpy_path(quant.elastic_binarize_backward, dout, ref_cache)
+    assert cache[-1] is not None and ref_cache[-1] is None  # the fused path ran, and the NumPy one
+    for got, want in ((out, ref_out), (dx, ref_dx), (dalpha, ref_dalpha)):
+        assert got.dtype == want.dtype and got.shape == want.shape and _bits(got) == _bits(want)
+
+
+@pytest.mark.parametrize("shape", [(5, 64), (3, 65, 130), (2, 3, 17, 64)], ids=str)
+@pytest.mark.parametrize("signed", [True, False])
+def test_elastic_packed_form_is_packed_integer_form(shape, signed):
+    x, _ = _case(np.random.default_rng(3), shape, np.float32)
+    q = quant.make_quantizer("a_elastic_signed" if signed else "a_elastic_unsigned")
+    _, cache = q.forward(x, True)
+    levels, scale = q.integer_form(cache)
+    bits, kind, packed_scale, k = q.packed_form(cache)
+    assert kind == ("sign" if signed else "unit") and k == shape[-1] and _bits(packed_scale) == _bits(scale)
+    want = pack.pack_signs_reference(levels) if signed else pack.pack_bits_reference(levels)
+    assert np.array_equal(bits, want)
+    if signed:
+        columns, _, _, k2 = q.packed_form(cache, -2)
+        assert k2 == shape[-2]
+        assert np.array_equal(columns, pack.pack_signs_reference(np.swapaxes(levels, -1, -2)))
+
+
+def test_column_packers_match_the_reference():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 130, 7)).astype(np.float32)
+    x[0, :5] = 0.0
+    assert np.array_equal(quantize.pack_sign_columns(x), pack.pack_signs_reference(np.swapaxes(x, -1, -2)))
+    mask = rng.random((3, 130, 7)) < 0.3
+    assert np.array_equal(quantize.pack_mask_columns(mask), pack.pack_bits_reference(np.swapaxes(mask, -1, -2)))
+
+
+@pytest.mark.parametrize("a_kind", ["sign", "unit"])
+@pytest.mark.parametrize("weight", [True, False])
+def test_packed_matmul_equals_levels_matmul(a_kind, weight):
+    rng = np.random.default_rng(5)
+    k, m, n = 130, 9, 11
+    if a_kind == "sign":
+        a_levels = np.where(rng.random((2, 3, m, k)) < 0.5, -1.0, 1.0).astype(np.float32)
+        a_bits = pack.pack_signs(a_levels)
+    else:
+        a_levels = (rng.random((2, 3, m, k)) < 0.5).astype(np.float32)
+        a_bits = pack.pack_bits(a_levels)
+    b_shape = (n, k) if weight else (2, 3, n, k)
+    b_levels = np.where(rng.random(b_shape) < 0.5, -1.0, 1.0).astype(np.float32)
+    a_scale = np.float32(0.37).reshape(())
+    b_scale = rng.random(n).astype(np.float32) if weight else np.float32(1.7).reshape(())
+    got = ops.packed_matmul(a_bits, a_kind, a_scale, pack.pack_signs(b_levels), "sign", b_scale, k)
+    a2 = a_levels.reshape(-1, k) if weight else a_levels
+    want = ops.levels_matmul(a2, a_scale, np.swapaxes(b_levels, -1, -2), b_scale)
+    assert _bits(got.reshape(want.shape)) == _bits(want)
+
+
+def test_packed_basis_matmul_equals_basis_matmul():
+    rng = np.random.default_rng(6)
+    lead, m, k, d = (2, 3), 17, 70, 8
+    a_bases = [(rng.random(lead + (m, k)) < p).astype(np.float32) for p in (0.5, 0.2, 0.1)]
+    signs = np.where(rng.random(lead + (k, d)) < 0.5, -1.0, 1.0).astype(np.float32)
+    t1 = rng.random(lead + (k, d)) < 0.3
+    t2 = t1 & (rng.random(lead + (k, d)) < 0.5)
+    a_scales = np.array([0.3, 0.2, 0.1], np.float32)
+    v_scales = np.array([1.1, 0.7, 0.4], np.float32)
+    want = ops.basis_matmul(a_bases, a_scales, [signs, t1 * signs, t2 * signs], v_scales, np.float32)
+    got = ops.packed_basis_matmul(np.stack([pack.pack_bits(b) for b in a_bases], axis=-3), a_scales,
+                                  quantize.pack_sign_columns(signs),
+                                  np.stack([quantize.pack_mask_columns(t1), quantize.pack_mask_columns(t2)], axis=-3),
+                                  v_scales, k, np.float32)
+    assert got.dtype == want.dtype and _bits(got) == _bits(want)

@@ -35,6 +35,9 @@ over every rank's slice of it: max / min v and max A by MAX, the group counts an
 
 import numpy as np
 
+from . import quant
+from .kernels.pack import pack_bits
+from .kernels.quantize import pack_mask_columns, pack_sign_columns
 from .quant import SCALE_FLOOR, check_choice, check_float_array, sign
 
 GSB_MODES = ("official", "principled")
@@ -350,6 +353,14 @@ class GSBValueQuantizer:
         s = sign(v)
         return [s, t1 * s, t2 * s], a
 
+    def packed_basis_form(self, cache):
+        """(sign bits [..., d, W], masks [..., 2, d, W], (a1, a2, a3)): basis_form's S, T1, T2 packed
+        along the token axis (the layout of kernels.gsb_partial_products' v_signs / v_masks)."""
+        v, a, t1, t2 = cache[:4]
+        if not quant.USE_FUSED:
+            return None
+        return pack_sign_columns(v), np.stack([pack_mask_columns(t1), pack_mask_columns(t2)], axis=-3), a
+
     def __repr__(self):
         return f"GSBValueQuantizer(heads={self.heads}, head_dim={self.head_dim}, mode={self.mode!r})"
 
@@ -392,6 +403,15 @@ class GSBAttnQuantizer:
         """([clamp(round(A/a1), 0, 1), T1, T2], (a1, a2, a3)): A_q = sum_k a_k * basis_k, {0, 1} bases."""
         a, al, t1, t2 = cache[:4]
         return [np.clip(np.rint(a / al[0]), 0, 1), t1.astype(a.dtype), t2.astype(a.dtype)], al
+
+    def packed_basis_form(self, cache):
+        """(bases [..., 3, M, W], (a1, a2, a3), K, dtype): basis_form's three {0, 1} bases packed along
+        the key axis (the layout of kernels.gsb_partial_products' a_bases), K = the number of keys."""
+        a, al, t1, t2 = cache[:4]
+        if not quant.USE_FUSED:
+            return None
+        level1 = np.rint(a / al[0]) >= 1  # clamp(round(A / a1), 0, 1) == 1
+        return np.stack([pack_bits(level1), pack_bits(t1), pack_bits(t2)], axis=-3), al, a.shape[-1], a.dtype
 
     def __repr__(self):
         return (f"GSBAttnQuantizer(heads={self.heads}, tokens={self.tokens}, mode={self.mode!r}, "

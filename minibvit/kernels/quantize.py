@@ -15,6 +15,11 @@ convention, tail bits 0) come out of the same forward pass (packed along the las
 attention, whose product with A reduces over the token axis, is packed along that axis on demand
 (pack_sign_columns).
 
+NaN: the signed binarizer treats NaN as NumPy does (sign(NaN) = -1, in the output and the bits). The
+unsigned one writes 0 and bit 0 for a NaN input where NumPy's clamp(round(NaN), 0, 1) * alpha is NaN
+(not yet matched: a NaN activation means the run has diverged; the loss check of train_step catches
+it one op later, in both paths, only if it reaches the logits).
+
 Each kernel has its NumPy reference in minibvit.quant (the function whose fast path it is); the
 tests (reference_tests/test_fused_quant.py) hold them bit for bit.
 """

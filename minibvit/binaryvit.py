@@ -329,6 +329,11 @@ class ASM:
         inner = getattr(self.inner, "integer_form", None)
         return None if inner is None else inner(cache[0])
 
+    def packed_form(self, cache, axis=-1):
+        """The inner binarizer's packed levels, if it has them (see quant._Quantizer.packed_form)."""
+        inner = getattr(self.inner, "packed_form", None)
+        return None if inner is None else inner(cache[0], axis)
+
     def __repr__(self):
         scale = ", scale=True" if self.scale else ""
         return f"ASM(center={self.center!r}, momentum={self.momentum}{scale}, inner={self.inner!r})"

@@ -15,10 +15,8 @@ convention, tail bits 0) come out of the same forward pass (packed along the las
 attention, whose product with A reduces over the token axis, is packed along that axis on demand
 (pack_sign_columns).
 
-NaN: the signed binarizer treats NaN as NumPy does (sign(NaN) = -1, in the output and the bits). The
-unsigned one writes 0 and bit 0 for a NaN input where NumPy's clamp(round(NaN), 0, 1) * alpha is NaN
-(not yet matched: a NaN activation means the run has diverged; the loss check of train_step catches
-it one op later, in both paths, only if it reaches the logits).
+NaN: both binarizers treat NaN as NumPy does: sign(NaN) = -1 (signed), clamp(round(NaN), 0, 1) * alpha
+= NaN (unsigned), and bit 1 resp. bit 0; -0. passes through np.clip, and so it does here.
 
 Each kernel has its NumPy reference in minibvit.quant (the function whose fast path it is); the
 tests (reference_tests/test_fused_quant.py) hold them bit for bit.
@@ -216,9 +214,12 @@ def _elastic_forward_rows(x, a, signed, one, out, bits):
         else:
             for j in range(k):
                 level = np.rint(xr[j] / a)
-                on = level >= 1  # clamp(round(q), 0, 1) == 1
-                outr[j] = a * (one if on else zero)
-                level_bits[j] = on
+                if level > one:  # np.clip's order: -0. and NaN pass through, as in NumPy
+                    level = one
+                elif level < zero:
+                    level = zero
+                outr[j] = a * level
+                level_bits[j] = level >= one
         for w in range(full_words):
             bits[r, w] = bits64(level_bits, 64 * w)
         _store_word_tail(level_bits, bits[r], full_words, n_words, k)

@@ -19,7 +19,8 @@ import numpy as np
 
 from . import numerics
 from .kernels.binary import and_bmm, binary_bmm
-from .kernels.gsb import gsb_combine, gsb_partial_products
+from .kernels.gsb import combined_products, gsb_combine
+from .kernels.pack import row_popcount
 from .kernels.quantize import scaled_integers
 from .numerics import exp_f32  # noqa: F401  (public: the float32 exp of the softmax)
 
@@ -125,16 +126,20 @@ def basis_matmul(a_bases, a_scales, b_bases, b_scales, dtype):
 
 
 def packed_basis_matmul(a_bases, a_scales, v_signs, v_masks, v_scales, k, dtype):
-    """basis_matmul of GSB's A_q (..., M, K) and V_q (..., K, D) from packed bases, the nine exact
-    integer products from AND-popcounts (kernels.gsb_partial_products), combined by the same
-    gsb_combine, so the bits are basis_matmul's. a_bases (..., 3, M, W); v_signs (..., D, W);
-    v_masks (..., 2, D, W), all packed along K. Returns (..., M, D) in dtype."""
+    """basis_matmul of GSB's A_q (..., M, K) and V_q (..., K, D) from packed bases: the nine exact
+    integer products from AND-popcounts, combined in gsb_combine's float64 order, fused per leading
+    index (kernels.gsb.combined_products), so the bits are basis_matmul's. a_bases (..., 3, M, W);
+    v_signs (..., D, W); v_masks (..., 2, D, W), all packed along K; a_scales, v_scales (3,).
+    Returns (..., M, D) in dtype."""
     lead, (m, words), d = a_bases.shape[:-3], a_bases.shape[-2:], v_signs.shape[-2]
-    partial = gsb_partial_products(a_bases.reshape(-1, 3, m, words), v_signs.reshape(-1, d, words),
-                                   v_masks.reshape(-1, 2, d, words), k)
-    products = partial.reshape(lead + (3, 3, m, d))
-    return gsb_combine([[products[..., i, j, :, :] for j in range(3)] for i in range(3)],
-                       a_scales, v_scales).astype(dtype)
+    bases = np.ascontiguousarray(a_bases.reshape(-1, 3, m, words))
+    s = v_signs.reshape(-1, d, words)
+    t1, t2 = v_masks.reshape(-1, 2, d, words)[:, 0], v_masks.reshape(-1, 2, d, words)[:, 1]
+    planes = np.ascontiguousarray(np.concatenate([s, t1 & s, t2 & s, t1, t2], axis=1).transpose(0, 2, 1))
+    weights = np.float64(np.asarray(a_scales))[:, None] * np.float64(np.asarray(v_scales))[None, :]
+    out = np.empty((bases.shape[0], m, d), dtype)
+    combined_products(bases, row_popcount(bases), planes, weights, out)
+    return out.reshape(lead + (m, d))
 
 
 def add(x, y, out=None):

@@ -18,7 +18,7 @@ from numba import njit, prange
 
 from ..gsb import GSB_T1_FRACTION, GSB_T2_FRACTION
 from ..intrinsics import popcount
-from ..kernels.binary import column_blocks, copy_panel, panel_rows
+from ..kernels.gsb import combined_products
 
 _F32 = np.float32
 
@@ -116,40 +116,6 @@ def value_planes(qkv, n_tokens, n_heads, v_shift, hi1, lo1, hi2, lo2, planes):
                 pw[2 * d + j] |= (m2 & s) << bit
                 pw[3 * d + j] |= m1 << bit
                 pw[4 * d + j] |= m2 << bit
-
-
-@njit(parallel=True, cache=True)
-def combined_products(bases, row_pop, planes, weights, out):
-    """out [B*H, N, d] float32 = sum_ij weights[i, j] * C_ij (float64, kernels.gsb_combine's order)
-    with C_ij from the AND-popcount counts of the bases [B*H, 3, N, Wn] against the planes
-    [B*H, Wn, 5d] (value_planes); weights float64 [3, 3] = float64(a_i) * float64(b_j)."""
-    n_bh, _, n_rows, n_words = bases.shape
-    d = out.shape[2]
-    n_cols = 5 * d
-    blocks, width = column_blocks(n_cols)
-    for t in prange(n_bh):
-        a = bases[t].reshape((1, 3 * n_rows, n_words))
-        counts = np.empty((1, 3 * n_rows, n_cols), np.int32)    # -2 popcount(P_i & plane)
-        zeros = np.zeros((1, 3 * n_rows), np.int64)
-        for cb in range(blocks):
-            n0 = cb * width
-            nb = min(width, n_cols - n0)
-            panel = copy_panel(planes[t:t + 1], 0, n0, nb, width)
-            panel_rows(a, 0, 0, 3 * n_rows, None, panel, n0, nb, width, zeros, None, None, None, None, counts)
-        for m in range(n_rows):
-            orow = out[t, m]
-            for j in range(d):
-                total = 0.0
-                for i in range(3):
-                    c = counts[0, i * n_rows + m]
-                    # popcount(P & s) = -c[j] / 2, popcount(P & Tv & s) = -c[(1 + v) d + j] / 2, ...
-                    c00 = row_pop[t, i, m] + c[j]                       # P_i @ S
-                    c01 = -c[3 * d + j] // 2 + c[d + j]                 # P_i @ (T1v o S)
-                    c02 = -c[4 * d + j] // 2 + c[2 * d + j]             # P_i @ (T2v o S)
-                    total = total + weights[i, 0] * np.float64(c00)
-                    total = total + weights[i, 1] * np.float64(c01)
-                    total = total + weights[i, 2] * np.float64(c02)
-                orow[j] = np.float32(total)
 
 
 def gsb_attention(probs, qkv, gsb, n_images, n_tokens, n_heads, max_over):

@@ -3,8 +3,9 @@ products and their one combine, shared by the simulated forward (ops.basis_matmu
 engine and gsb_attention_product. Each with a NumPy reference.
 """
 import numpy as np
+from numba import njit, prange
 
-from .binary import popcount_matmul, transpose_words
+from .binary import column_blocks, copy_panel, panel_rows, popcount_matmul, transpose_words
 from .pack import check_k, check_words, row_popcount, unpack_bits, unpack_signs
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +89,44 @@ def gsb_combine(products, a_scales, v_scales):
                 weight = weight.reshape(weight.shape + (1,) * (np.ndim(product) - weight.ndim))
             out = out + weight * product
     return out
+
+
+@njit(parallel=True, cache=True)
+def combined_products(bases, row_pop, planes, weights, out):
+    """out [B*H, N, d] (float32 or float64) = sum_ij weights[i, j] * C_ij, summed in float64 in
+    gsb_combine's order and rounded once to out's dtype, with C_ij from the AND-popcount counts of
+    the bases [B*H, 3, N, Wn] (pack_bits of B1, T1, T2 along the keys) against the value planes
+    [B*H, Wn, 5d] (the bits of S, T1v & S, T2v & S, T1v, T2v packed along the keys, word-major, in
+    column blocks of d); row_pop [B*H, 3, N] int64: the row popcounts of the bases; weights float64
+    [3, 3] = float64(a_i) * float64(b_j). The fused form of gsb_combine(gsb_partial_products(...)),
+    one task per (image, head): the packed engine and the training forward (ops.packed_basis_matmul)."""
+    n_bh, _, n_rows, n_words = bases.shape
+    d = out.shape[2]
+    n_cols = 5 * d
+    blocks, width = column_blocks(n_cols)
+    for t in prange(n_bh):
+        a = bases[t].reshape((1, 3 * n_rows, n_words))
+        counts = np.empty((1, 3 * n_rows, n_cols), np.int32)    # -2 popcount(P_i & plane)
+        zeros = np.zeros((1, 3 * n_rows), np.int64)
+        for cb in range(blocks):
+            n0 = cb * width
+            nb = min(width, n_cols - n0)
+            panel = copy_panel(planes[t:t + 1], 0, n0, nb, width)
+            panel_rows(a, 0, 0, 3 * n_rows, None, panel, n0, nb, width, zeros, None, None, None, None, counts)
+        for m in range(n_rows):
+            orow = out[t, m]
+            for j in range(d):
+                total = 0.0
+                for i in range(3):
+                    c = counts[0, i * n_rows + m]
+                    # popcount(P & s) = -c[j] / 2, popcount(P & Tv & s) = -c[(1 + v) d + j] / 2, ...
+                    c00 = row_pop[t, i, m] + c[j]                       # P_i @ S
+                    c01 = -c[3 * d + j] // 2 + c[d + j]                 # P_i @ (T1v o S)
+                    c02 = -c[4 * d + j] // 2 + c[2 * d + j]             # P_i @ (T2v o S)
+                    total = total + weights[i, 0] * np.float64(c00)
+                    total = total + weights[i, 1] * np.float64(c01)
+                    total = total + weights[i, 2] * np.float64(c02)
+                orow[j] = total  # one rounding to out's dtype, as .astype does
 
 
 def gsb_attention_product(a_bases, a_scales, v_signs, v_masks, v_scales, K):

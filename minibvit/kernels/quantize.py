@@ -58,47 +58,53 @@ def _elastic_terms(kind, x, g, a, one):
 
 
 @njit(inline="always")
-def _term(kind, x, g, a, one, dx, i):
-    """The term of element i, its dx written."""
-    d, t = _elastic_terms(kind, x[i], g[i], a, one)
-    dx[i] = d
-    return t
+def _kind_terms(kind, xb, gb, a, one, db, terms):
+    """db = dx and terms[:n] = the terms of the slices xb, gb of one leaf, for a constant kind: two
+    loops over local slices (one output each), so that LLVM vectorizes both."""
+    for i in range(xb.size):
+        db[i] = _elastic_terms(kind, xb[i], gb[i], a, one)[0]
+    for i in range(xb.size):
+        terms[i] = _elastic_terms(kind, xb[i], gb[i], a, one)[1]
 
 
-@njit(cache=True)
-def _leaf(kind, x, g, a, one, dx, start, n):
+@njit(inline="always")
+def _leaf_terms(kind, x, g, a, one, dx, start, n, terms):
+    """dx of elements start .. start + n - 1 written, their terms into terms[:n]."""
+    xb, gb, db = x[start:start + n], g[start:start + n], dx[start:start + n]
+    if kind == UNSIGNED:
+        _kind_terms(UNSIGNED, xb, gb, a, one, db, terms)
+    elif kind == SIGNED_LSQ:
+        _kind_terms(SIGNED_LSQ, xb, gb, a, one, db, terms)
+    else:
+        _kind_terms(SIGNED_GSB, xb, gb, a, one, db, terms)
+
+
+@njit(inline="always")
+def _leaf(kind, x, g, a, one, dx, start, n, terms):
     """NumPy's pairwise sum of the terms of elements start .. start + n - 1 for n <= 128, writing
     their dx on the way: below 8 elements one sum from 0.; else 8 interleaved sums, combined
-    ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)), then the last n % 8 added in order."""
+    ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)), then the last n % 8 added in order.
+    terms: scratch of at least n elements."""
+    _leaf_terms(kind, x, g, a, one, dx, start, n, terms)
     if n < 8:
         res = one - one
-        for i in range(start, start + n):
-            res += _term(kind, x, g, a, one, dx, i)
+        for i in range(n):
+            res += terms[i]
         return res
-    r0 = _term(kind, x, g, a, one, dx, start)
-    r1 = _term(kind, x, g, a, one, dx, start + 1)
-    r2 = _term(kind, x, g, a, one, dx, start + 2)
-    r3 = _term(kind, x, g, a, one, dx, start + 3)
-    r4 = _term(kind, x, g, a, one, dx, start + 4)
-    r5 = _term(kind, x, g, a, one, dx, start + 5)
-    r6 = _term(kind, x, g, a, one, dx, start + 6)
-    r7 = _term(kind, x, g, a, one, dx, start + 7)
-    end8 = start + n - n % 8
-    i = start + 8
-    while i < end8:
-        r0 += _term(kind, x, g, a, one, dx, i)
-        r1 += _term(kind, x, g, a, one, dx, i + 1)
-        r2 += _term(kind, x, g, a, one, dx, i + 2)
-        r3 += _term(kind, x, g, a, one, dx, i + 3)
-        r4 += _term(kind, x, g, a, one, dx, i + 4)
-        r5 += _term(kind, x, g, a, one, dx, i + 5)
-        r6 += _term(kind, x, g, a, one, dx, i + 6)
-        r7 += _term(kind, x, g, a, one, dx, i + 7)
-        i += 8
+    r0, r1, r2, r3, r4, r5, r6, r7 = terms[0], terms[1], terms[2], terms[3], terms[4], terms[5], terms[6], terms[7]
+    end8 = n - n % 8
+    for i in range(8, end8, 8):
+        r0 += terms[i]
+        r1 += terms[i + 1]
+        r2 += terms[i + 2]
+        r3 += terms[i + 3]
+        r4 += terms[i + 4]
+        r5 += terms[i + 5]
+        r6 += terms[i + 6]
+        r7 += terms[i + 7]
     res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-    while i < start + n:
-        res += _term(kind, x, g, a, one, dx, i)
-        i += 1
+    for i in range(end8, n):
+        res += terms[i]
     return res
 
 
@@ -111,12 +117,13 @@ def _subtree(kind, x, g, a, one, dx, start, n):
     lengths = np.empty(128, np.int64)
     expanded = np.zeros(128, np.bool_)
     values = np.empty(128, x.dtype)
+    terms = np.empty(_PW_BLOCK, x.dtype)
     top, n_values = 0, 0
     starts[0], lengths[0] = start, n
     while top >= 0:
         s, m = starts[top], lengths[top]
         if m <= _PW_BLOCK:
-            values[n_values] = _leaf(kind, x, g, a, one, dx, s, m)
+            values[n_values] = _leaf(kind, x, g, a, one, dx, s, m, terms)
             n_values += 1
             top -= 1
         elif not expanded[top]:

@@ -36,8 +36,6 @@ over every rank's slice of it: max / min v and max A by MAX, the group counts an
 import numpy as np
 
 from . import quant
-from .kernels.pack import pack_bits
-from .kernels.quantize import pack_mask_columns, pack_sign_columns
 from .quant import SCALE_FLOOR, check_choice, check_float_array, sign
 
 GSB_MODES = ("official", "principled")
@@ -359,6 +357,8 @@ class GSBValueQuantizer:
         v, a, t1, t2 = cache[:4]
         if not quant.USE_FUSED:
             return None
+        from .kernels.quantize import pack_mask_columns, pack_sign_columns  # Numba, on first use
+
         return pack_sign_columns(v), np.stack([pack_mask_columns(t1), pack_mask_columns(t2)], axis=-3), a
 
     def __repr__(self):
@@ -410,6 +410,8 @@ class GSBAttnQuantizer:
         a, al, t1, t2 = cache[:4]
         if not quant.USE_FUSED:
             return None
+        from .kernels.pack import pack_bits  # Numba, on first use
+
         level1 = np.rint(a / al[0]) >= 1  # clamp(round(A / a1), 0, 1) == 1
         return np.stack([pack_bits(level1), pack_bits(t1), pack_bits(t2)], axis=-3), al, a.shape[-1], a.dtype
 

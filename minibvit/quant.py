@@ -36,13 +36,19 @@ import math
 
 import numpy as np
 
-from .kernels import quantize as fused
-from .kernels.pack import pack_signs
 
 USE_FUSED = True
 """False: every quantizer runs its NumPy body. True: the quantizers that have one run their fused
 kernel (minibvit.kernels.quantize) for float32 / float64 input: the same bits in one pass per tensor,
 and the packed bits of the levels for the forward's popcount products (packed_form)."""
+
+
+def _kernels():
+    """minibvit.kernels.quantize, imported on first use: the quantizer tables (minibvit.cost,
+    minibvit.methods) load without Numba."""
+    from .kernels import quantize
+
+    return quantize
 
 
 def _fused(x, *others):
@@ -340,7 +346,7 @@ def elastic_binarize_forward(x, alpha, signed, alpha_grad="lsq", reduce=None):
     size = _global_size(x.size, reduce)
     if _fused(x):  # one pass: out and the packed bits of the levels
         x = np.ascontiguousarray(x)
-        out, bits = fused.elastic_forward(x, a.reshape(()), signed)
+        out, bits = _kernels().elastic_forward(x, a.reshape(()), signed)
         return out, (x, a, signed, alpha_grad, alpha.dtype, size, bits)
     q = x / a
     if signed:
@@ -363,8 +369,9 @@ def elastic_binarize_backward(dout, cache):
     x, a, signed, alpha_grad, alpha_dtype, size, _ = cache
     grad_scale = 1.0 / math.sqrt(size)
     if _fused(x, dout):  # one pass: dx and the sum of the terms, in np.sum's order
-        kind = fused.UNSIGNED if not signed else fused.SIGNED_LSQ if alpha_grad == "lsq" else fused.SIGNED_GSB
-        dx, total = fused.elastic_backward(kind, x, dout, a.reshape(()))
+        kernels = _kernels()
+        kind = kernels.UNSIGNED if not signed else kernels.SIGNED_LSQ if alpha_grad == "lsq" else kernels.SIGNED_GSB
+        dx, total = kernels.elastic_backward(kind, x, dout, a.reshape(()))
     else:
         q = x / a
         if signed:
@@ -789,6 +796,8 @@ class WeightBinarizer(_Quantizer):
         levels = cache[2]
         if not USE_FUSED or levels.ndim != 2 or axis not in (-1, 1):
             return None
+        from .kernels.pack import pack_signs  # Numba, on first use
+
         return pack_signs(levels), "sign", self.integer_form(cache)[1], levels.shape[1]
 
 
@@ -826,7 +835,7 @@ class ElasticBinarizer(_Quantizer):
         if bits is None or (axis != -1 and not signed):
             return None
         if axis != -1:
-            bits = fused.pack_sign_columns(x if axis == -2 else np.moveaxis(x, axis, -2))
+            bits = _kernels().pack_sign_columns(x if axis == -2 else np.moveaxis(x, axis, -2))
         return bits, ("sign" if signed else "unit"), a.reshape(()), x.shape[axis]
 
 

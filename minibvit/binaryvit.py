@@ -39,7 +39,7 @@ import math
 
 import numpy as np
 
-from .quant import SCALE_FLOOR, channel_mean_abs, check_choice, check_float_array, sign
+from .quant import SCALE_FLOOR, ElasticBinarizer, channel_mean_abs, check_choice, check_float_array, sign
 
 ASM_CENTERS = ("mean", "median", "token", "shift")
 ASM_DEFAULT_CENTER = "mean"
@@ -294,17 +294,24 @@ class ASM:
             raise TypeError(f"ASM holds {self.dtype} parameters but got {x.dtype} input; "
                             f"build it with dtype={x.dtype} or cast the input")
         shift = self.params["shift"]
+        fused = not self.scale and self.center != "token" and isinstance(self.inner, ElasticBinarizer)
+        if fused:  # y = x - centre inside the binarizer's pass (bit for bit the same y)
+            x = np.ascontiguousarray(x)
         if self.center in ("mean", "median"):
             if training:
                 self._update_running_center(x, self.collective)
             elif np.isnan(self.buffers["running_center"]).any():
                 raise ValueError("ASM running_center not initialised: run one training forward or "
                                  "load a checkpoint")
-            y = x - (self.buffers["running_center"] + shift)
+            center = self.buffers["running_center"] + shift
         elif self.center == "token":
-            y = x - (x.mean(axis=-1, keepdims=True) + shift)
+            center = x.mean(axis=-1, keepdims=True) + shift
         else:
-            y = x - shift
+            center = shift
+        if fused:
+            out, inner_cache = self.inner.forward(x, training, shift=center)
+            return out, (inner_cache, inner_cache[0], None)
+        y = x - center
         s = np.maximum(self.params["scale"], self.dtype.type(SCALE_FLOOR)) if self.scale else None
         out, inner_cache = self.inner.forward(y if s is None else y * s, training)
         return out, (inner_cache, y, s)

@@ -317,7 +317,7 @@ def elastic_alpha_init(x, signed, reduce=None):
     return ((2 if signed else 4) * mean_abs).reshape(1).astype(x.dtype, copy=False)
 
 
-def elastic_binarize_forward(x, alpha, signed, alpha_grad="lsq", reduce=None):
+def elastic_binarize_forward(x, alpha, signed, alpha_grad="lsq", reduce=None, shift=None):
     """Elastic binarizer with a learnable scale (BiT, Liu et al. 2022, arXiv:2205.13016).
 
     Forward (alpha floored at SCALE_FLOOR, q = x / alpha):
@@ -336,6 +336,8 @@ def elastic_binarize_forward(x, alpha, signed, alpha_grad="lsq", reduce=None):
         signed: binarize to {-alpha, +alpha} (True) or {0, alpha} (False).
         alpha_grad: "lsq" or "gsb" (only changes the signed case).
         reduce: None, or the Collective whose ranks hold the slices of the tensor (N sums them).
+        shift: None, or a per-channel shift (C,) on the last axis: the binarizer's input is then
+            x - shift (ASM's centring, fused into the same pass), and everything above reads x - shift.
     Returns:
         out: array of x's shape and dtype.
         cache: for elastic_binarize_backward.
@@ -344,10 +346,15 @@ def elastic_binarize_forward(x, alpha, signed, alpha_grad="lsq", reduce=None):
     check_choice(alpha_grad, ELASTIC_ALPHA_GRADS, "alpha_grad")
     a = _scale_param(alpha, "alpha", x, None)
     size = _global_size(x.size, reduce)
-    if _fused(x):  # one pass: out and the packed bits of the levels
-        x = np.ascontiguousarray(x)
-        out, bits = _kernels().elastic_forward(x, a.reshape(()), signed)
+    if _fused(x) and (shift is None or shift.dtype == x.dtype):  # one pass: out and the level bits
+        if shift is None:
+            x = np.ascontiguousarray(x)
+            out, bits = _kernels().elastic_forward(x, a.reshape(()), signed)
+        else:
+            out, bits, x = _kernels().elastic_forward(x, a.reshape(()), signed, shift)
         return out, (x, a, signed, alpha_grad, alpha.dtype, size, bits)
+    if shift is not None:
+        x = x - shift
     q = x / a
     if signed:
         out = a * sign(x)
@@ -814,10 +821,13 @@ class ElasticBinarizer(_Quantizer):
     def _options(self):
         return {"signed": self.signed, "alpha_grad": self.alpha_grad}
 
-    def forward(self, x, training):
+    def forward(self, x, training, shift=None):
+        """shift: None, or (C,): binarize x - shift (elastic_binarize_forward's shift; ASM)."""
         reduce = self.collective if training else None
+        if shift is not None and np.isnan(self.params["alpha"]).any():  # the first batch initialises on x - shift
+            x, shift = x - shift, None
         self._ensure_initialised(x, training, {"alpha": lambda x: elastic_alpha_init(x, self.signed, reduce)})
-        return elastic_binarize_forward(x, self.params["alpha"], self.signed, self.alpha_grad, reduce)
+        return elastic_binarize_forward(x, self.params["alpha"], self.signed, self.alpha_grad, reduce, shift)
 
     def backward(self, dout, cache):
         dx, dalpha = elastic_binarize_backward(dout, cache)

@@ -110,3 +110,30 @@ def test_packed_basis_matmul_equals_basis_matmul():
                                   np.stack([quantize.pack_mask_columns(t1), quantize.pack_mask_columns(t2)], axis=-3),
                                   v_scales, k, np.float32)
     assert got.dtype == want.dtype and _bits(got) == _bits(want)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_elastic_fused_nan_as_numpy(signed):
+    x = np.array([np.nan, 0.0, -0.0, 0.3, -2.0, np.nan, 1.7, -0.2] * 9, np.float32)
+    alpha = np.array([0.9], np.float32)
+    out, cache = quant.elastic_binarize_forward(x, alpha, signed)
+    ref_out, _ = _numpy_path(quant.elastic_binarize_forward, x, alpha, signed)
+    assert cache[-1] is not None and _bits(out) == _bits(ref_out)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 17), (2, 65, 192)], ids=str)
+@pytest.mark.parametrize("signed", [True, False])
+def test_elastic_fused_shift_is_numpy_subtraction(shape, signed):
+    rng = np.random.default_rng(7)
+    x, dout = _case(rng, shape, np.float32)
+    shift = rng.standard_normal(shape[-1]).astype(np.float32)
+    shift[:3] = x.reshape(-1, shape[-1])[0, :3]  # exact zeros after the shift
+    alpha = np.array([0.9], np.float32)
+    strided = np.swapaxes(np.swapaxes(x, 0, -2).copy(), 0, -2)  # the same values, not C-contiguous
+    out, cache = quant.elastic_binarize_forward(strided, alpha, signed, shift=shift)
+    ref_out, ref_cache = _numpy_path(quant.elastic_binarize_forward, x - shift, alpha, signed)
+    assert cache[-1] is not None and cache[0].flags.c_contiguous
+    assert _bits(out) == _bits(ref_out) and _bits(cache[0]) == _bits(ref_cache[0])
+    dx, dalpha = quant.elastic_binarize_backward(dout, cache)
+    ref_dx, ref_dalpha = _numpy_path(quant.elastic_binarize_backward, dout, ref_cache)
+    assert _bits(dx) == _bits(ref_dx) and _bits(dalpha) == _bits(ref_dalpha)

@@ -202,45 +202,65 @@ def _store_word_tail(levels_row, out_bits, full_words, n_words, k):
         out_bits[full_words] = word
 
 
+_ROW_BLOCK = 16  # rows per task of the forward (one scratch row of level bits per task)
+
+
 @njit(parallel=True, cache=True)
-def _elastic_forward_rows(x, a, signed, one, out, bits):
-    """out = a * sign(x) (signed) or a * clamp(round(x / a), 0, 1) (unsigned), row by row, and the
-    packed bits of the levels along each row (bit 1: level -1 (signed), level 1 (unsigned))."""
+def _elastic_forward_rows(x, shift, a, signed, one, out, bits, shifted):
+    """out = a * sign(y) (signed) or a * clamp(round(y / a), 0, 1) (unsigned), row by row, and the
+    packed bits of the levels along each row (bit 1: level -1 (signed), level 1 (unsigned)), with
+    y = x, or y = x - shift (per column, shift (K,)) written to shifted when shift is non-empty."""
     rows, k = x.shape
     n_words = bits.shape[1]
     full_words = k // 64
     zero = one - one
-    for r in prange(rows):
+    has_shift = shift.size > 0
+    for task in prange((rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
         level_bits = np.empty(k, np.uint8)
-        xr, outr = x[r], out[r]
-        if signed:
-            for j in range(k):
-                negative = not xr[j] >= 0  # sign(x) = -1 (NaN too, as np.where(x >= 0, 1, -1))
-                outr[j] = a * (-one if negative else one)
-                level_bits[j] = negative
-        else:
-            for j in range(k):
-                level = np.rint(xr[j] / a)
-                if level > one:  # np.clip's order: -0. and NaN pass through, as in NumPy
-                    level = one
-                elif level < zero:
-                    level = zero
-                outr[j] = a * level
-                level_bits[j] = level >= one
-        for w in range(full_words):
-            bits[r, w] = bits64(level_bits, 64 * w)
-        _store_word_tail(level_bits, bits[r], full_words, n_words, k)
+        for r in range(task * _ROW_BLOCK, min(rows, (task + 1) * _ROW_BLOCK)):
+            xr, outr = x[r], out[r]
+            if has_shift:
+                yr = shifted[r]
+                for j in range(k):
+                    yr[j] = xr[j] - shift[j]
+                xr = yr
+            if signed:
+                for j in range(k):
+                    negative = not xr[j] >= 0  # sign(x) = -1 (NaN too, as np.where(x >= 0, 1, -1))
+                    outr[j] = a * (-one if negative else one)
+                    level_bits[j] = negative
+            else:
+                for j in range(k):
+                    level = np.rint(xr[j] / a)
+                    if level > one:  # np.clip's order: -0. and NaN pass through, as in NumPy
+                        level = one
+                    elif level < zero:
+                        level = zero
+                    outr[j] = a * level
+                    level_bits[j] = level >= one
+            for w in range(full_words):
+                bits[r, w] = bits64(level_bits, 64 * w)
+            _store_word_tail(level_bits, bits[r], full_words, n_words, k)
 
 
-def elastic_forward(x, alpha, signed):
+def elastic_forward(x, alpha, signed, shift=None):
     """out (x's shape and dtype) and the packed level bits [..., ceil(K/64)] (K = x.shape[-1]) of
-    quant.elastic_binarize_forward, in one pass; alpha: the floored scale (a scalar)."""
+    quant.elastic_binarize_forward, in one pass; alpha: the floored scale (a scalar). With shift
+    (K,) of x's dtype, the binarizer's input is y = x - shift (ASM's centring), and the result is
+    (out, bits, y): y as NumPy's x - shift, contiguous."""
     k = x.shape[-1] if x.ndim else 1
     x2 = np.ascontiguousarray(x).reshape(-1, k)
     out = np.empty_like(x2)
     bits = np.empty((x2.shape[0], (k + 63) // 64), np.uint64)
-    _elastic_forward_rows(x2, x.dtype.type(alpha), bool(signed), x.dtype.type(1), out, bits)
-    return out.reshape(x.shape), bits.reshape(x.shape[:-1] + (bits.shape[1],))
+    if shift is None:
+        no_shift = np.empty(0, x.dtype)
+        _elastic_forward_rows(x2, no_shift, x.dtype.type(alpha), bool(signed), x.dtype.type(1), out, bits,
+                              out)
+        return out.reshape(x.shape), bits.reshape(x.shape[:-1] + (bits.shape[1],))
+    y = np.empty_like(x2)
+    _elastic_forward_rows(x2, np.ascontiguousarray(shift, x.dtype), x.dtype.type(alpha), bool(signed),
+                          x.dtype.type(1), out, bits, y)
+    return out.reshape(x.shape), bits.reshape(x.shape[:-1] + (bits.shape[1],)), y.reshape(x.shape)
 
 
 @njit(parallel=True, cache=True)

@@ -215,19 +215,23 @@ def binarize_backward(dout, cache):
 
 
 def _binarize_weight(w, scale, center):
-    """Shared by weight_binary_codes / weight_binarize_forward: (W_c, codes, alpha (C,)|(1,))."""
+    """Shared by weight_binary_codes / weight_binarize_forward: (W_c, levels (+-1 in w's dtype),
+    alpha (C,)|(1,), the packed sign bits of a 2-D weight's levels or None)."""
     _check_weight(w)
     check_choice(scale, WEIGHT_SCALES, "scale")
     rows = _other_axes(w.ndim, 0)
-    w_c = w - w.mean(axis=rows, keepdims=True) if center else w
-    codes = np.where(w_c >= 0, 1, -1).astype(np.int8)
-    if scale == "channel":
+    if _fused(w) and w.ndim == 2:  # one pass per row: centring, levels, per-channel alpha, bits
+        w_c, levels, alpha, bits = _kernels().weight_binarize(w, center, scale == "channel")
+    else:
+        w_c = w - w.mean(axis=rows, keepdims=True) if center else w
+        levels, alpha, bits = np.where(w_c >= 0, 1, -1).astype(np.int8).astype(w.dtype), None, None
+    if scale == "channel" and alpha is None:
         alpha = np.abs(w_c).mean(axis=rows)
     elif scale == "tensor":
         alpha = np.abs(w_c).mean().reshape(1)
-    else:
+    elif scale == "none":
         alpha = np.ones(1, dtype=w.dtype)
-    return w_c, codes, alpha
+    return w_c, levels, alpha, bits
 
 
 def weight_binary_codes(w, scale="channel", center=False):
@@ -241,8 +245,8 @@ def weight_binary_codes(w, scale="channel", center=False):
         alpha: scale in w's dtype, shape (C_out,) for scale="channel", (1,) otherwise
                (ones for scale="none").
     """
-    _, codes, alpha = _binarize_weight(w, scale, center)
-    return codes, alpha
+    _, levels, alpha, _ = _binarize_weight(w, scale, center)
+    return levels.astype(np.int8), alpha
 
 
 def weight_binarize_forward(w, scale="channel", center=False, ste="identity"):
@@ -267,10 +271,9 @@ def weight_binarize_forward(w, scale="channel", center=False, ste="identity"):
         cache: for weight_binarize_backward.
     """
     check_choice(ste, WEIGHT_STE_KINDS, "ste")
-    w_c, codes, alpha = _binarize_weight(w, scale, center)
-    levels = codes.astype(w.dtype)
+    w_c, levels, alpha, bits = _binarize_weight(w, scale, center)
     out = alpha.reshape(_broadcast_shape(w.ndim, 0 if scale == "channel" else None)) * levels
-    return out, (_ste_derivative(w_c, ste), center, levels, alpha)
+    return out, (_ste_derivative(w_c, ste), center, levels, alpha, bits)
 
 
 def weight_binarize_backward(dout, cache):
@@ -795,17 +798,15 @@ class WeightBinarizer(_Quantizer):
         return weight_binarize_backward(dout, cache), {}
 
     def integer_form(self, cache):
-        _, _, levels, alpha = cache
+        levels, alpha = cache[2:4]
         return levels, (alpha.reshape(-1) if self.scale == "channel" else alpha.reshape(()))
 
     def packed_form(self, cache, axis=-1):
         """Sign bits of a 2-D weight's levels along its input axis (see _Quantizer.packed_form)."""
-        levels = cache[2]
-        if not USE_FUSED or levels.ndim != 2 or axis not in (-1, 1):
+        bits = cache[4]
+        if bits is None or axis not in (-1, 1):
             return None
-        from .kernels.pack import pack_signs  # Numba, on first use
-
-        return pack_signs(levels), "sign", self.integer_form(cache)[1], levels.shape[1]
+        return bits, "sign", self.integer_form(cache)[1], cache[2].shape[1]
 
 
 class ElasticBinarizer(_Quantizer):

@@ -137,3 +137,20 @@ def test_elastic_fused_shift_is_numpy_subtraction(shape, signed):
     dx, dalpha = quant.elastic_binarize_backward(dout, cache)
     ref_dx, ref_dalpha = _numpy_path(quant.elastic_binarize_backward, dout, ref_cache)
     assert _bits(dx) == _bits(ref_dx) and _bits(dalpha) == _bits(ref_dalpha)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k", [1, 7, 64, 192, 200, 768, 1000])
+@pytest.mark.parametrize("scale, center", [("channel", True), ("channel", False), ("tensor", True), ("none", False)])
+def test_weight_binarizer_fused_bit_identical(k, dtype, scale, center):
+    rng = np.random.default_rng(k)
+    w = (rng.standard_normal((9, k)) * 0.02).astype(dtype)
+    w[0] = 0.0  # a constant row: W_c = 0, sign(0) = +1, alpha 0
+    w[1, ::3] = -0.0
+    dout = rng.standard_normal(w.shape).astype(dtype)
+    out, cache = quant.weight_binarize_forward(w, scale, center)
+    ref_out, ref_cache = _numpy_path(quant.weight_binarize_forward, w, scale, center)
+    assert cache[4] is not None and ref_cache[4] is None
+    assert _bits(out) == _bits(ref_out) and _bits(cache[2]) == _bits(ref_cache[2]) and _bits(cache[3]) == _bits(ref_cache[3])
+    assert np.array_equal(cache[4], pack.pack_signs_reference(ref_cache[2]))
+    assert _bits(quant.weight_binarize_backward(dout, cache)) == _bits(quant.weight_binarize_backward(dout, ref_cache))

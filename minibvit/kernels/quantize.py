@@ -30,8 +30,9 @@ _PW_BLOCK = 128                  # NumPy's PW_BLOCKSIZE
 _PARALLEL_MIN = 1 << 12          # elements per parallel pairwise subtree, at least
 _TREE_DEPTH = 4                  # 16 pairwise subtrees computed in parallel
 
-# term kinds of the elastic binarizer's backward (quant.elastic_binarize_backward)
-SIGNED_LSQ, SIGNED_GSB, UNSIGNED = 0, 1, 2
+# term kinds of the elastic binarizer's backward (quant.elastic_binarize_backward); SUM: the
+# elements themselves (np.sum of a stored array, no dx)
+SIGNED_LSQ, SIGNED_GSB, UNSIGNED, SUM = 0, 1, 2, 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,7 +72,10 @@ def _kind_terms(kind, xb, gb, a, one, db, terms):
 def _leaf_terms(kind, x, g, a, one, dx, start, n, terms):
     """dx of elements start .. start + n - 1 written, their terms into terms[:n]."""
     xb, gb, db = x[start:start + n], g[start:start + n], dx[start:start + n]
-    if kind == UNSIGNED:
+    if kind == SUM:
+        for i in range(n):
+            terms[i] = xb[i]
+    elif kind == UNSIGNED:
         _kind_terms(UNSIGNED, xb, gb, a, one, db, terms)
     elif kind == SIGNED_LSQ:
         _kind_terms(SIGNED_LSQ, xb, gb, a, one, db, terms)
@@ -261,6 +265,54 @@ def elastic_forward(x, alpha, signed, shift=None):
     _elastic_forward_rows(x2, np.ascontiguousarray(shift, x.dtype), x.dtype.type(alpha), bool(signed),
                           x.dtype.type(1), out, bits, y)
     return out.reshape(x.shape), bits.reshape(x.shape[:-1] + (bits.shape[1],)), y.reshape(x.shape)
+
+
+@njit(inline="always")
+def _row_mean(row, one, count, scratch):
+    """np.mean of a contiguous row: its pairwise sum (np.sum's order, added to 0) over count, the
+    row's length in the row's dtype (Numba would divide a float32 by an integer in float64)."""
+    return ((one - one) + _subtree(SUM, row, row, one, one, scratch, 0, row.size)) / count
+
+
+@njit(parallel=True, cache=True)
+def _weight_rows(w, center, per_channel, one, count, centred, levels, alpha, bits):
+    """Per output row r of w (C_out, K): centred[r] = w[r] - mean(w[r]) (center), levels[r] = sign of
+    it (+-1, NaN -> -1), alpha[r] = mean |centred[r]| (per_channel), bits[r] = its packed sign bits."""
+    rows, k = w.shape
+    n_words = bits.shape[1]
+    full_words = k // 64
+    for r in prange(rows):
+        scratch = np.empty(k, w.dtype)
+        level_bits = np.empty(k, np.uint8)
+        wr, cr, lr = w[r], centred[r], levels[r]
+        if center:
+            mean = _row_mean(wr, one, count, scratch)
+            for j in range(k):
+                cr[j] = wr[j] - mean
+        for j in range(k):
+            negative = not cr[j] >= 0
+            lr[j] = -one if negative else one
+            level_bits[j] = negative
+            scratch[j] = abs(cr[j])
+        if per_channel:
+            alpha[r] = _row_mean(scratch, one, count, scratch)
+        for wd in range(full_words):
+            bits[r, wd] = bits64(level_bits, 64 * wd)
+        _store_word_tail(level_bits, bits[r], full_words, n_words, k)
+
+
+def weight_binarize(w, center, per_channel):
+    """(w_c, levels, alpha (C_out,) or None, sign bits (C_out, ceil(K/64))) of a 2-D weight (C_out, K),
+    the NumPy steps of quant._binarize_weight in one pass per row: w_c = w - mean_row(w) (center; else
+    w itself), levels = sign(w_c) as floats, alpha = mean_row|w_c| (per_channel)."""
+    w = np.ascontiguousarray(w)
+    centred = np.empty_like(w) if center else w
+    levels = np.empty_like(w)
+    alpha = np.empty(w.shape[0], w.dtype)
+    bits = np.empty((w.shape[0], (w.shape[1] + 63) // 64), np.uint64)
+    _weight_rows(w, bool(center), bool(per_channel), w.dtype.type(1), w.dtype.type(w.shape[1]), centred, levels,
+                 alpha, bits)
+    return centred, levels, (alpha if per_channel else None), bits
 
 
 @njit(parallel=True, cache=True)

@@ -79,6 +79,19 @@ def _mean_abs_with_fallback(x, chains, reduce=None):
     return means
 
 
+def _fused_kernels(x, *others):
+    """minibvit.kernels.gsb (Numba, imported on first use) when the fused passes apply to x (and the
+    arrays others): quant.USE_FUSED, float32/float64, every array C-contiguous, of x's dtype; else None.
+    The fused passes walk the arrays in C order, as NumPy's own passes over C-contiguous arrays do,
+    so that the np.sum of their terms has the bits of the NumPy formula's."""
+    if not (quant.USE_FUSED and x.dtype in (np.float32, np.float64) and x.size > 0 and x.flags.c_contiguous
+            and all(o.dtype == x.dtype and o.flags.c_contiguous for o in others)):
+        return None
+    from .kernels import gsb as kernels
+
+    return kernels
+
+
 # ------------------------------------------------------------------------------------------------
 # GSB: value quantizer
 # ------------------------------------------------------------------------------------------------
@@ -148,6 +161,12 @@ def gsb_value_forward(v, alphas, mode="official", reduce=None):
     check_float_array(v, "v", nonempty=True)
     check_choice(mode, GSB_MODES, "mode")
     a = _effective_alphas(alphas, v.dtype)
+    kernels = _fused_kernels(v) if reduce is None else None
+    if kernels is not None:  # one pass for min / max, one for the masks, their counts and out
+        vmin, vmax = kernels.tensor_extrema(v)
+        out, t1, t2, c1, c2 = kernels.value_forward(v, a, GSB_T1_FRACTION * vmax, GSB_T1_FRACTION * vmin,
+                                                    GSB_T2_FRACTION * vmax, GSB_T2_FRACTION * vmin)
+        return out, (v, a, t1, t2, np.array([v.size, c1, c2], dtype=np.int64), mode)
     t1, t2 = gsb_value_masks(v, reduce)
     s = sign(v)
     out = a[0] * s + a[1] * (t1 * s) + a[2] * (t2 * s)
@@ -162,6 +181,11 @@ def gsb_value_backward(dout, cache):
     """
     v, a, t1, t2, counts, mode = cache
     dtype = v.dtype
+    kernels = _fused_kernels(v, dout)
+    if kernels is not None:  # dv and the three terms in one pass; the sums stay np.sum's
+        dv, terms = kernels.value_backward(v, t1, t2, dout, a, mode == "principled")
+        dalphas = np.array([np.sum(terms[k]) * _group_scale(counts[k], dtype) for k in range(3)], dtype=dtype)
+        return dv, dalphas
     s = sign(v)
     v_groups = (v, v * t1, v * t2)
     signs = (s, t1 * s, t2 * s)  # sign(v * T) with sign(0) = 0 outside the group
@@ -251,6 +275,11 @@ def gsb_attn_forward(a, alphas, mode="official", max_over="tensor", reduce=None)
     check_choice(mode, GSB_MODES, "mode")
     check_choice(max_over, GSB_MAX_OVER, "max_over")
     al = _effective_alphas(alphas, a.dtype)
+    kernels = _fused_kernels(a) if reduce is None and max_over == "tensor" else None
+    if kernels is not None:  # one pass for max A, one for the level, the masks, their counts and out
+        amax = kernels.tensor_extrema(a)[1]
+        out, t1, t2, c1, c2 = kernels.attn_forward(a, al, GSB_T1_FRACTION * amax, GSB_T2_FRACTION * amax)
+        return out, (a, al, t1, t2, amax, np.array([a.size, c1, c2], dtype=np.int64), mode)
     amax = _attn_max(a, max_over, reduce)
     t1, t2 = a > GSB_T1_FRACTION * amax, a > GSB_T2_FRACTION * amax
     level1 = np.clip(np.rint(a / al[0]), 0, 1)
@@ -266,6 +295,11 @@ def gsb_attn_backward(dout, cache):
     """
     a, al, t1, t2, amax, counts, mode = cache
     dtype = a.dtype
+    kernels = _fused_kernels(a, dout) if mode == "official" else None
+    if kernels is not None:  # da and the three terms in one pass; the sums stay np.sum's
+        da, terms = kernels.attn_backward_official(a, t1, t2, dout, al)
+        scales = [_group_scale(counts[k], dtype) for k in range(3)]
+        return da, np.array([np.sum(terms[k]) * scales[k] for k in range(3)], dtype=dtype)
     q = a / al[0]
     below, above = q < 0, q > 1
     inside = ~below & ~above
@@ -335,7 +369,7 @@ class GSBValueQuantizer:
     def forward(self, v, training):
         """v: (B, heads, N, head_dim) -> out (same shape), cache."""
         _check_input(v, (self.heads, None, self.head_dim), self.dtype, "GSBValueQuantizer")
-        y = v - self.params["shift"][:, None, :]
+        y = np.subtract(v, self.params["shift"][:, None, :], order="C")  # C order: the layout the sums walk
         reduce = self.collective if training else None
         _init_or_check(self.params["alpha"], lambda x: gsb_value_init(x, reduce), y, training, "GSBValueQuantizer")
         return gsb_value_forward(y, self.params["alpha"], mode=self.mode, reduce=reduce)

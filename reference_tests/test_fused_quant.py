@@ -154,3 +154,72 @@ def test_weight_binarizer_fused_bit_identical(k, dtype, scale, center):
     assert _bits(out) == _bits(ref_out) and _bits(cache[2]) == _bits(ref_cache[2]) and _bits(cache[3]) == _bits(ref_cache[3])
     assert np.array_equal(cache[4], pack.pack_signs_reference(ref_cache[2]))
     assert _bits(quant.weight_binarize_backward(dout, cache)) == _bits(quant.weight_binarize_backward(dout, ref_cache))
+
+
+def _gsb_case(rng, shape, dtype, kind):
+    x = rng.standard_normal(shape).astype(dtype) if kind == "v" else rng.random(shape).astype(dtype) * 0.1
+    flat = x.reshape(-1)
+    flat[::7] = 0.0
+    flat[1::11] = -0.0
+    flat[5] = flat.max() * 0.95 if kind == "a" else flat[5]
+    return x, rng.standard_normal(shape).astype(dtype)
+
+
+def _counting(monkeypatch, names):
+    from minibvit.kernels import gsb as gsb_kernels
+
+    calls = []
+    for name in names:
+        fn = getattr(gsb_kernels, name)
+        monkeypatch.setattr(gsb_kernels, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode", ["official", "principled"])
+@pytest.mark.parametrize("shape", [(2, 3, 65, 64), (1, 1, 5, 3), (3, 2, 129, 32)], ids=str)
+@pytest.mark.parametrize("special", ["none", "zeros", "nan"])
+def test_gsb_value_fused_bit_identical(monkeypatch, shape, mode, dtype, special):
+    from minibvit import gsb
+
+    x, dout = _gsb_case(np.random.default_rng(shape[2]), shape, dtype, "v")
+    if special == "zeros":
+        x[...] = 0.0  # every group but the first empty: zero alpha gradients, no NaN
+    elif special == "nan":
+        x.reshape(-1)[3] = np.nan
+    alphas = np.array([0.8, 0.3, 0.2], dtype)
+    calls = _counting(monkeypatch, ["value_forward", "value_backward"])
+    out, cache = gsb.gsb_value_forward(x, alphas, mode)
+    dv, da = gsb.gsb_value_backward(dout, cache)
+    ref_out, ref_cache = _numpy_path(gsb.gsb_value_forward, x, alphas, mode)
+    ref_dv, ref_da = _numpy_path(gsb.gsb_value_backward, dout, ref_cache)
+    assert calls == ["value_forward", "value_backward"]
+    for got, want in ((out, ref_out), (dv, ref_dv), (da, ref_da), (cache[2], ref_cache[2]), (cache[3], ref_cache[3]),
+                      (cache[4], ref_cache[4])):
+        assert got.dtype == want.dtype and got.shape == want.shape and _bits(got) == _bits(want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(2, 3, 65, 65), (1, 1, 5, 5), (3, 2, 17, 17)], ids=str)
+@pytest.mark.parametrize("special", ["none", "zeros", "nan", "ties"])
+def test_gsb_attn_fused_bit_identical(monkeypatch, shape, dtype, special):
+    from minibvit import gsb
+
+    a, dout = _gsb_case(np.random.default_rng(shape[2] + 1), shape, dtype, "a")
+    alphas = np.array([0.1, 0.03, 0.02], dtype)
+    if special == "zeros":
+        a[...] = 0.0
+    elif special == "nan":
+        a.reshape(-1)[2] = np.nan
+    elif special == "ties":
+        ties = alphas[0] * np.array([0.5, 1.5, 1.0, 2.5], dtype).repeat(6)  # round half to even
+        a.reshape(-1)[:ties.size] = ties[:a.size]
+    calls = _counting(monkeypatch, ["attn_forward", "attn_backward_official"])
+    out, cache = gsb.gsb_attn_forward(a, alphas)
+    da, dal = gsb.gsb_attn_backward(dout, cache)
+    ref_out, ref_cache = _numpy_path(gsb.gsb_attn_forward, a, alphas)
+    ref_da, ref_dal = _numpy_path(gsb.gsb_attn_backward, dout, ref_cache)
+    assert calls == ["attn_forward", "attn_backward_official"]
+    for got, want in ((out, ref_out), (da, ref_da), (dal, ref_dal), (cache[2], ref_cache[2]), (cache[3], ref_cache[3]),
+                      (cache[4], ref_cache[4]), (cache[5], ref_cache[5])):
+        assert np.asarray(got).dtype == np.asarray(want).dtype and _bits(got) == _bits(want)

@@ -169,3 +169,183 @@ def gsb_attention_product_reference(a_bases, a_scales, v_signs, v_masks, v_scale
     a_q = np.einsum("bi,bimk->bmk", _gsb_scales(a_scales, n_batch, "a_scales"), p.astype(np.float64))
     v_q = np.einsum("bj,bjkd->bkd", _gsb_scales(v_scales, n_batch, "v_scales"), v.astype(np.float64))
     return a_q @ v_q
+
+
+# ---------------------------------------------------------------------------------------------
+# GSB's quantizers in training (minibvit.gsb): the elementwise work of each forward and backward in
+# one or two Numba passes, every element with the float operations of the NumPy formula in the same
+# order. The scale gradients stay np.sum over the per-element terms these kernels write, so they
+# have np.sum's bits. The NumPy formulas in gsb.py are the reference (test_fused_quant.py).
+# ---------------------------------------------------------------------------------------------
+
+_CHUNK = 1 << 14  # elements per task of the flat passes
+
+
+@njit(inline="always")
+def _extrema(y, start, stop):
+    """(min, max, any NaN) of y[start:stop]."""
+    lo, hi, nan = y[start], y[start], False
+    for i in range(start, stop):
+        x = y[i]
+        if x != x:
+            nan = True
+        elif x < lo or lo != lo:
+            lo = x
+        if x > hi or hi != hi:
+            hi = x
+    return lo, hi, nan
+
+
+@njit(parallel=True, cache=True)
+def _chunk_extrema(y, lows, highs, nans):
+    n = y.size
+    for c in prange(lows.size):
+        lows[c], highs[c], nans[c] = _extrema(y, c * _CHUNK, min(n, (c + 1) * _CHUNK))
+
+
+def tensor_extrema(y):
+    """(y.min(), y.max()) of a contiguous array as NumPy gives them: NaN when y holds a NaN."""
+    flat = y.reshape(-1)
+    chunks = (flat.size + _CHUNK - 1) // _CHUNK
+    lows, highs = np.empty(chunks, y.dtype), np.empty(chunks, y.dtype)
+    nans = np.empty(chunks, np.bool_)
+    _chunk_extrema(flat, lows, highs, nans)
+    if nans.any():
+        return y.dtype.type(np.nan), y.dtype.type(np.nan)
+    return lows.min(), highs.max()
+
+
+@njit(parallel=True, cache=True)
+def _value_forward(y, a, hi1, lo1, hi2, lo2, out, t1, t2, counts):
+    """out = a1 S + a2 (T1 S) + a3 (T2 S) (gsb.gsb_value_forward), T1 / T2 and their counts per task."""
+    one = np.ones(1, y.dtype)[0]
+    zero = one - one
+    n = y.size
+    for c in prange(counts.shape[0]):
+        c1, c2 = 0, 0
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            x = y[i]
+            s = one if x >= 0 else -one
+            m1 = x > hi1 or x < lo1
+            m2 = x > hi2 or x < lo2
+            f1 = one if m1 else zero
+            f2 = one if m2 else zero
+            out[i] = (a[0] * s + a[1] * (f1 * s)) + a[2] * (f2 * s)
+            t1[i], t2[i] = m1, m2
+            c1 += m1
+            c2 += m2
+        counts[c, 0], counts[c, 1] = c1, c2
+
+
+def value_forward(y, a, hi1, lo1, hi2, lo2):
+    """(out, t1, t2, |T1|, |T2|) of gsb_value_forward for a contiguous y and its thresholds
+    (0.7 / 0.9 of max y and of min y, as gsb_value_masks computes them)."""
+    flat = y.reshape(-1)
+    out, t1, t2 = np.empty_like(flat), np.empty(flat.size, np.bool_), np.empty(flat.size, np.bool_)
+    counts = np.empty(((flat.size + _CHUNK - 1) // _CHUNK, 2), np.int64)
+    dt = y.dtype.type
+    _value_forward(flat, a, dt(hi1), dt(lo1), dt(hi2), dt(lo2), out, t1, t2, counts)
+    c1, c2 = counts.sum(axis=0)
+    return out.reshape(y.shape), t1.reshape(y.shape), t2.reshape(y.shape), int(c1), int(c2)
+
+
+@njit(parallel=True, cache=True)
+def _value_backward(y, t1, t2, g, a, principled, dv, terms):
+    """dv = sum_k 1[|q_k| <= 1] (& T_k, principled) g and terms[k] = (sign(v_k) - 1[...] q_k) g with
+    v_k = (v, v T1, v T2), q_k = v_k / a_k (gsb.gsb_value_backward)."""
+    one = np.ones(1, y.dtype)[0]
+    zero = one - one
+    n = y.size
+    for c in prange((n + _CHUNK - 1) // _CHUNK):
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            x, gi = y[i], g[i]
+            s = one if x >= 0 else -one
+            f1 = one if t1[i] else zero
+            f2 = one if t2[i] else zero
+            d = zero
+            for k in range(3):
+                vk = x if k == 0 else x * (f1 if k == 1 else f2)
+                sk = s if k == 0 else (f1 if k == 1 else f2) * s
+                q = vk / a[k]
+                inside = abs(q) <= 1
+                if principled and k > 0:
+                    inside = inside and (t1[i] if k == 1 else t2[i])
+                fin = one if inside else zero
+                d = d + fin * gi
+                terms[k, i] = (sk - fin * q) * gi
+            dv[i] = d
+
+
+def value_backward(y, t1, t2, g, a, principled):
+    """(dv, terms (3, n)) of gsb_value_backward; the caller sums each row of terms with np.sum."""
+    flat = y.reshape(-1)
+    dv = np.empty_like(flat)
+    terms = np.empty((3, flat.size), y.dtype)
+    _value_backward(flat, t1.reshape(-1), t2.reshape(-1), np.ascontiguousarray(g, y.dtype).reshape(-1), a,
+                    bool(principled), dv, terms)
+    return dv.reshape(y.shape), terms
+
+
+@njit(parallel=True, cache=True)
+def _attn_forward(y, al, thr1, thr2, out, t1, t2, counts):
+    """out = a1 clamp(round(y / a1), 0, 1) + a2 T1 + a3 T2 (gsb.gsb_attn_forward), T1 = y > thr1,
+    T2 = y > thr2 and their counts per task."""
+    one = np.ones(1, y.dtype)[0]
+    zero = one - one
+    n = y.size
+    for c in prange(counts.shape[0]):
+        c1, c2 = 0, 0
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            x = y[i]
+            level = np.rint(x / al[0])
+            if level > one:  # np.clip: -0. and NaN pass through
+                level = one
+            elif level < zero:
+                level = zero
+            m1, m2 = x > thr1, x > thr2
+            out[i] = (level * al[0] + (one if m1 else zero) * al[1]) + (one if m2 else zero) * al[2]
+            t1[i], t2[i] = m1, m2
+            c1 += m1
+            c2 += m2
+        counts[c, 0], counts[c, 1] = c1, c2
+
+
+def attn_forward(y, al, thr1, thr2):
+    """(out, t1, t2, |T1|, |T2|) of gsb_attn_forward (max over the tensor) for a contiguous y."""
+    flat = y.reshape(-1)
+    out, t1, t2 = np.empty_like(flat), np.empty(flat.size, np.bool_), np.empty(flat.size, np.bool_)
+    counts = np.empty(((flat.size + _CHUNK - 1) // _CHUNK, 2), np.int64)
+    _attn_forward(flat, al, y.dtype.type(thr1), y.dtype.type(thr2), out, t1, t2, counts)
+    c1, c2 = counts.sum(axis=0)
+    return out.reshape(y.shape), t1.reshape(y.shape), t2.reshape(y.shape), int(c1), int(c2)
+
+
+@njit(parallel=True, cache=True)
+def _attn_backward_official(y, t1, t2, g, al, da, terms):
+    """da = W1 g + (T1 g) a2 + (T2 g) a3, terms = ((1[q > 1] + W1 (round(q) - q)) g, T1 g, T2 g) with
+    q = y / a1, W1 = 1[0 <= q <= 1] (NaN q: W1 = 1, as ~(q < 0) & ~(q > 1)) (gsb.gsb_attn_backward)."""
+    one = np.ones(1, y.dtype)[0]
+    zero = one - one
+    n = y.size
+    for c in prange((n + _CHUNK - 1) // _CHUNK):
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            gi = g[i]
+            q = y[i] / al[0]
+            above = one if q > 1 else zero
+            inside = zero if (q < 0 or q > 1) else one
+            f1 = one if t1[i] else zero
+            f2 = one if t2[i] else zero
+            t1g, t2g = f1 * gi, f2 * gi
+            da[i] = (inside * gi + t1g * al[1]) + t2g * al[2]
+            terms[0, i] = (above + inside * (np.rint(q) - q)) * gi
+            terms[1, i], terms[2, i] = t1g, t2g
+
+
+def attn_backward_official(y, t1, t2, g, al):
+    """(da, terms (3, n)) of gsb_attn_backward in the official mode; the caller sums each row of terms."""
+    flat = y.reshape(-1)
+    da = np.empty_like(flat)
+    terms = np.empty((3, flat.size), y.dtype)
+    _attn_backward_official(flat, t1.reshape(-1), t2.reshape(-1), np.ascontiguousarray(g, y.dtype).reshape(-1),
+                            al, da, terms)
+    return da.reshape(y.shape), terms

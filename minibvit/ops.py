@@ -107,13 +107,15 @@ def packed_matmul(a_bits, a_kind, a_scale, b_bits, b_kind, b_scale, k):
         a3, b3 = a_bits.reshape(1, -1, words), b_bits[None]
     else:
         a3, b3 = a_bits.reshape(-1, m, words), b_bits.reshape(-1, n, words)
-    if (a_kind, b_kind) == ("sign", "sign"):
-        product = binary_bmm(a3, b3, k)
-    elif (a_kind, b_kind) == ("unit", "sign"):
-        product = and_bmm(a3, b3, k)
-    else:
+    kernels = {("sign", "sign"): binary_bmm, ("unit", "sign"): and_bmm}
+    if (a_kind, b_kind) not in kernels:
         return None
-    return scaled_integers(product, a_scale * b_scale).reshape(lead + (m, n))
+    kernel, scale = kernels[a_kind, b_kind], np.broadcast_to(a_scale * b_scale, (n,))
+    if scale.dtype == np.float32 and np.all(scale > 0):
+        # the kernel's epilogue float32(dot) * 1 * scale + 0: the same bits, as |dot| >= 1 or dot == 0
+        # and scale > 0 leave no -0. for the + 0 to change
+        return kernel(a3, b3, k, col_scale=scale).reshape(lead + (m, n))
+    return scaled_integers(kernel(a3, b3, k), scale).reshape(lead + (m, n))
 
 
 def basis_matmul(a_bases, a_scales, b_bases, b_scales, dtype):

@@ -76,7 +76,8 @@ def test_column_packers_match_the_reference():
 
 @pytest.mark.parametrize("a_kind", ["sign", "unit"])
 @pytest.mark.parametrize("weight", [True, False])
-def test_packed_matmul_equals_levels_matmul(a_kind, weight):
+@pytest.mark.parametrize("zero_scale", [False, True])
+def test_packed_matmul_equals_levels_matmul(a_kind, weight, zero_scale):
     rng = np.random.default_rng(5)
     k, m, n = 130, 9, 11
     if a_kind == "sign":
@@ -89,6 +90,8 @@ def test_packed_matmul_equals_levels_matmul(a_kind, weight):
     b_levels = np.where(rng.random(b_shape) < 0.5, -1.0, 1.0).astype(np.float32)
     a_scale = np.float32(0.37).reshape(())
     b_scale = rng.random(n).astype(np.float32) if weight else np.float32(1.7).reshape(())
+    if zero_scale:  # a zero scale: -0. where the integer is negative (the epilogue would give +0.)
+        b_scale = np.where(np.arange(n) == 0, 0, b_scale).astype(np.float32) if weight else np.float32(0).reshape(())
     got = ops.packed_matmul(a_bits, a_kind, a_scale, pack.pack_signs(b_levels), "sign", b_scale, k)
     a2 = a_levels.reshape(-1, k) if weight else a_levels
     want = ops.levels_matmul(a2, a_scale, np.swapaxes(b_levels, -1, -2), b_scale)

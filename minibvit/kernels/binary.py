@@ -288,14 +288,16 @@ def transpose_words(x):
     return np.ascontiguousarray(x.transpose(0, 2, 1))
 
 
-def binary_bmm(a_packed, b_packed, K):
+def binary_bmm(a_packed, b_packed, K, col_scale=None):
     """Batched binary matmul  out[b] = A_b @ B_b.T  for +-1 A_b [M, K], B_b [N, K]
     (attention scores Q_b @ K_b.T per batch*head, both packed along the head dimension K).
 
     Inputs:
         a_packed: uint64 [B, M, W]; b_packed: uint64 [B, N, W]; K: int
+        col_scale: optional float32 [N]
     Returns:
-        int32 [B, M, N] = K - 2 * popcount(a XOR b)
+        int32 [B, M, N] = K - 2 * popcount(a XOR b), or with col_scale float32
+        dot * 1 * col_scale[n] + 0 (binary_gemm's epilogue, row scale 1, bias 0).
     Zero tails required, as in binary_gemm (not checked here).
     """
     a = check_words(a_packed, "a_packed", 3)
@@ -304,7 +306,13 @@ def binary_bmm(a_packed, b_packed, K):
         raise ValueError(f"a_packed {a.shape} and b_packed {b.shape} must agree on B and W")
     k = check_k(K, a.shape[2], "a_packed")
     row_offset = np.full(a.shape[:2], k, np.int64)
-    return popcount_matmul(a, transpose_words(b), None, row_offset, None, None, b.shape[1])
+    return popcount_matmul(a, transpose_words(b), None, row_offset, None, _column_epilogue(a, b, col_scale),
+                           b.shape[1])
+
+
+def _column_epilogue(a, b, col_scale):
+    """epilogue_args with only a column scale (None without one)."""
+    return None if col_scale is None else epilogue_args(a.shape[1], b.shape[1], None, col_scale, None)
 
 
 def binary_bmm_reference(a_packed, b_packed, K):
@@ -314,7 +322,7 @@ def binary_bmm_reference(a_packed, b_packed, K):
     return (K - 2 * popcount_sum_reference(a, b.transpose(0, 2, 1), None)).astype(np.int32)
 
 
-def and_bmm(p_bits, v_packed, K):
+def and_bmm(p_bits, v_packed, K, col_scale=None):
     """Batched {0,1} x (+-1) matmul  out[b, m, d] = sum_k p[b, m, k] * v[b, k, d]
     (attention probabilities as bits times sign-binarised values).
 
@@ -322,8 +330,10 @@ def and_bmm(p_bits, v_packed, K):
         p_bits:   uint64 [B, M, W]  pack_bits(P), P {0,1} [B, M, K] packed along the token axis K
         v_packed: uint64 [B, D, W]  pack_signs(V^T), V [B, K, D] transposed, packed along K
         K:        int, number of tokens
+        col_scale: optional float32 [D], as in binary_bmm
     Returns:
         int32 [B, M, D] = popcount(p AND NOT v) - popcount(p AND v) = popcount(p) - 2 popcount(p AND v)
+        (float32 dot * 1 * col_scale[d] + 0 with col_scale)
     Zero tails required, as in binary_gemm (not checked here): a tail bit of p counts as a token.
     """
     p = check_words(p_bits, "p_bits", 3)
@@ -331,7 +341,8 @@ def and_bmm(p_bits, v_packed, K):
     if p.shape[0] != v.shape[0] or p.shape[2] != v.shape[2]:
         raise ValueError(f"p_bits {p.shape} and v_packed {v.shape} must agree on B and W")
     check_k(K, p.shape[2], "p_bits")
-    return popcount_matmul(p, None, transpose_words(v), row_popcount(p), None, None, v.shape[1])
+    return popcount_matmul(p, None, transpose_words(v), row_popcount(p), None, _column_epilogue(p, v, col_scale),
+                           v.shape[1])
 
 
 def and_bmm_reference(p_bits, v_packed, K):

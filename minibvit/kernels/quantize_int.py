@@ -1,0 +1,266 @@
+"""Fused kernels of the integer-level quantizers (min-max k-bit, TWN / TerViT ternary), bit-identical to
+the NumPy formulas of minibvit.quant (the elastic binarizer's are in kernels.quantize).
+
+What makes them bit-identical (as in kernels.quantize): every element is computed with the same
+float operations, in the same dtype and order, as the NumPy expression (no fast-math, no fused
+multiply-add); a maximum or minimum is exact in any order; and a sum is added in np.sum's pairwise
+order (pairwise_sum: blocks of up to 128 elements in 8 interleaved partial sums, split in halves
+rounded down to a multiple of 8, the total added to 0).
+
+min-max (quant.minmax_quant_forward): two passes. tensor_extrema gives max |x| (signed) or min x and
+max x (unsigned) per channel; quant computes scale and zero point from them in NumPy (after the
+collective, in data parallel); minmax_levels then writes the levels (codes - zero point) and the
+output levels * scale in one pass. Any layout of x is read in place (a view of at most four axes
+besides the channel axis); the outputs are C-contiguous in x's shape.
+
+ternary (quant.ternarize_forward): one task per output channel (a row of the C-contiguous weight,
+or the whole weight per tensor) reads the row for mean|W|, then, on the cached row, writes the levels,
+the entries above Delta and their sum, and the output alpha * T.
+
+NaN: outside the contract. NumPy's cast of a NaN code to an integer is undefined, so the levels of a
+NaN element need not agree with the NumPy path (the statistics propagate NaN as NumPy's do).
+
+Each kernel has its NumPy reference in minibvit.quant (the function whose fast path it is); the tests
+(reference_tests/test_fused_tervit.py) hold them bit for bit.
+"""
+import numpy as np
+from numba import njit, prange
+
+_PW_BLOCK = 128  # NumPy's PW_BLOCKSIZE
+
+
+# ---------------------------------------------------------------------------------------------
+# np.sum's pairwise order over a contiguous 1-D array
+
+
+@njit(inline="always")
+def _pairwise_leaf(a, start, n, zero):
+    """NumPy's pairwise_sum of a[start : start + n] for n <= 128: below 8 elements one sum from 0;
+    else 8 interleaved sums, combined ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)), then the
+    last n % 8 added in order."""
+    if n < 8:
+        res = zero
+        for i in range(start, start + n):
+            res += a[i]
+        return res
+    r0, r1, r2, r3 = a[start], a[start + 1], a[start + 2], a[start + 3]
+    r4, r5, r6, r7 = a[start + 4], a[start + 5], a[start + 6], a[start + 7]
+    end8 = start + n - n % 8
+    i = start + 8
+    while i < end8:
+        r0 += a[i]
+        r1 += a[i + 1]
+        r2 += a[i + 2]
+        r3 += a[i + 3]
+        r4 += a[i + 4]
+        r5 += a[i + 5]
+        r6 += a[i + 6]
+        r7 += a[i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < start + n:
+        res += a[i]
+        i += 1
+    return res
+
+
+@njit(cache=True)
+def pairwise_sum(a, zero):
+    """np.sum(a) of a contiguous 1-D float array, in NumPy's order, as a scalar of a's dtype (zero: 0 in
+    that dtype). A node of more than 128 elements is left + right of its halves (the first rounded
+    down to a multiple of 8), walked with an explicit stack (a cached recursive Numba function crashes
+    on load), left half first; the total is added to 0 as np.sum does."""
+    n = a.size
+    starts = np.empty(128, np.int64)
+    lengths = np.empty(128, np.int64)
+    expanded = np.zeros(128, np.bool_)
+    values = np.empty(128, a.dtype)
+    top, n_values = 0, 0
+    starts[0], lengths[0] = 0, n
+    while top >= 0:
+        s, m = starts[top], lengths[top]
+        if m <= _PW_BLOCK:
+            values[n_values] = _pairwise_leaf(a, s, m, zero)
+            n_values += 1
+            top -= 1
+        elif not expanded[top]:
+            expanded[top] = True
+            half = m // 2
+            half -= half % 8
+            starts[top + 1], lengths[top + 1], expanded[top + 1] = s + half, m - half, False
+            starts[top + 2], lengths[top + 2], expanded[top + 2] = s, half, False
+            top += 2
+        else:  # both halves done: values[-2] is the left one
+            values[n_values - 2] = values[n_values - 2] + values[n_values - 1]
+            n_values -= 1
+            top -= 1
+    return zero + values[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# min-max k-bit: the statistics, then the levels and the output
+
+
+def _channel_view(x, channel_axis):
+    """x (at most 4-D, _at_most_4d) as a 5-D view (C, A, B, E, D), no copy: the channel axis first (C = 1
+    per tensor), the others in order, padded with 1s after the channel axis."""
+    v = x[None] if channel_axis is None else np.moveaxis(x, channel_axis, 0)
+    return np.expand_dims(v, tuple(range(1, 6 - v.ndim)))
+
+
+@njit(inline="always")
+def _row(v, i):
+    """Row i (over the first four axes, C order) of a 5-D view and its channel."""
+    _, na, nb, ne, _ = v.shape
+    e = i % ne
+    b = (i // ne) % nb
+    a = (i // (ne * nb)) % na
+    c = i // (ne * nb * na)
+    return v[c, a, b, e], c
+
+
+@njit(parallel=True, cache=True)
+def _row_extrema(v, signed, lo, hi):
+    """Per row of v: hi = max |x| (signed) or lo, hi = min x, max x (unsigned), NaN propagated."""
+    for i in prange(lo.size):
+        row, _ = _row(v, i)
+        if signed:
+            m = abs(row[0])
+            for j in range(1, row.size):
+                t = abs(row[j])
+                if t > m or t != t:
+                    m = t
+            hi[i] = m
+        else:
+            mn, mx = row[0], row[0]
+            for j in range(1, row.size):
+                t = row[j]
+                if t < mn or t != t:
+                    mn = t
+                if t > mx or t != t:
+                    mx = t
+            lo[i], hi[i] = mn, mx
+
+
+@njit(cache=True)
+def _channel_extrema(lo, hi, signed, n_channels):
+    """Reduce the row statistics (C * rows per channel, channel-major) to one per channel."""
+    per = lo.size // n_channels
+    out_lo, out_hi = np.empty(n_channels, lo.dtype), np.empty(n_channels, hi.dtype)
+    for c in range(n_channels):
+        mn, mx = lo[c * per], hi[c * per]
+        for i in range(c * per + 1, (c + 1) * per):
+            if not signed and (lo[i] < mn or lo[i] != lo[i]):
+                mn = lo[i]
+            if hi[i] > mx or hi[i] != hi[i]:
+                mx = hi[i]
+        out_lo[c], out_hi[c] = mn, mx
+    return out_lo, out_hi
+
+
+def tensor_extrema(x, channel_axis, signed):
+    """max |x| (signed) or (min x, max x) (unsigned) over all axes but channel_axis (all axes for None),
+    each of shape (C,) (C = 1 per tensor), in x's dtype: the values of np.abs(x).max(axis) / x.min(axis),
+    x.max(axis) (a maximum is exact in any order; NaN propagates). x non-empty, float32 or float64."""
+    v = _channel_view(*_at_most_4d(x, channel_axis))
+    rows = v.size // v.shape[-1]
+    lo, hi = np.empty(rows, x.dtype), np.empty(rows, x.dtype)
+    _row_extrema(v, bool(signed), lo, hi)
+    lo, hi = _channel_extrema(lo, hi, bool(signed), v.shape[0])
+    return hi if signed else (lo, hi)
+
+
+@njit(parallel=True, cache=True)
+def _levels_rows(v, scale, zero_point, zero_level, qmax, signed, levels, out):
+    """levels = codes - zero_point and out = levels * scale, row by row (see minmax_levels). A code is
+    stored into levels (the exact conversion of NumPy's astype) and read back in x's dtype."""
+    for i in prange(v.size // v.shape[-1]):
+        row, c = _row(v, i)
+        lrow, orow = _row(levels, i)[0], _row(out, i)[0]
+        s = scale[c]
+        zp, zl = zero_point[c], zero_level[c]
+        for j in range(row.size):
+            if signed:
+                q = np.float64(np.rint(row[j] / s))
+                lowest = -qmax
+            else:
+                q = np.float64(np.rint(row[j] / s)) + zp  # NumPy: float32 + int32 array -> float64
+                lowest = 0.0
+            if q > qmax:  # np.clip's order
+                q = qmax
+            elif q < lowest:
+                q = lowest
+            lrow[j] = np.int64(q)  # the integer code, as codes.astype(x.dtype): never -0.
+            if not signed:
+                lrow[j] = lrow[j] - zl
+            orow[j] = lrow[j] * s
+
+
+def _at_most_4d(x, channel_axis):
+    """x (and its channel axis) with at most four axes: a C-contiguous reshape of a larger one."""
+    if x.ndim <= 4:
+        return x, channel_axis
+    x = np.ascontiguousarray(x)
+    if channel_axis is None:
+        return x.reshape(-1, x.shape[-1]), None
+    return x.reshape(int(np.prod(x.shape[:channel_axis])), x.shape[channel_axis], -1), 1
+
+
+def minmax_levels(x, scale, zero_point, qmax, signed, channel_axis):
+    """(levels, out) of quant.minmax_quant_forward in one pass over x, both C-contiguous in x's shape and
+    dtype: codes = clamp(round(x / scale), -qmax, qmax) (signed) or clamp(round(x / scale) + zero_point, 0,
+    qmax) (unsigned, the sum in float64 as NumPy's float32 + int32), levels = float(codes) - float(zero
+    point), out = levels * scale. scale (C,) in x's dtype, zero_point (C,) integers (C = 1 per tensor)."""
+    shape = x.shape
+    x, channel_axis = _at_most_4d(x, channel_axis)
+    levels, out = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)
+    zero_point = np.asarray(zero_point).reshape(-1)
+    _levels_rows(_channel_view(x, channel_axis), np.ascontiguousarray(scale, x.dtype).reshape(-1),
+                 zero_point.astype(np.int64), zero_point.astype(x.dtype), np.float64(qmax), bool(signed),
+                 _channel_view(levels, channel_axis), _channel_view(out, channel_axis))
+    return levels.reshape(shape), out.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# ternary (TWN, per output channel or per tensor)
+
+
+@njit(parallel=True, cache=True)
+def _ternary_rows(w, delta_factor, zero, levels, out, alpha, delta):
+    """Per row r of the C-contiguous w (C, K): Delta = delta_factor * mean|w|, T = sign(w) 1[|w| > Delta],
+    alpha = sum(|w| 1[|w| > Delta]) / count (0 for none), out = alpha * T: quant.ternary_codes'
+    operations (the sums pairwise in w's dtype, np.mean's division and alpha's in float64, each rounded
+    to w's dtype by its store into delta / alpha)."""
+    rows, k = w.shape
+    for r in prange(rows):
+        wr, lr, outr = w[r], levels[r], out[r]
+        values = np.empty(k, w.dtype)
+        for j in range(k):
+            values[j] = abs(wr[j])
+        delta[r] = np.float64(pairwise_sum(values, zero)) / np.float64(k)  # mean|w|
+        d = delta_factor * delta[r]
+        count = 0
+        for j in range(k):
+            if values[j] > d:
+                count += 1
+                lr[j] = 1.0 if wr[j] >= 0 else -1.0
+            else:
+                values[j] = zero
+                lr[j] = 0.0
+        total = pairwise_sum(values, zero)
+        alpha[r] = np.float64(total) / np.float64(count) if count > 0 else 0.0
+        delta[r] = d
+        a = alpha[r]
+        for j in range(k):
+            outr[j] = a * lr[j]
+
+
+def ternarize(w, per_channel, delta_factor):
+    """(out, levels, alpha, delta) of quant.ternarize_forward / ternary_codes in one pass per row: out and
+    levels of w's shape and dtype, alpha and delta (C,) per channel, (1,) per tensor. w C-contiguous
+    (NumPy's reductions over its trailing axes are then one pairwise sum per channel)."""
+    w2 = w.reshape(w.shape[0] if per_channel else 1, -1)
+    levels, out = np.empty_like(w2), np.empty_like(w2)
+    alpha, delta = np.empty(w2.shape[0], w.dtype), np.empty(w2.shape[0], w.dtype)
+    _ternary_rows(w2, w.dtype.type(delta_factor), w.dtype.type(0), levels, out, alpha, delta)
+    return out.reshape(w.shape), levels.reshape(w.shape), alpha, delta

@@ -17,8 +17,10 @@ ternary (quant.ternarize_forward): one task per output channel (a row of the C-c
 or the whole weight per tensor) reads the row for mean|W|, then, on the cached row, writes the levels,
 the entries above Delta and their sum, and the output alpha * T.
 
-NaN: outside the contract. NumPy's cast of a NaN code to an integer is undefined, so the levels of a
-NaN element need not agree with the NumPy path (the statistics propagate NaN as NumPy's do).
+NaN: outside the contract. The NumPy path's statistics propagate a NaN into a scale of 1 and cast the NaN
+code to an integer (undefined), so neither gives a meaningful output; the fused statistics (selects) need
+not propagate a NaN, and the levels of a NaN element need not agree with NumPy's. inf is handled as
+NumPy does.
 
 Each kernel has its NumPy reference in minibvit.quant (the function whose fast path it is); the tests
 (reference_tests/test_fused_tervit.py) hold them bit for bit.
@@ -119,27 +121,66 @@ def _row(v, i):
     return v[c, a, b, e], c
 
 
+@njit(inline="always")
+def _larger(t, m):
+    return t if t > m else m
+
+
+@njit(inline="always")
+def _smaller(t, m):
+    return t if t < m else m
+
+
+@njit(inline="always")
+def _row_abs_max(row):
+    """max |row| in 8 independent lanes of selects (vectorized; a maximum is exact in any order)."""
+    n = row.size
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = abs(row[0])
+    j = 0
+    while j + 8 <= n:
+        m0, m1 = _larger(abs(row[j]), m0), _larger(abs(row[j + 1]), m1)
+        m2, m3 = _larger(abs(row[j + 2]), m2), _larger(abs(row[j + 3]), m3)
+        m4, m5 = _larger(abs(row[j + 4]), m4), _larger(abs(row[j + 5]), m5)
+        m6, m7 = _larger(abs(row[j + 6]), m6), _larger(abs(row[j + 7]), m7)
+        j += 8
+    while j < n:
+        m0 = _larger(abs(row[j]), m0)
+        j += 1
+    return _larger(_larger(_larger(m1, m0), _larger(m3, m2)), _larger(_larger(m5, m4), _larger(m7, m6)))
+
+
+@njit(inline="always")
+def _row_min_max(row):
+    """(min row, max row), as _row_abs_max."""
+    n = row.size
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = row[0]
+    b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = row[0]
+    j = 0
+    while j + 8 <= n:
+        t0, t1, t2, t3 = row[j], row[j + 1], row[j + 2], row[j + 3]
+        t4, t5, t6, t7 = row[j + 4], row[j + 5], row[j + 6], row[j + 7]
+        a0, a1, a2, a3 = _smaller(t0, a0), _smaller(t1, a1), _smaller(t2, a2), _smaller(t3, a3)
+        a4, a5, a6, a7 = _smaller(t4, a4), _smaller(t5, a5), _smaller(t6, a6), _smaller(t7, a7)
+        b0, b1, b2, b3 = _larger(t0, b0), _larger(t1, b1), _larger(t2, b2), _larger(t3, b3)
+        b4, b5, b6, b7 = _larger(t4, b4), _larger(t5, b5), _larger(t6, b6), _larger(t7, b7)
+        j += 8
+    while j < n:
+        a0, b0 = _smaller(row[j], a0), _larger(row[j], b0)
+        j += 1
+    lo = _smaller(_smaller(_smaller(a1, a0), _smaller(a3, a2)), _smaller(_smaller(a5, a4), _smaller(a7, a6)))
+    hi = _larger(_larger(_larger(b1, b0), _larger(b3, b2)), _larger(_larger(b5, b4), _larger(b7, b6)))
+    return lo, hi
+
+
 @njit(parallel=True, cache=True)
 def _row_extrema(v, signed, lo, hi):
-    """Per row of v: hi = max |x| (signed) or lo, hi = min x, max x (unsigned), NaN propagated."""
+    """Per row of v: hi = max |x| (signed) or lo, hi = min x, max x (unsigned)."""
     for i in prange(lo.size):
         row, _ = _row(v, i)
         if signed:
-            m = abs(row[0])
-            for j in range(1, row.size):
-                t = abs(row[j])
-                if t > m or t != t:
-                    m = t
-            hi[i] = m
+            hi[i] = _row_abs_max(row)
         else:
-            mn, mx = row[0], row[0]
-            for j in range(1, row.size):
-                t = row[j]
-                if t < mn or t != t:
-                    mn = t
-                if t > mx or t != t:
-                    mx = t
-            lo[i], hi[i] = mn, mx
+            lo[i], hi[i] = _row_min_max(row)
 
 
 @njit(cache=True)
@@ -150,10 +191,7 @@ def _channel_extrema(lo, hi, signed, n_channels):
     for c in range(n_channels):
         mn, mx = lo[c * per], hi[c * per]
         for i in range(c * per + 1, (c + 1) * per):
-            if not signed and (lo[i] < mn or lo[i] != lo[i]):
-                mn = lo[i]
-            if hi[i] > mx or hi[i] != hi[i]:
-                mx = hi[i]
+            mn, mx = _smaller(lo[i], mn), _larger(hi[i], mx)
         out_lo[c], out_hi[c] = mn, mx
     return out_lo, out_hi
 
@@ -161,7 +199,7 @@ def _channel_extrema(lo, hi, signed, n_channels):
 def tensor_extrema(x, channel_axis, signed):
     """max |x| (signed) or (min x, max x) (unsigned) over all axes but channel_axis (all axes for None),
     each of shape (C,) (C = 1 per tensor), in x's dtype: the values of np.abs(x).max(axis) / x.min(axis),
-    x.max(axis) (a maximum is exact in any order; NaN propagates). x non-empty, float32 or float64."""
+    x.max(axis) (a maximum is exact in any order) for x without NaN. x non-empty, float32 or float64."""
     v = _channel_view(*_at_most_4d(x, channel_axis))
     rows = v.size // v.shape[-1]
     lo, hi = np.empty(rows, x.dtype), np.empty(rows, x.dtype)
@@ -171,29 +209,21 @@ def tensor_extrema(x, channel_axis, signed):
 
 
 @njit(parallel=True, cache=True)
-def _levels_rows(v, scale, zero_point, zero_level, qmax, signed, levels, out):
-    """levels = codes - zero_point and out = levels * scale, row by row (see minmax_levels). A code is
-    stored into levels (the exact conversion of NumPy's astype) and read back in x's dtype."""
+def _levels_rows(v, scale, zero_level, qmax, signed, levels, out):
+    """levels = codes - zero_point and out = levels * scale, row by row (see minmax_levels)."""
     for i in prange(v.size // v.shape[-1]):
         row, c = _row(v, i)
         lrow, orow = _row(levels, i)[0], _row(out, i)[0]
-        s = scale[c]
-        zp, zl = zero_point[c], zero_level[c]
+        s, zl = scale[c], zero_level[c]
+        zero = s - s
+        lowest = -qmax if signed else zero
         for j in range(row.size):
-            if signed:
-                q = np.float64(np.rint(row[j] / s))
-                lowest = -qmax
-            else:
-                q = np.float64(np.rint(row[j] / s)) + zp  # NumPy: float32 + int32 array -> float64
-                lowest = 0.0
-            if q > qmax:  # np.clip's order
-                q = qmax
-            elif q < lowest:
-                q = lowest
-            lrow[j] = np.int64(q)  # the integer code, as codes.astype(x.dtype): never -0.
-            if not signed:
-                lrow[j] = lrow[j] - zl
-            orow[j] = lrow[j] * s
+            q = np.rint(row[j] / s) + zl
+            q = lowest if q < lowest else q  # np.clip's order
+            q = qmax if q > qmax else q
+            level = q - zl + zero  # + 0.: a code 0 converts to +0., never -0.
+            lrow[j] = level
+            orow[j] = level * s
 
 
 def _at_most_4d(x, channel_axis):
@@ -208,15 +238,19 @@ def _at_most_4d(x, channel_axis):
 
 def minmax_levels(x, scale, zero_point, qmax, signed, channel_axis):
     """(levels, out) of quant.minmax_quant_forward in one pass over x, both C-contiguous in x's shape and
-    dtype: codes = clamp(round(x / scale), -qmax, qmax) (signed) or clamp(round(x / scale) + zero_point, 0,
-    qmax) (unsigned, the sum in float64 as NumPy's float32 + int32), levels = float(codes) - float(zero
-    point), out = levels * scale. scale (C,) in x's dtype, zero_point (C,) integers (C = 1 per tensor)."""
+    dtype: codes = clamp(round(x / scale), -qmax, qmax) (signed) or clamp(round(x / scale) + zero_point,
+    0, qmax) (unsigned), levels = codes - zero_point, out = levels * scale. scale (C,) in x's dtype,
+    zero_point (C,) integers (C = 1 per tensor).
+
+    NumPy converts the codes to integers (the unsigned sum in float64) and back; here they stay in x's
+    dtype: every value on the way is an integer of magnitude about qmax <= 2^16 (|x / scale| <= qmax, up
+    to rounding), exact in float32, so the levels are the same numbers, and the + 0. turns a -0. code
+    (round(-0.3) = -0.) into the +0. of the integer conversion."""
     shape = x.shape
     x, channel_axis = _at_most_4d(x, channel_axis)
     levels, out = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)
-    zero_point = np.asarray(zero_point).reshape(-1)
     _levels_rows(_channel_view(x, channel_axis), np.ascontiguousarray(scale, x.dtype).reshape(-1),
-                 zero_point.astype(np.int64), zero_point.astype(x.dtype), np.float64(qmax), bool(signed),
+                 np.asarray(zero_point).reshape(-1).astype(x.dtype), x.dtype.type(qmax), bool(signed),
                  _channel_view(levels, channel_axis), _channel_view(out, channel_axis))
     return levels.reshape(shape), out.reshape(shape)
 

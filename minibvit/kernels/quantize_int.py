@@ -25,6 +25,7 @@ NumPy does.
 Each kernel has its NumPy reference in minibvit.quant (the function whose fast path it is); the tests
 (reference_tests/test_fused_tervit.py) hold them bit for bit.
 """
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -66,19 +67,11 @@ def _pairwise_leaf(a, start, n, zero):
     return res
 
 
-@njit(cache=True)
-def pairwise_sum(a, zero):
-    """np.sum(a) of a contiguous 1-D float array, in NumPy's order, as a scalar of a's dtype (zero: 0 in
-    that dtype). A node of more than 128 elements is left + right of its halves (the first rounded
-    down to a multiple of 8), walked with an explicit stack (a cached recursive Numba function crashes
-    on load), left half first; the total is added to 0 as np.sum does."""
-    n = a.size
-    starts = np.empty(128, np.int64)
-    lengths = np.empty(128, np.int64)
-    expanded = np.zeros(128, np.bool_)
-    values = np.empty(128, a.dtype)
+@njit(inline="always")
+def _pairwise_tree(a, zero, starts, lengths, expanded, values):
+    """pairwise_sum of more than 128 elements, the stack in the scratch arrays (128 entries each)."""
     top, n_values = 0, 0
-    starts[0], lengths[0] = 0, n
+    starts[0], lengths[0], expanded[0] = 0, a.size, False
     while top >= 0:
         s, m = starts[top], lengths[top]
         if m <= _PW_BLOCK:
@@ -96,7 +89,30 @@ def pairwise_sum(a, zero):
             values[n_values - 2] = values[n_values - 2] + values[n_values - 1]
             n_values -= 1
             top -= 1
-    return zero + values[0]
+    return values[0]
+
+
+@njit(inline="always")
+def _pairwise_sum(a, zero, starts, lengths, expanded, values):
+    if a.size <= _PW_BLOCK:
+        return zero + _pairwise_leaf(a, 0, a.size, zero)
+    return zero + _pairwise_tree(a, zero, starts, lengths, expanded, values)
+
+
+@njit(inline="always")
+def _pairwise_scratch(dtype_like):
+    return (np.empty(128, np.int64), np.empty(128, np.int64), np.zeros(128, np.bool_),
+            np.empty(128, dtype_like.dtype))
+
+
+@njit(cache=True)
+def pairwise_sum(a, zero):
+    """np.sum(a) of a contiguous 1-D float array, in NumPy's order, as a scalar of a's dtype (zero: 0 in
+    that dtype). A node of more than 128 elements is left + right of its halves (the first rounded
+    down to a multiple of 8), walked with an explicit stack (a cached recursive Numba function crashes
+    on load), left half first; the total is added to 0 as np.sum does."""
+    starts, lengths, expanded, values = _pairwise_scratch(a)
+    return _pairwise_sum(a, zero, starts, lengths, expanded, values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,22 +224,36 @@ def tensor_extrema(x, channel_axis, signed):
     return hi if signed else (lo, hi)
 
 
+@njit(inline="always")
+def _quantize_row(row, s, zl, qmax, lowest, zero, lrow, orow):
+    for j in range(row.size):
+        q = np.rint(row[j] / s) + zl
+        q = lowest if q < lowest else q  # np.clip's order
+        q = qmax if q > qmax else q
+        level = q - zl + zero  # + 0.: a code 0 converts to +0., never -0.
+        lrow[j] = level
+        orow[j] = level * s
+
+
 @njit(parallel=True, cache=True)
-def _levels_rows(v, scale, zero_level, qmax, signed, levels, out):
-    """levels = codes - zero_point and out = levels * scale, row by row (see minmax_levels)."""
-    for i in prange(v.size // v.shape[-1]):
-        row, c = _row(v, i)
-        lrow, orow = _row(levels, i)[0], _row(out, i)[0]
-        s, zl = scale[c], zero_level[c]
-        zero = s - s
-        lowest = -qmax if signed else zero
-        for j in range(row.size):
-            q = np.rint(row[j] / s) + zl
-            q = lowest if q < lowest else q  # np.clip's order
-            q = qmax if q > qmax else q
-            level = q - zl + zero  # + 0.: a code 0 converts to +0., never -0.
-            lrow[j] = level
-            orow[j] = level * s
+def _levels_rows(v, scale, zero_level, qmax, signed, staged, levels, out):
+    """levels = codes - zero_point and out = levels * scale, row by row (see minmax_levels). staged: copy
+    each row of a strided x into a contiguous buffer first (the arithmetic then vectorizes)."""
+    n_rows, k = v.size // v.shape[-1], v.shape[-1]
+    n_tasks = min(n_rows, 64)
+    for task in prange(n_tasks):
+        buffer = np.empty(k, v.dtype)
+        for i in range(task * n_rows // n_tasks, (task + 1) * n_rows // n_tasks):
+            row, c = _row(v, i)
+            lrow, orow = _row(levels, i)[0], _row(out, i)[0]
+            s, zl = scale[c], zero_level[c]
+            zero = s - s
+            lowest = -qmax if signed else zero
+            if staged:
+                buffer[:] = row
+                _quantize_row(buffer, s, zl, qmax, lowest, zero, lrow, orow)
+            else:
+                _quantize_row(row, s, zl, qmax, lowest, zero, lrow, orow)
 
 
 def _at_most_4d(x, channel_axis):
@@ -249,9 +279,10 @@ def minmax_levels(x, scale, zero_point, qmax, signed, channel_axis):
     shape = x.shape
     x, channel_axis = _at_most_4d(x, channel_axis)
     levels, out = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)
-    _levels_rows(_channel_view(x, channel_axis), np.ascontiguousarray(scale, x.dtype).reshape(-1),
+    view = _channel_view(x, channel_axis)
+    _levels_rows(view, np.ascontiguousarray(scale, x.dtype).reshape(-1),
                  np.asarray(zero_point).reshape(-1).astype(x.dtype), x.dtype.type(qmax), bool(signed),
-                 _channel_view(levels, channel_axis), _channel_view(out, channel_axis))
+                 not view.flags.c_contiguous, _channel_view(levels, channel_axis), _channel_view(out, channel_axis))
     return levels.reshape(shape), out.reshape(shape)
 
 
@@ -260,33 +291,35 @@ def minmax_levels(x, scale, zero_point, qmax, signed, channel_axis):
 
 
 @njit(parallel=True, cache=True)
-def _ternary_rows(w, delta_factor, zero, levels, out, alpha, delta):
+def _ternary_rows(w, delta_factor, zero, n_tasks, levels, out, alpha, delta):
     """Per row r of the C-contiguous w (C, K): Delta = delta_factor * mean|w|, T = sign(w) 1[|w| > Delta],
     alpha = sum(|w| 1[|w| > Delta]) / count (0 for none), out = alpha * T: quant.ternary_codes'
     operations (the sums pairwise in w's dtype, np.mean's division and alpha's in float64, each rounded
-    to w's dtype by its store into delta / alpha)."""
+    to w's dtype by its store into delta / alpha). Rows in n_tasks blocks, each with its scratch."""
     rows, k = w.shape
-    for r in prange(rows):
-        wr, lr, outr = w[r], levels[r], out[r]
+    for task in prange(n_tasks):
         values = np.empty(k, w.dtype)
-        for j in range(k):
-            values[j] = abs(wr[j])
-        delta[r] = np.float64(pairwise_sum(values, zero)) / np.float64(k)  # mean|w|
-        d = delta_factor * delta[r]
-        count = 0
-        for j in range(k):
-            if values[j] > d:
-                count += 1
-                lr[j] = 1.0 if wr[j] >= 0 else -1.0
-            else:
-                values[j] = zero
-                lr[j] = 0.0
-        total = pairwise_sum(values, zero)
-        alpha[r] = np.float64(total) / np.float64(count) if count > 0 else 0.0
-        delta[r] = d
-        a = alpha[r]
-        for j in range(k):
-            outr[j] = a * lr[j]
+        starts, lengths, expanded, partial = _pairwise_scratch(values)
+        for r in range(task * rows // n_tasks, (task + 1) * rows // n_tasks):
+            wr, lr, outr = w[r], levels[r], out[r]
+            for j in range(k):
+                values[j] = abs(wr[j])
+            delta[r] = np.float64(_pairwise_sum(values, zero, starts, lengths, expanded, partial)) / np.float64(k)
+            d = delta_factor * delta[r]  # delta_factor * mean|w|, in w's dtype
+            count = 0
+            for j in range(k):
+                if values[j] > d:
+                    count += 1
+                    lr[j] = 1.0 if wr[j] >= 0 else -1.0
+                else:
+                    values[j] = zero
+                    lr[j] = 0.0
+            total = _pairwise_sum(values, zero, starts, lengths, expanded, partial)
+            alpha[r] = np.float64(total) / np.float64(count) if count > 0 else 0.0
+            delta[r] = d
+            a = alpha[r]
+            for j in range(k):
+                outr[j] = a * lr[j]
 
 
 def ternarize(w, per_channel, delta_factor):
@@ -296,5 +329,6 @@ def ternarize(w, per_channel, delta_factor):
     w2 = w.reshape(w.shape[0] if per_channel else 1, -1)
     levels, out = np.empty_like(w2), np.empty_like(w2)
     alpha, delta = np.empty(w2.shape[0], w.dtype), np.empty(w2.shape[0], w.dtype)
-    _ternary_rows(w2, w.dtype.type(delta_factor), w.dtype.type(0), levels, out, alpha, delta)
+    n_tasks = min(w2.shape[0], 4 * numba.get_num_threads())
+    _ternary_rows(w2, w.dtype.type(delta_factor), w.dtype.type(0), n_tasks, levels, out, alpha, delta)
     return out.reshape(w.shape), levels.reshape(w.shape), alpha, delta

@@ -21,6 +21,7 @@ from . import numerics
 from .kernels.binary import and_bmm, binary_bmm
 from .kernels.gsb import gsb_combine, gsb_partial_products
 from .kernels.quantize import scaled_integers
+from .kernels.quantize_int import scale_columns
 from .numerics import exp_f32  # noqa: F401  (public: the float32 exp of the softmax)
 
 USE_NUMERICS = True  # False: every op runs its NumPy body
@@ -92,7 +93,11 @@ def levels_matmul(a_levels, a_scale, b_levels, b_scale, a_max=None, b_max=None):
     the packed engine, which computes the same integers with popcounts and applies the same scale, gets
     the same bits. Returns (..., M, N) in the levels' dtype."""
     out = integer_matmul(a_levels, b_levels, a_max, b_max)
-    out *= a_scale * b_scale
+    scale = a_scale * b_scale
+    if _numerics(out) and np.result_type(scale) == out.dtype and out.flags.c_contiguous and out.size:
+        scale_columns(out, scale)  # out *= scale, on all threads
+    else:
+        out *= scale
     return out
 
 

@@ -332,3 +332,21 @@ def ternarize(w, per_channel, delta_factor):
     n_tasks = min(w2.shape[0], 4 * numba.get_num_threads())
     _ternary_rows(w2, w.dtype.type(delta_factor), w.dtype.type(0), n_tasks, levels, out, alpha, delta)
     return out.reshape(w.shape), levels.reshape(w.shape), alpha, delta
+
+
+# ---------------------------------------------------------------------------------------------
+# the scale of an exact integer product
+
+
+@njit(parallel=True, cache=True)
+def _scale_rows(product, scale):
+    for r in prange(product.shape[0]):
+        for n in range(product.shape[1]):
+            product[r, n] *= scale[n]
+
+
+def scale_columns(product, scale):
+    """product *= scale in place, in parallel over the rows: product C-contiguous (..., N), scale a
+    scalar or (N,) of product's dtype; the one multiplication of NumPy's product *= scale per element."""
+    n = product.shape[-1]
+    _scale_rows(product.reshape(-1, n), np.ascontiguousarray(np.broadcast_to(scale, (n,))))

@@ -123,8 +123,8 @@ def _quantize_backward(quantizer, dout, cache):
 
 
 def _exact_form(quantizer, cache, kind):
-    """The quantizer output's ``integer_form`` (levels, scale) or ``basis_form`` (bases, scales)
-    (see minibvit.quant and the GSB quantizers), or None."""
+    """The quantizer output's ``integer_form`` (levels, scale), its ``level_bound`` (max |levels|) or
+    ``basis_form`` (bases, scales) (see minibvit.quant and the GSB quantizers), or None."""
     form = getattr(quantizer, kind, None)
     return None if form is None else form(cache)
 
@@ -160,7 +160,8 @@ def _quantized_product(qa, ca, qb, cb, a_shape=None, transpose_b=False):
     ia, ib = _exact_form(qa, ca, "integer_form"), _exact_form(qb, cb, "integer_form")
     if ia is None or ib is None or np.ndim(ia[1]) != 0:
         return None
-    return ops.levels_matmul(shaped_a(ia[0]), ia[1], shaped_b(ib[0]), ib[1])
+    return ops.levels_matmul(shaped_a(ia[0]), ia[1], shaped_b(ib[0]), ib[1],
+                             _exact_form(qa, ca, "level_bound"), _exact_form(qb, cb, "level_bound"))
 
 
 def _written_to(x, out):

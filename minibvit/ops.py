@@ -21,7 +21,7 @@ from . import numerics
 from .kernels.binary import and_bmm, binary_bmm
 from .kernels.gsb import combined_products, gsb_combine
 from .kernels.pack import row_popcount
-from .kernels.quantize import scaled_integers
+from .kernels.quantize_int import scale_columns
 from .numerics import exp_f32  # noqa: F401  (public: the float32 exp of the softmax)
 
 USE_NUMERICS = True  # False: every op runs its NumPy body
@@ -67,27 +67,37 @@ def linear_backward(dout, cache):
     return dx, dw, db
 
 
-def integer_matmul(a, b):
-    """a @ b for integer-valued float arrays, exact: in a's dtype while every partial sum is an
-    integer below 2^24 (float32) or 2^53, else in float64 and cast back."""
-    bound = a.shape[-1] * float(np.abs(a).max(initial=0)) * float(np.abs(b).max(initial=0))
+def integer_matmul(a, b, a_max=None, b_max=None):
+    """a @ b for integer-valued float arrays, exact: in a's dtype while K * max|a| * max|b| < 2^24
+    (float32) or 2^53, so that every partial sum is an exact integer, else in float64 and cast back.
+    a_max, b_max: a bound of |a|, |b| the caller knows (a quantizer's level range,
+    quant._Quantizer.level_bound), or None to take max|.| from the array (one pass over it).
+    Stacks of matrices are split across threads (_matmul): an exact product has the same bits in any
+    order of its sums."""
+    a_max = float(np.abs(a).max(initial=0)) if a_max is None else float(a_max)
+    b_max = float(np.abs(b).max(initial=0)) if b_max is None else float(b_max)
     exact_limit = 2.0 ** (np.finfo(a.dtype).nmant + 1)
-    if bound < exact_limit:
-        return np.matmul(a, b)
-    return np.matmul(a.astype(np.float64), b.astype(np.float64)).astype(a.dtype)
+    if a.shape[-1] * a_max * b_max < exact_limit:
+        return _matmul(a, b)
+    return _matmul(a.astype(np.float64), b.astype(np.float64)).astype(a.dtype)
 
 
-def levels_matmul(a_levels, a_scale, b_levels, b_scale):
+def levels_matmul(a_levels, a_scale, b_levels, b_scale, a_max=None, b_max=None):
     """a @ b for a = a_levels * a_scale and b = b_levels * b_scale ("integer levels, then one scale"):
 
         a @ b = (a_levels @ b_levels) * (a_scale * b_scale)
 
     a_levels (..., M, K), b_levels (..., K, N): small integers in a float dtype; a_scale a scalar,
-    b_scale a scalar or one per output column (N,). The integer product is exact (integer_matmul),
-    so an exact 0 stays 0 and the packed engine, which computes the same integers with popcounts
-    and applies the same scale, gets the same bits. Returns (..., M, N) in the levels' dtype."""
-    out = integer_matmul(a_levels, b_levels)
-    out *= a_scale * b_scale
+    b_scale a scalar or one per output column (N,); a_max, b_max: bounds of |a_levels|, |b_levels| if
+    known (integer_matmul). The integer product is exact (integer_matmul), so an exact 0 stays 0 and
+    the packed engine, which computes the same integers with popcounts and applies the same scale, gets
+    the same bits. Returns (..., M, N) in the levels' dtype."""
+    out = integer_matmul(a_levels, b_levels, a_max, b_max)
+    scale = a_scale * b_scale
+    if _numerics(out) and np.result_type(scale) == out.dtype and out.flags.c_contiguous and out.size:
+        scale_columns(out, scale)  # out *= scale, on all threads
+    else:
+        out *= scale
     return out
 
 
@@ -115,7 +125,9 @@ def packed_matmul(a_bits, a_kind, a_scale, b_bits, b_kind, b_scale, k):
         # the kernel's epilogue float32(dot) * 1 * scale + 0: the same bits, as |dot| >= 1 or dot == 0
         # and scale > 0 leave no -0. for the + 0 to change
         return kernel(a3, b3, k, col_scale=scale).reshape(lead + (m, n))
-    return scaled_integers(kernel(a3, b3, k), scale).reshape(lead + (m, n))
+    out = kernel(a3, b3, k).astype(scale.dtype)  # the exact integers, rounded once, as integer_matmul's
+    scale_columns(out, scale)
+    return out.reshape(lead + (m, n))
 
 
 def basis_matmul(a_bases, a_scales, b_bases, b_scales, dtype):

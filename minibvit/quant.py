@@ -43,12 +43,13 @@ kernel (minibvit.kernels.quantize) for float32 / float64 input: the same bits in
 and the packed bits of the levels for the forward's popcount products (packed_form)."""
 
 
-def _kernels():
-    """minibvit.kernels.quantize, imported on first use: the quantizer tables (minibvit.cost,
-    minibvit.methods) load without Numba."""
-    from .kernels import quantize
+def _kernels(module="quantize"):
+    """minibvit.kernels.quantize (the binarizers) or .quantize_int (min-max, ternary), imported on
+    first use: the quantizer tables (minibvit.cost, minibvit.methods) load without Numba."""
+    from . import kernels
+    from .kernels import quantize, quantize_int  # noqa: F401
 
-    return quantize
+    return getattr(kernels, module)
 
 
 def _fused(x, *others):
@@ -442,6 +443,16 @@ def shift_backward(dout, cache):
 # ternary
 
 
+def _check_delta_factor(delta_factor):
+    if not 0 < delta_factor < 1:
+        raise ValueError(f"delta_factor must be in (0, 1) (TWN uses 0.7), got {delta_factor!r}")
+
+
+def _check_ternary(w, delta_factor):
+    _check_weight(w)
+    _check_delta_factor(delta_factor)
+
+
 def ternary_codes(w, per_channel=True, delta_factor=0.7):
     """Integer export form of ternarize_forward: out == alpha[:, None, ...] * codes.
 
@@ -459,9 +470,7 @@ def ternary_codes(w, per_channel=True, delta_factor=0.7):
         alpha: w's dtype, shape (C_out,) per channel, (1,) per tensor.
         delta: w's dtype, same shape as alpha.
     """
-    _check_weight(w)
-    if not 0 < delta_factor < 1:
-        raise ValueError(f"delta_factor must be in (0, 1) (TWN uses 0.7), got {delta_factor!r}")
+    _check_ternary(w, delta_factor)
     axes = _other_axes(w.ndim, 0 if per_channel else None)
     abs_w = np.abs(w)
     delta = delta_factor * abs_w.mean(axis=axes, keepdims=True)
@@ -492,9 +501,13 @@ def ternarize_forward(w, per_channel=True, delta_factor=0.7, ste="identity"):
         cache: for ternarize_backward.
     """
     check_choice(ste, WEIGHT_STE_KINDS, "ste")
-    codes, alpha, _ = ternary_codes(w, per_channel, delta_factor)
-    levels = codes.astype(w.dtype)
-    out = alpha.reshape(_broadcast_shape(w.ndim, 0 if per_channel else None)) * levels
+    _check_ternary(w, delta_factor)
+    if _fused(w) and w.flags.c_contiguous:
+        out, levels, alpha, _ = _kernels("quantize_int").ternarize(w, per_channel, delta_factor)  # one pass per channel
+    else:
+        codes, alpha, _ = ternary_codes(w, per_channel, delta_factor)
+        levels = codes.astype(w.dtype)
+        out = alpha.reshape(_broadcast_shape(w.ndim, 0 if per_channel else None)) * levels
     return out, (_ste_derivative(w, ste), levels, alpha)
 
 
@@ -609,6 +622,41 @@ def lsq_backward(dout, cache):
     return dx, dstep
 
 
+def _minmax_statistics(x, axis, signed, reduce):
+    """max|x| (signed) or (min x, max x) (unsigned) over all axes but `axis` (all for None), then over the
+    ranks of reduce: a scalar per tensor, (C,) per channel, in x's dtype."""
+    if _fused(x):  # one parallel pass (a maximum is exact in any order)
+        stats = _kernels("quantize_int").tensor_extrema(x, axis, signed)
+        if axis is None:
+            stats = stats[0] if signed else (stats[0][0], stats[1][0])
+    else:
+        axes = _other_axes(x.ndim, axis)
+        stats = np.abs(x).max(axis=axes) if signed else (x.min(axis=axes), x.max(axis=axes))
+    if reduce is None:
+        return stats
+    if signed:
+        return reduce.max(stats)
+    negated_min, x_max = reduce.max(np.stack([-stats[0], stats[1]]))  # -min is exact: one allreduce
+    return -negated_min, x_max
+
+
+def _minmax_scale(stats, qmax, signed, dtype):
+    """(scale, zero_point int32) of minmax_codes from _minmax_statistics."""
+    if signed:
+        scale = stats / qmax
+        scale = np.where(scale > 0, scale, 1).astype(dtype, copy=False)
+        return scale, np.zeros(scale.shape, dtype=np.int32)
+    lo = np.minimum(stats[0], 0)
+    hi = np.maximum(stats[1], 0)
+    scale = (hi - lo) / qmax
+    scale = np.where(scale > 0, scale, 1).astype(dtype, copy=False)
+    return scale, np.round(-lo / scale).astype(np.int32)
+
+
+def _minmax_qmax(bits, signed):
+    return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+
+
 def minmax_codes(x, bits, signed, channel_axis=None, reduce=None):
     """Integer export form of minmax_quant_forward: out == (codes - zero_point) * scale.
 
@@ -635,28 +683,12 @@ def minmax_codes(x, bits, signed, channel_axis=None, reduce=None):
     check_float_array(x, "x")
     _check_bits(bits)
     axis = _normalize_axis(x, channel_axis)
-    axes = _other_axes(x.ndim, axis)
     shape = _broadcast_shape(x.ndim, axis)
+    qmax = _minmax_qmax(bits, signed)
+    scale, zero_point = _minmax_scale(_minmax_statistics(x, axis, signed, reduce), qmax, signed, x.dtype)
     if signed:
-        qmax = 2 ** (bits - 1) - 1
-        amax = np.abs(x).max(axis=axes)
-        if reduce is not None:
-            amax = reduce.max(amax)
-        scale = amax / qmax
-        scale = np.where(scale > 0, scale, 1).astype(x.dtype, copy=False)
-        zero_point = np.zeros(scale.shape, dtype=np.int32)
         codes = np.clip(np.round(x / scale.reshape(shape)), -qmax, qmax).astype(_code_dtype(-qmax, qmax))
     else:
-        qmax = 2**bits - 1
-        x_min, x_max = x.min(axis=axes), x.max(axis=axes)
-        if reduce is not None:
-            negated_min, x_max = reduce.max(np.stack([-x_min, x_max]))  # -min is exact: one allreduce
-            x_min = -negated_min
-        lo = np.minimum(x_min, 0)
-        hi = np.maximum(x_max, 0)
-        scale = (hi - lo) / qmax
-        scale = np.where(scale > 0, scale, 1).astype(x.dtype, copy=False)
-        zero_point = np.round(-lo / scale).astype(np.int32)
         codes = np.clip(np.round(x / scale.reshape(shape)) + zero_point.reshape(shape), 0, qmax)
         codes = codes.astype(_code_dtype(0, qmax))
     return codes, scale.reshape(-1), zero_point.reshape(-1)
@@ -677,18 +709,31 @@ def minmax_quant_forward(x, bits, signed, channel_axis=None, reduce=None):
         reduce: None, or the Collective whose ranks hold the slices of the tensor (minmax_codes).
     Returns:
         out: array of x's shape and dtype.
-        cache: (codes - zero_point in x's dtype, scale); the backward needs nothing.
+        cache: (levels = codes - zero_point in x's dtype, scale (1,) | (C,), max_level = the largest
+            |level| the codes allow); the backward needs nothing, integer_form the rest.
     """
-    codes, scale, zero_point = minmax_codes(x, bits, signed, channel_axis, reduce)
-    shape = _broadcast_shape(x.ndim, _normalize_axis(x, channel_axis))
-    levels = codes.astype(x.dtype) - zero_point.reshape(shape).astype(x.dtype)
-    out = levels * scale.reshape(shape)
-    return out, (levels, scale)
+    check_float_array(x, "x")
+    _check_bits(bits)
+    axis = _normalize_axis(x, channel_axis)
+    qmax = _minmax_qmax(bits, signed)
+    if _fused(x):  # two passes: the statistics, then the levels and out
+        scale, zero_point = _minmax_scale(_minmax_statistics(x, axis, signed, reduce), qmax, signed, x.dtype)
+        scale, zero_point = scale.reshape(-1), zero_point.reshape(-1)
+        levels, out = _kernels("quantize_int").minmax_levels(x, scale, zero_point, qmax, signed, axis)
+    else:
+        codes, scale, zero_point = minmax_codes(x, bits, signed, channel_axis, reduce)
+        shape = _broadcast_shape(x.ndim, axis)
+        levels = codes.astype(x.dtype) - zero_point.reshape(shape).astype(x.dtype)
+        out = levels * scale.reshape(shape)
+    # |codes - zero_point| <= max(zero_point, qmax - zero_point) (codes in [0, qmax], or [-qmax, qmax])
+    max_level = qmax if signed else int(np.maximum(zero_point, qmax - zero_point).max())
+    return out, (levels, scale, max_level)
 
 
 def minmax_quant_backward(dout, cache):
-    """Pseudo-gradient of minmax_quant_forward: dx = g (a copy), shape of x."""
-    return dout.copy()
+    """Pseudo-gradient of minmax_quant_forward: dx = g, dout itself (no copy: the identity STE; the
+    caller owns dout and passes it on, as the model does where a tensor has no quantizer)."""
+    return dout
 
 
 # --------------------------------------------------------------------------------------------
@@ -717,6 +762,12 @@ class _Quantizer:
         input dtype, scale a scalar () or, for a weight (channel axis 0), one per output channel (C,);
         None when the output has no such form. Lets a product of two quantized tensors be computed on
         the integers and scaled once, as the packed inference engine does, so both give the same bits."""
+        return None
+
+    def level_bound(self, cache):
+        """An upper bound of |levels| of integer_form(cache), known from the quantizer's level range
+        without a pass over the levels (ops.levels_matmul chooses its exact product with it); None: not
+        known, levels_matmul takes max|levels| itself."""
         return None
 
     def packed_form(self, cache, axis=-1):
@@ -856,8 +907,7 @@ class Ternarizer(_Quantizer):
     def __init__(self, per_channel=True, ste="identity", delta_factor=0.7):
         super().__init__()
         check_choice(ste, WEIGHT_STE_KINDS, "ste")
-        if not 0 < delta_factor < 1:
-            raise ValueError(f"delta_factor must be in (0, 1) (TWN uses 0.7), got {delta_factor!r}")
+        _check_delta_factor(delta_factor)
         self.per_channel, self.ste, self.delta_factor = bool(per_channel), ste, delta_factor
 
     def _options(self):
@@ -872,6 +922,10 @@ class Ternarizer(_Quantizer):
     def integer_form(self, cache):
         _, levels, alpha = cache
         return levels, (alpha.reshape(-1) if self.per_channel else alpha.reshape(()))
+
+    def level_bound(self, cache):
+        """Ternary levels: |T| <= 1 (see _Quantizer.level_bound)."""
+        return 1
 
 
 class LSQQuantizer(_Quantizer):
@@ -932,10 +986,14 @@ class MinMaxQuantizer(_Quantizer):
         return minmax_quant_backward(dout, cache), {}
 
     def integer_form(self, cache):
-        levels, scale = cache
+        levels, scale = cache[:2]
         if not self.per_channel:
             return levels, scale.reshape(())
         return (levels, scale.reshape(-1)) if self.channel_axis == 0 else None
+
+    def level_bound(self, cache):
+        """The largest |level| of integer_form that the codes allow (see _Quantizer.level_bound)."""
+        return cache[2]
 
 
 class Shifted(_Quantizer):

@@ -49,7 +49,7 @@ MINIBVIT_ONLY_MODULES = ("test_checkpoint.py", "test_data.py", "test_train.py", 
                          "test_imagenet_scripts.py", "test_train_imagenet.py", "test_train_distributed.py",
                          "test_bench_scripts.py", "test_recipes.py", "test_switches.py", "test_cifar100.py",
                          "test_ternary_diagnostics.py", "test_reproduce.py", "test_binaryvit_switches.py",
-                         "test_packed_int8.py", "test_fused_quant.py", "test_fused_train.py")
+                         "test_packed_int8.py", "test_fused_quant.py", "test_fused_train.py", "test_fused_tervit.py")
 
 # Component of every test: module default, then the first matching test-name pattern.
 MODULE_COMPONENTS = {

@@ -6,9 +6,9 @@ What makes them bit-identical:
       NumPy expression (no fast-math, no fused multiply-add);
     - the scale gradients are sums of one float term per element, which NumPy's ``np.sum`` adds in
       its pairwise order (loops_utils.h: blocks of up to 128 elements in 8 interleaved partial sums,
-      split in halves rounded down to a multiple of 8, the total added to 0). pairwise_terms
-      reproduces that order exactly, the top of the tree split across threads; the term is computed
-      where it is summed, so no array of terms is ever stored.
+      split in halves rounded down to a multiple of 8, the total added to 0). _subtree walks that
+      tree, the top of it split across threads, and computes each leaf's terms into a scratch of 128
+      where they are summed (quantize_int's leaf sum), so no array of terms is ever stored.
 
 The packed bits of an activation (bit 0 = +1 / level 0, bit 1 = -1 / level 1; kernels.pack's
 convention, tail bits 0) come out of the same forward pass (packed along the last axis); V of the
@@ -25,14 +25,13 @@ import numpy as np
 from numba import njit, prange
 
 from ..intrinsics import bits64
+from .quantize_int import _PW_BLOCK, _pairwise_leaf, pairwise_sum
 
-_PW_BLOCK = 128                  # NumPy's PW_BLOCKSIZE
 _PARALLEL_MIN = 1 << 12          # elements per parallel pairwise subtree, at least
 _TREE_DEPTH = 4                  # 16 pairwise subtrees computed in parallel
 
-# term kinds of the elastic binarizer's backward (quant.elastic_binarize_backward); SUM: the
-# elements themselves (np.sum of a stored array, no dx)
-SIGNED_LSQ, SIGNED_GSB, UNSIGNED, SUM = 0, 1, 2, 3
+# term kinds of the elastic binarizer's backward (quant.elastic_binarize_backward)
+SIGNED_LSQ, SIGNED_GSB, UNSIGNED = 0, 1, 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,10 +71,7 @@ def _kind_terms(kind, xb, gb, a, one, db, terms):
 def _leaf_terms(kind, x, g, a, one, dx, start, n, terms):
     """dx of elements start .. start + n - 1 written, their terms into terms[:n]."""
     xb, gb, db = x[start:start + n], g[start:start + n], dx[start:start + n]
-    if kind == SUM:
-        for i in range(n):
-            terms[i] = xb[i]
-    elif kind == UNSIGNED:
+    if kind == UNSIGNED:
         _kind_terms(UNSIGNED, xb, gb, a, one, db, terms)
     elif kind == SIGNED_LSQ:
         _kind_terms(SIGNED_LSQ, xb, gb, a, one, db, terms)
@@ -85,31 +81,10 @@ def _leaf_terms(kind, x, g, a, one, dx, start, n, terms):
 
 @njit(inline="always")
 def _leaf(kind, x, g, a, one, dx, start, n, terms):
-    """NumPy's pairwise sum of the terms of elements start .. start + n - 1 for n <= 128, writing
-    their dx on the way: below 8 elements one sum from 0.; else 8 interleaved sums, combined
-    ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)), then the last n % 8 added in order.
-    terms: scratch of at least n elements."""
+    """NumPy's pairwise sum of the terms of elements start .. start + n - 1 for n <= 128
+    (quantize_int's leaf sum over the terms, computed into the scratch terms), writing their dx."""
     _leaf_terms(kind, x, g, a, one, dx, start, n, terms)
-    if n < 8:
-        res = one - one
-        for i in range(n):
-            res += terms[i]
-        return res
-    r0, r1, r2, r3, r4, r5, r6, r7 = terms[0], terms[1], terms[2], terms[3], terms[4], terms[5], terms[6], terms[7]
-    end8 = n - n % 8
-    for i in range(8, end8, 8):
-        r0 += terms[i]
-        r1 += terms[i + 1]
-        r2 += terms[i + 2]
-        r3 += terms[i + 3]
-        r4 += terms[i + 4]
-        r5 += terms[i + 5]
-        r6 += terms[i + 6]
-        r7 += terms[i + 7]
-    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-    for i in range(end8, n):
-        res += terms[i]
-    return res
+    return _pairwise_leaf(terms, 0, n, one - one)
 
 
 @njit(cache=True)
@@ -268,10 +243,10 @@ def elastic_forward(x, alpha, signed, shift=None):
 
 
 @njit(inline="always")
-def _row_mean(row, one, count, scratch):
-    """np.mean of a contiguous row: its pairwise sum (np.sum's order, added to 0) over count, the
-    row's length in the row's dtype (Numba would divide a float32 by an integer in float64)."""
-    return ((one - one) + _subtree(SUM, row, row, one, one, scratch, 0, row.size)) / count
+def _row_mean(row, one, count):
+    """np.mean of a contiguous row: its np.sum (quantize_int.pairwise_sum) over count, the row's
+    length in the row's dtype (Numba would divide a float32 by an integer in float64)."""
+    return pairwise_sum(row, one - one) / count
 
 
 @njit(parallel=True, cache=True)
@@ -286,7 +261,7 @@ def _weight_rows(w, center, per_channel, one, count, centred, levels, alpha, bit
         level_bits = np.empty(k, np.uint8)
         wr, cr, lr = w[r], centred[r], levels[r]
         if center:
-            mean = _row_mean(wr, one, count, scratch)
+            mean = _row_mean(wr, one, count)
             for j in range(k):
                 cr[j] = wr[j] - mean
         for j in range(k):
@@ -295,7 +270,7 @@ def _weight_rows(w, center, per_channel, one, count, centred, levels, alpha, bit
             level_bits[j] = negative
             scratch[j] = abs(cr[j])
         if per_channel:
-            alpha[r] = _row_mean(scratch, one, count, scratch)
+            alpha[r] = _row_mean(scratch, one, count)
         for wd in range(full_words):
             bits[r, wd] = bits64(level_bits, 64 * wd)
         _store_word_tail(level_bits, bits[r], full_words, n_words, k)
@@ -341,26 +316,6 @@ def pack_sign_columns(x):
     bits = np.empty((x3.shape[0], n, (k + 63) // 64), np.uint64)
     _sign_columns(x3, bits)
     return bits.reshape(x.shape[:-2] + bits.shape[1:])
-
-
-@njit(parallel=True, cache=True)
-def _scale_columns(product, scale, out):
-    """out[r, n] = float(product[r, n]) * scale[n]  (one rounding of the exact integer, one product)."""
-    for r in prange(product.shape[0]):
-        for n in range(product.shape[1]):
-            out[r, n] = product[r, n]  # the conversion rounds to nearest, as float64 -> float32 does
-            out[r, n] *= scale[n]
-
-
-def scaled_integers(product, scale):
-    """float product * scale for an exact int32 product (..., N) and a scale of shape () or (N,), in the
-    scale's dtype: the bits of (float(product) * scale) of ops.levels_matmul."""
-    n = product.shape[-1]
-    scale = np.ascontiguousarray(np.broadcast_to(scale, (n,)))
-    p2 = product.reshape(-1, n)
-    out = np.empty(p2.shape, scale.dtype)
-    _scale_columns(p2, scale, out)
-    return out.reshape(product.shape)
 
 
 @njit(parallel=True, cache=True)

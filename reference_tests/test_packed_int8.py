@@ -103,3 +103,56 @@ def test_qkv_absmax():
     rng = np.random.default_rng(4)
     qkv = _tensor(rng, (50, 3 * 24))
     np.testing.assert_array_equal(ternary_net.qkv_absmax(qkv), np.abs(qkv.reshape(50, 3, 24)).max(axis=(0, 2)))
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 70, 33), (300, 192, 384), (130, 1536, 192)])
+def test_binary_gemm_packing_equals_pack_then_gemm(m, k, n):
+    rng = np.random.default_rng(m * k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x.reshape(-1)[:3] = [0.0, -0.0, np.nan][:x.size]
+    w = kernels.pack_weight(rng.standard_normal((n, k)).astype(np.float32))
+    a = kernels.pack_signs_reference(x)
+    np.testing.assert_array_equal(kernels.binary_gemm_packing(x, w, k), kernels.binary_gemm_reference(a, w, k))
+    np.testing.assert_array_equal(kernels.binary_gemm_packing(x.astype(np.float64), w, k),
+                                  kernels.binary_gemm_reference(a, w, k))
+    cs = rng.uniform(0.01, 1.0, n).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    np.testing.assert_array_equal(kernels.binary_gemm_packing(x, w, k, col_scale=cs, bias=bias),
+                                  kernels.binary_gemm_reference(a, w, k, col_scale=cs, bias=bias))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        kernels.binary_gemm_packing(x.astype(np.float16), w, k)
+
+
+@pytest.mark.parametrize("max_over", ["tensor", "row"])
+def test_gsb_attention_equals_the_nine_products(max_over):
+    """engine.gsb_net.gsb_attention against the NumPy composition: gsb's masks, packed bases,
+    the reference partial products and kernels.gsb_combine."""
+    from minibvit.engine import gsb_net
+    from minibvit.gsb import gsb_attn_masks, gsb_value_masks
+
+    rng = np.random.default_rng(5)
+    n_images, n_tokens, n_heads, d = 2, 70, 3, 24
+    dim = n_heads * d
+    logits = rng.standard_normal((n_images * n_heads * n_tokens, n_tokens)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    probs[0, :5] = 0.0
+    qkv = rng.standard_normal((n_images * n_tokens, 3 * dim)).astype(np.float32)
+    qkv[0, 2 * dim:2 * dim + 4] = 0.0
+    gsb = {"attn_alphas": np.array([0.02, 0.01, 0.03], np.float32),
+           "attn_bias": (rng.standard_normal((n_heads, n_tokens, n_tokens)) * 0.01).astype(np.float32),
+           "v_alphas": np.array([0.5, 0.25, 0.75], np.float32),
+           "v_shift": (rng.standard_normal((n_heads, d)) * 0.1).astype(np.float32)}
+    got = gsb_net.gsb_attention(probs, qkv, gsb, n_images, n_tokens, n_heads, max_over)
+
+    y = probs.reshape(n_images, n_heads, n_tokens, n_tokens) + gsb["attn_bias"]
+    t1, t2 = gsb_attn_masks(y, max_over)
+    level1 = np.clip(np.rint(y / gsb["attn_alphas"][0]), 0, 1) != 0
+    a_bases = kernels.pack_bits(np.stack([level1, t1, t2], axis=2).reshape(-1, 3, n_tokens, n_tokens))
+    v = qkv.reshape(n_images, n_tokens, 3, n_heads, d)[:, :, 2].transpose(0, 2, 1, 3)
+    yv = v - gsb["v_shift"][:, None, :]
+    t1v, t2v = gsb_value_masks(yv)
+    v_signs = kernels.pack_signs(yv.swapaxes(-1, -2)).reshape(n_images * n_heads, d, -1)
+    v_masks = kernels.pack_bits(np.stack([t1v, t2v], axis=2).swapaxes(-1, -2)).reshape(n_images * n_heads, 2, d, -1)
+    partial = kernels.gsb_partial_products_reference(a_bases, v_signs, v_masks, n_tokens)
+    expected = kernels.gsb_combine(partial.transpose(1, 2, 0, 3, 4), gsb["attn_alphas"], gsb["v_alphas"])
+    np.testing.assert_array_equal(got, expected.astype(np.float32))

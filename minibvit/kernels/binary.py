@@ -12,12 +12,13 @@ Every fast kernel ``f`` has a plain NumPy ``f_reference`` beside it; the tests h
 The one-thread core (panel_rows on aligned weight panels: column_blocks, aligned_empty, copy_panel)
 is public: the packed engine's one-region network calls it from its own parallel loop.
 """
+import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
 from ..intrinsics import POP_LANES, popcount_add, popcount_assign
-from .pack import check_k, check_words, row_popcount, threads_for
+from .pack import _NATIVE_FLOATS, check_k, check_words, pack_row, row_popcount, threads_for
 
 _PANEL_COLS = 256       # at most this many output columns per task (one weight panel [W, cols] each)
 _COL_ALIGN = 32         # panel widths are multiples of this (whole vectors, aligned rows)
@@ -221,10 +222,37 @@ def popcount_matmul(a, x_planes, y_planes, row_offset, col_offset, epilogue, n_c
     n_batch, n_rows, _ = a.shape
     out = np.empty((n_batch, n_rows, n_cols), np.int32 if epilogue is None else np.float32)
     if out.size:
-        with threads_for(out.size * a.shape[2], _PARALLEL_MIN_WORDS) as threads:
+        with threads_for(out.size * a.shape[2], _PARALLEL_MIN_WORDS) as threads, numba.parallel_chunksize(1):
             _popcount_matmul_tasks(a, x_planes, y_planes, row_offset, col_offset, *(epilogue or (None, None, None)),
                                    out, threads)
     return out
+
+
+@njit(parallel=True, cache=True, boundscheck=False)
+def _packing_gemm_tasks(x, w, k, row_scale, col_scale, bias, out, threads):
+    """binary_gemm_packing's kernel: one task per block of rows packs their signs (kernels.pack's
+    row packer) into a buffer of its own, then sweeps every column panel over it."""
+    n_rows = x.shape[0]
+    n_words, n_cols = w.shape
+    col_blocks, width = column_blocks(n_cols)
+    row_blocks, height = row_tasks(n_rows, 1, threads)
+    planes = w.reshape((1, n_words, n_cols))
+    for task in prange(row_blocks):
+        m0 = task * height
+        m1 = min(m0 + height, n_rows)
+        if m1 <= m0:
+            continue
+        a = np.empty((1, m1 - m0, n_words), np.uint64)
+        for m in range(m0, m1):
+            pack_row(x[m], a[0, m - m0])
+        offset = np.full((1, m1 - m0), k, np.int64)
+        rs = None if row_scale is None else row_scale[m0:m1]
+        o = out[m0:m1].reshape((1, m1 - m0, n_cols))
+        for cb in range(col_blocks):
+            n0 = cb * width
+            nb = min(width, n_cols - n0)
+            panel_rows(a, 0, 0, m1 - m0, copy_panel(planes, 0, n0, nb, width), None, n0, nb, width, offset, None,
+                       rs, col_scale, bias, o)
 
 
 def binary_gemm(a_packed, w_packed_T, K, row_scale=None, col_scale=None, bias=None):
@@ -254,6 +282,32 @@ def binary_gemm(a_packed, w_packed_T, K, row_scale=None, col_scale=None, bias=No
     epilogue = epilogue_args(n_rows, n_cols, row_scale, col_scale, bias)
     row_offset = np.full((1, n_rows), k, np.int64)
     return popcount_matmul(a[None], w[None], None, row_offset, None, epilogue, n_cols)[0]
+
+
+def binary_gemm_packing(x, w_packed_T, K, row_scale=None, col_scale=None, bias=None):
+    """binary_gemm(pack_signs(x), w_packed_T, K, ...) in one parallel region: each task packs the
+    signs of its own rows (sign(0) = +1, bit 1 = -1) and multiplies them at once, so the
+    activations are read once, their bits stay in cache and no second region is started.
+
+    Inputs:
+        x: float32 or float64 [M, K] (native byte order; other dtypes: pack_signs, then binary_gemm)
+        w_packed_T, K, row_scale, col_scale, bias: as in binary_gemm
+    Returns: as binary_gemm (int32 [M, N], or the float32 epilogue)."""
+    x = np.asarray(x)
+    w = check_words(w_packed_T, "w_packed_T", 2)
+    if x.ndim != 2 or x.dtype not in _NATIVE_FLOATS:
+        raise TypeError(f"x must be a 2-D float32 or float64 array [M, K], got {x.dtype} with shape {x.shape}")
+    k = check_k(K, w.shape[0], "w_packed_T")
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} columns but K={k}")
+    n_rows, n_cols = x.shape[0], w.shape[1]
+    epilogue = epilogue_args(n_rows, n_cols, row_scale, col_scale, bias)
+    out = np.empty((n_rows, n_cols), np.int32 if epilogue is None else np.float32)
+    if out.size:
+        with threads_for(out.size * w.shape[0], _PARALLEL_MIN_WORDS) as threads, numba.parallel_chunksize(1):
+            _packing_gemm_tasks(np.ascontiguousarray(x), np.ascontiguousarray(w), k,
+                                *(epilogue or (None, None, None)), out, threads)
+    return out
 
 
 def popcount_sum_reference(a, x, y):

@@ -68,19 +68,25 @@ def _bit_overload(value):
 def _pack_rows(x):
     """uint64 [R, ceil(K/64)] from x [R, K]: bit = _bit(x) (x < 0 for floats, x != 0 for integers)."""
     rows, k = x.shape
+    out = np.empty((rows, (k + 63) // 64), np.uint64)
+    for r in prange(rows):
+        pack_row(x[r], out[r])
+    return out
+
+
+@njit(inline="always")
+def pack_row(row, words):
+    """words [ceil(K/64)] = the packed bits of one contiguous row [K] (_bit; tail bits 0)."""
+    k = row.shape[0]
     n_words = (k + 63) // 64
     full_words = k // 64
-    out = np.empty((rows, n_words), np.uint64)
-    for r in prange(rows):
-        row = x[r]
-        for w in range(full_words):
-            out[r, w] = bits64(row, 64 * w)
-        if full_words < n_words:
-            word = np.uint64(0)
-            for j in range(64 * full_words, k):
-                word |= _bit(row[j]) << np.uint64(j - 64 * full_words)
-            out[r, full_words] = word
-    return out
+    for w in range(full_words):
+        words[w] = bits64(row, 64 * w)
+    if full_words < n_words:
+        word = np.uint64(0)
+        for j in range(64 * full_words, k):
+            word |= _bit(row[j]) << np.uint64(j - 64 * full_words)
+        words[full_words] = word
 
 
 def tail_mask(k):

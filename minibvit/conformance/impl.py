@@ -16,6 +16,9 @@ import numpy as np
 
 from minibvit import (binaryvit, checkpoint, cost, data, diagnostics, engine, gsb, infer, kernels, methods as _registry,
                       ops, quant, train)
+# the fused quantizer kernels, which quant and gsb import on first use: loaded with the implementation,
+# so that their first use inside a test is not an import of minibvit by the test (conftest's guard)
+from minibvit.kernels import gsb as _gsb_kernels, quantize as _quantize_kernels, quantize_int as _int_kernels  # noqa: F401
 from minibvit.model import ViT, ViTConfig
 from minibvit.optim import SGD, AdamW, clip_grad_norm, cosine_lr
 

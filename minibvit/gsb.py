@@ -168,10 +168,15 @@ def gsb_value_forward(v, alphas, mode="official", reduce=None):
                                                     GSB_T2_FRACTION * vmax, GSB_T2_FRACTION * vmin)
         return out, (v, a, t1, t2, np.array([v.size, c1, c2], dtype=np.int64), mode)
     t1, t2 = gsb_value_masks(v, reduce)
-    s = sign(v)
-    out = a[0] * s + a[1] * (t1 * s) + a[2] * (t2 * s)
+    out = _value_output(v, a, t1, t2)
     cache = (v, a, t1, t2, _group_counts(v, t1, t2, reduce), mode)
     return out, cache
+
+
+def _value_output(v, a, t1, t2):
+    """a1 S + a2 (T1 S) + a3 (T2 S), S = sign(v): gsb_value_forward's output (the fused pass's bits)."""
+    s = sign(v)
+    return a[0] * s + a[1] * (t1 * s) + a[2] * (t2 * s)
 
 
 def gsb_value_backward(dout, cache):
@@ -282,10 +287,14 @@ def gsb_attn_forward(a, alphas, mode="official", max_over="tensor", reduce=None)
         return out, (a, al, t1, t2, amax, np.array([a.size, c1, c2], dtype=np.int64), mode)
     amax = _attn_max(a, max_over, reduce)
     t1, t2 = a > GSB_T1_FRACTION * amax, a > GSB_T2_FRACTION * amax
-    level1 = np.clip(np.rint(a / al[0]), 0, 1)
-    out = level1 * al[0] + t1 * al[1] + t2 * al[2]
+    out = _attn_output(a, al, t1, t2)
     cache = (a, al, t1, t2, amax, _group_counts(a, t1, t2, reduce), mode)
     return out, cache
+
+
+def _attn_output(a, al, t1, t2):
+    """a1 clamp(round(A / a1), 0, 1) + a2 T1 + a3 T2: gsb_attn_forward's output (the fused pass's bits)."""
+    return np.clip(np.rint(a / al[0]), 0, 1) * al[0] + t1 * al[1] + t2 * al[2]
 
 
 def gsb_attn_backward(dout, cache):
@@ -379,6 +388,11 @@ class GSBValueQuantizer:
         dy, dalpha = gsb_value_backward(dout, cache)
         return dy, {"shift": -dy.sum(axis=(0, 2)), "alpha": dalpha}
 
+    def recompute(self, cache):
+        """The forward's output again from the cached input and masks: a1 S + a2 (T1 S) + a3 (T2 S),
+        gsb_value_forward's formula, whose bits both of its paths give."""
+        return _value_output(*cache[:4])
+
     def basis_form(self, cache):
         """([S, T1 S, T2 S], (a1, a2, a3)): V_q = sum_k a_k * basis_k with integer bases (S = sign)."""
         v, a, t1, t2 = cache[:4]
@@ -432,6 +446,10 @@ class GSBAttnQuantizer:
         """Returns da (B, heads, N, N) and grads {"bias": (heads, N, N), "alpha": (3,)}."""
         dy, dalpha = gsb_attn_backward(dout, cache)
         return dy, {"bias": dy.sum(axis=0), "alpha": dalpha}
+
+    def recompute(self, cache):
+        """The forward's output again from the cached input and masks (gsb_attn_forward's formula)."""
+        return _attn_output(*cache[:4])
 
     def basis_form(self, cache):
         """([clamp(round(A/a1), 0, 1), T1, T2], (a1, a2, a3)): A_q = sum_k a_k * basis_k, {0, 1} bases."""

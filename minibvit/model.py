@@ -122,6 +122,13 @@ def _quantize_backward(quantizer, dout, cache):
     return (dout, {}) if quantizer is None else quantizer.backward(dout, cache)
 
 
+def _recompute(quantizer, cache):
+    """The quantizer's forward output again from its cache (its ``recompute``), or None where it
+    has none; the same bits as the forward's output."""
+    recompute = getattr(quantizer, "recompute", None)
+    return None if recompute is None else recompute(cache)
+
+
 def _exact_form(quantizer, cache, kind):
     """The quantizer output's ``integer_form`` (levels, scale), its ``level_bound`` (max |levels|) or
     ``basis_form`` (bases, scales) (see minibvit.quant and the GSB quantizers), or None."""
@@ -275,10 +282,15 @@ class ViT:
         x_q, cx = _quantize(xz, x, training)
         product = _quantized_product(xz, cx, wz, cw, a_shape=(-1, x.shape[-1]), transpose_b=True)
         y, cl = ops.linear_forward(x_q, w_q, self.params.get(f"{name}.bias") if bias else None, product=product)
+        if product is not None and _recompute(xz, cx) is not None:
+            cl = (None,) + cl[1:]  # backward recomputes x_q from the quantizer's cache: one float copy fewer held
         return y, (name, wz, xz, cw, cx, cl)
 
     def _linear_backward(self, dy, cache):
         name, wz, xz, cw, cx, cl = cache
+        if cl[0] is None:  # the quantized input, recomputed for dW (the forward's bits, _linear_forward)
+            x_q = _recompute(xz, cx)
+            cl = (x_q.reshape(-1, x_q.shape[-1]),) + cl[1:]
         dx_q, dw_q, db = ops.linear_backward(dy, cl)
         dx, gx = _quantize_backward(xz, dx_q, cx)
         dw, gw = _quantize_backward(wz, dw_q, cw)
@@ -301,14 +313,18 @@ class ViT:
         qz, kz, az, vz = (self.quantizers.get(f"{b}.attn.{t}") for t in ("q", "k", "attn", "v"))
         q_q, cq = _quantize(qz, q, training)
         k_q, ck = _quantize(kz, k, training)
-        scores, c_scores = ops.attention_scores_forward(q_q, k_q, product=_quantized_product(qz, cq, kz, ck,
-                                                                                             transpose_b=True))
+        exact = _quantized_product(qz, cq, kz, ck, transpose_b=True)
+        scores, c_scores = ops.attention_scores_forward(q_q, k_q, product=exact)
+        if exact is not None and _recompute(qz, cq) is not None and _recompute(kz, ck) is not None:
+            c_scores = (None, None) + c_scores[2:]  # recomputed in backward (_linear_forward's reason)
         attn, c_soft = ops.softmax_forward(scores)
         a_q, ca = _quantize(az, attn, training)
         a_d, c_drop = ops.dropout_forward(a_q, self.cfg.attn_drop_rate, rng, training)
         v_q, cv = _quantize(vz, v, training)
         exact = _quantized_product(az, ca, vz, cv) if c_drop is None else None  # dropout breaks the levels
         o, c_values = ops.attention_values_forward(a_d, v_q, product=exact)
+        if exact is not None and _recompute(az, ca) is not None and _recompute(vz, cv) is not None:
+            c_values = (None, None)
         return o, (qz, kz, az, vz, cq, ck, ca, cv, c_scores, c_soft, c_drop, c_values)
 
     def _attention_backward(self, b, dout, cache, out):
@@ -316,6 +332,10 @@ class ViT:
         (written straight into where no quantizer comes after them). Accumulates the quantizers'
         parameter gradients."""
         qz, kz, az, vz, cq, ck, ca, cv, c_scores, c_soft, c_drop, c_values = cache
+        if c_values[0] is None:
+            c_values = (_recompute(az, ca), _recompute(vz, cv))
+        if c_scores[0] is None:
+            c_scores = (_recompute(qz, cq), _recompute(kz, ck)) + c_scores[2:]
         dq_out, dk_out, dv_out = out
         da_d, dv_q = ops.attention_values_backward(dout, c_values, out=dv_out if vz is None else None)
         dv, gv = _quantize_backward(vz, dv_q, cv)

@@ -890,6 +890,14 @@ class ElasticBinarizer(_Quantizer):
         levels = sign(x) if signed else np.clip(np.round(x / a), 0, 1)
         return levels, a.reshape(())
 
+    def recompute(self, cache):
+        """The forward's output again (the fused path's kernel on the cached input; None on the
+        NumPy path, whose caller keeps the output)."""
+        x, a, signed = cache[:3]
+        if cache[-1] is None:
+            return None
+        return _kernels().elastic_forward(x, a.reshape(()), signed)[0]
+
     def packed_form(self, cache, axis=-1):
         """The levels as packed bits for a popcount product (see _Quantizer.packed_form)."""
         x, a, signed = cache[:3]
@@ -984,6 +992,12 @@ class MinMaxQuantizer(_Quantizer):
 
     def backward(self, dout, cache):
         return minmax_quant_backward(dout, cache), {}
+
+    def recompute(self, cache):
+        """The forward's output again, levels * scale (the one product per element both paths
+        compute); per tensor only (None per channel)."""
+        levels, scale = cache[:2]
+        return None if self.per_channel else levels * scale
 
     def integer_form(self, cache):
         levels, scale = cache[:2]

@@ -336,10 +336,13 @@ class ASM:
         inner = getattr(self.inner, "integer_form", None)
         return None if inner is None else inner(cache[0])
 
+    def can_recompute(self, cache):
+        """Whether the inner binarizer can give its output again (recompute)."""
+        return getattr(self.inner, "can_recompute", lambda cache: False)(cache[0])
+
     def recompute(self, cache):
-        """The forward's output again: the inner binarizer's, from its cache (None without one)."""
-        inner = getattr(self.inner, "recompute", None)
-        return None if inner is None else inner(cache[0])
+        """The forward's output again: the inner binarizer's, from its cache."""
+        return self.inner.recompute(cache[0])
 
     def packed_form(self, cache, axis=-1):
         """The inner binarizer's packed levels, if it has them (see quant._Quantizer.packed_form)."""

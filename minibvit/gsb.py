@@ -388,6 +388,9 @@ class GSBValueQuantizer:
         dy, dalpha = gsb_value_backward(dout, cache)
         return dy, {"shift": -dy.sum(axis=(0, 2)), "alpha": dalpha}
 
+    def can_recompute(self, cache):
+        return True
+
     def recompute(self, cache):
         """The forward's output again from the cached input and masks: a1 S + a2 (T1 S) + a3 (T2 S),
         gsb_value_forward's formula, whose bits both of its paths give."""
@@ -447,9 +450,17 @@ class GSBAttnQuantizer:
         dy, dalpha = gsb_attn_backward(dout, cache)
         return dy, {"bias": dy.sum(axis=0), "alpha": dalpha}
 
+    def can_recompute(self, cache):
+        return True
+
     def recompute(self, cache):
-        """The forward's output again from the cached input and masks (gsb_attn_forward's formula)."""
-        return _attn_output(*cache[:4])
+        """The forward's output again from the cached input and masks (gsb_attn_forward's formula,
+        in the fused pass where that ran: max A over the tensor)."""
+        a, al, t1, t2, amax = cache[:5]
+        kernels = _fused_kernels(a) if np.ndim(amax) == 0 else None
+        if kernels is None:
+            return _attn_output(a, al, t1, t2)
+        return kernels.attn_forward(a, al, GSB_T1_FRACTION * amax, GSB_T2_FRACTION * amax)[0]
 
     def basis_form(self, cache):
         """([clamp(round(A/a1), 0, 1), T1, T2], (a1, a2, a3)): A_q = sum_k a_k * basis_k, {0, 1} bases."""

@@ -123,10 +123,14 @@ def _quantize_backward(quantizer, dout, cache):
 
 
 def _recompute(quantizer, cache):
-    """The quantizer's forward output again from its cache (its ``recompute``), or None where it
-    has none; the same bits as the forward's output."""
-    recompute = getattr(quantizer, "recompute", None)
-    return None if recompute is None else recompute(cache)
+    """The quantizer's forward output again from its cache (its ``recompute``): the same bits as
+    the forward's output."""
+    return quantizer.recompute(cache)
+
+
+def _recomputable(quantizer, cache):
+    """Whether _recompute can give the output from this cache (the quantizer's ``can_recompute``)."""
+    return getattr(quantizer, "can_recompute", lambda cache: False)(cache)
 
 
 def _exact_form(quantizer, cache, kind):
@@ -282,7 +286,7 @@ class ViT:
         x_q, cx = _quantize(xz, x, training)
         product = _quantized_product(xz, cx, wz, cw, a_shape=(-1, x.shape[-1]), transpose_b=True)
         y, cl = ops.linear_forward(x_q, w_q, self.params.get(f"{name}.bias") if bias else None, product=product)
-        if product is not None and _recompute(xz, cx) is not None:
+        if product is not None and _recomputable(xz, cx):
             cl = (None,) + cl[1:]  # backward recomputes x_q from the quantizer's cache: one float copy fewer held
         return y, (name, wz, xz, cw, cx, cl)
 
@@ -315,7 +319,7 @@ class ViT:
         k_q, ck = _quantize(kz, k, training)
         exact = _quantized_product(qz, cq, kz, ck, transpose_b=True)
         scores, c_scores = ops.attention_scores_forward(q_q, k_q, product=exact)
-        if exact is not None and _recompute(qz, cq) is not None and _recompute(kz, ck) is not None:
+        if exact is not None and _recomputable(qz, cq) and _recomputable(kz, ck):
             c_scores = (None, None) + c_scores[2:]  # recomputed in backward (_linear_forward's reason)
         attn, c_soft = ops.softmax_forward(scores)
         a_q, ca = _quantize(az, attn, training)
@@ -323,7 +327,7 @@ class ViT:
         v_q, cv = _quantize(vz, v, training)
         exact = _quantized_product(az, ca, vz, cv) if c_drop is None else None  # dropout breaks the levels
         o, c_values = ops.attention_values_forward(a_d, v_q, product=exact)
-        if exact is not None and _recompute(az, ca) is not None and _recompute(vz, cv) is not None:
+        if exact is not None and _recomputable(az, ca) and _recomputable(vz, cv):
             c_values = (None, None)
         return o, (qz, kz, az, vz, cq, ck, ca, cv, c_scores, c_soft, c_drop, c_values)
 

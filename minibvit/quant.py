@@ -890,12 +890,13 @@ class ElasticBinarizer(_Quantizer):
         levels = sign(x) if signed else np.clip(np.round(x / a), 0, 1)
         return levels, a.reshape(())
 
+    def can_recompute(self, cache):
+        """The fused path's cache (the NumPy path's caller keeps the output)."""
+        return cache[-1] is not None
+
     def recompute(self, cache):
-        """The forward's output again (the fused path's kernel on the cached input; None on the
-        NumPy path, whose caller keeps the output)."""
+        """The forward's output again: the fused kernel on the cached input."""
         x, a, signed = cache[:3]
-        if cache[-1] is None:
-            return None
         return _kernels().elastic_forward(x, a.reshape(()), signed)[0]
 
     def packed_form(self, cache, axis=-1):
@@ -993,11 +994,14 @@ class MinMaxQuantizer(_Quantizer):
     def backward(self, dout, cache):
         return minmax_quant_backward(dout, cache), {}
 
+    def can_recompute(self, cache):
+        """Per tensor (per channel the scale's axis is not in the cache)."""
+        return not self.per_channel
+
     def recompute(self, cache):
-        """The forward's output again, levels * scale (the one product per element both paths
-        compute); per tensor only (None per channel)."""
+        """The forward's output again, levels * scale (the one product per element both paths compute)."""
         levels, scale = cache[:2]
-        return None if self.per_channel else levels * scale
+        return levels * scale
 
     def integer_form(self, cache):
         levels, scale = cache[:2]

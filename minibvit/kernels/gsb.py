@@ -240,11 +240,17 @@ def _value_forward(y, a, hi1, lo1, hi2, lo2, out, t1, t2, counts):
 def value_forward(y, a, hi1, lo1, hi2, lo2):
     """(out, t1, t2, |T1|, |T2|) of gsb_value_forward for a contiguous y and its thresholds
     (0.7 / 0.9 of max y and of min y, as gsb_value_masks computes them)."""
+    dt = y.dtype.type
+    return _masked_output(_value_forward, y, a, dt(hi1), dt(lo1), dt(hi2), dt(lo2))
+
+
+def _masked_output(kernel, y, *args):
+    """kernel(flat y, *args, out, t1, t2, counts) run on fresh buffers: (out, t1, t2 in y's shape,
+    |T1|, |T2|)."""
     flat = y.reshape(-1)
     out, t1, t2 = np.empty_like(flat), np.empty(flat.size, np.bool_), np.empty(flat.size, np.bool_)
     counts = np.empty(((flat.size + _CHUNK - 1) // _CHUNK, 2), np.int64)
-    dt = y.dtype.type
-    _value_forward(flat, a, dt(hi1), dt(lo1), dt(hi2), dt(lo2), out, t1, t2, counts)
+    kernel(flat, *args, out, t1, t2, counts)
     c1, c2 = counts.sum(axis=0)
     return out.reshape(y.shape), t1.reshape(y.shape), t2.reshape(y.shape), int(c1), int(c2)
 
@@ -312,12 +318,7 @@ def _attn_forward(y, al, thr1, thr2, out, t1, t2, counts):
 
 def attn_forward(y, al, thr1, thr2):
     """(out, t1, t2, |T1|, |T2|) of gsb_attn_forward (max over the tensor) for a contiguous y."""
-    flat = y.reshape(-1)
-    out, t1, t2 = np.empty_like(flat), np.empty(flat.size, np.bool_), np.empty(flat.size, np.bool_)
-    counts = np.empty(((flat.size + _CHUNK - 1) // _CHUNK, 2), np.int64)
-    _attn_forward(flat, al, y.dtype.type(thr1), y.dtype.type(thr2), out, t1, t2, counts)
-    c1, c2 = counts.sum(axis=0)
-    return out.reshape(y.shape), t1.reshape(y.shape), t2.reshape(y.shape), int(c1), int(c2)
+    return _masked_output(_attn_forward, y, al, y.dtype.type(thr1), y.dtype.type(thr2))
 
 
 @njit(parallel=True, cache=True)

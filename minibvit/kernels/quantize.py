@@ -291,9 +291,9 @@ def weight_binarize(w, center, per_channel):
 
 
 @njit(parallel=True, cache=True)
-def _sign_columns(x, bits):
-    """bits[b, j, w] = packed (not x[b, i, j] >= 0) over i = 64 w .. 64 w + 63 (the sign bits of the
-    columns of each x[b], packed along its rows)."""
+def _pack_columns(x, signs, bits):
+    """bits[b, j, w] = the bits of the column j of x[b] over rows i = 64 w .. 64 w + 63: bit 1 where
+    not x >= 0 (signs: sign(x) = -1, NaN too, as quant.sign) or where x != 0 (a mask)."""
     n_batch, n_rows, n_cols = x.shape
     n_words = bits.shape[2]
     for b in prange(n_batch):
@@ -303,45 +303,29 @@ def _sign_columns(x, bits):
             for j in range(n_cols):
                 word = np.uint64(0)
                 for i in range(i0, i1):
-                    if not x[b, i, j] >= 0:
+                    if (not x[b, i, j] >= 0) if signs else x[b, i, j] != 0:
                         word |= np.uint64(1) << np.uint64(i - i0)
                 bits[b, j, w] = word
+
+
+def _columns_packed(x, signs):
+    """_pack_columns of x (..., K, N) (a bool x read as bytes): uint64 (..., N, ceil(K/64))."""
+    k, n = x.shape[-2], x.shape[-1]
+    x3 = np.ascontiguousarray(x).reshape(-1, k, n)
+    if x3.dtype == np.bool_:
+        x3 = x3.view(np.uint8)
+    bits = np.empty((x3.shape[0], n, (k + 63) // 64), np.uint64)
+    _pack_columns(x3, signs, bits)
+    return bits.reshape(x.shape[:-2] + bits.shape[1:])
 
 
 def pack_sign_columns(x):
     """Sign bits of x (..., K, N) packed along K for each column: uint64 (..., N, ceil(K/64)), bit 1 where
     sign(x) = -1 (x < 0, or NaN as quant.sign). The layout of and_bmm's v_packed (pack_signs(V^T))."""
-    k, n = x.shape[-2], x.shape[-1]
-    x3 = np.ascontiguousarray(x).reshape(-1, k, n)
-    bits = np.empty((x3.shape[0], n, (k + 63) // 64), np.uint64)
-    _sign_columns(x3, bits)
-    return bits.reshape(x.shape[:-2] + bits.shape[1:])
-
-
-@njit(parallel=True, cache=True)
-def _mask_columns(mask, bits):
-    """bits[b, j, w] = packed mask[b, i, j] != 0 over i = 64 w .. 64 w + 63."""
-    n_batch, n_rows, n_cols = mask.shape
-    n_words = bits.shape[2]
-    for b in prange(n_batch):
-        for w in range(n_words):
-            i0 = 64 * w
-            i1 = min(i0 + 64, n_rows)
-            for j in range(n_cols):
-                word = np.uint64(0)
-                for i in range(i0, i1):
-                    if mask[b, i, j] != 0:
-                        word |= np.uint64(1) << np.uint64(i - i0)
-                bits[b, j, w] = word
+    return _columns_packed(x, True)
 
 
 def pack_mask_columns(mask):
     """A mask (..., K, N) (bool or numeric: bit = mask != 0) packed along K for each column:
     uint64 (..., N, ceil(K/64)) (pack_bits of mask^T)."""
-    k, n = mask.shape[-2], mask.shape[-1]
-    m3 = np.ascontiguousarray(mask).reshape(-1, k, n)
-    if m3.dtype == np.bool_:
-        m3 = m3.view(np.uint8)
-    bits = np.empty((m3.shape[0], n, (k + 63) // 64), np.uint64)
-    _mask_columns(m3, bits)
-    return bits.reshape(mask.shape[:-2] + bits.shape[1:])
+    return _columns_packed(mask, False)

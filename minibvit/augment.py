@@ -290,6 +290,22 @@ def random_erasing_box(height, width, rng, area=(0.02, 1 / 3), log_aspect=(math.
     return None
 
 
+def erase_batch(x, prob, seed, epoch, step, first_index=0):
+    """Random erasing of a normalised batch x float32 (B, C, H, W), in place (timm's RandomErasing,
+    mode 'pixel', one box): with probability prob, image i gets a random_erasing_box filled with
+    N(0, 1) noise, drawn from Generator([seed, ERASE_STREAM, epoch, step, first_index + i]); prob 0
+    changes nothing. Returns x."""
+    if prob > 0:
+        for i in range(len(x)):
+            rng = np.random.default_rng([seed, ERASE_STREAM, epoch, step, first_index + i])
+            if rng.random() < prob:
+                box = random_erasing_box(x.shape[2], x.shape[3], rng)
+                if box is not None:
+                    top, left, h, w = box
+                    x[i, :, top:top + h, left:left + w] = rng.standard_normal((x.shape[1], h, w))
+    return x
+
+
 def cutmix_box(height, width, lam, rng):
     """timm's rand_bbox: a box of side sqrt(1 - lam) around a uniform centre, clipped to the image.
     Returns (y0, y1, x0, x1) and the exact lam = 1 - box area / image area."""
@@ -368,14 +384,7 @@ class BatchAugment:
         Generator([seed, MIX_STREAM, epoch, step]).
         """
         x = normalize(images, self.mean, self.std)
-        if self.erase_prob > 0:
-            for i in range(len(x)):
-                rng = np.random.default_rng([seed, ERASE_STREAM, epoch, step, first_index + i])
-                if rng.random() < self.erase_prob:
-                    box = random_erasing_box(x.shape[2], x.shape[3], rng)
-                    if box is not None:
-                        top, left, h, w = box
-                        x[i, :, top:top + h, left:left + w] = rng.standard_normal((x.shape[1], h, w))
+        erase_batch(x, self.erase_prob, seed, epoch, step, first_index)
         if not self.mixing:
             return x, labels
         rng = np.random.default_rng([seed, MIX_STREAM, epoch, step])

@@ -293,7 +293,7 @@ def augment_mode(dataset_name, augment):
 
 
 def iterate_batches(dataset, batch_size, seed, epoch, start_step=0, train=True, augment=True,
-                    drop_last=None, padding=None):
+                    drop_last=None, padding=None, erase_prob=0.0):
     """Batches of one epoch: an iterator of (x float32 (B, C, H, W), y int64 (B,)).
 
     x is normalised by the dataset's mean/std. train=True visits the samples in a permutation drawn
@@ -301,12 +301,16 @@ def iterate_batches(dataset, batch_size, seed, epoch, start_step=0, train=True, 
     augment is one of AUGMENT_MODES, True (the dataset's DEFAULT_AUGMENT) or False ("none"); the crop
     pads `padding` pixels of zeros on every side (None: crop_padding(image size)). Batch i's draws
     come from a generator seeded by (seed, epoch, i) -- so starting at start_step yields exactly the
-    batches start_step, start_step+1, ... of the full epoch, in every mode.
+    batches start_step, start_step+1, ... of the full epoch, in every mode. erase_prob > 0 (train
+    only) then applies random erasing to the normalised batch (minibvit.augment.erase_batch, seeded
+    by (seed, epoch, step, image)).
     drop_last: skip the final incomplete batch; None means drop_last=train.
     """
     if not isinstance(dataset, Dataset):
         raise TypeError(f"dataset must be a minibvit.data.Dataset, got {type(dataset).__name__}")
     mode = augment_mode(dataset.name, augment)
+    if not (isinstance(erase_prob, (int, float)) and 0 <= erase_prob <= 1):
+        raise ValueError(f"erase_prob must be a probability in [0, 1], got {erase_prob!r}")
     if padding is not None and not (_is_int(padding) and padding >= 1):
         raise ValueError(f"padding must be a positive integer or None, got {padding!r}")
     for label, value in (("seed", seed), ("epoch", epoch), ("start_step", start_step)):
@@ -333,6 +337,9 @@ def iterate_batches(dataset, batch_size, seed, epoch, start_step=0, train=True, 
                 rng = np.random.default_rng([seed, _AUGMENT_STREAM, epoch, step])
                 images = augment_batch(images, mode, padding, rng)
             x = images.transpose(0, 3, 1, 2).astype(np.float32) * scale - shift
+            if train and erase_prob > 0:
+                from .augment import erase_batch  # Pillow is imported with it: only when erasing
+                erase_batch(x, erase_prob, seed, epoch, step)
             yield x, dataset.labels[index]
 
     return batches()

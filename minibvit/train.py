@@ -64,7 +64,7 @@ from .optim import AdamW, clip_grad_norm, cosine_lr  # noqa: E402
 
 GROUPS = ("data", "model", "optimisation", "method options", "run")
 DATASET_CHOICES = data.DATASET_NAMES + ("imagenet",)
-IMAGENET_OPTIONS = ("rand_augment", "mixup", "cutmix", "random_erasing")  # DeiT's augmentation switches
+IMAGENET_OPTIONS = ("rand_augment", "mixup", "cutmix")  # DeiT's augmentation switches (random erasing: every dataset)
 DTYPES = ("float32", "float64")
 
 
@@ -107,8 +107,8 @@ class TrainConfig:
                            shown="2 (DeiT)")
     mixup: float = _f("data", "[imagenet] mixup alpha (soft targets); 0 turns mixup off", shown="0.8 (DeiT)")
     cutmix: float = _f("data", "[imagenet] cutmix alpha (soft targets); 0 turns cutmix off", shown="1.0 (DeiT)")
-    random_erasing: float = _f("data", "[imagenet] random-erasing probability per image, in [0, 1]; 0 turns it off",
-                               shown="0.25 (DeiT)")
+    random_erasing: float = _f("data", "random-erasing probability per image (a box of N(0, 1) noise), in [0, 1]; "
+                               "0 turns it off", shown="by dataset (imagenet: 0.25, DeiT)")
     # model
     model: str = _f("model", f"model preset, one of {', '.join(PRESETS)}", shown="by dataset")
     patch_size: int = _f("model", "patch size", shown="the preset's")
@@ -479,7 +479,7 @@ def train_batches(dataset, cfg, epoch, start_step, drop_last, part=None):
     if isinstance(dataset, ImageNetSplit):
         return dataset.data.batches(cfg.batch_size, cfg.seed, epoch, start_step, drop_last, part)
     batches = data.iterate_batches(dataset, cfg.batch_size, cfg.seed, epoch, start_step=start_step, drop_last=drop_last,
-                                   augment=cfg.augment, padding=cfg.crop_padding)
+                                   augment=cfg.augment, padding=cfg.crop_padding, erase_prob=cfg.random_erasing or 0.0)
     return batches if part is None else ((x[part[0]:part[1]], y[part[0]:part[1]]) for x, y in batches)
 
 

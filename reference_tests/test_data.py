@@ -682,3 +682,29 @@ def test_augmentation_policy_per_dataset():
         assert mirror.any() == flips
         unaugmented, = list(data.iterate_batches(dataset, 200, seed=1, epoch=4, augment=False))
         assert not np.allclose(unaugmented[0], x)
+
+
+def test_random_erasing_of_small_datasets():
+    """erase_prob=0 is the unerased batch bit for bit; erase_prob > 0 changes exactly
+    augment.erase_batch's boxes of the augmented batch, seeded by (seed, epoch, step, image), so a
+    resumed epoch erases the same boxes."""
+    from minibvit import augment
+    dataset = _small("fashion-mnist", n_per_class=40, size=12)
+    plain = list(data.iterate_batches(dataset, 64, seed=5, epoch=1, augment="flip"))
+    zero = list(data.iterate_batches(dataset, 64, seed=5, epoch=1, augment="flip", erase_prob=0.0))
+    erased = list(data.iterate_batches(dataset, 64, seed=5, epoch=1, augment="flip", erase_prob=0.5))
+    resumed = list(data.iterate_batches(dataset, 64, seed=5, epoch=1, augment="flip", erase_prob=0.5, start_step=3))
+    changed_images = 0
+    for step, ((x, y), (x0, y0), (xe, ye)) in enumerate(zip(plain, zero, erased)):
+        assert np.array_equal(x, x0) and np.array_equal(y, ye)
+        np.testing.assert_array_equal(xe, augment.erase_batch(x.copy(), 0.5, 5, 1, step))
+        changed_images += int((xe != x).any(axis=(1, 2, 3)).sum())
+    assert 0.3 * 64 * len(plain) < changed_images < 0.7 * 64 * len(plain)
+    for (x_full, _), (x_res, _) in zip(erased[3:], resumed):
+        assert np.array_equal(x_full, x_res)
+    eval_batch, = list(data.iterate_batches(dataset, 400, seed=5, epoch=1, train=False, erase_prob=1.0))
+    unerased, = list(data.iterate_batches(dataset, 400, seed=5, epoch=1, train=False))
+    assert np.array_equal(eval_batch[0], unerased[0])  # evaluation is never erased
+    for bad in (-0.1, 1.5, "0.5"):
+        with pytest.raises(ValueError, match="erase_prob must be a probability"):
+            data.iterate_batches(dataset, 8, seed=0, epoch=0, erase_prob=bad)

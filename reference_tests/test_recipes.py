@@ -29,3 +29,17 @@ def test_tervit_teacher_checkpoint_is_the_fp_stage(tmp_path, monkeypatch):
     for name, value in teacher.items():
         if name.startswith("model."):
             np.testing.assert_array_equal(seen["tervit_w8a8"][name[6:]], value, err_msg=name)
+
+
+def test_random_erasing_switch_on_small_datasets(tmp_path):
+    """`--random-erasing P` works on every dataset: 0 trains bit-identically to leaving it unset,
+    P > 0 changes the step; out-of-range values are refused with the flag's name."""
+    def weights(name, **kw):
+        path = train.run(train.TrainConfig(method="fp", out=str(tmp_path / name), **TINY, **kw))["fp"][0]
+        return {k: v for k, v in checkpoint.load_checkpoint(path)[0].items() if k.startswith("model.")}
+
+    unset, zero, erased = weights("unset"), weights("zero", random_erasing=0.0), weights("erased", random_erasing=1.0)
+    assert all(np.array_equal(unset[k], zero[k]) for k in unset)
+    assert any(not np.array_equal(unset[k], erased[k]) for k in unset)
+    with pytest.raises(ValueError, match="--random-erasing must be in"):
+        train.resolve_config(train.TrainConfig(dataset="synthetic", random_erasing=1.5))

@@ -106,3 +106,35 @@ def test_eval_every_evaluates_every_nth_and_the_last_epoch(tmp_path):
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
     assert ["test_acc" in r for r in epochs] == [False, True, True]
     assert train.main(args[:-4] + ["--eval-every", "0", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_run_all_starts_students_once_their_teacher_exists(tmp_path, monkeypatch):
+    """Teachers first, the other FP seeds beside them, a setting's students once its teacher's
+    checkpoint exists; the students of a setting whose teacher failed are reported, not run."""
+    plan = reproduce.QUICK_PLAN
+    good, bad = plan.settings
+    rows = [reproduce.ROW_BY_KEY[k] for k in ("fp", "binary", "gsb")]
+    jobs = [(plan, s, r, seed, str(tmp_path)) for s in plan.settings for r in rows for seed in (0, 1)]
+    order = []
+
+    def fake_run(job):
+        _, setting, row, seed, out = job
+        order.append((setting.key, row.key, seed))
+        if reproduce.is_teacher(job):
+            if setting is bad:
+                return {"row": row.key, "setting": setting.key, "seed": seed, "error": 1, "dir": "x"}
+            path = reproduce.teacher_path(out, setting)
+            os.makedirs(os.path.dirname(path))
+            open(path, "w").close()
+        return {"row": row.key, "setting": setting.key, "seed": seed, "test_acc": 0.5, "wall_s": 1.0}
+
+    monkeypatch.setattr(reproduce, "run_one", fake_run)
+    said = []
+    results, stopped = reproduce.run_all(jobs, 1, said.append)
+    assert not stopped and len(results) == len(jobs)
+    assert order[:2] == [(good.key, "fp", 0), (bad.key, "fp", 0)]
+    assert set(order[2:4]) == {(good.key, "fp", 1), (bad.key, "fp", 1)}  # FP seeds need no teacher
+    assert {(s, r, k) for s, r, k in order[4:]} == {(good.key, r, k) for r in ("binary", "gsb") for k in (0, 1)}
+    missing = [r for r in results if r.get("error") == "no teacher"]
+    assert {(r["setting"], r["row"], r["seed"]) for r in missing} == {(bad.key, r, k) for r in ("binary", "gsb")
+                                                                     for k in (0, 1)}

@@ -28,7 +28,7 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,10 +257,18 @@ def run_one(job):
 STOPPED = 130  # train.main's exit code after Ctrl-C (it saved the run first)
 
 
+def is_teacher(job):
+    plan, setting, row, seed, out = job
+    return row.key == "fp" and seed == 0
+
+
 def run_all(jobs, n_jobs, say):
-    """Run the jobs, teachers first (the students of a setting need its teacher); after Ctrl-C (every
-    running job saves and returns STOPPED) nothing new starts. Returns every result."""
+    """Run the jobs, n_jobs at a time: every setting's teacher first, the other FP seeds beside it,
+    and a setting's students as soon as its teacher exists (a student without it is reported, not
+    run). After Ctrl-C (every running job saves and returns STOPPED) nothing new starts. Returns
+    (every result, stopped)."""
     import signal
+    from concurrent.futures import FIRST_COMPLETED, wait
 
     results = []
     stopped = False
@@ -271,35 +279,55 @@ def run_all(jobs, n_jobs, say):
         stopped = stopped or result.get("error") == STOPPED
         say(result)
 
-    first = [j for j in jobs if j[2].key == "fp"]
-    rest = [j for j in jobs if j[2].key != "fp"]
-    for batch in (first, rest):
-        if batch is rest:  # a student without its teacher cannot run
-            missing = {j[1].key for j in rest if not os.path.exists(teacher_path(j[4], j[1]))}
-            for j in [j for j in rest if j[1].key in missing]:
+    teachers = [j for j in jobs if is_teacher(j)]
+    waiting = [j for j in jobs if not is_teacher(j)]
+    pending_settings = {j[1].key for j in teachers}
+
+    def ready():
+        """Jobs that can start now: FP seeds, and students whose teacher is trained; students whose
+        teacher failed or was never asked for (and is missing) are reported."""
+        nonlocal waiting
+        out, keep = [], []
+        for j in waiting:
+            if j[2].key == "fp" or os.path.exists(teacher_path(j[4], j[1])):
+                out.append(j)
+            elif j[1].key in pending_settings:
+                keep.append(j)
+            else:
                 note({"row": j[2].key, "setting": j[1].key, "seed": j[3], "error": "no teacher",
                       "dir": run_dir(j[4], j[1], j[2], j[3])})
-            batch = [j for j in rest if j[1].key not in missing]
-        if stopped:
-            break
-        if n_jobs == 1:
-            for job in batch:
-                note(run_one(job))
-                if stopped:
-                    break
-            continue
-        # the workers get Ctrl-C from the terminal and save; this process waits for them
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            with ProcessPoolExecutor(max_workers=n_jobs) as pool:
-                futures = [pool.submit(run_one, job) for job in batch]
-                for fut in as_completed(futures):
+        waiting = keep
+        return out
+
+    queue = teachers + ready()
+    if n_jobs == 1:
+        while queue and not stopped:
+            job = queue.pop(0)
+            note(run_one(job))
+            if is_teacher(job):
+                pending_settings.discard(job[1].key)
+                queue += ready()
+        return results, stopped
+    # the workers get Ctrl-C from the terminal and save; this process waits for them
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with ProcessPoolExecutor(max_workers=n_jobs) as pool:
+            running = {}
+            while (queue or running) and not stopped:
+                while queue and len(running) < n_jobs:
+                    job = queue.pop(0)
+                    running[pool.submit(run_one, job)] = job
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    job = running.pop(fut)
                     note(fut.result())
-                    if stopped:
-                        for other in futures:
-                            other.cancel()
-        finally:
-            signal.signal(signal.SIGINT, previous)
+                    if is_teacher(job):
+                        pending_settings.discard(job[1].key)
+                        queue += ready()
+            for fut in running:  # after Ctrl-C: the running jobs save and return
+                note(fut.result())
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return results, stopped
 
 

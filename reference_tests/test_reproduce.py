@@ -138,3 +138,18 @@ def test_run_all_starts_students_once_their_teacher_exists(tmp_path, monkeypatch
     missing = [r for r in results if r.get("error") == "no teacher"]
     assert {(r["setting"], r["row"], r["seed"]) for r in missing} == {(bad.key, r, k) for r in ("binary", "gsb")
                                                                      for k in (0, 1)}
+
+
+def test_ablation_summary_gives_the_paired_interval(capsys, monkeypatch):
+    """scripts/ablate_binaryvit.py's summary uses reproduce.py's paired interval and verdict."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    spec = importlib.util.spec_from_file_location("ablate_binaryvit", os.path.join(ROOT, "scripts", "ablate_binaryvit.py"))
+    ablate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablate)
+    results = {"lpc1000/binary": {"acc": {"0": 0.70, "1": 0.71, "2": 0.72}},
+               "lpc1000/grs_late": {"acc": {"0": 0.72, "1": 0.74, "2": 0.75}}}
+    ablate.summarise(results)
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "grs_late" in ln][0]
+    m, lo, hi, n = reproduce.paired_difference({0: 0.72, 1: 0.74, 2: 0.75}, {0: 0.70, 1: 0.71, 2: 0.72})
+    assert n == 3 and f"{100 * m:+.2f} pt" in line and f"[{100 * lo:+.2f}, {100 * hi:+.2f}]" in line
+    assert "reproduced" in line

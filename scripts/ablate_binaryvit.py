@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 
+import reproduce  # scripts/reproduce.py: the paired t-interval and the verdict
 from minibvit import process, train
 
 VARIANTS = {
@@ -100,8 +101,8 @@ def collect(out):
 
 
 def summarise(results):
-    """One line per variant: final test accuracy mean +- std over seeds, and the mean paired difference
-    to `binary` (the same seeds) in points."""
+    """One line per variant: final test accuracy mean +- std over seeds, and the paired difference to
+    `binary` over the seeds both have, in points, with reproduce.py's 95% Student-t interval and verdict."""
     for key, entry in sorted(results.items()):
         accs = list(entry["acc"].values())
         base = results.get(key.split("/")[0] + "/binary")
@@ -109,10 +110,12 @@ def summarise(results):
         line += f" +- {statistics.stdev(accs):.4f}" if len(accs) > 1 else "         "
         line += "  seeds " + " ".join(f"{s}:{a:.4f}" for s, a in sorted(entry["acc"].items()))
         if base and not key.endswith("/binary"):
-            common = sorted(set(base["acc"]) & set(entry["acc"]))
-            if common:
-                diffs = [entry["acc"][s] - base["acc"][s] for s in common]
-                line += f" | vs binary (seeds {','.join(common)}): {statistics.mean(diffs) * 100:+.2f} pt"
+            diff = reproduce.paired_difference(entry["acc"], base["acc"])
+            if diff:
+                m, lo, hi, n = diff
+                common = ",".join(sorted(set(base["acc"]) & set(entry["acc"])))
+                line += f" | vs binary (seeds {common}): {100 * m:+.2f} pt"
+                line += "" if n < 2 else f", 95% [{100 * lo:+.2f}, {100 * hi:+.2f}]: {reproduce.verdict(diff)}"
         print(line)
 
 

@@ -63,7 +63,8 @@ def main(argv=None):
                 out = os.path.join(args.out, f"lpc{args.limit_per_class}", variant, f"seed{seed}")
                 flags = VARIANTS[variant] + ["--dataset", "fashion-mnist", "--limit-per-class",
                                              str(args.limit_per_class), "--epochs", str(args.epochs), "--seed",
-                                             str(seed), "--teacher", args.teacher, "--out", out, "--resume"]
+                                             str(seed), "--teacher", args.teacher, "--out", out, "--resume",
+                                             "--eval-every", str(args.epochs)]  # the test split once, at the end
                 t0 = time.time()
                 res = train.run(train.TrainConfig(**vars(train._parser().parse_args(flags))))
                 (stage,) = [s for s in res if s != "teacher"]
@@ -88,15 +89,16 @@ def collect(out):
                 stage_dir = os.path.join(root, stages[0])
                 last = json.load(open(os.path.join(stage_dir, "config.json")))["train_config"]["epochs"]
                 with open(os.path.join(stage_dir, "log.jsonl")) as f:
-                    epochs = [json.loads(line) for line in f if '"test_acc"' in line]
-                if len(epochs) < last:
+                    ends = [json.loads(line) for line in f if '"epoch_time_s"' in line]  # one per finished epoch
+                epochs = [e for e in ends if "test_acc" in e]
+                if len(ends) < last or ends[-1].get("test_acc") is None:
                     continue  # unfinished
                 entry = results.setdefault(f"{lpc}/{variant}", {"flags": " ".join(VARIANTS.get(variant, ["?"])),
                                                                  "acc": {}, "best": {}, "seconds": {}})
                 seed = seed_dir[4:]
                 entry["acc"][seed] = epochs[-1]["test_acc"]
                 entry["best"][seed] = max(e["test_acc"] for e in epochs)
-                entry["seconds"][seed] = round(sum(e["epoch_time_s"] for e in epochs))
+                entry["seconds"][seed] = round(sum(e["epoch_time_s"] for e in ends))
     return results
 
 

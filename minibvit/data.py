@@ -309,7 +309,7 @@ def iterate_batches(dataset, batch_size, seed, epoch, start_step=0, train=True, 
     if not isinstance(dataset, Dataset):
         raise TypeError(f"dataset must be a minibvit.data.Dataset, got {type(dataset).__name__}")
     mode = augment_mode(dataset.name, augment)
-    if not (isinstance(erase_prob, (int, float)) and 0 <= erase_prob <= 1):
+    if not (isinstance(erase_prob, (int, float, np.floating)) and 0 <= erase_prob <= 1):
         raise ValueError(f"erase_prob must be a probability in [0, 1], got {erase_prob!r}")
     if padding is not None and not (_is_int(padding) and padding >= 1):
         raise ValueError(f"padding must be a positive integer or None, got {padding!r}")

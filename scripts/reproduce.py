@@ -263,8 +263,9 @@ def is_teacher(job):
 
 
 def run_all(jobs, n_jobs, say):
-    """Run the jobs, n_jobs at a time: every setting's teacher first, the other FP seeds beside it,
-    and a setting's students as soon as its teacher exists (a student without it is reported, not
+    """Run the jobs, n_jobs at a time: every setting's teacher first, the other FP seeds beside it
+    (or after the students, when the teacher was trained before), and a setting's students as soon as
+    its teacher exists (a student without it is reported, not
     run). After Ctrl-C (every running job saves and returns STOPPED) nothing new starts. Returns
     (every result, stopped)."""
     import signal
@@ -284,20 +285,23 @@ def run_all(jobs, n_jobs, say):
     pending_settings = {j[1].key for j in teachers}
 
     def ready():
-        """Jobs that can start now: FP seeds, and students whose teacher is trained; students whose
-        teacher failed or was never asked for (and is missing) are reported."""
+        """Jobs that can start now: students whose teacher is trained, then the other FP seeds (the
+        verdicts compare students); students whose teacher failed or was never asked for (and is
+        missing) are reported."""
         nonlocal waiting
-        out, keep = [], []
+        students, seeds, keep = [], [], []
         for j in waiting:
-            if j[2].key == "fp" or os.path.exists(teacher_path(j[4], j[1])):
-                out.append(j)
+            if j[2].key == "fp":
+                seeds.append(j)
+            elif os.path.exists(teacher_path(j[4], j[1])):
+                students.append(j)
             elif j[1].key in pending_settings:
                 keep.append(j)
             else:
                 note({"row": j[2].key, "setting": j[1].key, "seed": j[3], "error": "no teacher",
                       "dir": run_dir(j[4], j[1], j[2], j[3])})
         waiting = keep
-        return out
+        return students + seeds
 
     queue = teachers + ready()
     if n_jobs == 1:

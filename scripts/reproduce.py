@@ -28,7 +28,7 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -265,11 +265,9 @@ def is_teacher(job):
 def run_all(jobs, n_jobs, say):
     """Run the jobs, n_jobs at a time: every setting's teacher first, the other FP seeds beside it
     (or after the students, when the teacher was trained before), and a setting's students as soon as
-    its teacher exists (a student without it is reported, not
-    run). After Ctrl-C (every running job saves and returns STOPPED) nothing new starts. Returns
-    (every result, stopped)."""
+    its teacher exists (a student without it is reported, not run). After Ctrl-C (every running job
+    saves and returns STOPPED) nothing new starts. Returns (every result, stopped)."""
     import signal
-    from concurrent.futures import FIRST_COMPLETED, wait
 
     results = []
     stopped = False
@@ -304,13 +302,17 @@ def run_all(jobs, n_jobs, say):
         return students + seeds
 
     queue = teachers + ready()
+
+    def finish(job, result):
+        note(result)
+        if is_teacher(job):  # its setting's students can start (or are reported, if it failed)
+            pending_settings.discard(job[1].key)
+            queue.extend(ready())
+
     if n_jobs == 1:
         while queue and not stopped:
             job = queue.pop(0)
-            note(run_one(job))
-            if is_teacher(job):
-                pending_settings.discard(job[1].key)
-                queue += ready()
+            finish(job, run_one(job))
         return results, stopped
     # the workers get Ctrl-C from the terminal and save; this process waits for them
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -324,10 +326,7 @@ def run_all(jobs, n_jobs, say):
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in done:
                     job = running.pop(fut)
-                    note(fut.result())
-                    if is_teacher(job):
-                        pending_settings.discard(job[1].key)
-                        queue += ready()
+                    finish(job, fut.result())
             for fut in running:  # after Ctrl-C: the running jobs save and return
                 note(fut.result())
     finally:

@@ -145,7 +145,9 @@ def _quantized_product(qa, ca, qb, cb, a_shape=None, transpose_b=False):
     a_shape) of two quantizer outputs, computed exactly from their integer forms, or None when they
     have none in common (the caller then multiplies the float values).
 
-    Both sums of scaled integer bases (GSB): ops.basis_matmul. Both integer levels times one scale,
+    Both sums of scaled integer bases (GSB): ops.basis_matmul. Both packed bits (binary):
+    ops.packed_matmul. 8-bit activation bytes and a weight's byte quads (TerViT): ops.byte_matmul.
+    Both integer levels times one scale,
     a's a scalar (per tensor) and b's a scalar or one per output column (a weight's per channel):
     ops.levels_matmul, (levels_a @ levels_b) * (scale_a * scale_b). The packed engine computes the
     same integers with popcounts and applies the same scales, so both get the same bits."""
@@ -162,6 +164,13 @@ def _quantized_product(qa, ca, qb, cb, a_shape=None, transpose_b=False):
     if ba is not None and bb is not None:
         return ops.basis_matmul([shaped_a(p) for p in ba[0]], ba[1], [shaped_b(u) for u in bb[0]], bb[1],
                                 ba[0][0].dtype)
+    if transpose_b and a_shape is not None:  # a linear layer: 8-bit activations x small integer weights
+        fa = _exact_form(qa, ca, "byte_form")
+        fb = None if fa is None else _exact_form(qb, cb, "weight_quad_form")
+        if fb is not None:
+            product = ops.byte_matmul(fa[0].reshape(a_shape), fa[1], fa[2], fb[0], fb[1], fb[2], fb[1].shape[0])
+            if product is not None:
+                return product
     pa = None if getattr(qa, "packed_form", None) is None else qa.packed_form(ca, -1)
     pb = None if pa is None or getattr(qb, "packed_form", None) is None else qb.packed_form(cb, -1 if transpose_b else -2)
     if pb is not None:

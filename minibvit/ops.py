@@ -22,6 +22,7 @@ from .kernels.binary import and_bmm, binary_bmm
 from .kernels.gsb import combined_products, gsb_combine
 from .kernels.pack import row_popcount
 from .kernels.quantize_int import scale_columns
+from .kernels.ternary import ternary_gemm_quads
 from .numerics import exp_f32  # noqa: F401  (public: the float32 exp of the softmax)
 
 USE_NUMERICS = True  # False: every op runs its NumPy body
@@ -128,6 +129,37 @@ def packed_matmul(a_bits, a_kind, a_scale, b_bits, b_kind, b_scale, k):
     out = kernel(a3, b3, k).astype(scale.dtype)  # the exact integers, rounded once, as integer_matmul's
     scale_columns(out, scale)
     return out.reshape(lead + (m, n))
+
+
+def byte_matmul(a_codes, a_offset, a_scale, w_quads, w_sums, w_scale, n):
+    """levels_matmul of 8-bit activations and a weight of small integer levels (TerViT's A8 x ternary,
+    and its W8A8 stage), on byte dot products (VPDPBUSD where the CPU has it, kernels.ternary):
+
+        a @ w.T = float(codes @ T.T - a_offset * sum_k T) * (a_scale * w_scale)
+
+    a_codes uint8 (M, K): a's levels + a_offset (quant.minmax_quant_forward's byte codes); a_scale a
+    scalar; w_quads, w_sums: the weight's levels T (N, K) as kernels.ternary.weight_level_quads lays
+    them out; w_scale a scalar or (N,). The integer product is exact (int32, |T| <= 127), and its
+    conversion to float rounds it to nearest as integer_matmul does, so the result has the bits of
+    levels_matmul on the float levels. Returns (M, N) in the scale's dtype, or None when the int32
+    accumulator could overflow (the caller then uses levels_matmul)."""
+    m, k = a_codes.shape
+    if k * 255 * 127 >= 2**31:
+        return None
+    k4 = -(-k // 4) * 4
+    if k4 != k:  # zero codes fill the last quad (the weight's quads are zero there)
+        padded = np.zeros((m, k4), np.uint8)
+        padded[:, :k] = a_codes
+        a_codes = padded
+    quads = np.ascontiguousarray(a_codes).view("<u4").astype(np.uint32, copy=False)
+    scale = np.broadcast_to(a_scale * w_scale, (n,))
+    col_offset = -int(a_offset) * w_sums
+    if scale.dtype == np.float32 and np.all(scale > 0):
+        # the kernel's epilogue float32(dot) * 1 * scale + 0: packed_matmul's reason for the same bits
+        return ternary_gemm_quads(quads, w_quads, n, col_offset, col_scale=scale)
+    out = ternary_gemm_quads(quads, w_quads, n, col_offset).astype(scale.dtype)
+    scale_columns(out, scale)
+    return out
 
 
 def basis_matmul(a_bases, a_scales, b_bases, b_scales, dtype):

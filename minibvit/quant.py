@@ -44,10 +44,11 @@ and the packed bits of the levels for the forward's popcount products (packed_fo
 
 
 def _kernels(module="quantize"):
-    """minibvit.kernels.quantize (the binarizers) or .quantize_int (min-max, ternary), imported on
-    first use: the quantizer tables (minibvit.cost, minibvit.methods) load without Numba."""
+    """minibvit.kernels.quantize (the binarizers), .quantize_int (min-max, ternary) or .ternary (byte
+    quads), imported on first use: the quantizer tables (minibvit.cost, minibvit.methods) load without
+    Numba."""
     from . import kernels
-    from .kernels import quantize, quantize_int  # noqa: F401
+    from .kernels import quantize, quantize_int, ternary  # noqa: F401
 
     return getattr(kernels, module)
 
@@ -694,7 +695,7 @@ def minmax_codes(x, bits, signed, channel_axis=None, reduce=None):
     return codes, scale.reshape(-1), zero_point.reshape(-1)
 
 
-def minmax_quant_forward(x, bits, signed, channel_axis=None, reduce=None):
+def minmax_quant_forward(x, bits, signed, channel_axis=None, reduce=None, byte_codes=False):
     """Min-max uniform quantizer with statistics of the current tensor (Jacob et al. 2018,
     arXiv:1712.05877); TerViT's 8-bit activations and 8-bit patch embedding / head.
 
@@ -707,27 +708,36 @@ def minmax_quant_forward(x, bits, signed, channel_axis=None, reduce=None):
         signed: symmetric signed or asymmetric unsigned.
         channel_axis: None for per tensor statistics, else the channel axis.
         reduce: None, or the Collective whose ranks hold the slices of the tensor (minmax_codes).
+        byte_codes: the fast path also writes the codes as bytes (per tensor, bits <= 8 only), for
+            the byte dot products of ops.byte_matmul.
     Returns:
         out: array of x's shape and dtype.
         cache: (levels = codes - zero_point in x's dtype, scale (1,) | (C,), max_level = the largest
-            |level| the codes allow); the backward needs nothing, integer_form the rest.
+            |level| the codes allow, bytes); the backward needs nothing, integer_form the rest. bytes:
+            None, or (uint8 codes of x's shape, offset) with levels = codes - offset (offset 128 for
+            signed codes, biased by 128, else the zero point), written by the fused pass when asked.
     """
     check_float_array(x, "x")
     _check_bits(bits)
     axis = _normalize_axis(x, channel_axis)
     qmax = _minmax_qmax(bits, signed)
+    codes = None
     if _fused(x):  # two passes: the statistics, then the levels and out
         scale, zero_point = _minmax_scale(_minmax_statistics(x, axis, signed, reduce), qmax, signed, x.dtype)
         scale, zero_point = scale.reshape(-1), zero_point.reshape(-1)
-        levels, out = _kernels("quantize_int").minmax_levels(x, scale, zero_point, qmax, signed, axis)
+        byte_codes = bool(byte_codes) and axis is None and bits <= 8
+        levels, out, codes = _kernels("quantize_int").minmax_levels(x, scale, zero_point, qmax, signed, axis,
+                                                                    byte_codes)
     else:
         codes, scale, zero_point = minmax_codes(x, bits, signed, channel_axis, reduce)
         shape = _broadcast_shape(x.ndim, axis)
         levels = codes.astype(x.dtype) - zero_point.reshape(shape).astype(x.dtype)
         out = levels * scale.reshape(shape)
+        codes = None
     # |codes - zero_point| <= max(zero_point, qmax - zero_point) (codes in [0, qmax], or [-qmax, qmax])
     max_level = qmax if signed else int(np.maximum(zero_point, qmax - zero_point).max())
-    return out, (levels, scale, max_level)
+    byte_form = None if codes is None else (codes, 128 if signed else int(zero_point[0]))
+    return out, (levels, scale, max_level, byte_form)
 
 
 def minmax_quant_backward(dout, cache):
@@ -936,6 +946,14 @@ class Ternarizer(_Quantizer):
         """Ternary levels: |T| <= 1 (see _Quantizer.level_bound)."""
         return 1
 
+    def weight_quad_form(self, cache):
+        """A 2-D weight's levels T as byte quads (kernels.ternary.weight_level_quads) with its scale,
+        for ops.byte_matmul; None for another shape."""
+        _, levels, _ = cache
+        if levels.ndim != 2:
+            return None
+        return (*_kernels("ternary").weight_level_quads(levels), self.integer_form(cache)[1])
+
 
 class LSQQuantizer(_Quantizer):
     """LSQ k-bit quantizer (lsq_forward). Param "step": (1,) per tensor, or (channels,) per
@@ -989,7 +1007,7 @@ class MinMaxQuantizer(_Quantizer):
 
     def forward(self, x, training):
         return minmax_quant_forward(x, self.bits, self.signed, self.channel_axis,
-                                    self.collective if training else None)
+                                    self.collective if training else None, byte_codes=not self.per_channel)
 
     def backward(self, dout, cache):
         return minmax_quant_backward(dout, cache), {}
@@ -1012,6 +1030,22 @@ class MinMaxQuantizer(_Quantizer):
     def level_bound(self, cache):
         """The largest |level| of integer_form that the codes allow (see _Quantizer.level_bound)."""
         return cache[2]
+
+    def byte_form(self, cache):
+        """(uint8 codes, offset, scalar scale) of a per-tensor activation whose fused forward wrote its
+        byte codes (levels = codes - offset), for ops.byte_matmul; else None."""
+        if cache[3] is None:
+            return None
+        codes, offset = cache[3]
+        return codes, offset, cache[1].reshape(())
+
+    def weight_quad_form(self, cache):
+        """A signed per-output-channel 2-D weight's levels as byte quads (kernels.ternary.weight_level_quads)
+        with its scale (N,), for ops.byte_matmul; else None."""
+        levels, scale = cache[:2]
+        if not (self.per_channel and self.channel_axis == 0 and self.signed and self.bits <= 8 and levels.ndim == 2):
+            return None
+        return (*_kernels("ternary").weight_level_quads(levels), scale.reshape(-1))
 
 
 class Shifted(_Quantizer):

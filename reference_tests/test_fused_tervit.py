@@ -1,11 +1,13 @@
 """TerViT's fast training path against the NumPy path it replaces, bit for bit: the fused min-max k-bit
 quantizer and the fused ternarizer (minibvit.kernels.quantize_int), np.sum's pairwise order, and the
-exact integer products that take their bound from the quantizers (ops.integer_matmul with a_max, b_max)."""
+exact integer products that take their bound from the quantizers (ops.integer_matmul with a_max, b_max),
+and the linear layers' byte dot products (8-bit activation codes x ternary or 8-bit weight levels,
+ops.byte_matmul) against levels_matmul."""
 import numpy as np
 import pytest
 
 from minibvit import ops, quant
-from minibvit.kernels import quantize_int
+from minibvit.kernels import quantize_int, ternary
 
 pytestmark = pytest.mark.impl_specific
 
@@ -123,7 +125,7 @@ def test_minmax_fused_bit_identical(shape, axis, dtype, bits, signed, kind, fuse
 def test_minmax_ties_round_half_to_even():
     """The tie case really holds ties: x / scale = k + 0.5 goes to the even neighbour, as np.round."""
     x = np.array([127, -127, 0.5, 1.5, 2.5, -0.5, -1.5, 126.5], np.float32) * np.float32(0.125)
-    out, (levels, scale, _) = quant.minmax_quant_forward(x, 8, True)
+    out, (levels, scale, _, _) = quant.minmax_quant_forward(x, 8, True)
     assert scale[0] == 0.125
     np.testing.assert_array_equal(levels, [127, -127, 0, 2, 2, 0, -2, 126])
     assert not np.signbit(levels[levels == 0]).any(), "round(-0.5) = -0. must give the level +0."
@@ -283,3 +285,110 @@ def test_linear_product_from_quantizer_bounds(spec_a, spec_b):
     exact = (la.reshape(-1, 768).astype(np.float64) @ lb.T.astype(np.float64)).astype(np.float32) * (sa * sb)
     _same(got, scanned, f"{spec_a} x {spec_b}")
     _same(got, exact, f"{spec_a} x {spec_b} exact")
+
+
+# ---------------------------------------------------------------------------------------------
+# byte dot products: the codes, the weight quads and ops.byte_matmul
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "zeros", "constant"])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 17), (2, 3, 65, 64), (2, 3, 4, 5, 6)], ids=str)
+def test_minmax_byte_codes_are_the_levels_plus_offset(shape, signed, kind):
+    """The fused pass's byte codes: levels = codes - offset (128 for signed, the zero point for
+    unsigned), the other outputs unchanged; none per channel, above 8 bits or on the NumPy path."""
+    x = _minmax_case(np.random.default_rng(len(shape)), shape, np.float32, 8, signed, None, kind)
+    out, cache = quant.minmax_quant_forward(x, 8, signed, None, byte_codes=True)
+    plain_out, plain_cache = quant.minmax_quant_forward(x, 8, signed, None)
+    _same(out, plain_out, "out with byte codes")
+    _same(cache[0], plain_cache[0], "levels with byte codes")
+    assert plain_cache[3] is None
+    codes, offset = cache[3]
+    assert codes.dtype == np.uint8 and codes.shape == x.shape and codes.flags.c_contiguous
+    _, _, zero_point = quant.minmax_codes(x, 8, signed)
+    assert offset == (128 if signed else int(zero_point[0]))
+    _same(codes.astype(np.float32) - np.float32(offset), cache[0], "codes - offset")
+    assert quant.minmax_quant_forward(x, 8, signed, -1, byte_codes=True)[1][3] is None, "per channel: no bytes"
+    assert quant.minmax_quant_forward(x, 16, signed, None, byte_codes=True)[1][3] is None, "16 bits: no bytes"
+    assert _numpy_path(quant.minmax_quant_forward, x, 8, signed, None, byte_codes=True)[1][3] is None
+
+
+def test_minmax_byte_codes_of_strided_views():
+    qkv = np.random.default_rng(12).standard_normal((4, 9, 3, 3, 16)).astype(np.float32).transpose(2, 0, 3, 1, 4)
+    for x in (qkv[1], qkv[0][:, ::-1, :, ::2]):
+        _, (levels, _, _, (codes, offset)) = quant.minmax_quant_forward(x, 8, True, None, byte_codes=True)
+        _same(codes.astype(np.float32) - np.float32(offset), levels, "strided codes - offset")
+
+
+@pytest.mark.parametrize("n, k", [(1, 1), (5, 3), (16, 4), (17, 5), (192, 768), (33, 65)])
+def test_weight_level_quads_layout(n, k):
+    """quads[kq, 4 n + q] = T[n, 4 kq + q] (zero-padded to 4 * Npad columns, rows 64-byte aligned),
+    sums = T's row sums; for ternary levels, ternary_weight_quads' layout of the packed weight."""
+    rng = np.random.default_rng(n * k)
+    levels = rng.integers(-127, 128, (n, k)).astype(np.float32)
+    quads, sums = ternary.weight_level_quads(levels)
+    n_pad = -(-n // 16) * 16
+    assert quads.dtype == np.int8 and quads.shape == (-(-k // 4), 4 * n_pad) and quads.ctypes.data % 64 == 0
+    want = np.zeros((-(-k // 4) * 4, n_pad), np.int8)
+    want[:k, :n] = levels.T
+    _same(quads, want.reshape(-1, 4, n_pad).transpose(0, 2, 1).reshape(quads.shape), "quads")
+    _same(sums, levels.astype(np.int64).sum(axis=1), "sums")
+    t = rng.integers(-1, 2, (n, k)).astype(np.float32)
+    from minibvit.kernels import pack
+    nz, sg = pack.pack_ternary_weight(t)
+    _same(ternary.weight_level_quads(t)[0][:, :4 * n], ternary.ternary_weight_quads(nz, sg, k)[:, :4 * n],
+          "ternary quads")
+
+
+def _byte_case(rng, m, k, n, signed, weight_bits):
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    if not signed:
+        x = np.abs(x) - np.float32(0.1)
+    x.reshape(-1)[::5] = 0
+    qa = quant.make_quantizer("a_minmax8_signed" if signed else "a_minmax8_unsigned")
+    qb = quant.make_quantizer("w_ternary_channel" if weight_bits == 2 else "w_minmax8")
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    (_, ca), (_, cb) = qa.forward(x, True), qb.forward(w, True)
+    return qa, ca, qb, cb
+
+
+@pytest.mark.parametrize("weight_bits", [2, 8])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (7, 3, 5), (33, 65, 17), (130, 192, 576), (65, 768, 192)])
+def test_byte_matmul_is_levels_matmul(m, k, n, signed, weight_bits):
+    """ops.byte_matmul of the quantizers' byte forms has the bits of levels_matmul on their levels."""
+    qa, ca, qb, cb = _byte_case(np.random.default_rng(m + k + n), m, k, n, signed, weight_bits)
+    (codes, offset, sa), (quads, sums, sb) = qa.byte_form(ca), qb.weight_quad_form(cb)
+    got = ops.byte_matmul(codes, offset, sa, quads, sums, sb, n)
+    la, _ = qa.integer_form(ca)
+    lb, _ = qb.integer_form(cb)
+    want = ops.levels_matmul(la, sa, lb.T, sb)
+    _same(got, want, f"byte_matmul {m}x{k}x{n} signed={signed} w{weight_bits}")
+    exact = (la.astype(np.float64) @ lb.T.astype(np.float64)).astype(np.float32) * (sa * sb)
+    _same(got, exact, "against float64")
+    zero_scale = sb.copy()
+    zero_scale[::2] = 0  # an all-zero ternary channel has alpha 0: the unscaled kernel, then the scale
+    _same(ops.byte_matmul(codes, offset, sa, quads, sums, zero_scale, n), ops.levels_matmul(la, sa, lb.T, zero_scale),
+          "with zero scales")
+
+
+def test_tervit_linears_take_the_byte_product(monkeypatch):
+    """A TerViT model's linear layers go through ops.byte_matmul on the fused path (and not on the NumPy
+    path); test_fused_train holds the two paths' training steps equal bit for bit."""
+    from minibvit import methods
+    from minibvit.model import ViT, ViTConfig
+
+    calls = []
+    real = ops.byte_matmul
+    monkeypatch.setattr(ops, "byte_matmul", lambda *a: calls.append(a[0].shape) or real(*a))
+    cfg = ViTConfig(image_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=2, num_classes=5)
+    x = np.random.default_rng(13).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    for table in ("tervit", "tervit_w8a8"):
+        model = ViT(cfg, quantizers=methods.build_quantizers(cfg, table), seed=0)
+        calls.clear()
+        logits, _ = model.forward(x, training=True, rng=np.random.default_rng(0))
+        assert len(calls) >= 4, f"{table}: the block linears must use the byte product, got {len(calls)} calls"
+        calls.clear()
+        ref, _ = _numpy_path(model.forward, x, training=True, rng=np.random.default_rng(0))
+        assert not calls
+        _same(logits, ref, f"{table} logits")

@@ -225,7 +225,8 @@ def tensor_extrema(x, channel_axis, signed):
 
 
 @njit(inline="always")
-def _quantize_row(row, s, zl, qmax, lowest, zero, lrow, orow):
+def _quantize_row(row, s, zl, qmax, lowest, zero, lrow, orow, crow, bias):
+    """crow: None, or the row's byte codes, q + bias as uint8 (bias 128 for signed codes)."""
     for j in range(row.size):
         q = np.rint(row[j] / s) + zl
         q = lowest if q < lowest else q  # np.clip's order
@@ -233,27 +234,32 @@ def _quantize_row(row, s, zl, qmax, lowest, zero, lrow, orow):
         level = q - zl + zero  # + 0.: a code 0 converts to +0., never -0.
         lrow[j] = level
         orow[j] = level * s
+        if crow is not None:
+            crow[j] = np.uint8(q + bias)
 
 
 @njit(parallel=True, cache=True)
-def _levels_rows(v, scale, zero_level, qmax, signed, staged, levels, out):
-    """levels = codes - zero_point and out = levels * scale, row by row (see minmax_levels). staged: copy
-    each row of a strided x into a contiguous buffer first (the arithmetic then vectorizes)."""
+def _levels_rows(v, scale, zero_level, qmax, signed, staged, levels, out, codes):
+    """levels = codes - zero_point and out = levels * scale, row by row (see minmax_levels); codes (None
+    or uint8 of levels' layout): the byte codes too. staged: copy each row of a strided x into a
+    contiguous buffer first (the arithmetic then vectorizes)."""
     n_rows, k = v.size // v.shape[-1], v.shape[-1]
     n_tasks = min(n_rows, 64)
+    bias = v.dtype.type(128 if signed else 0)
     for task in prange(n_tasks):
         buffer = np.empty(k, v.dtype)
         for i in range(task * n_rows // n_tasks, (task + 1) * n_rows // n_tasks):
             row, c = _row(v, i)
             lrow, orow = _row(levels, i)[0], _row(out, i)[0]
+            crow = None if codes is None else _row(codes, i)[0]
             s, zl = scale[c], zero_level[c]
             zero = s - s
             lowest = -qmax if signed else zero
             if staged:
                 buffer[:] = row
-                _quantize_row(buffer, s, zl, qmax, lowest, zero, lrow, orow)
+                _quantize_row(buffer, s, zl, qmax, lowest, zero, lrow, orow, crow, bias)
             else:
-                _quantize_row(row, s, zl, qmax, lowest, zero, lrow, orow)
+                _quantize_row(row, s, zl, qmax, lowest, zero, lrow, orow, crow, bias)
 
 
 def _at_most_4d(x, channel_axis):
@@ -266,24 +272,30 @@ def _at_most_4d(x, channel_axis):
     return x.reshape(int(np.prod(x.shape[:channel_axis])), x.shape[channel_axis], -1), 1
 
 
-def minmax_levels(x, scale, zero_point, qmax, signed, channel_axis):
-    """(levels, out) of quant.minmax_quant_forward in one pass over x, both C-contiguous in x's shape and
-    dtype: codes = clamp(round(x / scale), -qmax, qmax) (signed) or clamp(round(x / scale) + zero_point,
-    0, qmax) (unsigned), levels = codes - zero_point, out = levels * scale. scale (C,) in x's dtype,
-    zero_point (C,) integers (C = 1 per tensor).
+def minmax_levels(x, scale, zero_point, qmax, signed, channel_axis, byte_codes=False):
+    """(levels, out, byte codes) of quant.minmax_quant_forward in one pass over x, all C-contiguous in x's
+    shape, levels and out in x's dtype: codes = clamp(round(x / scale), -qmax, qmax) (signed) or
+    clamp(round(x / scale) + zero_point, 0, qmax) (unsigned), levels = codes - zero_point, out = levels *
+    scale. scale (C,) in x's dtype, zero_point (C,) integers (C = 1 per tensor). byte_codes (qmax <= 127
+    signed, <= 255 unsigned): also the codes as uint8, biased by 128 when signed (so that levels = byte
+    codes - (128 or zero_point), the unsigned operand of the byte dot products); else None.
 
     NumPy converts the codes to integers (the unsigned sum in float64) and back; here they stay in x's
     dtype: every value on the way is an integer of magnitude about qmax <= 2^16 (|x / scale| <= qmax, up
     to rounding), exact in float32, so the levels are the same numbers, and the + 0. turns a -0. code
     (round(-0.3) = -0.) into the +0. of the integer conversion."""
+    if byte_codes and qmax > (127 if signed else 255):
+        raise ValueError(f"byte codes hold 8-bit codes; qmax {qmax} (signed={signed}) needs more")
     shape = x.shape
     x, channel_axis = _at_most_4d(x, channel_axis)
     levels, out = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)
+    codes = np.empty(x.shape, np.uint8) if byte_codes else None
     view = _channel_view(x, channel_axis)
     _levels_rows(view, np.ascontiguousarray(scale, x.dtype).reshape(-1),
                  np.asarray(zero_point).reshape(-1).astype(x.dtype), x.dtype.type(qmax), bool(signed),
-                 not view.flags.c_contiguous, _channel_view(levels, channel_axis), _channel_view(out, channel_axis))
-    return levels.reshape(shape), out.reshape(shape)
+                 not view.flags.c_contiguous, _channel_view(levels, channel_axis), _channel_view(out, channel_axis),
+                 None if codes is None else _channel_view(codes, channel_axis))
+    return levels.reshape(shape), out.reshape(shape), None if codes is None else codes.reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------

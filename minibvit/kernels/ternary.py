@@ -317,6 +317,35 @@ def ternary_weight_quads(w_nonzero, w_sign, K):
         return _expand_ternary_quads(nz, sign, k, -(-n_cols // _QUAD_GROUP) * _QUAD_GROUP)
 
 
+@njit(parallel=True, cache=True)
+def _level_quads(levels, n_cols_padded, quads, sums):
+    """quads[kq, 4n + q] = levels[n, 4kq + q] as int8 (zero-padded), sums[n] = sum_k levels[n, k]."""
+    n_cols, k = levels.shape
+    for kq in prange(quads.shape[0]):
+        quads[kq, :] = 0
+        for q in range(min(4, k - 4 * kq)):
+            for n in range(n_cols):
+                quads[kq, 4 * n + q] = np.int8(levels[n, 4 * kq + q])
+    for n in prange(n_cols):
+        total = 0
+        for j in range(k):
+            total += np.int64(levels[n, j])
+        sums[n] = total
+
+
+def weight_level_quads(levels):
+    """A weight's integer levels [N, K] (float, each in [-127, 127]: ternary T, or 8-bit codes) as the
+    int8 quads [ceil(K/4), 4 * Npad] that ternary_gemm_quads reads, laid out as ternary_weight_quads
+    lays out a packed ternary weight, and their row sums int64 [N] (the zero-point corrections)."""
+    levels = np.ascontiguousarray(levels)
+    n_cols, k = levels.shape
+    quads = aligned_empty(-(-k // 4), 4 * (-(-n_cols // _QUAD_GROUP) * _QUAD_GROUP), np.int8)
+    sums = np.empty(n_cols, np.int64)
+    with threads_for(n_cols * k, _PARALLEL_MIN_ELEMENTS):
+        _level_quads(levels, quads.shape[1] // 4, quads, sums)
+    return quads, sums
+
+
 def ternary_gemm_quads(a_quads, w_quads, n_cols, col_offset, row_scale=None, col_scale=None, bias=None):
     """ternary_gemm_int8's product on operands laid out beforehand:
 

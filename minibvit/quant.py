@@ -715,7 +715,8 @@ def minmax_quant_forward(x, bits, signed, channel_axis=None, reduce=None, byte_c
         cache: (levels = codes - zero_point in x's dtype, scale (1,) | (C,), max_level = the largest
             |level| the codes allow, bytes); the backward needs nothing, integer_form the rest. bytes:
             None, or (uint8 codes of x's shape, offset) with levels = codes - offset (offset 128 for
-            signed codes, biased by 128, else the zero point), written by the fused pass when asked.
+            signed codes, biased by 128, else the zero point), written by the fused pass when asked,
+            instead of the levels (levels None: minmax_levels_of gives them).
     """
     check_float_array(x, "x")
     _check_bits(bits)
@@ -738,6 +739,14 @@ def minmax_quant_forward(x, bits, signed, channel_axis=None, reduce=None, byte_c
     max_level = qmax if signed else int(np.maximum(zero_point, qmax - zero_point).max())
     byte_form = None if codes is None else (codes, 128 if signed else int(zero_point[0]))
     return out, (levels, scale, max_level, byte_form)
+
+
+def minmax_levels_of(cache):
+    """The levels of a minmax_quant_forward cache, from its byte codes if it holds them instead."""
+    if cache[0] is not None:
+        return cache[0]
+    codes, offset = cache[3]
+    return _kernels("quantize_int").byte_levels(codes, offset, cache[1].dtype)
 
 
 def minmax_quant_backward(dout, cache):
@@ -1017,12 +1026,16 @@ class MinMaxQuantizer(_Quantizer):
         return not self.per_channel
 
     def recompute(self, cache):
-        """The forward's output again, levels * scale (the one product per element both paths compute)."""
+        """The forward's output again, levels * scale (the one product per element both paths compute),
+        from the byte codes when the cache holds them."""
         levels, scale = cache[:2]
+        if levels is None:
+            codes, offset = cache[3]
+            return _kernels("quantize_int").byte_values(codes, offset, scale)
         return levels * scale
 
     def integer_form(self, cache):
-        levels, scale = cache[:2]
+        levels, scale = minmax_levels_of(cache), cache[1]
         if not self.per_channel:
             return levels, scale.reshape(())
         return (levels, scale.reshape(-1)) if self.channel_axis == 0 else None

@@ -301,13 +301,16 @@ def test_minmax_byte_codes_are_the_levels_plus_offset(shape, signed, kind):
     out, cache = quant.minmax_quant_forward(x, 8, signed, None, byte_codes=True)
     plain_out, plain_cache = quant.minmax_quant_forward(x, 8, signed, None)
     _same(out, plain_out, "out with byte codes")
-    _same(cache[0], plain_cache[0], "levels with byte codes")
-    assert plain_cache[3] is None
+    assert cache[0] is None and plain_cache[3] is None, "the byte codes replace the float levels"
+    _same(quant.minmax_levels_of(cache), plain_cache[0], "levels from the byte codes")
     codes, offset = cache[3]
     assert codes.dtype == np.uint8 and codes.shape == x.shape and codes.flags.c_contiguous
     _, _, zero_point = quant.minmax_codes(x, 8, signed)
     assert offset == (128 if signed else int(zero_point[0]))
-    _same(codes.astype(np.float32) - np.float32(offset), cache[0], "codes - offset")
+    _same(codes.astype(np.float32) - np.float32(offset), plain_cache[0], "codes - offset")
+    q = quant.make_quantizer("a_minmax8_signed" if signed else "a_minmax8_unsigned")
+    _same(q.recompute(cache), out, "recompute from the byte codes")
+    _same(q.integer_form(cache)[0], plain_cache[0], "integer_form from the byte codes")
     assert quant.minmax_quant_forward(x, 8, signed, -1, byte_codes=True)[1][3] is None, "per channel: no bytes"
     assert quant.minmax_quant_forward(x, 16, signed, None, byte_codes=True)[1][3] is None, "16 bits: no bytes"
     assert _numpy_path(quant.minmax_quant_forward, x, 8, signed, None, byte_codes=True)[1][3] is None
@@ -316,7 +319,8 @@ def test_minmax_byte_codes_are_the_levels_plus_offset(shape, signed, kind):
 def test_minmax_byte_codes_of_strided_views():
     qkv = np.random.default_rng(12).standard_normal((4, 9, 3, 3, 16)).astype(np.float32).transpose(2, 0, 3, 1, 4)
     for x in (qkv[1], qkv[0][:, ::-1, :, ::2]):
-        _, (levels, _, _, (codes, offset)) = quant.minmax_quant_forward(x, 8, True, None, byte_codes=True)
+        _, (_, _, _, (codes, offset)) = quant.minmax_quant_forward(x, 8, True, None, byte_codes=True)
+        _, (levels, _, _, _) = quant.minmax_quant_forward(x, 8, True, None)
         _same(codes.astype(np.float32) - np.float32(offset), levels, "strided codes - offset")
 
 

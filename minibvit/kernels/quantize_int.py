@@ -226,13 +226,15 @@ def tensor_extrema(x, channel_axis, signed):
 
 @njit(inline="always")
 def _quantize_row(row, s, zl, qmax, lowest, zero, lrow, orow, crow, bias):
-    """crow: None, or the row's byte codes, q + bias as uint8 (bias 128 for signed codes)."""
+    """lrow: the row's levels, or None; crow: None, or the row's byte codes, q + bias as uint8 (bias 128
+    for signed codes)."""
     for j in range(row.size):
         q = np.rint(row[j] / s) + zl
         q = lowest if q < lowest else q  # np.clip's order
         q = qmax if q > qmax else q
         level = q - zl + zero  # + 0.: a code 0 converts to +0., never -0.
-        lrow[j] = level
+        if lrow is not None:
+            lrow[j] = level
         orow[j] = level * s
         if crow is not None:
             crow[j] = np.uint8(q + bias)
@@ -240,8 +242,8 @@ def _quantize_row(row, s, zl, qmax, lowest, zero, lrow, orow, crow, bias):
 
 @njit(parallel=True, cache=True)
 def _levels_rows(v, scale, zero_level, qmax, signed, staged, levels, out, codes):
-    """levels = codes - zero_point and out = levels * scale, row by row (see minmax_levels); codes (None
-    or uint8 of levels' layout): the byte codes too. staged: copy each row of a strided x into a
+    """out = levels * scale with levels = codes - zero_point, row by row (see minmax_levels), and either
+    the levels or (codes not None, uint8) the byte codes. staged: copy each row of a strided x into a
     contiguous buffer first (the arithmetic then vectorizes)."""
     n_rows, k = v.size // v.shape[-1], v.shape[-1]
     n_tasks = min(n_rows, 64)
@@ -250,7 +252,8 @@ def _levels_rows(v, scale, zero_level, qmax, signed, staged, levels, out, codes)
         buffer = np.empty(k, v.dtype)
         for i in range(task * n_rows // n_tasks, (task + 1) * n_rows // n_tasks):
             row, c = _row(v, i)
-            lrow, orow = _row(levels, i)[0], _row(out, i)[0]
+            orow = _row(out, i)[0]
+            lrow = None if levels is None else _row(levels, i)[0]
             crow = None if codes is None else _row(codes, i)[0]
             s, zl = scale[c], zero_level[c]
             zero = s - s
@@ -277,8 +280,9 @@ def minmax_levels(x, scale, zero_point, qmax, signed, channel_axis, byte_codes=F
     shape, levels and out in x's dtype: codes = clamp(round(x / scale), -qmax, qmax) (signed) or
     clamp(round(x / scale) + zero_point, 0, qmax) (unsigned), levels = codes - zero_point, out = levels *
     scale. scale (C,) in x's dtype, zero_point (C,) integers (C = 1 per tensor). byte_codes (qmax <= 127
-    signed, <= 255 unsigned): also the codes as uint8, biased by 128 when signed (so that levels = byte
-    codes - (128 or zero_point), the unsigned operand of the byte dot products); else None.
+    signed, <= 255 unsigned): the codes as uint8 instead of the levels (levels None), biased by 128 when
+    signed, so that levels = byte codes - (128 or zero_point) (byte_levels), the unsigned operand of the
+    byte dot products; else byte codes None.
 
     NumPy converts the codes to integers (the unsigned sum in float64) and back; here they stay in x's
     dtype: every value on the way is an integer of magnitude about qmax <= 2^16 (|x / scale| <= qmax, up
@@ -288,14 +292,42 @@ def minmax_levels(x, scale, zero_point, qmax, signed, channel_axis, byte_codes=F
         raise ValueError(f"byte codes hold 8-bit codes; qmax {qmax} (signed={signed}) needs more")
     shape = x.shape
     x, channel_axis = _at_most_4d(x, channel_axis)
-    levels, out = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)
-    codes = np.empty(x.shape, np.uint8) if byte_codes else None
+    out = np.empty(x.shape, x.dtype)
+    levels, codes = (None, np.empty(x.shape, np.uint8)) if byte_codes else (np.empty(x.shape, x.dtype), None)
     view = _channel_view(x, channel_axis)
     _levels_rows(view, np.ascontiguousarray(scale, x.dtype).reshape(-1),
                  np.asarray(zero_point).reshape(-1).astype(x.dtype), x.dtype.type(qmax), bool(signed),
-                 not view.flags.c_contiguous, _channel_view(levels, channel_axis), _channel_view(out, channel_axis),
-                 None if codes is None else _channel_view(codes, channel_axis))
-    return levels.reshape(shape), out.reshape(shape), None if codes is None else codes.reshape(shape)
+                 not view.flags.c_contiguous, None if levels is None else _channel_view(levels, channel_axis),
+                 _channel_view(out, channel_axis), None if codes is None else _channel_view(codes, channel_axis))
+    return (None if levels is None else levels.reshape(shape)), out.reshape(shape), \
+        (None if codes is None else codes.reshape(shape))
+
+
+@njit(parallel=True, cache=True)
+def _byte_values(codes, offset, scale, out):
+    n = codes.size
+    n_tasks = min(n, 64)
+    for task in prange(n_tasks):
+        for i in range(task * n // n_tasks, (task + 1) * n // n_tasks):
+            level = out.dtype.type(codes[i]) - offset
+            out[i] = level if scale is None else level * scale
+
+
+def byte_levels(codes, offset, dtype):
+    """The levels of byte codes (minmax_levels), codes - offset in dtype: the float levels minmax_levels
+    writes without byte_codes, bit for bit (small integers; c - c is +0.)."""
+    out = np.empty(codes.shape, dtype)
+    _byte_values(np.ascontiguousarray(codes).reshape(-1), np.dtype(dtype).type(offset), None, out.reshape(-1))
+    return out
+
+
+def byte_values(codes, offset, scale):
+    """The quantizer's output from its byte codes, (codes - offset) * scale in scale's dtype (scale a
+    scalar): minmax_levels' out, bit for bit (the same two operations per element)."""
+    scale = np.asarray(scale).reshape(())[()]
+    out = np.empty(codes.shape, scale.dtype)
+    _byte_values(np.ascontiguousarray(codes).reshape(-1), scale.dtype.type(offset), scale, out.reshape(-1))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -212,10 +212,37 @@ def _channel_extrema(lo, hi, signed, n_channels):
     return out_lo, out_hi
 
 
+@njit(parallel=True, cache=True)
+def _flat_extrema(x, signed, lo, hi):
+    """_row_extrema of a contiguous 1-D x cut into lo.size segments."""
+    n, n_tasks = x.size, lo.size
+    for task in prange(n_tasks):
+        segment = x[task * n // n_tasks:(task + 1) * n // n_tasks]
+        if signed:
+            hi[task] = _row_abs_max(segment)
+        else:
+            lo[task], hi[task] = _row_min_max(segment)
+
+
+_FLAT_TASKS = 64  # segments of a per-tensor pass over a contiguous tensor
+
+
+def _flat(x, channel_axis):
+    """x as its contiguous 1-D view when a per-tensor pass can walk it flat (else None)."""
+    return x.reshape(-1) if channel_axis is None and x.flags.c_contiguous else None
+
+
 def tensor_extrema(x, channel_axis, signed):
     """max |x| (signed) or (min x, max x) (unsigned) over all axes but channel_axis (all axes for None),
     each of shape (C,) (C = 1 per tensor), in x's dtype: the values of np.abs(x).max(axis) / x.min(axis),
     x.max(axis) (a maximum is exact in any order) for x without NaN. x non-empty, float32 or float64."""
+    flat = _flat(x, channel_axis)
+    if flat is not None:  # per tensor over a contiguous x: segments of the flat array (vectorized)
+        lo = np.empty(min(flat.size, _FLAT_TASKS), x.dtype)
+        hi = np.empty_like(lo)
+        _flat_extrema(flat, bool(signed), lo, hi)
+        lo, hi = _channel_extrema(lo, hi, bool(signed), 1)
+        return hi if signed else (lo, hi)
     v = _channel_view(*_at_most_4d(x, channel_axis))
     rows = v.size // v.shape[-1]
     lo, hi = np.empty(rows, x.dtype), np.empty(rows, x.dtype)
@@ -238,6 +265,19 @@ def _quantize_row(row, s, zl, qmax, lowest, zero, lrow, orow, crow, bias):
         orow[j] = level * s
         if crow is not None:
             crow[j] = np.uint8(q + bias)
+
+
+@njit(parallel=True, cache=True)
+def _levels_flat(x, s, zl, qmax, signed, levels, out, codes, n_tasks):
+    """_levels_rows of a contiguous 1-D x with one scale (per tensor), in n_tasks segments."""
+    n = x.size
+    bias = x.dtype.type(128 if signed else 0)
+    zero = s - s
+    lowest = -qmax if signed else zero
+    for task in prange(n_tasks):
+        a, b = task * n // n_tasks, (task + 1) * n // n_tasks
+        _quantize_row(x[a:b], s, zl, qmax, lowest, zero, None if levels is None else levels[a:b], out[a:b],
+                      None if codes is None else codes[a:b], bias)
 
 
 @njit(parallel=True, cache=True)
@@ -294,6 +334,14 @@ def minmax_levels(x, scale, zero_point, qmax, signed, channel_axis, byte_codes=F
     x, channel_axis = _at_most_4d(x, channel_axis)
     out = np.empty(x.shape, x.dtype)
     levels, codes = (None, np.empty(x.shape, np.uint8)) if byte_codes else (np.empty(x.shape, x.dtype), None)
+    flat = _flat(x, channel_axis)
+    if flat is not None:  # per tensor over a contiguous x: segments of the flat array (vectorized)
+        _levels_flat(flat, x.dtype.type(np.asarray(scale).reshape(-1)[0]),
+                     x.dtype.type(np.asarray(zero_point).reshape(-1)[0]), x.dtype.type(qmax), bool(signed),
+                     None if levels is None else levels.reshape(-1), out.reshape(-1),
+                     None if codes is None else codes.reshape(-1), min(flat.size, _FLAT_TASKS))
+        return (None if levels is None else levels.reshape(shape)), out.reshape(shape), \
+            (None if codes is None else codes.reshape(shape))
     view = _channel_view(x, channel_axis)
     _levels_rows(view, np.ascontiguousarray(scale, x.dtype).reshape(-1),
                  np.asarray(zero_point).reshape(-1).astype(x.dtype), x.dtype.type(qmax), bool(signed),
@@ -304,29 +352,36 @@ def minmax_levels(x, scale, zero_point, qmax, signed, channel_axis, byte_codes=F
 
 
 @njit(parallel=True, cache=True)
-def _byte_values(codes, offset, scale, out):
-    n = codes.size
-    n_tasks = min(n, 64)
-    for task in prange(n_tasks):
-        for i in range(task * n // n_tasks, (task + 1) * n // n_tasks):
-            level = out.dtype.type(codes[i]) - offset
-            out[i] = level if scale is None else level * scale
+def _byte_levels_f32(codes, offset, out):
+    for i in prange(codes.size):
+        out[i] = np.float32(codes[i]) - offset
+
+
+@njit(parallel=True, cache=True)
+def _byte_values_f32(codes, offset, scale, out):
+    for i in prange(codes.size):
+        out[i] = (np.float32(codes[i]) - offset) * scale
 
 
 def byte_levels(codes, offset, dtype):
     """The levels of byte codes (minmax_levels), codes - offset in dtype: the float levels minmax_levels
     writes without byte_codes, bit for bit (small integers; c - c is +0.)."""
+    dtype = np.dtype(dtype)
+    if dtype != np.float32:
+        return codes.astype(dtype) - dtype.type(offset)
     out = np.empty(codes.shape, dtype)
-    _byte_values(np.ascontiguousarray(codes).reshape(-1), np.dtype(dtype).type(offset), None, out.reshape(-1))
+    _byte_levels_f32(np.ascontiguousarray(codes).reshape(-1), np.float32(offset), out.reshape(-1))
     return out
 
 
 def byte_values(codes, offset, scale):
     """The quantizer's output from its byte codes, (codes - offset) * scale in scale's dtype (scale a
-    scalar): minmax_levels' out, bit for bit (the same two operations per element)."""
+    scalar): minmax_levels' out, bit for bit (the same two operations per element, in that dtype)."""
     scale = np.asarray(scale).reshape(())[()]
-    out = np.empty(codes.shape, scale.dtype)
-    _byte_values(np.ascontiguousarray(codes).reshape(-1), scale.dtype.type(offset), scale, out.reshape(-1))
+    if scale.dtype != np.float32:
+        return (codes.astype(scale.dtype) - scale.dtype.type(offset)) * scale
+    out = np.empty(codes.shape, np.float32)
+    _byte_values_f32(np.ascontiguousarray(codes).reshape(-1), np.float32(offset), scale, out.reshape(-1))
     return out
 
 

@@ -16,10 +16,12 @@ one implementation for both, this file says how TerViT uses it.
 
 The fast training path (quant.USE_FUSED, bit for bit the NumPy one; reference_tests/test_fused_tervit.py):
 the ternarizer and the min-max 8-bit quantizers run as fused kernels (kernels.quantize_int: the ternary
-statistics, levels and output in one pass per channel; min-max a statistics pass, then levels and output
-in one), and the exact integer products (ops.levels_matmul) take their float32 exactness bound from the
-quantizers' level ranges (level_bound: 1 for T, 127 or max(zp, 255 - zp) for 8-bit levels) instead of
-scanning both operands.
+statistics, levels and output in one pass per channel; min-max a statistics pass, then the output and
+the per-tensor activations' uint8 codes in one); the linear layers' products are byte dot products of
+those codes and the weight's levels (ops.byte_matmul: VPDPBUSD on AVX512-VNNI, the integer exact, so
+levels_matmul's bits), and the other exact integer products (ops.levels_matmul: attention) take their
+float32 exactness bound from the quantizers' level ranges (level_bound: 1 for T, 127 or max(zp, 255 - zp)
+for 8-bit levels) instead of scanning both operands.
 
 Progressive training (the stages of minibvit.methods' "tervit" record):
     fp           full-precision ViT

@@ -27,25 +27,34 @@ from minibvit import checkpoint, distributed, methods, ops  # noqa: E402
 from minibvit.model import ViT, ViTConfig  # noqa: E402
 from minibvit.optim import AdamW, clip_grad_norm  # noqa: E402
 
-# name -> (registry method, overrides of its final table, QuantizerOptions keywords, accumulation override).
-# Each run trains the method's final stage as the registry configures it (methods.build_quantizers on the
-# final table, the stage's distillation token and its gradient hooks: GRS for binaryvit), from scratch.
+# name -> (registry method, overrides of its final table, QuantizerOptions keywords, accumulation override,
+# batch override). Each run trains the method's final stage as the registry configures it
+# (methods.build_quantizers on the final table, the stage's distillation token and its gradient hooks:
+# GRS for binaryvit), from scratch.
+#
+# The batch override (BALANCED_BATCH) is for the quantizers whose decisions sit on a data statistic
+# (a median, GSB's group maxima): there an ulp moves a decision. A BLAS product's rows can depend on how
+# many rows it has (OpenBLAS's Haswell kernel, OPENBLAS_CORETYPE=Haswell, rounds remainder rows
+# differently), so those methods use a batch whose every product has a multiple of 8 rows in one process
+# (2 micro-steps of 16 images) and on each of 2 ranks (8 images), and the two runs compute the same
+# rows; the other methods keep the uneven batch of 11 (slices of 2-3 images).
+BALANCED_BATCH = 32
 RUNS = {
-    "fp": ("fp", {}, {}, None),
-    "fp_accum1": ("fp", {}, {}, 1),
+    "fp": ("fp", {}, {}, None, None),
+    "fp_accum1": ("fp", {}, {}, 1, None),
     # elastic binarizers (first-batch alpha, size-normalised alpha gradient), 8-bit min-max patch/head
-    "binary": ("binary", {}, {}, None),
+    "binary": ("binary", {}, {}, None, None),
     # + ASM with running mean / median centres and GRS
-    "binaryvit": ("binaryvit", {}, {}, None),
-    "binaryvit_median": ("binaryvit", {}, {"asm_center": "median"}, None),
+    "binaryvit": ("binaryvit", {}, {}, None, None),
+    "binaryvit_median": ("binaryvit", {}, {"asm_center": "median"}, None, BALANCED_BATCH),
     # 8-bit min-max activations everywhere (signed and unsigned), ternary and 8-bit min-max weights
-    "tervit": ("tervit", {}, {}, None),
+    "tervit": ("tervit", {}, {}, None, None),
     # GSB value / attention quantizers (masks, counts, first-batch alphas), distillation token
-    "gsb": ("gsb", {}, {}, None),
-    "gsb_principled": ("gsb", {}, {"gsb_mode": "principled"}, None),
-    "gsb_row": ("gsb", {}, {"gsb_max_over": "row"}, None),
+    "gsb": ("gsb", {}, {}, None, BALANCED_BATCH),
+    "gsb_principled": ("gsb", {}, {"gsb_mode": "principled"}, None, BALANCED_BATCH),
+    "gsb_row": ("gsb", {}, {"gsb_max_over": "row"}, None, BALANCED_BATCH),
     # LSQ 8-bit activations (first-batch step, size-normalised step gradients) and weights
-    "lsq": ("fp", {"blocks.*.input": "a_lsq8", "blocks.*.weight": "w_lsq8"}, {}, None),
+    "lsq": ("fp", {"blocks.*.input": "a_lsq8", "blocks.*.weight": "w_lsq8"}, {}, None, None),
 }
 
 
@@ -68,8 +77,9 @@ def loss_and_grad(logits, y):
 
 
 def train(name, args, comm):
-    method, overrides, options, accum = RUNS[name]
+    method, overrides, options, accum, batch = RUNS[name]
     accum = accum or args.accum
+    batch = batch or args.batch
     stage = methods.get_method(method).final
     cfg = config(stage.distilled)
     quantizers = methods.build_quantizers(cfg, stage.table, overrides, methods.QuantizerOptions(**options),
@@ -90,8 +100,8 @@ def train(name, args, comm):
     if comm.is_main:
         os.makedirs(out, exist_ok=True)
     for step in range(start, args.steps):
-        x, y = global_batch(args.seed, step, args.batch, cfg)
-        for part in distributed.batch_slices(args.batch, comm.rank, comm.world, accum):
+        x, y = global_batch(args.seed, step, batch, cfg)
+        for part in distributed.batch_slices(batch, comm.rank, comm.world, accum):
             with contextlib.nullcontext() if args.no_state_collectives else distributed.global_quantizer_state(model, comm):
                 logits, cache = model.forward(x[part.slice], training=True)
             loss, dlogits = loss_and_grad(logits, y[part.slice])
@@ -139,7 +149,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--methods", default="fp")
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=11)
+    ap.add_argument("--batch", type=int, default=11, help="global batch of the runs without a batch override")
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bucket-bytes", type=int, default=4096)  # several buckets even for the tiny model

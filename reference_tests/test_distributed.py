@@ -270,7 +270,8 @@ def test_reducer_refuses_mixed_dtypes_and_unknown_names():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """3 steps of every dp_loop method: one process (accum 2) and 2 ranks (accum 2, batch 11: uneven)."""
+    """3 steps of every dp_loop method: one process (accum 2) and 2 ranks (accum 2, batch 11: uneven; the
+    methods with decisions on a data statistic on dp_loop.BALANCED_BATCH, see dp_loop.RUNS)."""
     root = tmp_path_factory.mktemp("dp")
     methods = ",".join(METHODS)
     _run(0, "dp_loop.py", "--out", root / "one", "--methods", methods, "--accum", 2)

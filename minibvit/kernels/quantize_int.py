@@ -9,9 +9,11 @@ rounded down to a multiple of 8, the total added to 0).
 
 min-max (quant.minmax_quant_forward): two passes. tensor_extrema gives max |x| (signed) or min x and
 max x (unsigned) per channel; quant computes scale and zero point from them in NumPy (after the
-collective, in data parallel); minmax_levels then writes the levels (codes - zero point) and the
-output levels * scale in one pass. Any layout of x is read in place (a view of at most four axes
-besides the channel axis); the outputs are C-contiguous in x's shape.
+collective, in data parallel); minmax_levels then writes the levels (codes - zero point), or instead
+the codes as bytes (8 bits, per tensor: the operand of ops.byte_matmul), and the output levels * scale
+in one pass. Any layout of x is read in place (a view of at most four axes besides the channel axis; a
+contiguous tensor per tensor as flat segments, which vectorize); the outputs are C-contiguous in x's
+shape. byte_levels / byte_values give the levels and the output again from the bytes.
 
 ternary (quant.ternarize_forward): one task per output channel (a row of the C-contiguous weight,
 or the whole weight per tensor) reads the row for mean|W|, then, on the cached row, writes the levels,

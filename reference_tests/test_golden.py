@@ -47,15 +47,54 @@ def minibvit_results(tmp_path_factory):
     return results
 
 
-def test_export_regenerates_the_committed_golden_set_bit_for_bit(tmp_path):
+REGENERATED_TOLERANCE = 0.01
+"""On another CPU, the fraction of each output's own tolerance within which a regenerated expected value
+must lie (PyTorch's float64 kernels round differently from one CPU to another: the AMD EPYC machine
+regenerated the model cases within 1e-3 of their tolerances, the rest bit for bit)."""
+
+
+def test_export_regenerates_the_committed_golden_set(tmp_path):
+    """Bit for bit: the file list, the manifest, every case's inputs and the names, dtypes and shapes of
+    its outputs. The expected outputs too on the CPU that exported them; elsewhere within
+    REGENERATED_TOLERANCE of their tolerances."""
     cli("-m", "minibvit.conformance", "export", str(tmp_path))
     committed, fresh = sorted(os.listdir(GOLDEN)), sorted(os.listdir(tmp_path))
     assert fresh == committed, f"files differ: only committed {sorted(set(committed) - set(fresh))}, " \
                                f"only regenerated {sorted(set(fresh) - set(committed))}"
-    differ = [name for name in committed
-              if open(os.path.join(GOLDEN, name), "rb").read() != open(os.path.join(tmp_path, name), "rb").read()]
-    assert not differ, (f"regenerated golden files differ from the committed ones: {differ}; if the references "
-                        f"changed on purpose, re-export: python -m minibvit.conformance export reference_tests/golden")
+    redo = "if the references changed on purpose, re-export: python -m minibvit.conformance export reference_tests/golden"
+    manifest = golden.read_manifest(GOLDEN)
+    case_files = {golden.case_file(case) for case in manifest["cases"]}
+    for name in sorted(set(committed) - case_files):
+        assert open(os.path.join(GOLDEN, name), "rb").read() == open(os.path.join(tmp_path, name), "rb").read(), \
+            f"regenerated {name} differs from the committed one; {redo}"
+    differ = []
+    for case in manifest["cases"]:
+        want = golden.load_tensors(os.path.join(GOLDEN, golden.case_file(case)))
+        got = golden.load_tensors(os.path.join(tmp_path, golden.case_file(case)))
+        assert got.keys() == want.keys(), f"{case['name']}: tensors {sorted(got)}, committed {sorted(want)}; {redo}"
+        for key in sorted(want):
+            a, b = want[key], got[key]
+            assert a.dtype == b.dtype and a.shape == b.shape, f"{case['name']}/{key}: {b.dtype}{b.shape}, " \
+                                                              f"committed {a.dtype}{a.shape}; {redo}"
+            if a.tobytes() == b.tobytes():
+                continue
+            tol = case["outputs"].get(key)
+            assert tol is not None, f"{case['name']}: input {key} regenerated with other values; {redo}"
+            ok, abs_err, rel_err, reason = golden.compare(a, b, REGENERATED_TOLERANCE * tol["rtol"],
+                                                          REGENERATED_TOLERANCE * tol["atol"])
+            if not ok:
+                differ.append(f"{case['name']}/{key} ({reason})")
+    assert not differ, f"regenerated expected outputs outside {REGENERATED_TOLERANCE} of their tolerances: {differ}; {redo}"
+
+
+def test_regeneration_check_fails_a_changed_output(tmp_path):
+    """The comparison above fails an expected output moved by a tenth of its tolerance."""
+    case = next(c for c in golden.read_manifest(GOLDEN)["cases"] if c["name"] == "op.linear")
+    want = golden.load_tensors(os.path.join(GOLDEN, golden.case_file(case)))["out"]
+    tol = case["outputs"]["out"]
+    moved = want + 0.1 * (tol["atol"] + tol["rtol"] * np.abs(want))
+    assert golden.compare(want, moved, tol["rtol"], tol["atol"])[0], "within the tolerance itself"
+    assert not golden.compare(want, moved, REGENERATED_TOLERANCE * tol["rtol"], REGENERATED_TOLERANCE * tol["atol"])[0]
 
 
 def test_export_leaves_only_its_own_files(tmp_path):

@@ -708,8 +708,8 @@ def minmax_quant_forward(x, bits, signed, channel_axis=None, reduce=None, byte_c
         signed: symmetric signed or asymmetric unsigned.
         channel_axis: None for per tensor statistics, else the channel axis.
         reduce: None, or the Collective whose ranks hold the slices of the tensor (minmax_codes).
-        byte_codes: the fast path also writes the codes as bytes (per tensor, bits <= 8 only), for
-            the byte dot products of ops.byte_matmul.
+        byte_codes: the fast path writes the codes as bytes instead of the float levels (per tensor,
+            bits <= 8 only), for the byte dot products of ops.byte_matmul.
     Returns:
         out: array of x's shape and dtype.
         cache: (levels = codes - zero_point in x's dtype, scale (1,) | (C,), max_level = the largest
@@ -730,11 +730,10 @@ def minmax_quant_forward(x, bits, signed, channel_axis=None, reduce=None, byte_c
         levels, out, codes = _kernels("quantize_int").minmax_levels(x, scale, zero_point, qmax, signed, axis,
                                                                     byte_codes)
     else:
-        codes, scale, zero_point = minmax_codes(x, bits, signed, channel_axis, reduce)
+        int_codes, scale, zero_point = minmax_codes(x, bits, signed, channel_axis, reduce)
         shape = _broadcast_shape(x.ndim, axis)
-        levels = codes.astype(x.dtype) - zero_point.reshape(shape).astype(x.dtype)
+        levels = int_codes.astype(x.dtype) - zero_point.reshape(shape).astype(x.dtype)
         out = levels * scale.reshape(shape)
-        codes = None
     # |codes - zero_point| <= max(zero_point, qmax - zero_point) (codes in [0, qmax], or [-qmax, qmax])
     max_level = qmax if signed else int(np.maximum(zero_point, qmax - zero_point).max())
     byte_form = None if codes is None else (codes, 128 if signed else int(zero_point[0]))

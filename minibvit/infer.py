@@ -19,7 +19,7 @@ options than the packed model's is refused. Exit status 2 on bad input.
 if __name__ == "__main__":  # before NumPy loads its thread pools (minibvit.process)
     from minibvit.process import configure_process
 
-    configure_process()
+    configure_process(workload="inference")
 
 import argparse  # noqa: E402
 import sys  # noqa: E402

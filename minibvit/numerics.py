@@ -474,35 +474,41 @@ _SOFTMAX_ROWS_PER_TASK = 64
 
 
 @njit(cache=True)
-def _softmax_row_range_f32(x, out, r0, r1):
-    """Rows r0 .. r1 - 1 of the float32 softmax: e = float32(exp(x - max)) (vectorized), the float64
-    sum of each row's e in order (eight rows as independent chains), out = float32(e * (1 / sum))."""
+def softmax_exp_rows(x, e, inv_sums, r0, r1):
+    """The first pass of the float32 softmax on rows r0 .. r1 - 1 of x: e = float32(exp(x - max))
+    (vectorized) and inv_sums[r] = 1 / the float64 sum of the row's e in order (eight rows as
+    independent chains). The probabilities are float32(e * inv_sums[r]) (engine.ternary_net reads
+    them from here without writing them)."""
     for r in range(r0, r1):
         m = row_max(x[r])
-        xr, er = x[r], out[r]
+        xr, er = x[r], e[r]
         for j in range(x.shape[1]):
             er[j] = exp_f32_rounded(xr[j] - m)
     r = r0
     while r + 8 <= r1:
-        sums = sums8(out[r], out[r + 1], out[r + 2], out[r + 3], out[r + 4], out[r + 5], out[r + 6], out[r + 7])
+        sums = sums8(e[r], e[r + 1], e[r + 2], e[r + 3], e[r + 4], e[r + 5], e[r + 6], e[r + 7])
         for k in range(8):
-            _scale_row(out[r + k], 1.0 / sums[k])
+            inv_sums[r + k] = 1.0 / sums[k]
         r += 8
     while r < r1:
         s = 0.0
         for j in range(x.shape[1]):
-            s += out[r, j]
-        _scale_row(out[r], 1.0 / s)
+            s += e[r, j]
+        inv_sums[r] = 1.0 / s
         r += 1
 
 
 @njit(parallel=True, cache=True)
 def _softmax_rows_f32(x, out):
+    """Float32 softmax: softmax_exp_rows into out, then out = float32(out * inv_sum) per row."""
     rows = x.shape[0]
+    inv_sums = np.empty(rows)
     tasks = (rows + _SOFTMAX_ROWS_PER_TASK - 1) // _SOFTMAX_ROWS_PER_TASK
     for task in prange(tasks):
-        _softmax_row_range_f32(x, out, task * _SOFTMAX_ROWS_PER_TASK,
-                               min(rows, (task + 1) * _SOFTMAX_ROWS_PER_TASK))
+        r0, r1 = task * _SOFTMAX_ROWS_PER_TASK, min(rows, (task + 1) * _SOFTMAX_ROWS_PER_TASK)
+        softmax_exp_rows(x, out, inv_sums, r0, r1)
+        for r in range(r0, r1):
+            _scale_row(out[r], inv_sums[r])
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCE_FASTMATH)

@@ -15,11 +15,17 @@ Both settings are process-wide: they also apply to PyTorch in the same process (
 - OPENBLAS_THREAD_TIMEOUT=4: likewise OpenBLAS's workers keep polling for a while after each matmul and
   slow down the Numba kernel that follows; a short timeout (2^4 cycles) took a training step of the
   benchmark model from 1.45 s to 1.07 s on 2 cores.
-- GOMP_SPINCOUNT is left alone (PASSIVE means no spinning): a short spin (30000) made small binary GEMMs
-  at 2 threads faster (median 6.9x -> 10.0x over NumPy, scripts/bench_gemm.py) but, with the attention
-  matmuls split across Numba threads, slowed the training step (scripts/bench_train_step.py ratio
-  0.60-0.68 with it, 0.74-0.83 with GOMP_SPINCOUNT=0 exported). Export GOMP_SPINCOUNT=30000 yourself for
-  inference-heavy work; docs/kernels.md "Threads".
+- GOMP_SPINCOUNT (workload="inference" only): the packed engine runs a batch as a chain of short
+  parallel regions (TerViT: about 20 per block, most well under a millisecond), and under PASSIVE each
+  region first wakes the sleeping worker: on the 2-core AMD KVM machine a region that computes for 40
+  us took 170-250 us. Inference has almost no BLAS for the OpenMP pool to spin against, so it gets
+  libgomp's own default spin instead (GOMP_SPINCOUNT=300000, about 3 ms; OMP_WAIT_POLICY is then not
+  set): TerViT's DeiT-Tiny batch-8 forward went from 100-125 ms to 65-80 ms (docs/engine.md "Speed").
+  Training keeps PASSIVE: a short spin (30000) slowed the training step once the attention matmuls
+  were split across Numba threads (scripts/bench_train_step.py ratio 0.60-0.68 with it, 0.74-0.83
+  with GOMP_SPINCOUNT=0 exported), though it made small binary GEMMs at 2 threads faster (median
+  6.9x -> 10.0x over NumPy, scripts/bench_gemm.py); docs/kernels.md "Threads". A user's own
+  OMP_WAIT_POLICY or GOMP_SPINCOUNT is always kept.
 
 glibc malloc (takes effect whenever it is called, for the allocations that follow): by default glibc
 serves each large block (the activations: 6-25 MB at the benchmark's batch 128) with a fresh mmap and
@@ -34,7 +40,10 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-THREAD_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
+# workload -> {variable: value}, each set only where the user has not set it (GOMP_SPINCOUNT also not
+# where the user chose an OMP_WAIT_POLICY)
+THREAD_ENV_DEFAULTS = {"train": {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"},
+                       "inference": {"GOMP_SPINCOUNT": "300000", "OPENBLAS_THREAD_TIMEOUT": "4"}}
 MALLOC_SETTINGS = {"M_MMAP_MAX": (-4, 0), "M_TRIM_THRESHOLD": (-1, 1 << 30)}  # name: (mallopt param, value)
 
 _ENV_SET = {}  # every variable configure_process set in this process (env_set_by_configure)
@@ -84,7 +93,7 @@ def _configure_malloc():
     return applied, "" if applied else "mallopt refused the settings"
 
 
-def configure_process(threads=True, malloc=True):
+def configure_process(threads=True, malloc=True, workload="train"):
     """Apply minibvit's thread-pool environment defaults and glibc malloc settings (module docstring).
 
     Call it first thing, before numpy / numba / torch are imported: the thread variables are read when
@@ -92,12 +101,17 @@ def configure_process(threads=True, malloc=True):
     report's `too_late` names the libraries that were already loaded. Idempotent: a second call sets
     nothing new (the variables are then set) and re-applies malloc.
 
-    Args: threads: set THREAD_ENV_DEFAULTS where unset; malloc: apply MALLOC_SETTINGS.
+    Args: threads: set THREAD_ENV_DEFAULTS[workload] where unset; malloc: apply MALLOC_SETTINGS;
+        workload: "train" (training, evaluation, anything on NumPy's BLAS: OpenMP waits passively) or
+        "inference" (the packed engine: OpenMP spins briefly between its parallel regions).
     Returns: ProcessReport.
     """
+    if workload not in THREAD_ENV_DEFAULTS:
+        raise ValueError(f"workload must be one of {', '.join(THREAD_ENV_DEFAULTS)}, got {workload!r}")
     report = ProcessReport()
     if threads:
-        report.env = {name: value for name, value in THREAD_ENV_DEFAULTS.items() if name not in os.environ}
+        report.env = {name: value for name, value in THREAD_ENV_DEFAULTS[workload].items() if name not in os.environ
+                      and not (name == "GOMP_SPINCOUNT" and "OMP_WAIT_POLICY" in os.environ)}
         os.environ.update(report.env)
         _ENV_SET.update(report.env)
         report.too_late = tuple(m for m in _POOL_MODULES if m in sys.modules)

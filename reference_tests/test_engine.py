@@ -118,11 +118,15 @@ def test_non_monotone_softmax_in_whole_network_kernel(tmp_path, monkeypatch):
     assert_bit_exact(model, eng, images(model.cfg, 5))
 
 
-@pytest.mark.parametrize("options", [dict(gsb_max_over="tensor"), dict(gsb_max_over="row", gsb_mode="principled")])
-def test_gsb_bit_exact(tmp_path, options):
+@pytest.mark.parametrize("options, config", [
+    (dict(gsb_max_over="tensor"), BASE),
+    (dict(gsb_max_over="row", gsb_mode="principled"), BASE),
+    (dict(gsb_max_over="tensor"), dict(WIDE_HEADS, image_size=40)),   # 102 tokens: two words, one partial
+])
+def test_gsb_bit_exact(tmp_path, options, config):
     """GSB's A_q V_q is a sum of nine scaled integer products in both the simulated forward
     (ops._basis_matmul) and the engine (gsb_combine), combined in the same order: the same bits."""
-    model, eng, _ = exported(tmp_path, "gsb", config=dict(BASE, distilled=True), **options)
+    model, eng, _ = exported(tmp_path, "gsb", config=dict(config, distilled=True), **options)
     assert_bit_exact(model, eng, images(model.cfg, 5))
 
 

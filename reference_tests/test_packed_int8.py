@@ -99,6 +99,32 @@ def test_fused_quantizers_equal_minmax_codes(signed):
         assert s == scale[0] and s.dtype == np.float32 and zp == zero_point[0]
 
 
+@pytest.mark.parametrize("rows, n", [(1, 1), (13, 197), (75, 18), (64, 64)])
+def test_fused_softmax_codes_equal_softmax_then_minmax_codes(rows, n):
+    """softmax_exp + probability_codes give the codes quant.minmax_codes makes of ops.softmax_forward's
+    probabilities, with the scale taken from the row sums alone (ties at the row maximum, uniform and
+    one-hot rows included)."""
+    from minibvit import ops
+    rng = np.random.default_rng(rows + n)
+    scores = (rng.standard_normal((rows, n)) * 4).astype(np.float32)
+    scores[0] = 0.0                                   # a uniform row
+    if rows > 2:
+        scores[1, : n // 2] = scores[1].max()         # ties at the maximum
+        scores[2] = -80.0
+        scores[2, -1] = 10.0                          # one probability ~1, the others ~0
+    probs, _ = ops.softmax_forward(scores)
+    codes, scale, _ = quant.minmax_codes(probs, 8, False, None)
+    exps, inv_sums = np.empty_like(scores), np.empty(rows)
+    ternary_net.softmax_exp(scores, exps, inv_sums)
+    assert np.float32(inv_sums.max()) == probs.max()
+    s, zp = ternary_net.minmax_scale((np.float32(0), np.float32(inv_sums.max())), False)
+    assert s == scale[0] and zp == 0
+    out = np.full((rows, 4 * -(-n // 4)), 7, np.uint8)
+    ternary_net.probability_codes(exps, inv_sums, s, out)
+    np.testing.assert_array_equal(out[:, :n], codes)
+    assert (out[:, n:] == 0).all()
+
+
 def test_qkv_absmax():
     rng = np.random.default_rng(4)
     qkv = _tensor(rng, (50, 3 * 24))

@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.impl_specific  # tests minibvit itself (conftest.py: MINIBVIT_ONLY_MODULES)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-THREAD_VARS = ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")
+THREAD_VARS = ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT")
 
 # Allocates, fills and frees a 24 MB array (one training activation's size) six times and reports the
 # minor page faults of the last five rounds: with the block served by a fresh mmap each round faults
@@ -96,6 +96,18 @@ def test_thread_defaults_only_where_unset():
     assert run(CONFIGURED, OMP_WAIT_POLICY="ACTIVE")["env"] == {"OPENBLAS_THREAD_TIMEOUT": "4"}
 
 
+def test_inference_workload_spins_instead_of_waiting_passively():
+    """The packed engine's processes get libgomp's default spin (GOMP_SPINCOUNT) and no PASSIVE wait;
+    a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept, and an unknown workload is refused."""
+    inference = CONFIGURED.replace("configure_process()", "configure_process(workload='inference')")
+    assert run(inference)["env"] == {"GOMP_SPINCOUNT": "300000", "OPENBLAS_THREAD_TIMEOUT": "4"}
+    assert run(inference, OMP_WAIT_POLICY="PASSIVE")["env"] == {"OPENBLAS_THREAD_TIMEOUT": "4"}
+    assert run(inference, GOMP_SPINCOUNT="1000")["env"] == {"OPENBLAS_THREAD_TIMEOUT": "4"}
+    from minibvit.process import configure_process
+    with pytest.raises(ValueError, match="workload must be one of train, inference"):
+        configure_process(workload="serving")
+
+
 def test_too_late_is_reported():
     early = run(CONFIGURED)
     assert early["too_late"] == []
@@ -105,8 +117,11 @@ def test_too_late_is_reported():
 
 
 def test_command_line_mains_configure_first():
-    """python -m minibvit.train sets the thread defaults before NumPy loads (seen by the process)."""
+    """python -m minibvit.train sets the thread defaults before NumPy loads (seen by the process), and
+    python -m minibvit.infer those of the inference workload."""
     code = ("import json, os, runpy, sys\nsys.argv = ['minibvit.train', '--help']\n"
             "try:\n    runpy.run_module('minibvit.train', run_name='__main__')\nexcept SystemExit:\n    pass\n"
             "print(json.dumps({k: os.environ.get(k) for k in " + repr(THREAD_VARS) + "}))")
-    assert run(code) == {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
+    assert run(code) == {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": None}
+    packed = code.replace("minibvit.train", "minibvit.infer")
+    assert run(packed) == {"OMP_WAIT_POLICY": None, "OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": "300000"}

@@ -5,6 +5,7 @@ same thread count and measured in one run. Prints images/s and the ratios; asser
     python scripts/bench_inference.py [--models deit-tiny deit-small] [--methods binary binaryvit]
                                       [--batches 8 64] [--threads 2] [--repeats 3] [--no-numpy]
     python scripts/bench_inference.py --sizes-only --methods binary binaryvit gsb tervit
+    python scripts/bench_inference.py --workload train      # the training thread settings instead
 
 Models are built at random (224x224, patch 16), one training forward initialises the activation
 scales and ASM centres, then the model is saved as a training checkpoint and exported (the packed
@@ -31,7 +32,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from minibvit.process import configure_process  # noqa: E402
 
-PROCESS = configure_process()  # first: before NumPy and Numba start their thread pools
+_pre = argparse.ArgumentParser(add_help=False)
+_pre.add_argument("--workload", choices=("inference", "train"), default="inference")
+PROCESS = configure_process(workload=_pre.parse_known_args()[0].workload)  # first: before the pools start
 import numpy as np  # noqa: E402
 from minibvit import checkpoint, engine, methods  # noqa: E402
 from torch_baseline import BaselineProcess  # noqa: E402
@@ -48,6 +51,9 @@ def parse():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-numpy", action="store_true", help="skip the (slow) NumPy float model")
+    ap.add_argument("--workload", choices=("inference", "train"), default="inference",
+                    help="minibvit.process thread settings: inference (what python -m minibvit.infer uses: "
+                         "OpenMP spins briefly) or train (OpenMP waits passively)")
     ap.add_argument("--sizes-only", action="store_true",
                     help="only export and print the packed file sizes (any of binary, binaryvit, gsb, tervit)")
     return ap.parse_args()

@@ -26,6 +26,14 @@ _ROWS_PER_TASK = 16
 
 
 @njit(inline="always")
+def order_key(bits):
+    """An int32 key ordered as the float32 with these bits (non-NaN; -0.0 just below +0.0); its own
+    inverse. Integer min / max vectorize, float ones (with their NaN rules) do not, so the engine's
+    min / max reductions compare keys: exact in any order, as a maximum is."""
+    return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+
+
+@njit(inline="always")
 def _layernorm_row(x, gamma, beta, eps, out):
     """ops' LayerNorm (numerics.layernorm_rows) on one row x (n,) into out (n,)."""
     mean, var = numerics.layernorm_moments(x)

@@ -17,47 +17,56 @@ import numpy as np
 from numba import njit, prange
 
 from ..gsb import GSB_T1_FRACTION, GSB_T2_FRACTION
-from ..intrinsics import popcount
+from ..intrinsics import as_float32, bits64, popcount
 from ..kernels.gsb import combined_products
+from .fused import order_key
 
 _F32 = np.float32
 
 
 @njit(parallel=True, cache=True)
 def biased_max(probs, bias, n_heads, row_max):
-    """max over each row of y = probs + bias (probs [B*H*N, N], bias [H, N, N]) into row_max [B*H*N]."""
+    """max over each row of y = probs + bias (probs [B*H*N, N], bias [H, N, N]) into row_max [B*H*N]
+    (float32 sums, compared as order keys: exact)."""
     rows, n = probs.shape
     per_head = bias.shape[1]
     for r in prange(rows):
         b_row = bias[(r // per_head) % n_heads, r % per_head]
         p_row = probs[r]
-        best = p_row[0] + b_row[0]
-        for j in range(1, n):
-            best = max(best, p_row[j] + b_row[j])
-        row_max[r] = best
+        y = np.empty(n, np.float32)
+        for j in range(n):
+            y[j] = p_row[j] + b_row[j]
+        keys = y.view(np.int32)
+        best = np.int32(-0x80000000)
+        for j in range(n):
+            best = max(best, order_key(keys[j]))
+        row_max[r] = as_float32(order_key(best))
 
 
 @njit(parallel=True, cache=True)
 def attn_bases(probs, bias, n_heads, alpha1, thr1, thr2, bases, row_pop):
     """The packed {0, 1} bases of y = probs + bias along the keys: bases [B*H, 3, N, Wn] (B1, T1, T2;
     tail bits 0) and their row popcounts row_pop [B*H, 3, N]. thr1, thr2: float32 [B*H*N], the
-    mask thresholds of each row (0.7 / 0.9 max y)."""
+    mask thresholds of each row (0.7 / 0.9 max y). Each row's three decisions go to byte flags in
+    one vectorized loop, then 64 at a time into words (bits64)."""
     rows, n = probs.shape
     per_head = bias.shape[1]
+    full = n // 64
     for r in prange(rows):
         t, i = r // per_head, r % per_head
         b_row = bias[t % n_heads, i]
         p_row = probs[r]
         t1, t2 = thr1[r], thr2[r]
+        flags = np.zeros((3, 64 * bases.shape[3]), np.uint8)   # tail flags 0: tail bits 0
+        f0, f1, f2 = flags[0], flags[1], flags[2]
+        for j in range(n):
+            y = p_row[j] + b_row[j]
+            f0[j] = np.rint(y / alpha1) >= 1    # clamp(round(y / a1), 0, 1) != 0
+            f1[j] = y > t1
+            f2[j] = y > t2
         c0, c1, c2 = 0, 0, 0
         for w in range(bases.shape[3]):
-            w0, w1, w2 = np.uint64(0), np.uint64(0), np.uint64(0)
-            for j in range(64 * w, min(n, 64 * w + 64)):
-                y = p_row[j] + b_row[j]
-                bit = np.uint64(j - 64 * w)
-                w0 |= np.uint64(np.rint(y / alpha1) >= 1) << bit    # clamp(round(y / a1), 0, 1) != 0
-                w1 |= np.uint64(y > t1) << bit
-                w2 |= np.uint64(y > t2) << bit
+            w0, w1, w2 = bits64(f0, 64 * w), bits64(f1, 64 * w), bits64(f2, 64 * w)
             bases[t, 0, i, w], bases[t, 1, i, w], bases[t, 2, i, w] = w0, w1, w2
             c0 += _popcount64(w0)
             c1 += _popcount64(w1)
@@ -72,50 +81,61 @@ def _popcount64(x):
 
 @njit(parallel=True, cache=True)
 def value_min_max(qkv, n_heads, v_shift):
-    """(min, max) of yv = v - v_shift over the whole value tensor (v: the last third of qkv [M, 3D])."""
+    """(min, max) of yv = v - v_shift over the whole value tensor (v: the last third of qkv [M, 3D];
+    v_shift [H, d] C-contiguous), as a float32 [2] (float32 differences compared as order keys: exact)."""
     rows, dim = qkv.shape[0], qkv.shape[1] // 3
-    d = dim // n_heads
+    shift = v_shift.reshape(dim)           # channel h d + j of the merged heads
     tasks = (rows + 31) // 32
-    lows = np.empty(tasks, np.float32)
-    highs = np.empty(tasks, np.float32)
+    keys = np.empty((tasks, 2), np.int32)
     for task in prange(tasks):
-        lo = qkv[32 * task, 2 * dim] - v_shift[0, 0]
-        hi = lo
+        lo, hi = np.int32(0x7FFFFFFF), np.int32(-0x80000000)
+        y = np.empty(dim, np.float32)
+        y_keys = y.view(np.int32)
         for r in range(32 * task, min(rows, 32 * task + 32)):
             row = qkv[r]
             for c in range(dim):
-                y = row[2 * dim + c] - v_shift[c // d, c % d]
-                lo = min(lo, y)
-                hi = max(hi, y)
-        lows[task], highs[task] = lo, hi
-    return lows.min(), highs.max()
+                y[c] = row[2 * dim + c] - shift[c]
+            for c in range(dim):
+                key = order_key(y_keys[c])
+                lo = min(lo, key)
+                hi = max(hi, key)
+        keys[task, 0], keys[task, 1] = lo, hi
+    lo, hi = keys[:, 0].min(), keys[:, 1].max()
+    return np.array([order_key(lo), order_key(hi)], np.int32).view(np.float32)
 
 
 @njit(parallel=True, cache=True)
 def value_planes(qkv, n_tokens, n_heads, v_shift, hi1, lo1, hi2, lo2, planes):
     """The value bases packed along the tokens, word-major: planes [B*H, Wn, 5d] = the bits of
     (S, T1v & S, T2v & S, T1v, T2v) (S: sign bits, 1 = -1) in column blocks of d, tail bits 0.
-    T1v = yv > hi1 or yv < lo1, T2v likewise with hi2, lo2 (0.7 / 0.9 of max yv and min yv)."""
+    T1v = yv > hi1 or yv < lo1, T2v likewise with hi2, lo2 (0.7 / 0.9 of max yv and min yv).
+    One loop per plane over a token's d channels, so that each vectorizes."""
     dim = qkv.shape[1] // 3
     d = dim // n_heads
     for t in prange(planes.shape[0]):
         b, h = t // n_heads, t % n_heads
         pt = planes[t]
         pt[:] = 0
+        shift = v_shift[h]
+        y = np.empty(d, np.float32)
         for n in range(n_tokens):
-            row = qkv[b * n_tokens + n]
-            w, bit = n // 64, np.uint64(n % 64)
+            row = qkv[b * n_tokens + n, 2 * dim + h * d:2 * dim + (h + 1) * d]
+            bit = np.uint64(n % 64)
+            pw = pt[n // 64]
+            sign, sign1, sign2, mask1, mask2 = pw[:d], pw[d:2 * d], pw[2 * d:3 * d], pw[3 * d:4 * d], pw[4 * d:]
+            for j in range(d):
+                y[j] = row[j] - shift[j]
+            for j in range(d):
+                sign[j] |= np.uint64(y[j] < 0) << bit
+            for j in range(d):
+                mask1[j] |= np.uint64((y[j] > hi1) | (y[j] < lo1)) << bit
+            for j in range(d):
+                mask2[j] |= np.uint64((y[j] > hi2) | (y[j] < lo2)) << bit
+        for w in range(pt.shape[0]):
             pw = pt[w]
             for j in range(d):
-                y = row[2 * dim + h * d + j] - v_shift[h, j]
-                s = np.uint64(y < 0)
-                m1 = np.uint64((y > hi1) | (y < lo1))
-                m2 = np.uint64((y > hi2) | (y < lo2))
-                pw[j] |= s << bit
-                pw[d + j] |= (m1 & s) << bit
-                pw[2 * d + j] |= (m2 & s) << bit
-                pw[3 * d + j] |= m1 << bit
-                pw[4 * d + j] |= m2 << bit
+                pw[d + j] = pw[3 * d + j] & pw[j]
+                pw[2 * d + j] = pw[4 * d + j] & pw[j]
 
 
 def gsb_attention(probs, qkv, gsb, n_images, n_tokens, n_heads, max_over):
@@ -134,7 +154,7 @@ def gsb_attention(probs, qkv, gsb, n_images, n_tokens, n_heads, max_over):
     bases = np.empty((n_bh, 3, n_tokens, n_words), np.uint64)
     row_pop = np.empty((n_bh, 3, n_tokens), np.int64)
     attn_bases(probs, bias, n_heads, gsb["attn_alphas"][0], thr1, thr2, bases, row_pop)
-    vmin, vmax = (_F32(v) for v in value_min_max(qkv, n_heads, v_shift))        # Numba returns Python floats
+    vmin, vmax = value_min_max(qkv, n_heads, v_shift)
     planes = np.empty((n_bh, n_words, 5 * d), np.uint64)
     value_planes(qkv, n_tokens, n_heads, v_shift, GSB_T1_FRACTION * vmax, GSB_T1_FRACTION * vmin,
                  GSB_T2_FRACTION * vmax, GSB_T2_FRACTION * vmin, planes)          # gsb_value_masks' thresholds

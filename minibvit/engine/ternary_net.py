@@ -9,13 +9,15 @@ the scale is computed in NumPy float32 exactly as minmax_codes does (minmax_scal
 writes the codes straight into the layout the next product reads: the unsigned bytes of the
 activation quads (signed codes + 128, whose -128 sum t correction is a column offset of the
 product) or, for K and V, the int8 panels of the attention products. The float operations are the
-model's: ops' LayerNorm (engine.fused.residual_norm_pack), softmax and GELU, the levels' float32
-product then the scales, in ops' order; so the logits have the bits of ViT.forward(training=False).
+model's: ops' LayerNorm (engine.fused.residual_norm_pack), softmax (its second pass fused with the
+probabilities' codes: softmax_exp, probability_codes) and GELU, the levels' float32 product then the
+scales, in ops' order; so the logits have the bits of ViT.forward(training=False).
 """
 import numpy as np
 from numba import njit, prange
 
 from .. import ops
+from ..numerics import softmax_exp_rows
 from ..kernels.binary import aligned_empty
 from ..kernels.int8 import dot4_bmm_rows, padded_columns
 from ..kernels.ternary import ternary_gemm_quads, ternary_weight_quads, ternary_weight_sums
@@ -74,13 +76,6 @@ def unsigned_quads(x, scale, zero_point, out):
             o[j] = 0
 
 
-@njit(inline="always")
-def _order_key(bits):
-    """An int32 key ordered as the float32 with these bits (non-NaN; -0.0 just below +0.0); its own
-    inverse. Integer min / max vectorize, float ones (with their NaN rules) do not."""
-    return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
-
-
 @njit(parallel=True, cache=True)
 def min_max(x):
     """(min, max) of a C-contiguous float32 array [M, K] (exact in any order; no NaN expected)."""
@@ -93,12 +88,12 @@ def min_max(x):
         for r in range(t * _ROWS, min(rows, (t + 1) * _ROWS)):
             br = bits[r]
             for j in range(x.shape[1]):
-                key = _order_key(br[j])
+                key = fused.order_key(br[j])
                 lo = min(lo, key)
                 hi = max(hi, key)
         keys[t, 0], keys[t, 1] = lo, hi
     lo, hi = keys[:, 0].min(), keys[:, 1].max()
-    return np.array([_order_key(lo), _order_key(hi)], np.int32).view(np.float32)
+    return np.array([fused.order_key(lo), fused.order_key(hi)], np.int32).view(np.float32)
 
 
 @njit(parallel=True, cache=True)
@@ -153,6 +148,30 @@ def qkv_operands(qkv, n_tokens, n_heads, scales, q_bytes, k_panels, k_offset, v_
             for j in range(d, qn.shape[0]):
                 qn[j] = 128
             k_offset[t, n] = -128 * total
+
+
+@njit(parallel=True, cache=True)
+def softmax_exp(scores, e, inv_sums):
+    """The first pass of ops' float32 softmax (numerics.softmax_exp_rows) on the rows of scores [R, N]:
+    e = float32(exp(x - max x)) and inv_sums [R] float64 = 1 / the row's sum. The probabilities are
+    float32(e * inv_sum) (probability_codes); their largest value in a row is float32(inv_sum), since
+    exp(0) = 1 and e <= 1 elsewhere, so the whole tensor's maximum, which the 8-bit scale needs, is
+    float32(max inv_sums) with no pass over the probabilities."""
+    rows = scores.shape[0]
+    for task in prange((rows + _ROWS - 1) // _ROWS):
+        softmax_exp_rows(scores, e, inv_sums, task * _ROWS, min(rows, (task + 1) * _ROWS))
+
+
+@njit(parallel=True, cache=True)
+def probability_codes(e, inv_sums, scale, out):
+    """out [R, 4 Kq] uint8 = unsigned 8-bit codes (zero point 0) of the probabilities
+    float32(float64(e) * inv_sum), numerics' scaling step, without writing them; pad 0."""
+    for r in prange(e.shape[0]):
+        er, o, inv = e[r], out[r], inv_sums[r]
+        for j in range(er.shape[0]):
+            o[j] = np.uint8(_unsigned_code(np.float32(er[j] * inv), scale, 0))
+        for j in range(er.shape[0], o.shape[0]):
+            o[j] = 0
 
 
 @njit(parallel=True, cache=True)
@@ -219,6 +238,7 @@ def tervit_blocks(stream, blocks, cfg, n_images, inv_sqrt_d):
     v_panels = aligned_empty(BH * -(-N // 4), 4 * padded_columns(d), np.int8).reshape(BH, -(-N // 4), -1)
     a_raw = np.empty((BH * N, 4 * -(-N // 4)), np.uint8)
     scores = np.empty((BH, N, N), _F32)
+    exps, inv_sums = np.empty((BH * N, N), _F32), np.empty(BH * N)
     o = np.empty((M, D), _F32)
 
     def norm(add, gamma_beta, out_mode):
@@ -238,9 +258,9 @@ def tervit_blocks(stream, blocks, cfg, n_images, inv_sqrt_d):
         s_q, s_k, s_v = (minmax_scale(m, True)[0] for m in qkv_absmax(qkv))
         qkv_operands(qkv, N, H, np.array([s_q, s_k, s_v], _F32), q_raw, k_panels, k_offset, v_panels)
         attention_products(q_raw.view(np.uint32), k_panels, k_offset, s_q * s_k, inv_sqrt_d, scores)
-        probs, _ = ops.softmax_forward(scores)
-        s_a, _ = minmax_scale((np.float32(0), fused.max_abs(probs.reshape(-1))), False)  # probabilities >= 0
-        unsigned_quads(probs.reshape(BH * N, N), s_a, 0, a_raw)
+        softmax_exp(scores.reshape(BH * N, N), exps, inv_sums)                 # ops.softmax_forward, fused
+        s_a, _ = minmax_scale((np.float32(0), np.float32(inv_sums.max())), False)  # with the codes of its
+        probability_codes(exps, inv_sums, s_a, a_raw)                              # probabilities (>= 0)
         attention_values(a_raw.view(np.uint32).reshape(BH, N, -1), v_panels, s_a * s_v, N, H, o)
         proj = blk["attn.proj"](x_quads, signed_codes(o, x_raw))
         norm(proj, blk["norm2"], 2)

@@ -122,6 +122,12 @@ def _quantize_backward(quantizer, dout, cache):
     return (dout, {}) if quantizer is None else quantizer.backward(dout, cache)
 
 
+def _gradient_passes(quantizer):
+    """True when the quantizer's backward hands dout on unchanged (or there is none): the product before
+    it may then write dout straight into the gradient's final place."""
+    return quantizer is None or getattr(quantizer, "backward_returns_dout", False)
+
+
 def _recompute(quantizer, cache):
     """The quantizer's forward output again from its cache (its ``recompute``): the same bits as
     the forward's output."""
@@ -350,13 +356,13 @@ class ViT:
         if c_scores[0] is None:
             c_scores = (_recompute(qz, cq), _recompute(kz, ck)) + c_scores[2:]
         dq_out, dk_out, dv_out = out
-        da_d, dv_q = ops.attention_values_backward(dout, c_values, out=dv_out if vz is None else None)
+        da_d, dv_q = ops.attention_values_backward(dout, c_values, out=dv_out if _gradient_passes(vz) else None)
         dv, gv = _quantize_backward(vz, dv_q, cv)
         da_q = ops.dropout_backward(da_d, c_drop)
         dattn, ga = _quantize_backward(az, da_q, ca)
         dscores = ops.softmax_backward(dattn, c_soft)
-        dq_q, dk_q = ops.attention_scores_backward(dscores, c_scores, out=(dq_out if qz is None else None,
-                                                                         dk_out if kz is None else None))
+        dq_q, dk_q = ops.attention_scores_backward(dscores, c_scores, out=(dq_out if _gradient_passes(qz) else None,
+                                                                         dk_out if _gradient_passes(kz) else None))
         dq, gq = _quantize_backward(qz, dq_q, cq)
         dk, gk = _quantize_backward(kz, dk_q, ck)
         for t, grads in (("v", gv), ("attn", ga), ("q", gq), ("k", gk)):

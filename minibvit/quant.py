@@ -724,6 +724,10 @@ def minmax_quant_forward(x, bits, signed, channel_axis=None, reduce=None, byte_c
     qmax = _minmax_qmax(bits, signed)
     codes = None
     if _fused(x):  # two passes: the statistics, then the levels and out
+        if axis is None and not x.flags.c_contiguous:
+            # per tensor, every element is quantized alike: a copy (TerViT's q, k, v are strided
+            # views of the qkv output) lets both passes walk flat segments, ~2x faster than by rows
+            x = np.ascontiguousarray(x)
         scale, zero_point = _minmax_scale(_minmax_statistics(x, axis, signed, reduce), qmax, signed, x.dtype)
         scale, zero_point = scale.reshape(-1), zero_point.reshape(-1)
         byte_codes = bool(byte_codes) and axis is None and bits <= 8
@@ -770,6 +774,9 @@ class _Quantizer:
     """
 
     collective = None
+    # True when backward returns dout itself (an identity pseudo-gradient): the model may then let the
+    # product before the quantizer write dout straight where the input's gradient goes
+    backward_returns_dout = False
 
     def __init__(self):
         self.params = {}
@@ -1000,6 +1007,8 @@ class LSQQuantizer(_Quantizer):
 class MinMaxQuantizer(_Quantizer):
     """Min-max k-bit quantizer on the current tensor's statistics (minmax_quant_forward);
     per tensor, or per channel along channel_axis (0 for weights, -1 for activations)."""
+
+    backward_returns_dout = True  # the identity STE (minmax_quant_backward)
 
     def __init__(self, bits=8, signed=True, per_channel=False, channel_axis=-1):
         super().__init__()

@@ -126,28 +126,47 @@ def qkv_operands(qkv, n_tokens, n_heads, scales, q_bytes, k_panels, k_offset, v_
     k_panels [B*H, Kq_d, 4 Npad] int8: [t, j // 4, 4n + j % 4] = code of k[t, n, j] (zero pad);
     k_offset [B*H, N] int64: -128 sum_j code k[t, n, j] (the +128 of q's bytes);
     v_panels [B*H, Kq_N, 4 dpad] int8: [t, n // 4, 4j + n % 4] = code of v[t, n, j] (zero pad).
-    scales: float32 [3], the per-tensor scales of q, k, v."""
+    scales: float32 [3], the per-tensor scales of q, k, v. Seen as int32 words, a k panel's word
+    (j // 4, n) is token n's codes j .. j + 3 and a v panel's word (n // 4, j) is channel j of tokens
+    4 (n // 4) .. + 3, so each token's codes are computed in vectorized loops over its channels and
+    stored a word at a time."""
     dim = qkv.shape[1] // 3
     d = dim // n_heads
+    quads_d = -(-d // 4)
     sq, sk, sv = scales[0], scales[1], scales[2]
     for t in prange(q_bytes.shape[0]):
         b, hd = t // n_heads, (t % n_heads) * d
         k_panels[t] = 0
         v_panels[t] = 0
-        qt, kt, vt = q_bytes[t], k_panels[t], v_panels[t]
+        k_words, v_words = k_panels[t].view(np.int32), v_panels[t].view(np.int32)
+        k_codes = np.zeros(4 * quads_d, np.int8)             # one token's k codes, zero pad
+        k_code_words = k_codes.view(np.int32)
+        v_codes = np.zeros((4, d), np.int32)                 # four tokens' v codes
+        qt = q_bytes[t]
         for n in range(n_tokens):
             row = qkv[b * n_tokens + n]
-            qn = qt[n]
+            qn, vn = qt[n], v_codes[n % 4]
             total = 0
             for j in range(d):
                 qn[j] = np.uint8(_signed_code(row[hd + j], sq) + 128)
-                code = _signed_code(row[dim + hd + j], sk)
-                kt[j // 4, 4 * n + j % 4] = np.int8(code)
-                total += code
-                vt[n // 4, 4 * j + n % 4] = np.int8(_signed_code(row[2 * dim + hd + j], sv))
             for j in range(d, qn.shape[0]):
                 qn[j] = 128
+            for j in range(d):
+                code = _signed_code(row[dim + hd + j], sk)
+                k_codes[j] = np.int8(code)
+                total += code
             k_offset[t, n] = -128 * total
+            for q in range(quads_d):
+                k_words[q, n] = k_code_words[q]
+            for j in range(d):
+                vn[j] = _signed_code(row[2 * dim + hd + j], sv)
+            if n % 4 == 3 or n == n_tokens - 1:
+                for lane in range(n % 4 + 1, 4):             # tokens past the last: zero bytes
+                    v_codes[lane] = 0
+                vw = v_words[n // 4]
+                for j in range(d):
+                    vw[j] = ((v_codes[0, j] & 0xFF) | ((v_codes[1, j] & 0xFF) << 8) | ((v_codes[2, j] & 0xFF) << 16)
+                             | (v_codes[3, j] << 24))
 
 
 @njit(parallel=True, cache=True)

@@ -240,7 +240,7 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 # No "contract"/"reassoc": the vectorized body and the scalar remainder of a loop must round alike,
 # so that an element's value does not depend on where it falls in the thread chunks.
-_EXACT_FASTMATH = {"nnan", "ninf", "nsz"}
+EXACT_FASTMATH = {"nnan", "ninf", "nsz"}
 # error_model="numpy": a float division by zero gives inf instead of raising ZeroDivisionError; the
 # check for it would keep LLVM from vectorizing the loops.
 
@@ -263,7 +263,7 @@ _ERFC_COEFFS = tuple(np.float32(c) for c in (
     -0.82215223, 0.17087277))
 
 
-@njit(inline="always", fastmath=_EXACT_FASTMATH)
+@njit(inline="always", fastmath=EXACT_FASTMATH)
 def _exp_f32_fast(x):
     """exp(x) for float32 as 2^n * 2^f (n = round(x log2 e), |f| <= 1/2, degree-6 polynomial for
     2^f, relative error < 2e-6): unlike libm's expf it vectorizes, which makes the GELU kernels
@@ -274,8 +274,8 @@ def _exp_f32_fast(x):
     return _horner_f32(y - n, _EXP2_COEFFS) * as_float32((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
-@njit(inline="always", fastmath=_EXACT_FASTMATH)
-def _phi_fast(v):
+@njit(inline="always", fastmath=EXACT_FASTMATH)
+def phi_f32(v):
     """Phi(v) = erfc(-v / sqrt 2) / 2 through Numerical Recipes' Chebyshev erfc (relative error
     < 1.2e-7) and _exp_f32_fast; about 2e-6 relative in all. Branch-free so the loop vectorizes."""
     z = abs(v) * np.float32(0.7071067811865476)
@@ -291,16 +291,16 @@ def _phi_fast(v):
 # the same pass.
 
 
-@njit(parallel=True, cache=True, fastmath=_EXACT_FASTMATH, error_model="numpy")
+@njit(parallel=True, cache=True, fastmath=EXACT_FASTMATH, error_model="numpy")
 def _gelu_erf_f32(x, bias, out):
     rows, n = x.shape
     for r in prange(rows):
         for j in range(n):
             v = x[r, j] if bias is None else x[r, j] + bias[j]
-            out[r, j] = v * _phi_fast(v)
+            out[r, j] = v * phi_f32(v)
 
 
-@njit(parallel=True, cache=True, fastmath=_EXACT_FASTMATH, error_model="numpy")
+@njit(parallel=True, cache=True, fastmath=EXACT_FASTMATH, error_model="numpy")
 def _gelu_erf_f32_backward(x, bias, dout, dx, dbias_chunks):
     rows, n = x.shape
     chunks = dbias_chunks.shape[0]
@@ -309,7 +309,7 @@ def _gelu_erf_f32_backward(x, bias, dout, dx, dbias_chunks):
             for j in range(n):
                 v = x[r, j] if bias is None else x[r, j] + bias[j]
                 pdf = np.float32(0.3989422804014327) * _exp_f32_fast(np.float32(-0.5) * v * v)
-                g = dout[r, j] * fma_f32(v, pdf, _phi_fast(v))
+                g = dout[r, j] * fma_f32(v, pdf, phi_f32(v))
                 dx[r, j] = g
                 if bias is not None:
                     dbias_chunks[c, j] += g
@@ -375,7 +375,7 @@ def _gelu_constants(approximate, dtype):
 
 def gelu_rows(x, bias, approximate):
     """GELU of x (rows, n) (+ bias (n,) or None) -> out (rows, n), x's dtype. approximate "none":
-    x Phi(x) (libm erf in float64, _phi_fast in float32); "tanh": the tanh form."""
+    x Phi(x) (libm erf in float64, phi_f32 in float32); "tanh": the tanh form."""
     out = np.empty_like(x)
     if approximate == "none" and x.dtype == np.float32:
         _gelu_erf_f32(x, bias, out)

@@ -86,6 +86,7 @@ def assert_bit_exact(model, eng, x):
     ("binary", "mean", dict(BASE, distilled=True)),
     ("tervit", "mean", BASE),
     ("tervit", "mean", dict(WIDE_HEADS, distilled=True)),
+    ("tervit", "mean", dict(BASE, gelu_approximate="tanh")),
 ])
 def test_packed_logits_equal_simulated_forward(tmp_path, scheme, center, config):
     model, eng, _ = exported(tmp_path, scheme, config=config, center=center)

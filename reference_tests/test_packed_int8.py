@@ -125,6 +125,17 @@ def test_fused_softmax_codes_equal_softmax_then_minmax_codes(rows, n):
     assert (out[:, n:] == 0).all()
 
 
+def test_gelu_and_its_min_max_in_one_pass():
+    from minibvit import ops
+    rng = np.random.default_rng(5)
+    x = _tensor(rng, (45, 77)) * 4
+    g = np.empty_like(x)
+    lo, hi = ternary_net.min_max(x, g)
+    expected, _ = ops.gelu_forward(x)
+    np.testing.assert_array_equal(g, expected)
+    assert lo == expected.min() and hi == expected.max()
+
+
 def test_qkv_absmax():
     rng = np.random.default_rng(4)
     qkv = _tensor(rng, (50, 3 * 24))

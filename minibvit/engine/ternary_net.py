@@ -10,14 +10,15 @@ writes the codes straight into the layout the next product reads: the unsigned b
 activation quads (signed codes + 128, whose -128 sum t correction is a column offset of the
 product) or, for K and V, the int8 panels of the attention products. The float operations are the
 model's: ops' LayerNorm (engine.fused.residual_norm_pack), softmax (its second pass fused with the
-probabilities' codes: softmax_exp, probability_codes) and GELU, the levels' float32 product then the
+probabilities' codes: softmax_exp, probability_codes) and GELU (with its output's min and max:
+min_max), the levels' float32 product then the
 scales, in ops' order; so the logits have the bits of ViT.forward(training=False).
 """
 import numpy as np
 from numba import njit, prange
 
 from .. import ops
-from ..numerics import softmax_exp_rows
+from ..numerics import EXACT_FASTMATH, phi_f32, softmax_exp_rows
 from ..kernels.binary import aligned_empty
 from ..kernels.int8 import dot4_bmm_rows, padded_columns
 from ..kernels.ternary import ternary_gemm_quads, ternary_weight_quads, ternary_weight_sums
@@ -76,9 +77,12 @@ def unsigned_quads(x, scale, zero_point, out):
             o[j] = 0
 
 
-@njit(parallel=True, cache=True)
-def min_max(x):
-    """(min, max) of a C-contiguous float32 array [M, K] (exact in any order; no NaN expected)."""
+@njit(parallel=True, cache=True, fastmath=EXACT_FASTMATH, error_model="numpy")
+def min_max(x, gelu_out=None):
+    """(min, max) of a C-contiguous float32 array [M, K] as a float32 [2] (order keys: exact in any
+    order; no NaN expected). With gelu_out [M, K]: gelu_out = ops.gelu_forward(x) (approximate "none";
+    numerics' _gelu_erf_f32: v * phi_f32(v), compiled with the same flags, so the same bits) and the
+    (min, max) of that instead, in the same pass."""
     rows = x.shape[0]
     tasks = (rows + _ROWS - 1) // _ROWS
     keys = np.empty((tasks, 2), np.int32)
@@ -87,6 +91,12 @@ def min_max(x):
         lo, hi = np.int32(0x7FFFFFFF), np.int32(-0x80000000)
         for r in range(t * _ROWS, min(rows, (t + 1) * _ROWS)):
             br = bits[r]
+            if gelu_out is not None:
+                xr, orow = x[r], gelu_out[r]
+                for j in range(x.shape[1]):
+                    v = xr[j]
+                    orow[j] = v * phi_f32(v)
+                br = orow.view(np.int32)
             for j in range(x.shape[1]):
                 key = fused.order_key(br[j])
                 lo = min(lo, key)
@@ -284,8 +294,13 @@ def tervit_blocks(stream, blocks, cfg, n_images, inv_sqrt_d):
         proj = blk["attn.proj"](x_quads, signed_codes(o, x_raw))
         norm(proj, blk["norm2"], 2)
         f = blk["mlp.fc1"](x_quads, signed_codes(h, x_raw))
-        g, _ = ops.gelu_forward(f, cfg.gelu_approximate)
-        s_g, zp = minmax_scale(min_max(g), False)
+        if cfg.gelu_approximate == "none":
+            g = np.empty_like(f)
+            g_min_max = min_max(f, g)
+        else:
+            g, _ = ops.gelu_forward(f, cfg.gelu_approximate)
+            g_min_max = min_max(g)
+        s_g, zp = minmax_scale(g_min_max, False)
         unsigned_quads(g, s_g, zp, h_raw)
         y = blk["mlp.fc2"](h_quads, s_g, zp)
         nxt = blocks[i + 1]["norm1"] if i + 1 < len(blocks) else None

@@ -17,10 +17,12 @@ Both settings are process-wide: they also apply to PyTorch in the same process (
   benchmark model from 1.45 s to 1.07 s on 2 cores.
 - GOMP_SPINCOUNT (workload="inference" only): the packed engine runs a batch as a chain of short
   parallel regions (TerViT: about 20 per block, most well under a millisecond), and under PASSIVE each
-  region first wakes the sleeping worker: on the 2-core AMD KVM machine a region that computes for 40
-  us took 170-250 us. Inference has almost no BLAS for the OpenMP pool to spin against, so it gets
-  libgomp's own default spin instead (GOMP_SPINCOUNT=300000, about 3 ms; OMP_WAIT_POLICY is then not
-  set): TerViT's DeiT-Tiny batch-8 forward went from 100-125 ms to 65-80 ms (docs/engine.md "Speed").
+  region first wakes the sleeping worker: on the 2-core AMD KVM machine engine.gsb_net.value_min_max
+  on a DeiT-Tiny batch-8 operand, timed in a loop, took 0.04-0.07 ms without minibvit's settings and
+  0.17-0.25 ms with PASSIVE. Inference has almost no BLAS for the OpenMP pool to spin against, so it
+  gets libgomp's own default spin instead (GOMP_SPINCOUNT=300000, about 3 ms; OMP_WAIT_POLICY is then
+  not set): `scripts/bench_inference.py --workload train` against `--workload inference` on the same
+  code gave TerViT DeiT-Tiny batch 8 1.22x -> 1.78x PyTorch (docs/engine.md "Speed").
   Training keeps PASSIVE: a short spin (30000) slowed the training step once the attention matmuls
   were split across Numba threads (scripts/bench_train_step.py ratio 0.60-0.68 with it, 0.74-0.83
   with GOMP_SPINCOUNT=0 exported), though it made small binary GEMMs at 2 threads faster (median

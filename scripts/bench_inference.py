@@ -32,9 +32,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from minibvit.process import configure_process  # noqa: E402
 
-_pre = argparse.ArgumentParser(add_help=False)
-_pre.add_argument("--workload", choices=("inference", "train"), default="inference")
-PROCESS = configure_process(workload=_pre.parse_known_args()[0].workload)  # first: before the pools start
+# --workload is read before NumPy loads (the thread settings must come first); parse() lists it too
+WORKLOAD = argparse.ArgumentParser(add_help=False)
+WORKLOAD.add_argument("--workload", choices=("inference", "train"), default="inference",
+                      help="minibvit.process thread settings: inference (what python -m minibvit.infer uses: "
+                           "OpenMP spins briefly) or train (OpenMP waits passively)")
+PROCESS = configure_process(workload=WORKLOAD.parse_known_args()[0].workload)
 import numpy as np  # noqa: E402
 from minibvit import checkpoint, engine, methods  # noqa: E402
 from torch_baseline import BaselineProcess  # noqa: E402
@@ -44,16 +47,14 @@ PAUSE = 0.5  # seconds before each timed run: lets the previous runtime's spinni
 
 
 def parse():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 parents=[WORKLOAD])
     ap.add_argument("--models", nargs="+", default=["deit-tiny", "deit-small"])
     ap.add_argument("--methods", nargs="+", default=["binary", "binaryvit"])
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 64])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-numpy", action="store_true", help="skip the (slow) NumPy float model")
-    ap.add_argument("--workload", choices=("inference", "train"), default="inference",
-                    help="minibvit.process thread settings: inference (what python -m minibvit.infer uses: "
-                         "OpenMP spins briefly) or train (OpenMP waits passively)")
     ap.add_argument("--sizes-only", action="store_true",
                     help="only export and print the packed file sizes (any of binary, binaryvit, gsb, tervit)")
     return ap.parse_args()

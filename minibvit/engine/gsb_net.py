@@ -22,6 +22,7 @@ from ..kernels.gsb import combined_products
 from .fused import order_key
 
 _F32 = np.float32
+_ROWS = 32  # rows per task of the row passes (their scratch is per task)
 
 
 @njit(parallel=True, cache=True)
@@ -30,17 +31,18 @@ def biased_max(probs, bias, n_heads, row_max):
     (float32 sums, compared as order keys: exact)."""
     rows, n = probs.shape
     per_head = bias.shape[1]
-    for r in prange(rows):
-        b_row = bias[(r // per_head) % n_heads, r % per_head]
-        p_row = probs[r]
+    for task in prange((rows + _ROWS - 1) // _ROWS):
         y = np.empty(n, np.float32)
-        for j in range(n):
-            y[j] = p_row[j] + b_row[j]
         keys = y.view(np.int32)
-        best = np.int32(-0x80000000)
-        for j in range(n):
-            best = max(best, order_key(keys[j]))
-        row_max[r] = as_float32(order_key(best))
+        for r in range(task * _ROWS, min(rows, (task + 1) * _ROWS)):
+            b_row = bias[(r // per_head) % n_heads, r % per_head]
+            p_row = probs[r]
+            for j in range(n):
+                y[j] = p_row[j] + b_row[j]
+            best = np.int32(-0x80000000)
+            for j in range(n):
+                best = max(best, order_key(keys[j]))
+            row_max[r] = as_float32(order_key(best))
 
 
 @njit(parallel=True, cache=True)
@@ -51,27 +53,27 @@ def attn_bases(probs, bias, n_heads, alpha1, thr1, thr2, bases, row_pop):
     one vectorized loop, then 64 at a time into words (bits64)."""
     rows, n = probs.shape
     per_head = bias.shape[1]
-    full = n // 64
-    for r in prange(rows):
-        t, i = r // per_head, r % per_head
-        b_row = bias[t % n_heads, i]
-        p_row = probs[r]
-        t1, t2 = thr1[r], thr2[r]
-        flags = np.zeros((3, 64 * bases.shape[3]), np.uint8)   # tail flags 0: tail bits 0
+    for task in prange((rows + _ROWS - 1) // _ROWS):
+        flags = np.zeros((3, 64 * bases.shape[3]), np.uint8)   # flags from n on stay 0: tail bits 0
         f0, f1, f2 = flags[0], flags[1], flags[2]
-        for j in range(n):
-            y = p_row[j] + b_row[j]
-            f0[j] = np.rint(y / alpha1) >= 1    # clamp(round(y / a1), 0, 1) != 0
-            f1[j] = y > t1
-            f2[j] = y > t2
-        c0, c1, c2 = 0, 0, 0
-        for w in range(bases.shape[3]):
-            w0, w1, w2 = bits64(f0, 64 * w), bits64(f1, 64 * w), bits64(f2, 64 * w)
-            bases[t, 0, i, w], bases[t, 1, i, w], bases[t, 2, i, w] = w0, w1, w2
-            c0 += _popcount64(w0)
-            c1 += _popcount64(w1)
-            c2 += _popcount64(w2)
-        row_pop[t, 0, i], row_pop[t, 1, i], row_pop[t, 2, i] = c0, c1, c2
+        for r in range(task * _ROWS, min(rows, (task + 1) * _ROWS)):
+            t, i = r // per_head, r % per_head
+            b_row = bias[t % n_heads, i]
+            p_row = probs[r]
+            t1, t2 = thr1[r], thr2[r]
+            for j in range(n):
+                y = p_row[j] + b_row[j]
+                f0[j] = np.rint(y / alpha1) >= 1    # clamp(round(y / a1), 0, 1) != 0
+                f1[j] = y > t1
+                f2[j] = y > t2
+            c0, c1, c2 = 0, 0, 0
+            for w in range(bases.shape[3]):
+                w0, w1, w2 = bits64(f0, 64 * w), bits64(f1, 64 * w), bits64(f2, 64 * w)
+                bases[t, 0, i, w], bases[t, 1, i, w], bases[t, 2, i, w] = w0, w1, w2
+                c0 += _popcount64(w0)
+                c1 += _popcount64(w1)
+                c2 += _popcount64(w2)
+            row_pop[t, 0, i], row_pop[t, 1, i], row_pop[t, 2, i] = c0, c1, c2
 
 
 @njit(inline="always")
@@ -85,13 +87,13 @@ def value_min_max(qkv, n_heads, v_shift):
     v_shift [H, d] C-contiguous), as a float32 [2] (float32 differences compared as order keys: exact)."""
     rows, dim = qkv.shape[0], qkv.shape[1] // 3
     shift = v_shift.reshape(dim)           # channel h d + j of the merged heads
-    tasks = (rows + 31) // 32
+    tasks = (rows + _ROWS - 1) // _ROWS
     keys = np.empty((tasks, 2), np.int32)
     for task in prange(tasks):
         lo, hi = np.int32(0x7FFFFFFF), np.int32(-0x80000000)
         y = np.empty(dim, np.float32)
         y_keys = y.view(np.int32)
-        for r in range(32 * task, min(rows, 32 * task + 32)):
+        for r in range(task * _ROWS, min(rows, (task + 1) * _ROWS)):
             row = qkv[r]
             for c in range(dim):
                 y[c] = row[2 * dim + c] - shift[c]

@@ -39,7 +39,8 @@ import math
 
 import numpy as np
 
-from .quant import SCALE_FLOOR, ElasticBinarizer, channel_mean_abs, check_choice, check_float_array, sign
+from .quant import (SCALE_FLOOR, ElasticBinarizer, _fused, _kernels, channel_mean_abs, check_choice,
+                    check_float_array, sign)
 
 ASM_CENTERS = ("mean", "median", "token", "shift")
 ASM_DEFAULT_CENTER = "mean"
@@ -156,6 +157,8 @@ class GRSHook:
     weight; K > 0: m = 1 only where sign(W_c) changed within the last K steps, as seen by the hook's
     calls: a weight that has not flipped since the hook's first call is left alone). The flip history
     is the hook's state, not saved in checkpoints: a resumed run starts it afresh.
+    Without a flip window, a 2-D float32 / float64 weight takes the fused kernel
+    (kernels.quantize.grs_gradient_added, quant.USE_FUSED): the same bits in one pass per row.
     """
 
     def __init__(self, roles, lam=GRS_DEFAULT_LAMBDA, variant=GRS_DEFAULT_VARIANT, warmup_steps=0, *,
@@ -186,18 +189,26 @@ class GRSHook:
 
     def __call__(self, model, step):
         lam = grs_lambda(step, self.lam, self.warmup_steps, self.start_step, self.total_steps, self.schedule)
-        latents = [binarized_latent(model, role) for role in self.roles]
+        # the flip history and the "scale" factors read W_c; "none" and "fan_in" only W's shape
+        need_latents = bool(self.flip_window) or self.layer_norm == "scale"
+        latents = [binarized_latent(model, role) if need_latents else model.params[role] for role in self.roles]
         factors = grs_layer_factors(latents, self.layer_norm)
         for role, latent, factor in zip(self.roles, latents, factors):
             mask = self.flip_mask(role, latent, step) if self.flip_window else None
             if lam == 0:
                 continue
+            centred = getattr(model.quantizers[role], "center", False)
+            w, grad = model.params[role], model.grads[role]
+            if mask is None and w.ndim == 2 and _fused(w, grad):  # the same bits in one pass per row
+                model.grads[role] = _kernels().grs_gradient_added(w, grad, lam * factor, self.variant, centred)
+                continue
+            latent = latent if need_latents else binarized_latent(model, role)
             g = grs_gradient(latent, lam * factor, self.variant)
             if mask is not None:
                 g *= mask
-            if getattr(model.quantizers[role], "center", False):
+            if centred:
                 g -= g.mean(axis=tuple(range(1, g.ndim)), keepdims=True)
-            model.grads[role] = model.grads[role] + g
+            model.grads[role] = grad + g
 
     def __repr__(self):
         return (f"GRSHook(lam={self.lam}, variant={self.variant!r}, warmup_steps={self.warmup_steps}, "

@@ -393,8 +393,10 @@ class GSBValueQuantizer:
 
     def recompute(self, cache):
         """The forward's output again from the cached input and masks: a1 S + a2 (T1 S) + a3 (T2 S),
-        gsb_value_forward's formula, whose bits both of its paths give."""
-        return _value_output(*cache[:4])
+        gsb_value_forward's formula, whose bits both of its paths give (in one fused pass where it applies)."""
+        v, a, t1, t2 = cache[:4]
+        kernels = _fused_kernels(v, a)
+        return _value_output(v, a, t1, t2) if kernels is None else kernels.value_output(v, a, t1, t2)
 
     def basis_form(self, cache):
         """([S, T1 S, T2 S], (a1, a2, a3)): V_q = sum_k a_k * basis_k with integer bases (S = sign)."""

@@ -200,6 +200,10 @@ def test_gsb_value_fused_bit_identical(monkeypatch, shape, mode, dtype, special)
     for got, want in ((out, ref_out), (dv, ref_dv), (da, ref_da), (cache[2], ref_cache[2]), (cache[3], ref_cache[3]),
                       (cache[4], ref_cache[4])):
         assert got.dtype == want.dtype and got.shape == want.shape and _bits(got) == _bits(want)
+    quantizer = gsb.GSBValueQuantizer(shape[1], shape[3], mode, dtype)  # the backward's recompute: out again
+    recomputed = _counting(monkeypatch, ["value_output"])
+    assert _bits(quantizer.recompute(cache)) == _bits(ref_out) and recomputed == ["value_output"]
+    assert _bits(_numpy_path(quantizer.recompute, ref_cache)) == _bits(ref_out)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -226,3 +230,35 @@ def test_gsb_attn_fused_bit_identical(monkeypatch, shape, dtype, special):
     for got, want in ((out, ref_out), (da, ref_da), (dal, ref_dal), (cache[2], ref_cache[2]), (cache[3], ref_cache[3]),
                       (cache[4], ref_cache[4]), (cache[5], ref_cache[5])):
         assert np.asarray(got).dtype == np.asarray(want).dtype and _bits(got) == _bits(want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k", [1, 7, 64, 192, 200, 768])
+@pytest.mark.parametrize("variant", ["l2", "l1"])
+@pytest.mark.parametrize("spec", ["w_binary", "w_xnor"])  # centred latent, and W itself
+def test_grs_hook_fused_bit_identical(monkeypatch, k, dtype, variant, spec):
+    from minibvit import binaryvit
+
+    rng = np.random.default_rng(k)
+    w = (rng.standard_normal((9, k)) * 0.02).astype(dtype)
+    w[0] = 0.0  # a constant row: W_c = 0, sign(0) = +1, alpha 0
+    w[1, ::3] = -0.0
+    w[2, ::5] = np.abs(w[2]).mean()  # |W| - alpha = 0 exactly (l1's sign(0) = +1) where W is not centred
+    grad = rng.standard_normal(w.shape).astype(dtype)
+
+    class Model:
+        def __init__(self):
+            self.params, self.grads = {"w": w.copy()}, {"w": grad.copy()}
+            self.quantizers = {"w": quant.make_quantizer(spec)}
+
+    def run():
+        model = Model()
+        binaryvit.GRSHook(["w"], 0.3, variant)(model, 0)
+        return model.grads["w"]
+
+    calls = []
+    real = quantize.grs_gradient_added
+    monkeypatch.setattr(quantize, "grs_gradient_added", lambda *a: calls.append(1) or real(*a))
+    got = run()
+    want = _numpy_path(run)
+    assert calls and got.dtype == want.dtype and _bits(got) == _bits(want)

@@ -215,6 +215,12 @@ def tensor_extrema(y):
     return lows.min(), highs.max()
 
 
+@njit(inline="always")
+def _value_level(a, s, f1, f2):
+    """a1 S + a2 (T1 S) + a3 (T2 S) of one element, in gsb._value_output's order (f1, f2: T1, T2 as 0 / 1)."""
+    return (a[0] * s + a[1] * (f1 * s)) + a[2] * (f2 * s)
+
+
 @njit(parallel=True, cache=True)
 def _value_forward(y, a, hi1, lo1, hi2, lo2, out, t1, t2, counts):
     """out = a1 S + a2 (T1 S) + a3 (T2 S) (gsb.gsb_value_forward), T1 / T2 and their counts per task."""
@@ -230,7 +236,7 @@ def _value_forward(y, a, hi1, lo1, hi2, lo2, out, t1, t2, counts):
             m2 = x > hi2 or x < lo2
             f1 = one if m1 else zero
             f2 = one if m2 else zero
-            out[i] = (a[0] * s + a[1] * (f1 * s)) + a[2] * (f2 * s)
+            out[i] = _value_level(a, s, f1, f2)
             t1[i], t2[i] = m1, m2
             c1 += m1
             c2 += m2
@@ -242,6 +248,26 @@ def value_forward(y, a, hi1, lo1, hi2, lo2):
     (0.7 / 0.9 of max y and of min y, as gsb_value_masks computes them)."""
     dt = y.dtype.type
     return _masked_output(_value_forward, y, a, dt(hi1), dt(lo1), dt(hi2), dt(lo2))
+
+
+@njit(parallel=True, cache=True)
+def _value_output(y, a, t1, t2, out):
+    """out = a1 S + a2 (T1 S) + a3 (T2 S) from y and its masks (gsb.GSBValueQuantizer.recompute)."""
+    one = np.ones(1, y.dtype)[0]
+    zero = one - one
+    n = y.size
+    for c in prange((n + _CHUNK - 1) // _CHUNK):
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            s = one if y[i] >= 0 else -one
+            out[i] = _value_level(a, s, one if t1[i] else zero, one if t2[i] else zero)
+
+
+def value_output(y, a, t1, t2):
+    """gsb._value_output(y, a, t1, t2) (the value quantizer's output from its cache) in one pass, for a
+    C-contiguous y and its boolean masks."""
+    out = np.empty_like(y)
+    _value_output(y.reshape(-1), a, t1.reshape(-1), t2.reshape(-1), out.reshape(-1))
+    return out
 
 
 def _masked_output(kernel, y, *args):

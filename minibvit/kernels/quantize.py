@@ -291,6 +291,49 @@ def weight_binarize(w, center, per_channel):
 
 
 @njit(parallel=True, cache=True)
+def _grs_rows(w, grad, lam, l2, center, one, count, out):
+    """Per output row r of w (C_out, K): out[r] = grad[r] + g, g = the GRS gradient of the row's latent
+    W_c (w[r] - mean(w[r]) with center, else w[r]), pulled back through the centring (g - mean(g))."""
+    rows, k = w.shape
+    for r in prange(rows):
+        latent = np.empty(k, w.dtype)
+        g = np.empty(k, w.dtype)
+        wr = w[r]
+        if center:
+            mean = _row_mean(wr, one, count)
+            for j in range(k):
+                latent[j] = wr[j] - mean
+        else:
+            latent[:] = wr
+        for j in range(k):
+            g[j] = abs(latent[j])
+        alpha = _row_mean(g, one, count)
+        for j in range(k):
+            s = one if latent[j] >= 0 else -one  # sign(0) = +1, NaN -> -1 (quant.sign)
+            if l2:
+                g[j] = lam * (latent[j] - alpha * s)
+            else:
+                g[j] = lam * (one if abs(latent[j]) - alpha >= 0 else -one) * s
+        if center:
+            g_mean = _row_mean(g, one, count)
+            for j in range(k):
+                g[j] = g[j] - g_mean
+        for j in range(k):
+            out[r, j] = grad[r, j] + g[j]
+
+
+def grs_gradient_added(w, grad, lam, variant, center):
+    """grad + the GRS gradient of a 2-D latent weight w (C_out, K), as binaryvit.GRSHook's NumPy steps
+    compute it (binarized_latent, grs_gradient, the pull back through the centring) in one pass per
+    row: a new array of w's shape and dtype. variant "l2" | "l1"; center: the binarizer centres W."""
+    w = np.ascontiguousarray(w)
+    out = np.empty_like(w)
+    _grs_rows(w, np.ascontiguousarray(grad, w.dtype), w.dtype.type(lam), variant == "l2", bool(center),
+              w.dtype.type(1), w.dtype.type(w.shape[1]), out)
+    return out
+
+
+@njit(parallel=True, cache=True)
 def _pack_columns(x, signs, bits):
     """bits[b, j, w] = the bits of the column j of x[b] over rows i = 64 w .. 64 w + 63: bit 1 where
     not x >= 0 (signs: sign(x) = -1, NaN too, as quant.sign) or where x != 0 (a mask)."""

@@ -7,7 +7,7 @@ user may call it too, or not at all (the results are the same bits either way: o
 Thread-pool environment (set only where the user has not set the variable). These are read when the
 libraries start their pools, so they take effect only if set before NumPy's BLAS (OpenBLAS) and
 Numba's OpenMP layer load; configure_process reports which pools were already loaded (`too_late`).
-Both settings are process-wide: they also apply to PyTorch in the same process (one OpenMP runtime).
+These settings are process-wide: they also apply to PyTorch in the same process (one OpenMP runtime).
 
 - OMP_WAIT_POLICY=PASSIVE: Numba's parallel kernels run on an OpenMP pool and NumPy's matmuls on
   OpenBLAS's pthreads. With OpenMP's default active wait the two pools spin against each other on the
@@ -15,19 +15,21 @@ Both settings are process-wide: they also apply to PyTorch in the same process (
 - OPENBLAS_THREAD_TIMEOUT=4: likewise OpenBLAS's workers keep polling for a while after each matmul and
   slow down the Numba kernel that follows; a short timeout (2^4 cycles) took a training step of the
   benchmark model from 1.45 s to 1.07 s on 2 cores.
-- GOMP_SPINCOUNT (workload="inference" only): the packed engine runs a batch as a chain of short
-  parallel regions (TerViT: about 20 per block, most well under a millisecond), and under PASSIVE each
-  region first wakes the sleeping worker: on the 2-core AMD KVM machine engine.gsb_net.value_min_max
-  on a DeiT-Tiny batch-8 operand, timed in a loop, took 0.04-0.07 ms without minibvit's settings and
-  0.17-0.25 ms with PASSIVE. Inference has almost no BLAS for the OpenMP pool to spin against, so it
-  gets libgomp's own default spin instead (GOMP_SPINCOUNT=300000, about 3 ms; OMP_WAIT_POLICY is then
-  not set): `scripts/bench_inference.py --workload train` against `--workload inference` on the same
-  code gave TerViT DeiT-Tiny batch 8 1.22x -> 1.78x PyTorch (docs/engine.md "Speed").
-  Training keeps PASSIVE: a short spin (30000) slowed the training step once the attention matmuls
-  were split across Numba threads (scripts/bench_train_step.py ratio 0.60-0.68 with it, 0.74-0.83
-  with GOMP_SPINCOUNT=0 exported), though it made small binary GEMMs at 2 threads faster (median
-  6.9x -> 10.0x over NumPy, scripts/bench_gemm.py); docs/kernels.md "Threads". A user's own
-  OMP_WAIT_POLICY or GOMP_SPINCOUNT is always kept.
+- GOMP_SPINCOUNT: under PASSIVE alone each Numba parallel region first wakes the sleeping worker, ~55 us
+  on the 2-core AMD KVM machine (an empty prange region: 57 us PASSIVE, 1.3 us with a spin), paid by
+  every region of a training step's chains of Numba kernels. Training gets a short spin, GOMP_SPINCOUNT=5000 (libgomp
+  counts ~100000 spins a millisecond: ~50 us), long enough to catch the next region of a chain of
+  Numba kernels, short enough not to hold a core while OpenBLAS's matmul that follows wants it: three
+  alternating process pairs of `scripts/bench_train_step.py --methods fp binary gsb` gave fp 268 /
+  280 / 275 ms without it and 267 / 255 / 275 ms with it, binary 287 / 352 / 304 -> 263 / 269 / 273,
+  gsb 363 / 397 / 414 -> 347 / 318 / 366 (docs/benchmarks.md). A longer spin (30000) slowed the step on
+  the Intel machine (docs/kernels.md "Threads"). workload="inference": the packed engine runs a batch
+  as a chain of short parallel regions (TerViT: about 20 per block) with almost no BLAS between them,
+  so it gets libgomp's own default spin, GOMP_SPINCOUNT=300000 (about 3 ms), and OMP_WAIT_POLICY is
+  not set: `scripts/bench_inference.py --workload train` against `--workload inference` on the same
+  code gave TerViT DeiT-Tiny batch 8 1.22x -> 1.78x PyTorch (docs/engine.md "Speed"). A user's own
+  OMP_WAIT_POLICY or GOMP_SPINCOUNT is always kept (and GOMP_SPINCOUNT is not set when the user chose
+  an OMP_WAIT_POLICY).
 
 glibc malloc (takes effect whenever it is called, for the allocations that follow): by default glibc
 serves each large block (the activations: 6-25 MB at the benchmark's batch 128) with a fresh mmap and
@@ -44,7 +46,7 @@ from dataclasses import dataclass, field
 
 # workload -> {variable: value}, each set only where the user has not set it (GOMP_SPINCOUNT also not
 # where the user chose an OMP_WAIT_POLICY)
-THREAD_ENV_DEFAULTS = {"train": {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"},
+THREAD_ENV_DEFAULTS = {"train": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "5000", "OPENBLAS_THREAD_TIMEOUT": "4"},
                        "inference": {"GOMP_SPINCOUNT": "300000", "OPENBLAS_THREAD_TIMEOUT": "4"}}
 MALLOC_SETTINGS = {"M_MMAP_MAX": (-4, 0), "M_TRIM_THRESHOLD": (-1, 1 << 30)}  # name: (mallopt param, value)
 
@@ -104,8 +106,8 @@ def configure_process(threads=True, malloc=True, workload="train"):
     nothing new (the variables are then set) and re-applies malloc.
 
     Args: threads: set THREAD_ENV_DEFAULTS[workload] where unset; malloc: apply MALLOC_SETTINGS;
-        workload: "train" (training, evaluation, anything on NumPy's BLAS: OpenMP waits passively) or
-        "inference" (the packed engine: OpenMP spins briefly between its parallel regions).
+        workload: "train" (training, evaluation, anything on NumPy's BLAS: OpenMP spins ~50 us, then
+        sleeps) or "inference" (the packed engine: OpenMP spins ~3 ms between its parallel regions).
     Returns: ProcessReport.
     """
     if workload not in THREAD_ENV_DEFAULTS:

@@ -92,8 +92,9 @@ def test_user_malloc_settings_are_left_alone():
 
 
 def test_thread_defaults_only_where_unset():
-    assert run(CONFIGURED)["env"] == {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
+    assert run(CONFIGURED)["env"] == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "5000", "OPENBLAS_THREAD_TIMEOUT": "4"}
     assert run(CONFIGURED, OMP_WAIT_POLICY="ACTIVE")["env"] == {"OPENBLAS_THREAD_TIMEOUT": "4"}
+    assert run(CONFIGURED, GOMP_SPINCOUNT="0")["env"] == {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
 
 
 def test_inference_workload_spins_instead_of_waiting_passively():
@@ -122,6 +123,6 @@ def test_command_line_mains_configure_first():
     code = ("import json, os, runpy, sys\nsys.argv = ['minibvit.train', '--help']\n"
             "try:\n    runpy.run_module('minibvit.train', run_name='__main__')\nexcept SystemExit:\n    pass\n"
             "print(json.dumps({k: os.environ.get(k) for k in " + repr(THREAD_VARS) + "}))")
-    assert run(code) == {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": None}
+    assert run(code) == {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": "5000"}
     packed = code.replace("minibvit.train", "minibvit.infer")
     assert run(packed) == {"OMP_WAIT_POLICY": None, "OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": "300000"}

@@ -17,8 +17,9 @@ numpy_time / binary_time.
 --ternary adds a second table: ternary weights (TerViT) with int8 activations (ternary_gemm_int8)
 and with binary activations (ternary_gemm_binary), both against the same NumPy float32 matmul.
 
-Thread settings are minibvit's (minibvit.process.configure_process, what it set is printed; e.g. GOMP_SPINCOUNT=30000 lets the
-OpenMP worker spin briefly between parallel regions); export a variable to override it. torch.matmul
+Thread settings are minibvit's training defaults (minibvit.process.configure_process, what it set is
+printed: GOMP_SPINCOUNT=5000 lets the OpenMP worker spin ~50 us between parallel regions before it
+sleeps); export a variable to override it (GOMP_SPINCOUNT=0: the plain passive wait). torch.matmul
 runs in a worker process with PyTorch's own settings (torch_baseline.py).
 
 --wide-vectors re-runs this script with NUMBA_CPU_FEATURES = host features + "-prefer-256-bit", which

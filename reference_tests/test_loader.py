@@ -157,7 +157,8 @@ def test_workers_fine_after_numba_threads_in_parent(source):
 
 
 PARENT = textwrap.dedent("""
-    import sys, time, numpy as np
+    import faulthandler, signal, sys, time, numpy as np
+    faulthandler.register(signal.SIGUSR1)  # the test asks for the stacks if the parent hangs
     sys.path.insert(0, {tests!r})
     from jpeg_tree import SlowTransform
     from minibvit import augment as A, imagenet
@@ -205,9 +206,16 @@ def test_parent_interrupted_or_killed_leaves_nothing(source, tmp_path, how):
         pids = [int(p) for p in pids]
         assert shm_exists(name) and all(pid_alive(p) for p in pids)
         proc.send_signal(getattr(signal, how))
-        proc.wait(timeout=30)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # every thread's stack to stderr (faulthandler), then fail
+            time.sleep(2)
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"the parent did not exit within 30 s of {how}; its stderr:\n{err[-6000:]}")
         if how == "SIGINT":
-            assert "KeyboardInterrupt" in proc.stderr.read()
+            assert "KeyboardInterrupt" in err
         # SIGINT: the with block closes the loader; SIGKILL: the workers notice the parent is gone
         # and exit, then Python's resource tracker unlinks the orphaned segment
         assert wait_until(lambda: not any(pid_alive(p) for p in pids))

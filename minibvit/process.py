@@ -16,20 +16,20 @@ These settings are process-wide: they also apply to PyTorch in the same process 
   slow down the Numba kernel that follows; a short timeout (2^4 cycles) took a training step of the
   benchmark model from 1.45 s to 1.07 s on 2 cores.
 - GOMP_SPINCOUNT: under PASSIVE alone each Numba parallel region first wakes the sleeping worker, ~55 us
-  on the 2-core AMD KVM machine (an empty prange region: 57 us PASSIVE, 1.3 us with a spin), paid by
-  every region of a training step's chains of Numba kernels. Training gets a short spin, GOMP_SPINCOUNT=5000 (libgomp
-  counts ~100000 spins a millisecond: ~50 us), long enough to catch the next region of a chain of
-  Numba kernels, short enough not to hold a core while OpenBLAS's matmul that follows wants it: three
-  alternating process pairs of `scripts/bench_train_step.py --methods fp binary gsb` gave fp 268 /
-  280 / 275 ms without it and 267 / 255 / 275 ms with it, binary 287 / 352 / 304 -> 263 / 269 / 273,
-  gsb 363 / 397 / 414 -> 347 / 318 / 366 (docs/benchmarks.md). A longer spin (30000) slowed the step on
-  the Intel machine (docs/kernels.md "Threads"). workload="inference": the packed engine runs a batch
-  as a chain of short parallel regions (TerViT: about 20 per block) with almost no BLAS between them,
-  so it gets libgomp's own default spin, GOMP_SPINCOUNT=300000 (about 3 ms), and OMP_WAIT_POLICY is
-  not set: `scripts/bench_inference.py --workload train` against `--workload inference` on the same
-  code gave TerViT DeiT-Tiny batch 8 1.22x -> 1.78x PyTorch (docs/engine.md "Speed"). A user's own
-  OMP_WAIT_POLICY or GOMP_SPINCOUNT is always kept (and GOMP_SPINCOUNT is not set when the user chose
-  an OMP_WAIT_POLICY).
+  on the 2-core AMD KVM machine (a prange loop of two additions, median of 300 calls: 57 us PASSIVE, 1.3
+  us with a spin), paid by every region of a training step's chains of Numba kernels. Training gets a
+  short spin, GOMP_SPINCOUNT=5000 (libgomp counts ~100000 spins a millisecond: ~50 us), long enough to
+  catch the next region of a chain of Numba kernels, short enough not to hold a core while OpenBLAS's
+  matmul that follows wants it: three alternating process pairs of `scripts/bench_train_step.py
+  --methods fp binary gsb` gave fp 268 / 280 / 275 ms without it and 267 / 255 / 275 ms with it, binary
+  287 / 352 / 304 -> 263 / 269 / 273, gsb 363 / 397 / 414 -> 347 / 318 / 366 (docs/benchmarks.md). A
+  longer spin (30000) slowed the step on the Intel machine (docs/kernels.md "Threads").
+  workload="inference": the packed engine runs a batch as a chain of short parallel regions (TerViT:
+  about 20 per block) with almost no BLAS between them, so it gets libgomp's own default spin,
+  GOMP_SPINCOUNT=300000 (about 3 ms), and OMP_WAIT_POLICY is not set: `scripts/bench_inference.py
+  --workload train` against `--workload inference` on the same code gave TerViT DeiT-Tiny batch 8 1.22x
+  -> 1.78x PyTorch (docs/engine.md "Speed"). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT is always
+  kept (and GOMP_SPINCOUNT is not set when the user chose an OMP_WAIT_POLICY).
 
 glibc malloc (takes effect whenever it is called, for the allocations that follow): by default glibc
 serves each large block (the activations: 6-25 MB at the benchmark's batch 128) with a fresh mmap and
@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 
 # workload -> {variable: value}, each set only where the user has not set it (GOMP_SPINCOUNT also not
 # where the user chose an OMP_WAIT_POLICY)
-THREAD_ENV_DEFAULTS = {"train": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "5000", "OPENBLAS_THREAD_TIMEOUT": "4"},
+THREAD_ENV_DEFAULTS = {"train": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "5000",
+                                 "OPENBLAS_THREAD_TIMEOUT": "4"},
                        "inference": {"GOMP_SPINCOUNT": "300000", "OPENBLAS_THREAD_TIMEOUT": "4"}}
 MALLOC_SETTINGS = {"M_MMAP_MAX": (-4, 0), "M_TRIM_THRESHOLD": (-1, 1 << 30)}  # name: (mallopt param, value)
 

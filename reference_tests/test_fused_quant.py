@@ -243,7 +243,7 @@ def test_grs_hook_fused_bit_identical(monkeypatch, k, dtype, variant, spec):
     w = (rng.standard_normal((9, k)) * 0.02).astype(dtype)
     w[0] = 0.0  # a constant row: W_c = 0, sign(0) = +1, alpha 0
     w[1, ::3] = -0.0
-    w[2, ::5] = np.abs(w[2]).mean()  # |W| - alpha = 0 exactly (l1's sign(0) = +1) where W is not centred
+    w[2] = np.where(np.arange(k) % 2, -1, 1) / 64  # +-2^-6: |W| - alpha = 0 exactly (l1's sign(0) = +1)
     grad = rng.standard_normal(w.shape).astype(dtype)
 
     class Model:

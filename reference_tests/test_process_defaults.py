@@ -92,7 +92,8 @@ def test_user_malloc_settings_are_left_alone():
 
 
 def test_thread_defaults_only_where_unset():
-    assert run(CONFIGURED)["env"] == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "5000", "OPENBLAS_THREAD_TIMEOUT": "4"}
+    assert run(CONFIGURED)["env"] == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "5000",
+                                      "OPENBLAS_THREAD_TIMEOUT": "4"}
     assert run(CONFIGURED, OMP_WAIT_POLICY="ACTIVE")["env"] == {"OPENBLAS_THREAD_TIMEOUT": "4"}
     assert run(CONFIGURED, GOMP_SPINCOUNT="0")["env"] == {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
 

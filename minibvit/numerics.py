@@ -14,7 +14,7 @@ op pairs and hands their loops to the functions here for float32 / float64 input
                    float32; tanh form), optionally of x + bias, the bias gradient in the same pass
     softmax        softmax / softmax_backward (on rows); exp_f32_rounded (float32 exp, in Numba
                    code) and exp_f32 (the same on an array); row_max
-    sums and adds  column_sums, add_to_rows (bias), add (residual)
+    sums and adds  column_sums, add_to_rows (bias), add (residual); row_table (a view's rows)
     attention      stacked_matmul (a stack of small matmuls split across threads: a thread pool,
                    forgotten in a forked child), interleave_heads (the heads' gradient layout)
 
@@ -181,12 +181,55 @@ def _column_sum_chunks(x, chunks):
                 chunks[c, j] += x[r, j]
 
 
+@njit(parallel=True, cache=True, fastmath=_REDUCE_FASTMATH)
+def _column_sum_chunks_rows(flat, starts, chunks):
+    """_column_sum_chunks of the rows flat[starts[r]:starts[r] + n] (row_table)."""
+    rows, (parts, n) = starts.size, chunks.shape
+    for c in prange(parts):
+        for r in range(c * rows // parts, (c + 1) * rows // parts):
+            row = flat[starts[r]:starts[r] + n]
+            for j in range(n):
+                chunks[c, j] += row[j]
+
+
 def column_sums(x):
-    """x.sum(axis=0) of a 2-D array (rows, n) -> (n,), in parallel: partial sums over ROW_CHUNKS
-    fixed row ranges (the same result for any thread count), then their sum."""
-    chunks = np.zeros((ROW_CHUNKS, x.shape[1]), dtype=x.dtype)
-    _column_sum_chunks(np.ascontiguousarray(x), chunks)
+    """The sum over every axis but the last of x (..., n) -> (n,) (x.sum(axis=0) of a 2-D array), in
+    parallel: partial sums over ROW_CHUNKS fixed row ranges (the same result for any thread count),
+    then their sum. A view whose rows lie apart (the attention's dq in the qkv gradient) is read where
+    it lies (row_table)."""
+    n = x.shape[-1]
+    chunks = np.zeros((ROW_CHUNKS, n), dtype=x.dtype)
+    table = None if x.flags.c_contiguous else row_table(x)
+    if table is None:
+        _column_sum_chunks(np.ascontiguousarray(x).reshape(-1, n), chunks)
+    else:
+        _column_sum_chunks_rows(table[0], table[1], chunks)
     return chunks.sum(axis=0)
+
+
+CONTIGUOUS_ROWS = np.zeros(0, np.int64)
+
+
+def row_table(x):
+    """(flat, starts) of an (..., K) array x whose last axis is contiguous (a view of a C-contiguous
+    array, such as the attention's dq in the qkv gradient): element j of row r (x's leading indices in
+    C order) is flat[starts[r] + j]; starts is empty for a C-contiguous x. None when x's layout has
+    no such table."""
+    if x.flags.c_contiguous:
+        return x.reshape(-1), CONTIGUOUS_ROWS
+    item = x.itemsize
+    if x.ndim == 0 or x.strides[-1] != item or any(s < 0 or s % item for s in x.strides):
+        return None
+    owner = x
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    offset = x.__array_interface__["data"][0] - owner.__array_interface__["data"][0]
+    if not (owner.flags.c_contiguous and owner.dtype == x.dtype and offset % item == 0):
+        return None
+    starts = np.full(1, offset // item, np.int64)
+    for n, stride in zip(x.shape[:-1], x.strides[:-1]):
+        starts = (starts[:, None] + np.arange(n, dtype=np.int64) * (stride // item)).reshape(-1)
+    return owner.reshape(-1), starts
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCE_FASTMATH)
@@ -277,11 +320,34 @@ def _exp_f32_fast(x):
 @njit(inline="always", fastmath=EXACT_FASTMATH)
 def phi_f32(v):
     """Phi(v) = erfc(-v / sqrt 2) / 2 through Numerical Recipes' Chebyshev erfc (relative error
-    < 1.2e-7) and _exp_f32_fast; about 2e-6 relative in all. Branch-free so the loop vectorizes."""
+    < 1.2e-7) and _exp_f32_fast; about 2e-6 relative in all (up to 1e-5 far in the negative tail).
+    Branch-free so the loop vectorizes."""
     z = abs(v) * np.float32(0.7071067811865476)
     t = np.float32(1.0) / fma_f32(np.float32(0.5), z, np.float32(1.0))
     half_erfc = np.float32(0.5) * t * _exp_f32_fast(fma_f32(-z, z, _horner_f32(t, _ERFC_COEFFS)))  # = Phi(-|v|)
     return half_erfc if v < 0 else np.float32(1.0) - half_erfc
+
+
+# The float32 GELU evaluates Phi and the normal density at v clamped to [-12, 12]: beyond it their
+# values (below 2e-33 and 3e-32) would go through subnormals, which cost x86 cores about a hundred
+# cycles an operation (a GELU over pre-activations of standard deviation 12 ran 10x slower). Clamped,
+# every intermediate stays normal, the bits are those of the formulas up to |v| = 12, and beyond it
+# the GELU is v (v > 12) or v Phi(-12) (v < -12, |error| < 2e-33 |v|), its derivative 1 or
+# v pdf(12) + Phi(-12).
+GELU_CLAMP = np.float32(12.0)
+
+
+@njit(inline="always", fastmath=EXACT_FASTMATH)
+def gelu_tail_clamped(v):
+    """v clamped to [-GELU_CLAMP, GELU_CLAMP] (NaN stays NaN): where the float32 GELU evaluates Phi."""
+    c = GELU_CLAMP if v > GELU_CLAMP else v
+    return -GELU_CLAMP if c < -GELU_CLAMP else c
+
+
+@njit(inline="always", fastmath=EXACT_FASTMATH)
+def gelu_f32(v):
+    """GELU(v) = v Phi(v) in float32, Phi at gelu_tail_clamped(v)."""
+    return v * phi_f32(gelu_tail_clamped(v))
 
 
 # The GELU kernels work on rows: x (rows, n) is the output of the preceding linear layer before its
@@ -297,7 +363,7 @@ def _gelu_erf_f32(x, bias, out):
     for r in prange(rows):
         for j in range(n):
             v = x[r, j] if bias is None else x[r, j] + bias[j]
-            out[r, j] = v * phi_f32(v)
+            out[r, j] = gelu_f32(v)
 
 
 @njit(parallel=True, cache=True, fastmath=EXACT_FASTMATH, error_model="numpy")
@@ -308,8 +374,9 @@ def _gelu_erf_f32_backward(x, bias, dout, dx, dbias_chunks):
         for r in range(c * rows // chunks, (c + 1) * rows // chunks):
             for j in range(n):
                 v = x[r, j] if bias is None else x[r, j] + bias[j]
-                pdf = np.float32(0.3989422804014327) * _exp_f32_fast(np.float32(-0.5) * v * v)
-                g = dout[r, j] * fma_f32(v, pdf, phi_f32(v))
+                vc = gelu_tail_clamped(v)
+                pdf = np.float32(0.3989422804014327) * _exp_f32_fast(np.float32(-0.5) * vc * vc)
+                g = dout[r, j] * fma_f32(v, pdf, phi_f32(vc))
                 dx[r, j] = g
                 if bias is not None:
                     dbias_chunks[c, j] += g

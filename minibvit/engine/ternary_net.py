@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import ops
-from ..numerics import EXACT_FASTMATH, phi_f32, softmax_exp_rows
+from ..numerics import EXACT_FASTMATH, gelu_f32, softmax_exp_rows
 from ..kernels.binary import aligned_empty
 from ..kernels.int8 import dot4_bmm_rows, padded_columns
 from ..kernels.ternary import ternary_gemm_quads, ternary_weight_quads, ternary_weight_sums
@@ -81,8 +81,9 @@ def unsigned_quads(x, scale, zero_point, out):
 def min_max(x, gelu_out=None):
     """(min, max) of a C-contiguous float32 array [M, K] as a float32 [2] (order keys: exact in any
     order; no NaN expected). With gelu_out [M, K]: gelu_out = ops.gelu_forward(x) (approximate "none";
-    numerics' _gelu_erf_f32: v * phi_f32(v), compiled with the same flags, so the same bits) and the
-    (min, max) of that instead, in the same pass."""
+    numerics' _gelu_erf_f32: numerics.gelu_f32, compiled with the same flags, so the same bits) and the
+    (min, max) of that instead, in the same pass. (Numba's cache of this module does not see a change
+    of numerics: a change of gelu_f32 comes with an edit here.)"""
     rows = x.shape[0]
     tasks = (rows + _ROWS - 1) // _ROWS
     keys = np.empty((tasks, 2), np.int32)
@@ -95,7 +96,7 @@ def min_max(x, gelu_out=None):
                 xr, orow = x[r], gelu_out[r]
                 for j in range(x.shape[1]):
                     v = xr[j]
-                    orow[j] = v * phi_f32(v)
+                    orow[j] = gelu_f32(v)
                 br = orow.view(np.int32)
             for j in range(x.shape[1]):
                 key = fused.order_key(br[j])

@@ -220,6 +220,15 @@ class GRSHook:
 # ASM (activation shift module), our reconstruction
 # ------------------------------------------------------------------------------------------------
 
+def _column_sums(x):
+    """The sum of x (..., C) over every axis but the last: numerics.column_sums (in parallel, over
+    fixed chunks of rows, as the bias gradients; a view read where it lies) for float32 / float64,
+    NumPy's otherwise. Numba loads on first use."""
+    from . import numerics, ops
+
+    return numerics.column_sums(x) if ops._numerics(x) else x.reshape(-1, x.shape[-1]).sum(axis=0)
+
+
 def check_asm_center(center):
     """Refuse an unknown ASM centre; the old name "none" (which still inserted a learnable shift)
     gets its own message."""
@@ -282,12 +291,13 @@ class ASM:
             self.buffers["running_center"] = np.full(channels, np.nan, self.dtype)
 
     def _update_running_center(self, x, reduce=None):
-        flat = x.reshape(-1, self.channels)
+        rows = x.size // self.channels
         if self.center == "mean":
-            batch = flat.mean(axis=0)
+            batch = _column_sums(x) / rows
             if reduce is not None:
-                batch = reduce.mean(batch, weight=len(flat))
+                batch = reduce.mean(batch, weight=rows)
         else:
+            flat = x.reshape(-1, self.channels)
             batch = np.median(flat if reduce is None else reduce.gather(flat), axis=0)
         running = self.buffers["running_center"]
         if np.isnan(running).any():
@@ -306,8 +316,6 @@ class ASM:
                             f"build it with dtype={x.dtype} or cast the input")
         shift = self.params["shift"]
         fused = not self.scale and self.center != "token" and isinstance(self.inner, ElasticBinarizer)
-        if fused:  # y = x - centre inside the binarizer's pass (bit for bit the same y)
-            x = np.ascontiguousarray(x)
         if self.center in ("mean", "median"):
             if training:
                 self._update_running_center(x, self.collective)
@@ -327,10 +335,15 @@ class ASM:
         out, inner_cache = self.inner.forward(y if s is None else y * s, training)
         return out, (inner_cache, y, s)
 
-    def backward(self, dout, cache):
-        """Returns dx (x's shape) and grads {**inner grads, "shift": (C,)[, "scale": (C,)]}."""
+    backward_takes_out = True  # backward(dout, cache, out=view) returns dx in the view
+
+    def backward(self, dout, cache, out=None):
+        """Returns dx (x's shape; written into out when given, a view too) and grads {**inner grads,
+        "shift": (C,)[, "scale": (C,)]}."""
         inner_cache, y, s = cache
-        dz, grads = self.inner.backward(dout, inner_cache)
+        direct = out is not None and s is None and self.center != "token" and \
+            getattr(self.inner, "backward_takes_out", False)  # dx = dz: the binarizer writes it there
+        dz, grads = self.inner.backward(dout, inner_cache, out=out) if direct else self.inner.backward(dout, inner_cache)
         grads = dict(grads)
         if s is None:
             dy = dz
@@ -339,7 +352,10 @@ class ASM:
             floored = self.params["scale"] < self.dtype.type(SCALE_FLOOR)
             grads["scale"] = np.where(floored, 0, (dz * y).reshape(-1, self.channels).sum(axis=0)).astype(self.dtype)
         dx = dy - dy.mean(axis=-1, keepdims=True) if self.center == "token" else dy
-        grads["shift"] = -dy.reshape(-1, self.channels).sum(axis=0)
+        grads["shift"] = -_column_sums(dy)
+        if out is not None and dx is not out:
+            out[...] = dx
+            dx = out
         return dx, grads
 
     def integer_form(self, cache):

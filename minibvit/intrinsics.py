@@ -9,7 +9,8 @@ anything on import; each intrinsic is compiled into the kernel that calls it.
     bit casts          as_float32, as_float64
     arithmetic         fma_f32
     popcount           popcount (scalar), popcount_assign / popcount_add (8 lanes, unrolled words)
-    packing            bits64 (sign / nonzero bits of 64 elements), below_bits64, at_least_bits64,
+    packing            bits64 (sign / nonzero bits of 64 elements) and its inverse select64,
+                       below_bits64, at_least_bits64,
                        interval_bits64 (the engine's packed binarizer decisions)
     byte dot products  dot4_accumulate (VPDPBUSD / VPMADDUBSW / portable, chosen at compile time)
 """
@@ -227,6 +228,36 @@ def interval_bits64(typingctx, values, lo, span, flip, start):
         return builder.bitcast(builder.xor(inside, flipped), ir.IntType(64))
 
     return types.uint64(values, lo, span, flip, start), codegen
+
+@intrinsic
+def select64(typingctx, word, if_set, if_clear, row, start):
+    """row[start + j] = if_set where bit j of word is 1, else if_clear, j < 64: the inverse of bits64.
+    Bitcasts the i64 to 64 lanes of i1 and stores one vector select (a masked blend on AVX-512)."""
+    if not (isinstance(row, types.Array) and row.ndim == 1 and row.layout == "C"
+            and isinstance(row.dtype, types.Float) and isinstance(word, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        word_v, set_v, clear_v, row_arg, start_v = args
+        row_t = signature.args[3]
+        element_t = context.get_value_type(row_t.dtype)
+        vector_t = ir.VectorType(element_t, 64)
+
+        def splat(value, value_type):
+            value = context.cast(builder, value, value_type, row_t.dtype)
+            v = builder.insert_element(ir.Constant(vector_t, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), 64), [0] * 64))
+
+        mask = builder.bitcast(context.cast(builder, word_v, signature.args[0], types.uint64),
+                               ir.VectorType(ir.IntType(1), 64))
+        chosen = builder.select(mask, splat(set_v, signature.args[1]), splat(clear_v, signature.args[2]))
+        data = context.make_array(row_t)(context, builder, row_arg).data
+        builder.store(chosen, builder.bitcast(builder.gep(data, [start_v]), vector_t.as_pointer()),
+                      align=row_t.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.void(word, if_set, if_clear, row, start), codegen
+
 
 # ---------------------------------------------------------------------------------------------
 # byte dot products (8-bit activations x ternary weights, minibvit.kernels.ternary)

@@ -117,9 +117,15 @@ def _quantize(quantizer, x, training):
     return (x, None) if quantizer is None else quantizer.forward(x, training)
 
 
-def _quantize_backward(quantizer, dout, cache):
-    """quantizer.backward(dout, cache): (d input, parameter gradients); (dout, {}) without one."""
-    return (dout, {}) if quantizer is None else quantizer.backward(dout, cache)
+def _quantize_backward(quantizer, dout, cache, out=None):
+    """quantizer.backward(dout, cache): (d input, parameter gradients); (dout, {}) without one.
+    out: where the caller wants d input (a view of a larger gradient): a quantizer whose backward
+    takes it (``backward_takes_out``) writes d input there; others return a new array."""
+    if quantizer is None:
+        return dout, {}
+    if out is not None and out is not dout and getattr(quantizer, "backward_takes_out", False):
+        return quantizer.backward(dout, cache, out=out)
+    return quantizer.backward(dout, cache)
 
 
 def _gradient_passes(quantizer):
@@ -357,14 +363,14 @@ class ViT:
             c_scores = (_recompute(qz, cq), _recompute(kz, ck)) + c_scores[2:]
         dq_out, dk_out, dv_out = out
         da_d, dv_q = ops.attention_values_backward(dout, c_values, out=dv_out if _gradient_passes(vz) else None)
-        dv, gv = _quantize_backward(vz, dv_q, cv)
+        dv, gv = _quantize_backward(vz, dv_q, cv, out=dv_out)
         da_q = ops.dropout_backward(da_d, c_drop)
         dattn, ga = _quantize_backward(az, da_q, ca)
         dscores = ops.softmax_backward(dattn, c_soft)
         dq_q, dk_q = ops.attention_scores_backward(dscores, c_scores, out=(dq_out if _gradient_passes(qz) else None,
                                                                          dk_out if _gradient_passes(kz) else None))
-        dq, gq = _quantize_backward(qz, dq_q, cq)
-        dk, gk = _quantize_backward(kz, dk_q, ck)
+        dq, gq = _quantize_backward(qz, dq_q, cq, out=dq_out)
+        dk, gk = _quantize_backward(kz, dk_q, ck, out=dk_out)
         for t, grads in (("v", gv), ("attn", ga), ("q", gq), ("k", gk)):
             self._accumulate_quant(f"{b}.attn.{t}", grads)
         return _written_to(dq, dq_out), _written_to(dk, dk_out), _written_to(dv, dv_out)

@@ -273,6 +273,10 @@ def weight_binarize_forward(w, scale="channel", center=False, ste="identity"):
         cache: for weight_binarize_backward.
     """
     check_choice(ste, WEIGHT_STE_KINDS, "ste")
+    if _fused(w) and w.ndim == 2 and scale == "channel":  # one pass per row: out, derivative, levels, bits
+        _check_weight(w)
+        out, derivative, levels, alpha, bits = _kernels().weight_binarize_channel(w, center, ste == "clipped")
+        return out, (derivative, center, levels, alpha, bits)
     w_c, levels, alpha, bits = _binarize_weight(w, scale, center)
     out = alpha.reshape(_broadcast_shape(w.ndim, 0 if scale == "channel" else None)) * levels
     return out, (_ste_derivative(w_c, ste), center, levels, alpha, bits)
@@ -288,6 +292,8 @@ def weight_binarize_backward(dout, cache):
         dw: shape (C_out, ...).
     """
     derivative, center = cache[:2]
+    if _fused(dout) and dout.ndim == 2 and (derivative is None or derivative.dtype == dout.dtype):
+        return _kernels().weight_grad(dout, derivative, center)  # one pass per row
     dw_c = _apply_ste(dout, derivative)
     if center:
         dw_c -= dw_c.mean(axis=_other_axes(dw_c.ndim, 0), keepdims=True)
@@ -368,22 +374,24 @@ def elastic_binarize_forward(x, alpha, signed, alpha_grad="lsq", reduce=None, sh
     return out, (x, a, signed, alpha_grad, alpha.dtype, size, None)
 
 
-def elastic_binarize_backward(dout, cache):
+def elastic_binarize_backward(dout, cache, out=None):
     """Pseudo-gradients of elastic_binarize_forward.
 
     Args:
         dout: upstream gradient g, shape of x.
         cache: from elastic_binarize_forward.
+        out: None, or an array of x's shape and dtype (a view too) to write dx into.
     Returns:
-        dx: shape of x.
+        dx: shape of x (out, when given).
         dalpha: shape (1,), alpha's dtype.
     """
     x, a, signed, alpha_grad, alpha_dtype, size, _ = cache
     grad_scale = 1.0 / math.sqrt(size)
-    if _fused(x, dout):  # one pass: dx and the sum of the terms, in np.sum's order
+    if _fused(x, dout) and (out is None or out.dtype == x.dtype):  # one pass: dx and the terms' sum
         kernels = _kernels()
         kind = kernels.UNSIGNED if not signed else kernels.SIGNED_LSQ if alpha_grad == "lsq" else kernels.SIGNED_GSB
-        dx, total = kernels.elastic_backward(kind, x, dout, a.reshape(()))
+        dx, total = kernels.elastic_backward(kind, x, dout, a.reshape(()), out)
+        out = None  # written
     else:
         q = x / a
         if signed:
@@ -400,6 +408,9 @@ def elastic_binarize_backward(dout, cache):
             dx = dout * inside
             dalpha_elem = (q > 1) + inside * (np.round(q) - q)
         total = np.sum(dalpha_elem * dout)
+    if out is not None:
+        out[...] = dx
+        dx = out
     dalpha = (total * grad_scale).reshape(1).astype(alpha_dtype)
     return dx, dalpha
 
@@ -906,8 +917,11 @@ class ElasticBinarizer(_Quantizer):
         self._ensure_initialised(x, training, {"alpha": lambda x: elastic_alpha_init(x, self.signed, reduce)})
         return elastic_binarize_forward(x, self.params["alpha"], self.signed, self.alpha_grad, reduce, shift)
 
-    def backward(self, dout, cache):
-        dx, dalpha = elastic_binarize_backward(dout, cache)
+    backward_takes_out = True  # backward(dout, cache, out=view) writes dx into the view
+
+    def backward(self, dout, cache, out=None):
+        """out: None, or an array to write dx into (elastic_binarize_backward)."""
+        dx, dalpha = elastic_binarize_backward(dout, cache, out)
         return dx, {"alpha": dalpha}
 
     def integer_form(self, cache):
@@ -920,8 +934,12 @@ class ElasticBinarizer(_Quantizer):
         return cache[-1] is not None
 
     def recompute(self, cache):
-        """The forward's output again: the fused kernel on the cached input."""
+        """The forward's output again: alpha * sign from the level bits (signed: reads 1 bit an
+        element, not x), or the fused kernel on the cached input (unsigned: a level of -0. or NaN
+        has no bit of its own)."""
         x, a, signed = cache[:3]
+        if signed:
+            return _kernels().signed_output(cache[-1], a.reshape(()), x.shape, x.dtype)
         return _kernels().elastic_forward(x, a.reshape(()), signed)[0]
 
     def packed_form(self, cache, axis=-1):

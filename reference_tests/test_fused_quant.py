@@ -46,6 +46,43 @@ def test_elastic_fused_bit_identical(shape, dtype, signed, alpha_grad):
     assert cache[-1] is not None and ref_cache[-1] is None  # the fused path ran, and the NumPy one
     for got, want in ((out, ref_out), (dx, ref_dx), (dalpha, ref_dalpha)):
         assert got.dtype == want.dtype and got.shape == want.shape and _bits(got) == _bits(want)
+    recomputed = quant.ElasticBinarizer(signed, alpha_grad, dtype).recompute(cache)  # from the bits, signed
+    assert recomputed.dtype == out.dtype and recomputed.shape == out.shape and _bits(recomputed) == _bits(out)
+
+
+def _q_view(x):
+    """x (B, H, N, d) placed as the attention's q in a (B, N, 3, H, d) array (split_heads_grad_views'
+    layout), the rest NaN: (the view, the whole array)."""
+    b, h, n, d = x.shape
+    qkv = np.full((b, n, 3, h, d), np.nan, x.dtype)
+    view = qkv[:, :, 0].transpose(0, 2, 1, 3)
+    view[...] = x
+    return view, qkv
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 65, 64), (1, 2, 9, 7), (2, 1, 300, 130)], ids=str)
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("signed, alpha_grad", [(True, "lsq"), (True, "gsb"), (False, "lsq")])
+def test_elastic_backward_writes_into_a_view(shape, fused, signed, alpha_grad):
+    """out=: dx lands in a view of a larger gradient (the attention's dq in the qkv gradient), with the
+    bits of the NumPy path's new array, and nothing outside the view is touched."""
+    x, dout = _case(np.random.default_rng(13), shape, np.float32)
+    alpha = np.array([0.9], np.float32)
+    ref_dx, ref_dalpha = _numpy_path(lambda: quant.elastic_binarize_backward(
+        dout, quant.elastic_binarize_forward(x, alpha, signed, alpha_grad)[1]))
+    view, whole = _q_view(np.zeros(shape, np.float32))
+    run = (lambda f: f()) if fused else _numpy_path
+    dx, dalpha = run(lambda: quant.elastic_binarize_backward(
+        dout, quant.elastic_binarize_forward(x, alpha, signed, alpha_grad)[1], out=view))
+    assert dx is view and _bits(np.ascontiguousarray(dx)) == _bits(ref_dx) and _bits(dalpha) == _bits(ref_dalpha)
+    assert np.isnan(whole[:, :, 1:]).all()
+
+
+def test_elastic_backward_refuses_an_out_it_cannot_address():
+    x, dout = _case(np.random.default_rng(14), (4, 6), np.float32)
+    _, cache = quant.elastic_binarize_forward(x, np.array([0.9], np.float32), True)
+    with pytest.raises(ValueError, match="contiguous last axis"):
+        quant.elastic_binarize_backward(dout, cache, out=np.zeros((6, 4), np.float32).T)
 
 
 @pytest.mark.parametrize("shape", [(5, 64), (3, 65, 130), (2, 3, 17, 64)], ids=str)
@@ -122,6 +159,7 @@ def test_elastic_fused_nan_as_numpy(signed):
     out, cache = quant.elastic_binarize_forward(x, alpha, signed)
     ref_out, _ = _numpy_path(quant.elastic_binarize_forward, x, alpha, signed)
     assert cache[-1] is not None and _bits(out) == _bits(ref_out)
+    assert _bits(quant.ElasticBinarizer(signed).recompute(cache)) == _bits(out)
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 17), (2, 65, 192)], ids=str)
@@ -145,18 +183,26 @@ def test_elastic_fused_shift_is_numpy_subtraction(shape, signed):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("k", [1, 7, 64, 192, 200, 768, 1000])
 @pytest.mark.parametrize("scale, center", [("channel", True), ("channel", False), ("tensor", True), ("none", False)])
-def test_weight_binarizer_fused_bit_identical(k, dtype, scale, center):
+@pytest.mark.parametrize("ste", ["identity", "clipped"])
+def test_weight_binarizer_fused_bit_identical(k, dtype, scale, center, ste):
     rng = np.random.default_rng(k)
     w = (rng.standard_normal((9, k)) * 0.02).astype(dtype)
     w[0] = 0.0  # a constant row: W_c = 0, sign(0) = +1, alpha 0
     w[1, ::3] = -0.0
+    w[2] *= 100  # |W_c| > 1 here and there: the clipped STE's derivative is 0 there
+    w[3, :3] = [1.0, -1.0, np.nan] if k >= 3 else w[3, :3]  # |W_c| == 1 without centring; NaN
     dout = rng.standard_normal(w.shape).astype(dtype)
-    out, cache = quant.weight_binarize_forward(w, scale, center)
-    ref_out, ref_cache = _numpy_path(quant.weight_binarize_forward, w, scale, center)
+    dout[4, ::5] = -0.0
+    out, cache = quant.weight_binarize_forward(w, scale, center, ste)
+    ref_out, ref_cache = _numpy_path(quant.weight_binarize_forward, w, scale, center, ste)
     assert cache[4] is not None and ref_cache[4] is None
     assert _bits(out) == _bits(ref_out) and _bits(cache[2]) == _bits(ref_cache[2]) and _bits(cache[3]) == _bits(ref_cache[3])
+    assert (cache[0] is None) == (ref_cache[0] is None)  # the STE's derivative: none for the identity
+    assert cache[0] is None or _bits(cache[0]) == _bits(ref_cache[0])
     assert np.array_equal(cache[4], pack.pack_signs_reference(ref_cache[2]))
-    assert _bits(quant.weight_binarize_backward(dout, cache)) == _bits(quant.weight_binarize_backward(dout, ref_cache))
+    got = quant.weight_binarize_backward(dout, cache)
+    want = _numpy_path(quant.weight_binarize_backward, dout, ref_cache)
+    assert got.dtype == want.dtype and _bits(got) == _bits(want)
 
 
 def _gsb_case(rng, shape, dtype, kind):

@@ -24,7 +24,8 @@ tests (reference_tests/test_fused_quant.py) hold them bit for bit.
 import numpy as np
 from numba import njit, prange
 
-from ..intrinsics import bits64
+from ..intrinsics import bits64, select64
+from ..numerics import CONTIGUOUS_ROWS, row_table
 from .quantize_int import _PW_BLOCK, _pairwise_leaf, pairwise_sum
 
 _PARALLEL_MIN = 1 << 12          # elements per parallel pairwise subtree, at least
@@ -68,27 +69,42 @@ def _kind_terms(kind, xb, gb, a, one, db, terms):
 
 
 @njit(inline="always")
-def _leaf_terms(kind, x, g, a, one, dx, start, n, terms):
-    """dx of elements start .. start + n - 1 written, their terms into terms[:n]."""
-    xb, gb, db = x[start:start + n], g[start:start + n], dx[start:start + n]
+def _leaf_terms(kind, x, g, a, one, dx, dx_rows, k, start, n, terms, staged):
+    """dx of elements start .. start + n - 1 written, their terms into terms[:n]. dx: the flat output,
+    or with dx_rows (non-empty) the flat buffer of a view whose row r (of k) starts at dx[dx_rows[r]]
+    (row_table): dx is then computed into staged and stored a row segment at a time."""
+    xb, gb = x[start:start + n], g[start:start + n]
+    db = dx[start:start + n] if dx_rows.size == 0 else staged[:n]
     if kind == UNSIGNED:
         _kind_terms(UNSIGNED, xb, gb, a, one, db, terms)
     elif kind == SIGNED_LSQ:
         _kind_terms(SIGNED_LSQ, xb, gb, a, one, db, terms)
     else:
         _kind_terms(SIGNED_GSB, xb, gb, a, one, db, terms)
+    if dx_rows.size:
+        r = start // k
+        j = start - r * k
+        t = 0
+        while t < n:
+            seg = min(k - j, n - t)
+            row = dx[dx_rows[r] + j:dx_rows[r] + j + seg]
+            for u in range(seg):
+                row[u] = db[t + u]
+            t += seg
+            r += 1
+            j = 0
 
 
 @njit(inline="always")
-def _leaf(kind, x, g, a, one, dx, start, n, terms):
+def _leaf(kind, x, g, a, one, dx, dx_rows, k, start, n, terms, staged):
     """NumPy's pairwise sum of the terms of elements start .. start + n - 1 for n <= 128
     (quantize_int's leaf sum over the terms, computed into the scratch terms), writing their dx."""
-    _leaf_terms(kind, x, g, a, one, dx, start, n, terms)
+    _leaf_terms(kind, x, g, a, one, dx, dx_rows, k, start, n, terms, staged)
     return _pairwise_leaf(terms, 0, n, one - one)
 
 
 @njit(cache=True)
-def _subtree(kind, x, g, a, one, dx, start, n):
+def _subtree(kind, x, g, a, one, dx, dx_rows, k, start, n):
     """NumPy's pairwise_sum over elements start .. start + n - 1: a node of more than 128 elements
     is the sum left + right of its halves (the first rounded down to a multiple of 8). Walked with an
     explicit stack (a cached recursive Numba function crashes on load), left half first."""
@@ -97,12 +113,13 @@ def _subtree(kind, x, g, a, one, dx, start, n):
     expanded = np.zeros(128, np.bool_)
     values = np.empty(128, x.dtype)
     terms = np.empty(_PW_BLOCK, x.dtype)
+    staged = np.empty(_PW_BLOCK, x.dtype)
     top, n_values = 0, 0
     starts[0], lengths[0] = start, n
     while top >= 0:
         s, m = starts[top], lengths[top]
         if m <= _PW_BLOCK:
-            values[n_values] = _leaf(kind, x, g, a, one, dx, s, m, terms)
+            values[n_values] = _leaf(kind, x, g, a, one, dx, dx_rows, k, s, m, terms, staged)
             n_values += 1
             top -= 1
         elif not expanded[top]:
@@ -138,15 +155,16 @@ def _tree_nodes(n, depth):
 
 
 @njit(parallel=True, cache=True)
-def _elastic_backward_flat(kind, x, g, a, one, dx):
-    """dx (written) and the pairwise sum of the terms over the flat arrays x, g (C order)."""
+def _elastic_backward_flat(kind, x, g, a, one, dx, dx_rows, k):
+    """dx (written; through dx_rows when non-empty, _leaf_terms) and the pairwise sum of the terms
+    over the flat arrays x, g (C order)."""
     n = x.size
     if n <= _PARALLEL_MIN << _TREE_DEPTH:
-        return _subtree(kind, x, g, a, one, dx, 0, n)
+        return _subtree(kind, x, g, a, one, dx, dx_rows, k, 0, n)
     starts, lengths = _tree_nodes(n, _TREE_DEPTH)
     sums = np.empty(starts.size, x.dtype)
     for i in prange(starts.size):
-        sums[i] = _subtree(kind, x, g, a, one, dx, starts[i], lengths[i])
+        sums[i] = _subtree(kind, x, g, a, one, dx, dx_rows, k, starts[i], lengths[i])
     width = sums.size
     while width > 1:  # combine the subtrees as the recursion above them does: left + right
         for i in range(width // 2):
@@ -155,17 +173,25 @@ def _elastic_backward_flat(kind, x, g, a, one, dx):
     return sums[0]
 
 
-def elastic_backward(kind, x, dout, alpha):
+def elastic_backward(kind, x, dout, alpha, out=None):
     """(dx, sum of the scale-gradient terms) of quant.elastic_binarize_backward in one pass.
 
     x: the binarizer's input, dout: the upstream gradient (x's shape), alpha: the floored scale
-    (a scalar of x's dtype). Returns dx (x's shape and dtype) and the sum as a scalar of x's dtype,
-    equal bit for bit to np.sum(terms * dout) of the NumPy formula."""
+    (a scalar of x's dtype); out: None, or an array of x's shape and dtype to write dx into, a view
+    too (the attention's dq, dk, dv in the qkv gradient: row_table). Returns dx (x's shape and dtype;
+    out when given) and the sum as a scalar of x's dtype, equal bit for bit to np.sum(terms * dout)
+    of the NumPy formula."""
     x1 = np.ascontiguousarray(x).reshape(-1)
     g1 = np.ascontiguousarray(dout, dtype=x.dtype).reshape(-1)
-    dx = np.empty_like(x1)
-    total = _elastic_backward_flat(kind, x1, g1, x.dtype.type(alpha), x.dtype.type(1), dx)
-    return dx.reshape(x.shape), x.dtype.type(0) + x.dtype.type(total)  # np.sum adds its sum to 0.
+    table = None if out is None or out.shape != x.shape or out.dtype != x.dtype else row_table(out)
+    if out is not None and table is None:
+        raise ValueError(f"out must be a {x.dtype} array of shape {x.shape} with a contiguous last axis "
+                         f"(a view of a C-contiguous array), got {out.dtype} {out.shape}, strides {out.strides}")
+    dx_flat, dx_rows = (np.empty_like(x1), CONTIGUOUS_ROWS) if out is None else table
+    k = x.shape[-1] if x.ndim else 1
+    total = _elastic_backward_flat(kind, x1, g1, x.dtype.type(alpha), x.dtype.type(1), dx_flat, dx_rows, k)
+    dx = dx_flat.reshape(x.shape) if out is None else out
+    return dx, x.dtype.type(0) + x.dtype.type(total)  # np.sum adds its sum to 0.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,19 +211,23 @@ _ROW_BLOCK = 16  # rows per task of the forward (one scratch row of level bits p
 
 
 @njit(parallel=True, cache=True)
-def _elastic_forward_rows(x, shift, a, signed, one, out, bits, shifted):
+def _elastic_forward_rows(x, x_rows, shift, a, signed, one, out, bits, shifted):
     """out = a * sign(y) (signed) or a * clamp(round(y / a), 0, 1) (unsigned), row by row, and the
     packed bits of the levels along each row (bit 1: level -1 (signed), level 1 (unsigned)), with
-    y = x, or y = x - shift (per column, shift (K,)) written to shifted when shift is non-empty."""
-    rows, k = x.shape
+    y = x, or y = x - shift (per column, shift (K,)) written to shifted when shift is non-empty.
+    x: (rows, K), or with x_rows non-empty a flat buffer whose row r starts at x[x_rows[r]]
+    (numerics.row_table: a view read where it lies)."""
+    rows, k = out.shape
     n_words = bits.shape[1]
     full_words = k // 64
     zero = one - one
     has_shift = shift.size > 0
+    flat = x.reshape(-1)
     for task in prange((rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
         level_bits = np.empty(k, np.uint8)
         for r in range(task * _ROW_BLOCK, min(rows, (task + 1) * _ROW_BLOCK)):
-            xr, outr = x[r], out[r]
+            start = x_rows[r] if x_rows.size else r * k
+            xr, outr = flat[start:start + k], out[r]
             if has_shift:
                 yr = shifted[r]
                 for j in range(k):
@@ -226,20 +256,49 @@ def elastic_forward(x, alpha, signed, shift=None):
     """out (x's shape and dtype) and the packed level bits [..., ceil(K/64)] (K = x.shape[-1]) of
     quant.elastic_binarize_forward, in one pass; alpha: the floored scale (a scalar). With shift
     (K,) of x's dtype, the binarizer's input is y = x - shift (ASM's centring), and the result is
-    (out, bits, y): y as NumPy's x - shift, contiguous."""
+    (out, bits, y): y as NumPy's x - shift, contiguous (x itself, a view too, is read where it lies)."""
     k = x.shape[-1] if x.ndim else 1
-    x2 = np.ascontiguousarray(x).reshape(-1, k)
-    out = np.empty_like(x2)
-    bits = np.empty((x2.shape[0], (k + 63) // 64), np.uint64)
+    dtype = x.dtype
     if shift is None:
-        no_shift = np.empty(0, x.dtype)
-        _elastic_forward_rows(x2, no_shift, x.dtype.type(alpha), bool(signed), x.dtype.type(1), out, bits,
-                              out)
+        x2 = np.ascontiguousarray(x).reshape(-1, k)
+        out = np.empty_like(x2)
+        bits = np.empty((x2.shape[0], (k + 63) // 64), np.uint64)
+        _elastic_forward_rows(x2, CONTIGUOUS_ROWS, np.empty(0, dtype), dtype.type(alpha), bool(signed), dtype.type(1),
+                              out, bits, out)
         return out.reshape(x.shape), bits.reshape(x.shape[:-1] + (bits.shape[1],))
-    y = np.empty_like(x2)
-    _elastic_forward_rows(x2, np.ascontiguousarray(shift, x.dtype), x.dtype.type(alpha), bool(signed),
-                          x.dtype.type(1), out, bits, y)
+    table = row_table(x)
+    if table is None:
+        table = (np.ascontiguousarray(x).reshape(-1), CONTIGUOUS_ROWS)
+    rows = x.size // k if k else 0
+    out, y = np.empty((rows, k), dtype), np.empty((rows, k), dtype)
+    bits = np.empty((rows, (k + 63) // 64), np.uint64)
+    _elastic_forward_rows(table[0], table[1], np.ascontiguousarray(shift, dtype), dtype.type(alpha), bool(signed),
+                          dtype.type(1), out, bits, y)
     return out.reshape(x.shape), bits.reshape(x.shape[:-1] + (bits.shape[1],)), y.reshape(x.shape)
+
+
+@njit(parallel=True, cache=True)
+def _sign_rows(bits, if_set, if_clear, out):
+    """out[r, j] = if_set where bit j of row r's packed words is 1, else if_clear (select64 per word)."""
+    rows, k = out.shape
+    full_words = k // 64
+    for r in prange(rows):
+        br, outr = bits[r], out[r]
+        for w in range(full_words):
+            select64(br[w], if_set, if_clear, outr, 64 * w)
+        for j in range(64 * full_words, k):
+            outr[j] = if_set if (br[full_words] >> np.uint64(j - 64 * full_words)) & np.uint64(1) else if_clear
+
+
+def signed_output(bits, alpha, shape, dtype):
+    """The signed elastic binarizer's output alpha * sign(x) (shape, dtype) from its packed level bits
+    (elastic_forward's bits; bit 1: -1): alpha * -1 and alpha * 1, the forward's two values, bit for
+    bit, without reading x."""
+    out = np.empty(shape, dtype)
+    one, a = np.dtype(dtype).type(1), np.dtype(dtype).type(alpha)
+    k = shape[-1] if len(shape) else 1
+    _sign_rows(bits.reshape(-1, bits.shape[-1]), a * -one, a * one, out.reshape(-1, k))
+    return out
 
 
 @njit(inline="always")
@@ -250,16 +309,21 @@ def _row_mean(row, one, count):
 
 
 @njit(parallel=True, cache=True)
-def _weight_rows(w, center, per_channel, one, count, centred, levels, alpha, bits):
-    """Per output row r of w (C_out, K): centred[r] = w[r] - mean(w[r]) (center), levels[r] = sign of
-    it (+-1, NaN -> -1), alpha[r] = mean |centred[r]| (per_channel), bits[r] = its packed sign bits."""
+def _weight_rows(w, center, per_channel, one, count, centred, levels, alpha, bits, out, derivative):
+    """Per output row r of w (C_out, K): centred[r] = w[r] - mean(w[r]) (center; a scratch row when
+    centred has no rows), levels[r] = sign of it (+-1, NaN -> -1), alpha[r] = mean |centred[r]|
+    (per_channel), bits[r] = its packed sign bits; when out has rows (per_channel), also
+    out[r] = alpha[r] * levels[r] and, when derivative has rows, derivative[r] = 1[|centred[r]| <= 1]
+    (the clipped STE's derivative), as weight_binarize_forward computes them."""
     rows, k = w.shape
     n_words = bits.shape[1]
     full_words = k // 64
+    zero = one - one
     for r in prange(rows):
         scratch = np.empty(k, w.dtype)
         level_bits = np.empty(k, np.uint8)
-        wr, cr, lr = w[r], centred[r], levels[r]
+        wr, lr = w[r], levels[r]
+        cr = centred[r] if centred.shape[0] else (np.empty(k, w.dtype) if center else wr)
         if center:
             mean = _row_mean(wr, one, count)
             for j in range(k):
@@ -274,6 +338,18 @@ def _weight_rows(w, center, per_channel, one, count, centred, levels, alpha, bit
         for wd in range(full_words):
             bits[r, wd] = bits64(level_bits, 64 * wd)
         _store_word_tail(level_bits, bits[r], full_words, n_words, k)
+        if out.shape[0]:
+            a, outr = alpha[r], out[r]
+            for j in range(k):
+                outr[j] = a * lr[j]
+        if derivative.shape[0]:
+            dr = derivative[r]
+            for j in range(k):
+                dr[j] = one if scratch[j] <= one else zero
+
+
+def _no_rows(w):
+    return np.empty((0, w.shape[1]), w.dtype)
 
 
 def weight_binarize(w, center, per_channel):
@@ -286,8 +362,52 @@ def weight_binarize(w, center, per_channel):
     alpha = np.empty(w.shape[0], w.dtype)
     bits = np.empty((w.shape[0], (w.shape[1] + 63) // 64), np.uint64)
     _weight_rows(w, bool(center), bool(per_channel), w.dtype.type(1), w.dtype.type(w.shape[1]), centred, levels,
-                 alpha, bits)
+                 alpha, bits, _no_rows(w), _no_rows(w))
     return centred, levels, (alpha if per_channel else None), bits
+
+
+def weight_binarize_channel(w, center, clipped):
+    """(out, derivative or None, levels, alpha (C_out,), sign bits) of quant.weight_binarize_forward with
+    scale="channel" for a 2-D weight (C_out, K), in one pass per row: out = alpha[:, None] * levels and,
+    clipped, the STE derivative 1[|W_c| <= 1] (else None: the identity STE)."""
+    w = np.ascontiguousarray(w)
+    out, levels = np.empty_like(w), np.empty_like(w)
+    derivative = np.empty_like(w) if clipped else None
+    alpha = np.empty(w.shape[0], w.dtype)
+    bits = np.empty((w.shape[0], (w.shape[1] + 63) // 64), np.uint64)
+    _weight_rows(w, bool(center), True, w.dtype.type(1), w.dtype.type(w.shape[1]), _no_rows(w), levels, alpha,
+                 bits, out, _no_rows(w) if derivative is None else derivative)
+    return out, derivative, levels, alpha, bits
+
+
+@njit(parallel=True, cache=True)
+def _weight_grad_rows(dout, derivative, center, one, count, dw):
+    """Per row r: dw[r] = dout[r] * derivative[r] (dout[r] when derivative has no rows), minus its
+    row mean (center): quant.weight_binarize_backward's steps."""
+    rows, k = dout.shape
+    for r in prange(rows):
+        dr, gr = dw[r], dout[r]
+        if derivative.shape[0]:
+            der = derivative[r]
+            for j in range(k):
+                dr[j] = gr[j] * der[j]
+        else:
+            for j in range(k):
+                dr[j] = gr[j]
+        if center:
+            mean = _row_mean(dr, one, count)
+            for j in range(k):
+                dr[j] = dr[j] - mean
+
+
+def weight_grad(dout, derivative, center):
+    """quant.weight_binarize_backward of a 2-D gradient (C_out, K) in one pass per row: dW_c = g * d
+    (d: the STE derivative, None for the identity), then dW_c - mean_row(dW_c) with center."""
+    dout = np.ascontiguousarray(dout)
+    dw = np.empty_like(dout)
+    der = _no_rows(dout) if derivative is None else np.ascontiguousarray(derivative, dout.dtype)
+    _weight_grad_rows(dout, der, bool(center), dout.dtype.type(1), dout.dtype.type(dout.shape[1]), dw)
+    return dw
 
 
 @njit(parallel=True, cache=True)

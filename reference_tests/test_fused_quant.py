@@ -106,7 +106,9 @@ def test_column_packers_match_the_reference():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((3, 130, 7)).astype(np.float32)
     x[0, :5] = 0.0
-    assert np.array_equal(quantize.pack_sign_columns(x), pack.pack_signs_reference(np.swapaxes(x, -1, -2)))
+    x[1, 3, 2], x[2, 70, 6] = np.nan, -0.0  # sign(NaN) = -1, sign(-0.) = +1, as quant.sign
+    negative = ~(np.swapaxes(x, -1, -2) >= 0)  # quant.sign's -1 (pack_signs_reference: x < 0, NaN as +1)
+    assert np.array_equal(quantize.pack_sign_columns(x), pack.pack_bits_reference(negative))
     mask = rng.random((3, 130, 7)) < 0.3
     assert np.array_equal(quantize.pack_mask_columns(mask), pack.pack_bits_reference(np.swapaxes(mask, -1, -2)))
 

@@ -179,20 +179,26 @@ def gsb_attention_product_reference(a_bases, a_scales, v_signs, v_masks, v_scale
 # ---------------------------------------------------------------------------------------------
 
 _CHUNK = 1 << 14  # elements per task of the flat passes
+# Each task indexes its chunk from 0 (y[start:stop], then range(size)): an index counted from a start
+# that Numba cannot prove >= 0 gets a negative-index check per element, which keeps LLVM from
+# vectorizing the loop (4-6x slower passes).
 
 
 @njit(inline="always")
-def _extrema(y, start, stop):
-    """(min, max, any NaN) of y[start:stop]."""
-    lo, hi, nan = y[start], y[start], False
-    for i in range(start, stop):
+def _chunk(c, n):
+    """(start, stop) of task c's chunk of n elements."""
+    return c * _CHUNK, min(n, (c + 1) * _CHUNK)
+
+
+@njit(inline="always")
+def _extrema(y):
+    """(min, max, any NaN) of a nonempty 1-D y."""
+    lo, hi, nan = y[0], y[0], False
+    for i in range(y.size):  # branch-free; with a NaN anywhere lo and hi are not used
         x = y[i]
-        if x != x:
-            nan = True
-        elif x < lo or lo != lo:
-            lo = x
-        if x > hi or hi != hi:
-            hi = x
+        nan |= x != x
+        lo = x if x < lo else lo
+        hi = x if x > hi else hi
     return lo, hi, nan
 
 
@@ -200,7 +206,8 @@ def _extrema(y, start, stop):
 def _chunk_extrema(y, lows, highs, nans):
     n = y.size
     for c in prange(lows.size):
-        lows[c], highs[c], nans[c] = _extrema(y, c * _CHUNK, min(n, (c + 1) * _CHUNK))
+        start, stop = _chunk(c, n)
+        lows[c], highs[c], nans[c] = _extrema(y[start:stop])
 
 
 def tensor_extrema(y):
@@ -216,9 +223,9 @@ def tensor_extrema(y):
 
 
 @njit(inline="always")
-def _value_level(a, s, f1, f2):
+def _value_level(a0, a1, a2, s, f1, f2):
     """a1 S + a2 (T1 S) + a3 (T2 S) of one element, in gsb._value_output's order (f1, f2: T1, T2 as 0 / 1)."""
-    return (a[0] * s + a[1] * (f1 * s)) + a[2] * (f2 * s)
+    return (a0 * s + a1 * (f1 * s)) + a2 * (f2 * s)
 
 
 @njit(parallel=True, cache=True)
@@ -227,17 +234,20 @@ def _value_forward(y, a, hi1, lo1, hi2, lo2, out, t1, t2, counts):
     one = np.ones(1, y.dtype)[0]
     zero = one - one
     n = y.size
+    a0, a1, a2 = a[0], a[1], a[2]
     for c in prange(counts.shape[0]):
+        start, stop = _chunk(c, n)
+        yc, oc, t1c, t2c = y[start:stop], out[start:stop], t1[start:stop], t2[start:stop]
         c1, c2 = 0, 0
-        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            x = y[i]
+        for i in range(yc.size):
+            x = yc[i]
             s = one if x >= 0 else -one
-            m1 = x > hi1 or x < lo1
-            m2 = x > hi2 or x < lo2
+            m1 = (x > hi1) | (x < lo1)
+            m2 = (x > hi2) | (x < lo2)
             f1 = one if m1 else zero
             f2 = one if m2 else zero
-            out[i] = _value_level(a, s, f1, f2)
-            t1[i], t2[i] = m1, m2
+            oc[i] = _value_level(a0, a1, a2, s, f1, f2)
+            t1c[i], t2c[i] = m1, m2
             c1 += m1
             c2 += m2
         counts[c, 0], counts[c, 1] = c1, c2
@@ -256,10 +266,13 @@ def _value_output(y, a, t1, t2, out):
     one = np.ones(1, y.dtype)[0]
     zero = one - one
     n = y.size
+    a0, a1, a2 = a[0], a[1], a[2]
     for c in prange((n + _CHUNK - 1) // _CHUNK):
-        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            s = one if y[i] >= 0 else -one
-            out[i] = _value_level(a, s, one if t1[i] else zero, one if t2[i] else zero)
+        start, stop = _chunk(c, n)
+        yc, oc, t1c, t2c = y[start:stop], out[start:stop], t1[start:stop], t2[start:stop]
+        for i in range(yc.size):
+            s = one if yc[i] >= 0 else -one
+            oc[i] = _value_level(a0, a1, a2, s, one if t1c[i] else zero, one if t2c[i] else zero)
 
 
 def value_output(y, a, t1, t2):
@@ -288,24 +301,25 @@ def _value_backward(y, t1, t2, g, a, principled, dv, terms):
     one = np.ones(1, y.dtype)[0]
     zero = one - one
     n = y.size
+    a0, a1, a2 = a[0], a[1], a[2]
     for c in prange((n + _CHUNK - 1) // _CHUNK):
-        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            x, gi = y[i], g[i]
+        start, stop = _chunk(c, n)
+        yc, gc, t1c, t2c, dvc = y[start:stop], g[start:stop], t1[start:stop], t2[start:stop], dv[start:stop]
+        term0, term1, term2 = terms[0, start:stop], terms[1, start:stop], terms[2, start:stop]
+        for i in range(yc.size):  # the terms k = 0, 1, 2 written out: v_k = x, x T1, x T2
+            x, gi = yc[i], gc[i]
             s = one if x >= 0 else -one
-            f1 = one if t1[i] else zero
-            f2 = one if t2[i] else zero
-            d = zero
-            for k in range(3):
-                vk = x if k == 0 else x * (f1 if k == 1 else f2)
-                sk = s if k == 0 else (f1 if k == 1 else f2) * s
-                q = vk / a[k]
-                inside = abs(q) <= 1
-                if principled and k > 0:
-                    inside = inside and (t1[i] if k == 1 else t2[i])
-                fin = one if inside else zero
-                d = d + fin * gi
-                terms[k, i] = (sk - fin * q) * gi
-            dv[i] = d
+            f1 = one if t1c[i] else zero
+            f2 = one if t2c[i] else zero
+            q0, q1, q2 = x / a0, (x * f1) / a1, (x * f2) / a2
+            in0, in1, in2 = abs(q0) <= 1, abs(q1) <= 1, abs(q2) <= 1
+            if principled:
+                in1, in2 = in1 & t1c[i], in2 & t2c[i]
+            fin0, fin1, fin2 = one if in0 else zero, one if in1 else zero, one if in2 else zero
+            dvc[i] = ((zero + fin0 * gi) + fin1 * gi) + fin2 * gi
+            term0[i] = (s - fin0 * q0) * gi
+            term1[i] = (f1 * s - fin1 * q1) * gi
+            term2[i] = (f2 * s - fin2 * q2) * gi
 
 
 def value_backward(y, t1, t2, g, a, principled):
@@ -325,18 +339,21 @@ def _attn_forward(y, al, thr1, thr2, out, t1, t2, counts):
     one = np.ones(1, y.dtype)[0]
     zero = one - one
     n = y.size
+    a0, a1, a2 = al[0], al[1], al[2]
     for c in prange(counts.shape[0]):
+        start, stop = _chunk(c, n)
+        yc, oc, t1c, t2c = y[start:stop], out[start:stop], t1[start:stop], t2[start:stop]
         c1, c2 = 0, 0
-        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            x = y[i]
-            level = np.rint(x / al[0])
+        for i in range(yc.size):
+            x = yc[i]
+            level = np.rint(x / a0)
             if level > one:  # np.clip: -0. and NaN pass through
                 level = one
             elif level < zero:
                 level = zero
             m1, m2 = x > thr1, x > thr2
-            out[i] = (level * al[0] + (one if m1 else zero) * al[1]) + (one if m2 else zero) * al[2]
-            t1[i], t2[i] = m1, m2
+            oc[i] = (level * a0 + (one if m1 else zero) * a1) + (one if m2 else zero) * a2
+            t1c[i], t2c[i] = m1, m2
             c1 += m1
             c2 += m2
         counts[c, 0], counts[c, 1] = c1, c2
@@ -354,18 +371,22 @@ def _attn_backward_official(y, t1, t2, g, al, da, terms):
     one = np.ones(1, y.dtype)[0]
     zero = one - one
     n = y.size
+    a0, a1, a2 = al[0], al[1], al[2]
     for c in prange((n + _CHUNK - 1) // _CHUNK):
-        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            gi = g[i]
-            q = y[i] / al[0]
+        start, stop = _chunk(c, n)
+        yc, gc, t1c, t2c, dac = y[start:stop], g[start:stop], t1[start:stop], t2[start:stop], da[start:stop]
+        term0, term1, term2 = terms[0, start:stop], terms[1, start:stop], terms[2, start:stop]
+        for i in range(yc.size):
+            gi = gc[i]
+            q = yc[i] / a0
             above = one if q > 1 else zero
-            inside = zero if (q < 0 or q > 1) else one
-            f1 = one if t1[i] else zero
-            f2 = one if t2[i] else zero
+            inside = zero if (q < 0) | (q > 1) else one
+            f1 = one if t1c[i] else zero
+            f2 = one if t2c[i] else zero
             t1g, t2g = f1 * gi, f2 * gi
-            da[i] = (inside * gi + t1g * al[1]) + t2g * al[2]
-            terms[0, i] = (above + inside * (np.rint(q) - q)) * gi
-            terms[1, i], terms[2, i] = t1g, t2g
+            dac[i] = (inside * gi + t1g * a1) + t2g * a2
+            term0[i] = (above + inside * (np.rint(q) - q)) * gi
+            term1[i], term2[i] = t1g, t2g
 
 
 def attn_backward_official(y, t1, t2, g, al):

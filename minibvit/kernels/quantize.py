@@ -460,15 +460,15 @@ def _pack_columns(x, signs, bits):
     n_batch, n_rows, n_cols = x.shape
     n_words = bits.shape[2]
     for b in prange(n_batch):
+        words = np.empty(n_cols, np.uint64)  # the words of all columns, built a row at a time
         for w in range(n_words):
-            i0 = 64 * w
-            i1 = min(i0 + 64, n_rows)
-            for j in range(n_cols):
-                word = np.uint64(0)
-                for i in range(i0, i1):
-                    if (not x[b, i, j] >= 0) if signs else x[b, i, j] != 0:
-                        word |= np.uint64(1) << np.uint64(i - i0)
-                bits[b, j, w] = word
+            words[:] = 0
+            for i in range(min(64, n_rows - 64 * w)):
+                row, shift = x[b, 64 * w + i], np.uint64(i)
+                for j in range(n_cols):
+                    hit = (not row[j] >= 0) if signs else row[j] != 0
+                    words[j] |= np.uint64(hit) << shift
+            bits[b, :, w] = words
 
 
 def _columns_packed(x, signs):

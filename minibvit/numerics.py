@@ -22,6 +22,7 @@ Exactness rules: the forward kernels use no fast-math reassociation (in-order fl
 rows at a time as independent chains); reductions that only training uses (dgamma, dbeta, bias
 gradients) are reassociated, in ROW_CHUNKS fixed chunks of rows.
 """
+import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -226,10 +227,17 @@ def row_table(x):
     offset = x.__array_interface__["data"][0] - owner.__array_interface__["data"][0]
     if not (owner.flags.c_contiguous and owner.dtype == x.dtype and offset % item == 0):
         return None
-    starts = np.full(1, offset // item, np.int64)
-    for n, stride in zip(x.shape[:-1], x.strides[:-1]):
-        starts = (starts[:, None] + np.arange(n, dtype=np.int64) * (stride // item)).reshape(-1)
-    return owner.reshape(-1), starts
+    return owner.reshape(-1), _row_starts(offset // item, x.shape[:-1], tuple(s // item for s in x.strides[:-1]))
+
+
+@functools.lru_cache(maxsize=32)
+def _row_starts(first, shape, steps):
+    """row_table's starts (int64, C order of the leading indices), kept per layout: a training step
+    asks for the same few views of every block's q, k and v many times. Shared: never written to."""
+    starts = np.full(1, first, np.int64)
+    for n, step in zip(shape, steps):
+        starts = (starts[:, None] + np.arange(n, dtype=np.int64) * step).reshape(-1)
+    return starts
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCE_FASTMATH)

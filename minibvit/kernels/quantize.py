@@ -173,24 +173,36 @@ def _elastic_backward_flat(kind, x, g, a, one, dx, dx_rows, k):
     return sums[0]
 
 
+# elastic_backward writes dx into a view (out=) where it lies only when its rows hold this many
+# elements: shorter rows cost more a segment at a time than a contiguous dx and one copy (AMD EPYC,
+# the attention's dq in a qkv gradient: head_dim 24, 32 and 48 slower that way, 64 faster).
+VIEW_ROWS_MIN = 64
+
+
 def elastic_backward(kind, x, dout, alpha, out=None):
     """(dx, sum of the scale-gradient terms) of quant.elastic_binarize_backward in one pass.
 
     x: the binarizer's input, dout: the upstream gradient (x's shape), alpha: the floored scale
     (a scalar of x's dtype); out: None, or an array of x's shape and dtype to write dx into, a view
-    too (the attention's dq, dk, dv in the qkv gradient: row_table). Returns dx (x's shape and dtype;
-    out when given) and the sum as a scalar of x's dtype, equal bit for bit to np.sum(terms * dout)
-    of the NumPy formula."""
+    too (the attention's dq, dk, dv in the qkv gradient): written where it lies (row_table) when its
+    rows hold at least VIEW_ROWS_MIN elements, else dx is made contiguous and copied there. Returns dx
+    (x's shape and dtype; out when given) and the sum as a scalar of x's dtype, equal bit for bit to
+    np.sum(terms * dout) of the NumPy formula."""
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype):
+        raise ValueError(f"out must be a {x.dtype} array of shape {x.shape}, got {out.dtype} {out.shape}")
     x1 = np.ascontiguousarray(x).reshape(-1)
     g1 = np.ascontiguousarray(dout, dtype=x.dtype).reshape(-1)
-    table = None if out is None or out.shape != x.shape or out.dtype != x.dtype else row_table(out)
-    if out is not None and table is None:
-        raise ValueError(f"out must be a {x.dtype} array of shape {x.shape} with a contiguous last axis "
-                         f"(a view of a C-contiguous array), got {out.dtype} {out.shape}, strides {out.strides}")
-    dx_flat, dx_rows = (np.empty_like(x1), CONTIGUOUS_ROWS) if out is None else table
     k = x.shape[-1] if x.ndim else 1
+    in_place = out is not None and (out.flags.c_contiguous or k >= VIEW_ROWS_MIN)
+    table = row_table(out) if in_place else None
+    dx_flat, dx_rows = (np.empty_like(x1), CONTIGUOUS_ROWS) if table is None else table
     total = _elastic_backward_flat(kind, x1, g1, x.dtype.type(alpha), x.dtype.type(1), dx_flat, dx_rows, k)
-    dx = dx_flat.reshape(x.shape) if out is None else out
+    if table is not None:  # written into out
+        return out, x.dtype.type(0) + x.dtype.type(total)  # np.sum adds its sum to 0.
+    dx = dx_flat.reshape(x.shape)
+    if out is not None:
+        out[...] = dx
+        dx = out
     return dx, x.dtype.type(0) + x.dtype.type(total)  # np.sum adds its sum to 0.
 
 

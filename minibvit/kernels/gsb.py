@@ -181,7 +181,7 @@ def gsb_attention_product_reference(a_bases, a_scales, v_signs, v_masks, v_scale
 _CHUNK = 1 << 14  # elements per task of the flat passes
 # Each task indexes its chunk from 0 (y[start:stop], then range(size)): an index counted from a start
 # that Numba cannot prove >= 0 gets a negative-index check per element, which keeps LLVM from
-# vectorizing the loop (4-6x slower passes).
+# vectorizing the loop (the passes were 3-18x slower: docs/kernels.md "Loops that vectorize").
 
 
 @njit(inline="always")

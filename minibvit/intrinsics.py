@@ -12,7 +12,7 @@ anything on import; each intrinsic is compiled into the kernel that calls it.
     packing            bits64 (sign / nonzero bits of 64 elements) and its inverse select64,
                        below_bits64, at_least_bits64,
                        interval_bits64 (the engine's packed binarizer decisions)
-    byte dot products  dot4_accumulate (VPDPBUSD / VPMADDUBSW / portable, chosen at compile time)
+    byte dot products  dot4_accumulate (VPDPBUSD / VPMADDUBSW on nibbles / portable, chosen at compile time)
 """
 from llvmlite import ir
 from numba import types
@@ -294,16 +294,25 @@ def _dot4_step(builder, kind, acc, a_bytes, w_bytes):
                                             "llvm.x86.avx512.vpdpbusd.512")
         return builder.call(fn, [acc, a_bytes, w_bytes])
     if kind == "avx2":
+        # VPMADDUBSW adds two u8 x s8 products in int16 and saturates: 2 * 255 * 127 does not fit.
+        # With u = 16 hi + lo (nibbles), each pair sum is at most 2 * 15 * 128 in magnitude, exact;
+        # VPMADDWD widens each to the quad sums in int32: sum u w = 16 sum hi w + sum lo w, exact
+        # for every u8 and s8 (the ternary, 8-bit weight and 8-bit attention operands alike).
         v32i8, v16i16, v8i32 = ir.VectorType(_I8, 32), ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
         maddubs = cgutils.get_or_insert_function(module, ir.FunctionType(v16i16, [v32i8, v32i8]), "llvm.x86.avx2.pmadd.ub.sw")
         maddwd = cgutils.get_or_insert_function(module, ir.FunctionType(v8i32, [v16i16, v16i16]), "llvm.x86.avx2.pmadd.wd")
-        ones = ir.Constant(v16i16, [1] * 16)
+        ones, sixteens = ir.Constant(v16i16, [1] * 16), ir.Constant(v16i16, [16] * 16)
+        low_nibble, four = ir.Constant(v32i8, [15] * 32), ir.Constant(v32i8, [4] * 32)
         halves = []
         for h in range(2):
             lanes = ir.Constant(ir.VectorType(_I32, 32), [32 * h + i for i in range(32)])
             a_half = builder.shuffle_vector(a_bytes, a_bytes, lanes)
             w_half = builder.shuffle_vector(w_bytes, w_bytes, lanes)
-            halves.append(builder.call(maddwd, [builder.call(maddubs, [a_half, w_half]), ones]))
+            lo = builder.and_(a_half, low_nibble)
+            hi = builder.lshr(a_half, four)
+            sums = builder.add(builder.call(maddwd, [builder.call(maddubs, [hi, w_half]), sixteens]),
+                               builder.call(maddwd, [builder.call(maddubs, [lo, w_half]), ones]))
+            halves.append(sums)
         both = builder.shuffle_vector(halves[0], halves[1], ir.Constant(_V16I32, list(range(16))))
         return builder.add(acc, both)
     v64i32 = ir.VectorType(_I32, 64)

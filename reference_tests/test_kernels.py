@@ -368,7 +368,9 @@ _BASELINE_FEATURES = "+64bit,+cmov,+cx8,+fxsr,+mmx,+sse,+sse2"
 
 _OTHER_CPU_CHECK = textwrap.dedent("""
     import numpy as np
-    from minibvit import kernels as kn
+    from minibvit import kernels as kn, ops
+    from minibvit.kernels.int8 import uint8_int8_bmm, uint8_int8_bmm_reference
+    from minibvit.kernels.ternary import weight_level_quads
     rng = np.random.default_rng(3)
     for m, k, n in [(9, 200, 70), (4, 64, 1), (1, 65, 33)]:
         x = rng.standard_normal((m, k)).astype(np.float32); x[:, ::3] = 0.0
@@ -379,6 +381,17 @@ _OTHER_CPU_CHECK = textwrap.dedent("""
         t = rng.integers(-1, 2, size=(n, k)); nz, sg = kn.pack_ternary_weight(t)
         a = rng.integers(-128, 128, size=(m, k)).astype(np.int8)
         assert (kn.ternary_gemm_int8(a, nz, sg, k) == a.astype(np.int64) @ t.T).all(), "ternary_gemm_int8"
+        # 8-bit x 8-bit (TerViT's attention, W8A8, the head): bytes 255 x 127 and 255 x -128 make pair
+        # sums past int16, where VPMADDUBSW saturates
+        u = rng.integers(0, 256, size=(2, m, k)).astype(np.uint8)
+        s = rng.integers(-128, 128, size=(2, n, k)).astype(np.int8)
+        u[:, 0], s[0, 0], s[1, 0] = 255, 127, -128
+        assert (uint8_int8_bmm(u, s) == uint8_int8_bmm_reference(u, s)).all(), "uint8_int8_bmm"
+        levels = rng.integers(-127, 128, size=(n, k)).astype(np.float32); levels[0] = 127
+        quads, sums = weight_level_quads(levels)
+        codes = u[0].copy(); codes[0] = 0
+        got = ops.byte_matmul(codes, 128, np.float32(1), quads, sums, np.float32(1), n)
+        assert (got == (codes.astype(np.int64) - 128) @ levels.astype(np.int64).T).all(), "byte_matmul, 8-bit weight"
     print("ok")
 """)
 

@@ -15,7 +15,7 @@ arrays):
     b_panels int8 [B, ceil(K/4), 4 * Npad]   [b, kq, 4n + q] = s[b, n, 4kq + q], Npad = N rounded up
                                              to 16, zero-padded along K and N
 The inner step is kernels.ternary's quad row (VPDPBUSD on AVX512-VNNI, 16 columns x 4 K per
-instruction).
+instruction; on AVX2, VPMADDUBSW on the activation bytes' nibbles, exact for every u8 x s8).
 """
 import numpy as np
 from numba import njit, prange

@@ -12,7 +12,8 @@ anything on import; each intrinsic is compiled into the kernel that calls it.
     packing            bits64 (sign / nonzero bits of 64 elements) and its inverse select64,
                        below_bits64, at_least_bits64,
                        interval_bits64 (the engine's packed binarizer decisions)
-    byte dot products  dot4_accumulate (VPDPBUSD / VPMADDUBSW on nibbles / portable, chosen at compile time)
+    byte dot products  dot4_accumulate, dot4_accumulate_small (VPDPBUSD / VPMADDUBSW / portable, chosen at
+                       compile time)
 """
 from llvmlite import ir
 from numba import types
@@ -286,8 +287,9 @@ def _dot4_instruction(context):
     return "portable"
 
 
-def _dot4_step(builder, kind, acc, a_bytes, w_bytes):
-    """acc[l] + sum_{q<4} zext(a_bytes[4l+q]) * sext(w_bytes[4l+q]), l < 16, for one instruction kind."""
+def _dot4_step(builder, kind, acc, a_bytes, w_bytes, small_weights=False):
+    """acc[l] + sum_{q<4} zext(a_bytes[4l+q]) * sext(w_bytes[4l+q]), l < 16, for one instruction kind.
+    small_weights: every |w| <= 64 (ternary weights), so that on AVX2 one VPMADDUBSW is exact."""
     module = builder.module
     if kind == "vnni":
         fn = cgutils.get_or_insert_function(module, ir.FunctionType(_V16I32, [_V16I32, _V64I8, _V64I8]),
@@ -308,6 +310,9 @@ def _dot4_step(builder, kind, acc, a_bytes, w_bytes):
             lanes = ir.Constant(ir.VectorType(_I32, 32), [32 * h + i for i in range(32)])
             a_half = builder.shuffle_vector(a_bytes, a_bytes, lanes)
             w_half = builder.shuffle_vector(w_bytes, w_bytes, lanes)
+            if small_weights:  # a pair sum is at most 2 * 255 * 64 = 32640: one VPMADDUBSW is exact
+                halves.append(builder.call(maddwd, [builder.call(maddubs, [a_half, w_half]), ones]))
+                continue
             lo = builder.and_(a_half, low_nibble)
             hi = builder.lshr(a_half, four)
             sums = builder.add(builder.call(maddwd, [builder.call(maddubs, [hi, w_half]), sixteens]),
@@ -323,12 +328,12 @@ def _dot4_step(builder, kind, acc, a_bytes, w_bytes):
     return acc
 
 
-@intrinsic
-def dot4_accumulate(typingctx, acc_row, group, a_quads, panel, kq):
+def _dot4_accumulate_typer(typingctx, acc_row, group, a_quads, panel, kq, small_weights):
     """acc_row[16g:16g+16] += sum_i sum_q u8(a_quads[i] byte q) * panel[kq+i, 64g + 4l + q] (l < 16)
 
     acc_row int32 1-D; a_quads: tuple of uint32 (4 activation bytes each, one per K-quad);
-    panel: int8 2-D [K-quads, 4 * columns] with a contiguous last axis; rows kq .. kq+len-1."""
+    panel: int8 2-D [K-quads, 4 * columns] with a contiguous last axis; rows kq .. kq+len-1.
+    dot4_accumulate: any int8 panel; dot4_accumulate_small: every |panel| <= 64 (_dot4_step)."""
     if not (isinstance(acc_row, types.Array) and isinstance(panel, types.Array)
             and isinstance(a_quads, types.UniTuple)):
         return None
@@ -352,8 +357,15 @@ def dot4_accumulate(typingctx, acc_row, group, a_quads, panel, kq):
             row = builder.add(kq_v, ir.Constant(index_t, i))
             offset = builder.add(builder.mul(row, row_bytes), builder.mul(group_v, ir.Constant(index_t, 64)))
             w_ptr = builder.bitcast(builder.gep(panel_bytes, [offset]), _V64I8.as_pointer())
-            acc = _dot4_step(builder, kind, acc, builder.bitcast(splat, _V64I8), builder.load(w_ptr, align=1))
+            acc = _dot4_step(builder, kind, acc, builder.bitcast(splat, _V64I8), builder.load(w_ptr, align=1),
+                             small_weights)
         builder.store(acc, acc_ptr, align=4)
         return context.get_dummy_value()
 
     return types.void(acc_row, group, a_quads, panel, kq), codegen
+
+
+dot4_accumulate = intrinsic(lambda typingctx, acc_row, group, a_quads, panel, kq: _dot4_accumulate_typer(
+    typingctx, acc_row, group, a_quads, panel, kq, False))
+dot4_accumulate_small = intrinsic(lambda typingctx, acc_row, group, a_quads, panel, kq: _dot4_accumulate_typer(
+    typingctx, acc_row, group, a_quads, panel, kq, True))

@@ -180,7 +180,9 @@ def _quantized_product(qa, ca, qb, cb, a_shape=None, transpose_b=False):
         fa = _exact_form(qa, ca, "byte_form")
         fb = None if fa is None else _exact_form(qb, cb, "weight_quad_form")
         if fb is not None:
-            product = ops.byte_matmul(fa[0].reshape(a_shape), fa[1], fa[2], fb[0], fb[1], fb[2], fb[1].shape[0])
+            w_bound = _exact_form(qb, cb, "level_bound")
+            product = ops.byte_matmul(fa[0].reshape(a_shape), fa[1], fa[2], fb[0], fb[1], fb[2], fb[1].shape[0],
+                                      127 if w_bound is None else w_bound)
             if product is not None:
                 return product
     pa = None if getattr(qa, "packed_form", None) is None else qa.packed_form(ca, -1)

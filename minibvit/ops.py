@@ -131,7 +131,7 @@ def packed_matmul(a_bits, a_kind, a_scale, b_bits, b_kind, b_scale, k):
     return out.reshape(lead + (m, n))
 
 
-def byte_matmul(a_codes, a_offset, a_scale, w_quads, w_sums, w_scale, n):
+def byte_matmul(a_codes, a_offset, a_scale, w_quads, w_sums, w_scale, n, w_max=127):
     """levels_matmul of 8-bit activations and a weight of small integer levels (TerViT's A8 x ternary,
     and its W8A8 stage), on byte dot products (VPDPBUSD where the CPU has it, kernels.ternary):
 
@@ -141,7 +141,8 @@ def byte_matmul(a_codes, a_offset, a_scale, w_quads, w_sums, w_scale, n):
     scalar; w_quads, w_sums: the weight's levels T (N, K) as kernels.ternary.weight_level_quads lays
     them out; w_scale a scalar or (N,). The integer product is exact (int32, |T| <= 127), and its
     conversion to float rounds it to nearest as integer_matmul does, so the result has the bits of
-    levels_matmul on the float levels. Returns (M, N) in the scale's dtype, or None when the int32
+    levels_matmul on the float levels. w_max: a bound of |T| (1 for ternary weights: the faster byte
+    step on AVX2, kernels.ternary_gemm_quads). Returns (M, N) in the scale's dtype, or None when the int32
     accumulator could overflow (the caller then uses levels_matmul)."""
     m, k = a_codes.shape
     if k * 255 * 127 >= 2**31:
@@ -156,8 +157,8 @@ def byte_matmul(a_codes, a_offset, a_scale, w_quads, w_sums, w_scale, n):
     col_offset = -int(a_offset) * w_sums
     if scale.dtype == np.float32 and np.all(scale > 0):
         # the kernel's epilogue float32(dot) * 1 * scale + 0: packed_matmul's reason for the same bits
-        return ternary_gemm_quads(quads, w_quads, n, col_offset, col_scale=scale)
-    out = ternary_gemm_quads(quads, w_quads, n, col_offset).astype(scale.dtype)
+        return ternary_gemm_quads(quads, w_quads, n, col_offset, col_scale=scale, w_max=w_max)
+    out = ternary_gemm_quads(quads, w_quads, n, col_offset, w_max=w_max).astype(scale.dtype)
     scale_columns(out, scale)
     return out
 

@@ -247,7 +247,7 @@ class TernaryLinear:
         offset = -128 * self.colsum if zero_point is None else -zero_point * self.colsum
         scale = x_scale * self.w_scale          # = the simulated forward's s_x * s_w (float32)
         return ternary_gemm_quads(a_quads, self.quads, self.n, offset, np.ones(a_quads.shape[0], _F32), scale,
-                                  self.bias)
+                                  self.bias, w_max=1)
 
 
 def tervit_blocks(stream, blocks, cfg, n_images, inv_sqrt_d):

@@ -40,7 +40,7 @@ def dot4_bmm_rows(a_quads, b_panels, col_offset, s1, s2, t, out):
     acc = aligned_empty(1, _GROUP * groups, np.int32)[0]
     panel = b_panels[t]
     for m in range(n_rows):
-        quad_row(a_quads[t, m], panel, groups, acc)
+        quad_row(a_quads[t, m], panel, groups, acc, False)
         orow = out[t, m]
         if col_offset is None:
             if s1 is None:

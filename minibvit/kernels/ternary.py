@@ -7,7 +7,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ..intrinsics import _V16I32, _V64I8, DOT4_LANES, _dot4_instruction, _dot4_step, dot4_accumulate
+from ..intrinsics import _V16I32, _V64I8, DOT4_LANES, _dot4_instruction, _dot4_step, dot4_accumulate, dot4_accumulate_small
 from .binary import (aligned_empty, column_blocks, epilogue_args, popcount_matmul,
                      popcount_sum_reference, row_tasks, store_row)
 from .pack import check_k, check_words, row_popcount, threads_for, unpack_ternary
@@ -104,8 +104,9 @@ def _expand_ternary_quads(w_nonzero, w_sign, k, n_cols_padded):
     return out
 
 
-def quad_row(arow, panel, n_groups, acc):
-    """acc[:16 * n_groups] = sum_kq dot4(arow[kq], panel[kq]), _QUAD_JAM quads per accumulator update."""
+def quad_row(arow, panel, n_groups, acc, small_weights):
+    """acc[:16 * n_groups] = sum_kq dot4(arow[kq], panel[kq]), _QUAD_JAM quads per accumulator update.
+    small_weights: every |panel| <= 64 (ternary), the one-instruction step on AVX2 (intrinsics._dot4_step)."""
     n_quads = arow.shape[0]
     acc[:] = 0
     kq = 0
@@ -113,28 +114,34 @@ def quad_row(arow, panel, n_groups, acc):
         quads = (arow[kq], arow[kq + 1], arow[kq + 2], arow[kq + 3], arow[kq + 4], arow[kq + 5], arow[kq + 6],
                  arow[kq + 7])
         for g in range(n_groups):
-            dot4_accumulate(acc, g, quads, panel, kq)
+            if small_weights:
+                dot4_accumulate_small(acc, g, quads, panel, kq)
+            else:
+                dot4_accumulate(acc, g, quads, panel, kq)
         kq += _QUAD_JAM
     while kq < n_quads:
         quads = (arow[kq],)
         for g in range(n_groups):
-            dot4_accumulate(acc, g, quads, panel, kq)
+            if small_weights:
+                dot4_accumulate_small(acc, g, quads, panel, kq)
+            else:
+                dot4_accumulate(acc, g, quads, panel, kq)
         kq += 1
 
 
-overload(quad_row, inline="always")(lambda arow, panel, n_groups, acc: quad_row)
+overload(quad_row, inline="always")(lambda arow, panel, n_groups, acc, small_weights: quad_row)
 
 
 _QUAD_ROWS = 4       # activation rows per weight load in quad_rows
 
 
-def _make_dot4_rows(n_rows, n_quads):
+def _make_dot4_rows(n_rows, n_quads, small_weights):
     """The intrinsic dot4_rows_<n_rows>x<n_quads> (see _dot4_rows_typer)."""
     return intrinsic(lambda typingctx, acc, group, a_quads, m, kq, panel: _dot4_rows_typer(
-        typingctx, acc, group, a_quads, m, kq, panel, n_rows, n_quads))
+        typingctx, acc, group, a_quads, m, kq, panel, n_rows, n_quads, small_weights))
 
 
-def _dot4_rows_typer(typingctx, acc, group, a_quads, m, kq, panel, n_rows, n_quads):
+def _dot4_rows_typer(typingctx, acc, group, a_quads, m, kq, panel, n_rows, n_quads, small_weights):
     """acc[r, 16g:16g+16] += sum_{i<n_quads} dot4(a_quads[m + r, kq + i], panel[kq + i, 64g:64g+64])
     for r < n_rows: each weight vector is loaded once and used for n_rows rows, whose accumulators
     stay in registers (n_rows x 16 int32 lanes). acc: int32 2-D C [>= n_rows, width]; a_quads:
@@ -169,7 +176,7 @@ def _dot4_rows_typer(typingctx, acc, group, a_quads, m, kq, panel, n_rows, n_qua
                 quad = builder.load(builder.bitcast(builder.gep(a_arr.data, [a_index]), i32.as_pointer()), align=4)
                 splat = builder.insert_element(ir.Constant(_V16I32, ir.Undefined), quad, ir.Constant(i32, 0))
                 splat = builder.shuffle_vector(splat, splat, ir.Constant(_V16I32, [0] * 16))
-                accs[r] = _dot4_step(builder, kind, accs[r], builder.bitcast(splat, _V64I8), w)
+                accs[r] = _dot4_step(builder, kind, accs[r], builder.bitcast(splat, _V64I8), w, small_weights)
         for ptr, value in zip(acc_ptrs, accs):
             builder.store(value, ptr, align=4)
         return context.get_dummy_value()
@@ -177,32 +184,41 @@ def _dot4_rows_typer(typingctx, acc, group, a_quads, m, kq, panel, n_rows, n_qua
     return types.void(acc, group, a_quads, m, kq, panel), codegen
 
 
-_dot4_rows_jam = _make_dot4_rows(_QUAD_ROWS, _QUAD_JAM)
-_dot4_rows_one = _make_dot4_rows(_QUAD_ROWS, 1)
+_dot4_rows_jam = _make_dot4_rows(_QUAD_ROWS, _QUAD_JAM, False)
+_dot4_rows_one = _make_dot4_rows(_QUAD_ROWS, 1, False)
+_dot4_rows_jam_small = _make_dot4_rows(_QUAD_ROWS, _QUAD_JAM, True)
+_dot4_rows_one_small = _make_dot4_rows(_QUAD_ROWS, 1, True)
 
 
-def quad_rows(a_quads, m, panel, n_groups, acc):
+def quad_rows(a_quads, m, panel, n_groups, acc, small_weights):
     """acc[r, :16 * n_groups] = sum_kq dot4(a_quads[m + r, kq], panel[kq]) for r < _QUAD_ROWS (one
     weight load per _QUAD_ROWS rows; the accumulators of a column group stay in registers for
-    _QUAD_JAM quads)."""
+    _QUAD_JAM quads). small_weights: as in quad_row."""
     n_quads = a_quads.shape[1]
     acc[:] = 0
     kq = 0
     while kq + _QUAD_JAM <= n_quads:
         for g in range(n_groups):
-            _dot4_rows_jam(acc, g, a_quads, m, kq, panel)
+            if small_weights:
+                _dot4_rows_jam_small(acc, g, a_quads, m, kq, panel)
+            else:
+                _dot4_rows_jam(acc, g, a_quads, m, kq, panel)
         kq += _QUAD_JAM
     while kq < n_quads:
         for g in range(n_groups):
-            _dot4_rows_one(acc, g, a_quads, m, kq, panel)
+            if small_weights:
+                _dot4_rows_one_small(acc, g, a_quads, m, kq, panel)
+            else:
+                _dot4_rows_one(acc, g, a_quads, m, kq, panel)
         kq += 1
 
 
-overload(quad_rows, inline="always")(lambda a_quads, m, panel, n_groups, acc: quad_rows)
+overload(quad_rows, inline="always")(lambda a_quads, m, panel, n_groups, acc, small_weights: quad_rows)
 
 
 @njit(cache=True, boundscheck=False)
-def _quad_panel_rows(a_quads, m0, m1, panel, n0, nb, row_offset, col_offset, row_scale, col_scale, bias, out):
+def _quad_panel_rows(a_quads, m0, m1, panel, n0, nb, row_offset, col_offset, row_scale, col_scale, bias, out,
+                     small_weights):
     """Rows m0..m1-1 against the weight quads of columns n0..n0+nb-1, epilogue included."""
     accs = aligned_empty(_QUAD_ROWS, _QUAD_GROUP * ((nb + _QUAD_GROUP - 1) // _QUAD_GROUP), np.int32)
     n_groups = accs.shape[1] // _QUAD_GROUP
@@ -211,21 +227,21 @@ def _quad_panel_rows(a_quads, m0, m1, panel, n0, nb, row_offset, col_offset, row
     bi = None if bias is None else bias[n0:n0 + nb]
     m = m0
     while m + _QUAD_ROWS <= m1:
-        quad_rows(a_quads, m, panel, n_groups, accs)
+        quad_rows(a_quads, m, panel, n_groups, accs, small_weights)
         for r in range(_QUAD_ROWS):
             rs = None if row_scale is None else row_scale[m + r]
             store_row(accs[r], 1, out[0, m + r, n0:n0 + nb], row_offset[0, m + r], coff, rs, cs, bi)
         m += _QUAD_ROWS
     acc = accs[0]
     while m < m1:
-        quad_row(a_quads[m], panel, n_groups, acc)
+        quad_row(a_quads[m], panel, n_groups, acc, small_weights)
         rs = None if row_scale is None else row_scale[m]
         store_row(acc, 1, out[0, m, n0:n0 + nb], row_offset[0, m], coff, rs, cs, bi)
         m += 1
 
 
 @njit(parallel=True, cache=True, boundscheck=False)
-def _quad_matmul(a_quads, w_quads, row_offset, col_offset, row_scale, col_scale, bias, out, threads):
+def _quad_matmul(a_quads, w_quads, row_offset, col_offset, row_scale, col_scale, bias, out, threads, small_weights):
     """out[0, m, n] = row_offset[0, m] + col_offset[0, n] + sum_kq dot4(a_quads[m, kq], w_quads[kq, n]),
     or its float epilogue (see store_row). Same task grid as _popcount_matmul_tasks; the weight quads
     are read in place (their rows are 64-byte aligned)."""
@@ -242,7 +258,8 @@ def _quad_matmul(a_quads, w_quads, row_offset, col_offset, row_scale, col_scale,
         m1 = min(m0 + height, n_rows)
         padded = _QUAD_GROUP * ((nb + _QUAD_GROUP - 1) // _QUAD_GROUP)
         panel = w_quads[:, 4 * n0:4 * (n0 + padded)]
-        _quad_panel_rows(a_quads, m0, m1, panel, n0, nb, row_offset, col_offset, row_scale, col_scale, bias, out)
+        _quad_panel_rows(a_quads, m0, m1, panel, n0, nb, row_offset, col_offset, row_scale, col_scale, bias, out,
+                         small_weights)
 
 
 def _int8_quads(a_int8, k):
@@ -291,7 +308,8 @@ def ternary_gemm_int8(a_int8, w_nonzero, w_sign, K, row_scale=None, col_scale=No
     out = np.empty((1, n_rows, n_cols), np.int32 if epilogue is None else np.float32)
     if out.size:
         with threads_for(out.size * k, _PARALLEL_MIN_MACS) as threads:
-            _quad_matmul(a_quads, w_quads, row_offset, col_offset, *(epilogue or (None, None, None)), out, threads)
+            _quad_matmul(a_quads, w_quads, row_offset, col_offset, *(epilogue or (None, None, None)), out, threads,
+                         True)
     return out[0]
 
 
@@ -347,7 +365,7 @@ def weight_level_quads(levels):
     return quads, sums
 
 
-def ternary_gemm_quads(a_quads, w_quads, n_cols, col_offset, row_scale=None, col_scale=None, bias=None):
+def ternary_gemm_quads(a_quads, w_quads, n_cols, col_offset, row_scale=None, col_scale=None, bias=None, w_max=127):
     """ternary_gemm_int8's product on operands laid out beforehand:
 
         out[m, n] = col_offset[n] + sum_kq dot4(a_quads[m, kq], w_quads[kq, 4n:4n+4])
@@ -357,6 +375,8 @@ def ternary_gemm_quads(a_quads, w_quads, n_cols, col_offset, row_scale=None, col
     w_quads:    int8 [Kq, 4 * Npad] from ternary_weight_quads
     col_offset: int64 [N]
     row_scale, col_scale, bias: optional float32 [M], [N], [N] as in binary_gemm
+    w_max:      a bound of |w_quads| (1 for ternary weights; the default 127 holds for every 8-bit level):
+                up to 64, one VPMADDUBSW a step on AVX2 CPUs, else two (intrinsics._dot4_step)
     Returns int32 [M, N] (exact) or the float32 epilogue float32(dot) * row_scale * col_scale + bias."""
     a = np.asarray(a_quads)
     w = np.asarray(w_quads)
@@ -371,5 +391,5 @@ def ternary_gemm_quads(a_quads, w_quads, n_cols, col_offset, row_scale=None, col
     if out.size:
         with threads_for(out.size * 4 * a.shape[1], _PARALLEL_MIN_MACS) as threads:
             _quad_matmul(np.ascontiguousarray(a), w, np.zeros((1, n_rows), np.int64), col_offset,
-                         *(epilogue or (None, None, None)), out, threads)
+                         *(epilogue or (None, None, None)), out, threads, bool(w_max <= 64))
     return out[0]

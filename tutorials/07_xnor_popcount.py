@@ -314,7 +314,8 @@ assert np.array_equal(y, dot.astype(np.float32) * beta[:, None] * alpha[None, :]
 #   activations are 8-bit): no popcount here. With $u = a + 128 \in [0, 255]$ (unsigned bytes),
 #   $\sum_k a_k T_k = \sum_k u_k T_k - 128 \sum_k T_k$, and $\sum_k u_k T_k$ is an unsigned-by-signed byte dot
 #   product, one `VPDPBUSD` instruction per 64 products on CPUs with AVX512-VNNI (`VPMADDUBSW` + `VPMADDWD`
-#   on AVX2). The weight planes are expanded to int8 once per call.
+#   on AVX2, whose int16 pair sums are exact for ternary weights and saturate for 8-bit ones: those split
+#   the activation bytes in nibbles, docs/kernels.md). The weight planes are expanded to int8 once per call.
 #
 # Both are exact integer products; checked against the int64 matmul, with the 8-bit activation codes
 # from `quant.lsq_codes` and the ternary codes from `quant.ternary_codes`:

@@ -72,8 +72,9 @@ def ternary_gemm_binary_reference(a_packed, w_nonzero, w_sign, K, row_scale=None
 # bit-planes into int8 quads [ceil(K/4), N, 4]. One 512-bit step multiplies 16 columns x 4 K.
 # The instruction is chosen when the kernel is compiled, from the CPU features Numba compiles for:
 #   avx512vnni  VPDPBUSD: 64 multiply-adds in one instruction
-#   avx2        VPMADDUBSW + VPMADDWD on 256-bit halves, the activation bytes split in nibbles (VPMADDUBSW
-#               saturates its int16 pair sums; a nibble's are at most 2*15*128: exact for 8-bit weights too)
+#   avx2        VPMADDUBSW + VPMADDWD on 256-bit halves: one VPMADDUBSW where |w| <= 64 (ternary), else
+#               the activation bytes split in nibbles (VPMADDUBSW saturates its int16 pair sums; a nibble's
+#               are at most 2*15*128: exact for 8-bit weights too)
 #   otherwise   portable LLVM IR (widen, multiply, add groups of 4): correct, slow
 # ---------------------------------------------------------------------------------------------
 

@@ -12,8 +12,8 @@ anything on import; each intrinsic is compiled into the kernel that calls it.
     packing            bits64 (sign / nonzero bits of 64 elements) and its inverse select64,
                        below_bits64, at_least_bits64,
                        interval_bits64 (the engine's packed binarizer decisions)
-    byte dot products  dot4_accumulate, dot4_accumulate_small (VPDPBUSD / VPMADDUBSW / portable, chosen at
-                       compile time)
+    byte dot products  dot4_accumulate (VPDPBUSD / VPMADDUBSW / portable, chosen at compile time),
+                       for_weight_bound
 """
 from llvmlite import ir
 from numba import types
@@ -328,19 +328,34 @@ def _dot4_step(builder, kind, acc, a_bytes, w_bytes, small_weights=False):
     return acc
 
 
-def _dot4_accumulate_typer(typingctx, acc_row, group, a_quads, panel, kq, small_weights):
+def for_weight_bound(builder, kind, small_weights, emit):
+    """emit(small) the code of a byte dot-product intrinsic: on AVX2 twice, under a branch on the runtime
+    boolean small_weights (every |w| <= 64: _dot4_step's one-instruction step), elsewhere once (the same
+    code either way). emit loads, accumulates and stores itself, so neither branch returns a value."""
+    if kind != "avx2":
+        emit(False)
+        return
+    with builder.if_else(small_weights) as (small, exact):
+        with small:
+            emit(True)
+        with exact:
+            emit(False)
+
+
+@intrinsic
+def dot4_accumulate(typingctx, acc_row, group, a_quads, panel, kq, small_weights):
     """acc_row[16g:16g+16] += sum_i sum_q u8(a_quads[i] byte q) * panel[kq+i, 64g + 4l + q] (l < 16)
 
     acc_row int32 1-D; a_quads: tuple of uint32 (4 activation bytes each, one per K-quad);
-    panel: int8 2-D [K-quads, 4 * columns] with a contiguous last axis; rows kq .. kq+len-1.
-    dot4_accumulate: any int8 panel; dot4_accumulate_small: every |panel| <= 64 (_dot4_step)."""
+    panel: int8 2-D [K-quads, 4 * columns] with a contiguous last axis; rows kq .. kq+len-1;
+    small_weights: every |panel| <= 64 (ternary weights: _dot4_step's faster AVX2 step)."""
     if not (isinstance(acc_row, types.Array) and isinstance(panel, types.Array)
             and isinstance(a_quads, types.UniTuple)):
         return None
     n_quads = a_quads.count
 
     def codegen(context, builder, signature, args):
-        acc_arg, group_v, quads_v, panel_arg, kq_v = args
+        acc_arg, group_v, quads_v, panel_arg, kq_v, small_v = args
         acc_arr = context.make_array(signature.args[0])(context, builder, acc_arg)
         panel_arr = context.make_array(signature.args[3])(context, builder, panel_arg)
         kind = _dot4_instruction(context)
@@ -349,23 +364,21 @@ def _dot4_accumulate_typer(typingctx, acc_row, group, a_quads, panel, kq, small_
         acc_ptr = builder.bitcast(builder.gep(acc_arr.data, [builder.mul(group_v, ir.Constant(index_t, 16))]),
                                   _V16I32.as_pointer())
         panel_bytes = builder.bitcast(panel_arr.data, _I8.as_pointer())
-        acc = builder.load(acc_ptr, align=4)
-        for i in range(n_quads):
-            quad = builder.trunc(builder.extract_value(quads_v, i), _I32)
-            splat = builder.insert_element(ir.Constant(_V16I32, ir.Undefined), quad, ir.Constant(_I32, 0))
-            splat = builder.shuffle_vector(splat, splat, ir.Constant(_V16I32, [0] * 16))
-            row = builder.add(kq_v, ir.Constant(index_t, i))
-            offset = builder.add(builder.mul(row, row_bytes), builder.mul(group_v, ir.Constant(index_t, 64)))
-            w_ptr = builder.bitcast(builder.gep(panel_bytes, [offset]), _V64I8.as_pointer())
-            acc = _dot4_step(builder, kind, acc, builder.bitcast(splat, _V64I8), builder.load(w_ptr, align=1),
-                             small_weights)
-        builder.store(acc, acc_ptr, align=4)
+
+        def emit(small):
+            acc = builder.load(acc_ptr, align=4)
+            for i in range(n_quads):
+                quad = builder.trunc(builder.extract_value(quads_v, i), _I32)
+                splat = builder.insert_element(ir.Constant(_V16I32, ir.Undefined), quad, ir.Constant(_I32, 0))
+                splat = builder.shuffle_vector(splat, splat, ir.Constant(_V16I32, [0] * 16))
+                row = builder.add(kq_v, ir.Constant(index_t, i))
+                offset = builder.add(builder.mul(row, row_bytes), builder.mul(group_v, ir.Constant(index_t, 64)))
+                w_ptr = builder.bitcast(builder.gep(panel_bytes, [offset]), _V64I8.as_pointer())
+                acc = _dot4_step(builder, kind, acc, builder.bitcast(splat, _V64I8), builder.load(w_ptr, align=1),
+                                 small)
+            builder.store(acc, acc_ptr, align=4)
+
+        for_weight_bound(builder, kind, small_v, emit)
         return context.get_dummy_value()
 
-    return types.void(acc_row, group, a_quads, panel, kq), codegen
-
-
-dot4_accumulate = intrinsic(lambda typingctx, acc_row, group, a_quads, panel, kq: _dot4_accumulate_typer(
-    typingctx, acc_row, group, a_quads, panel, kq, False))
-dot4_accumulate_small = intrinsic(lambda typingctx, acc_row, group, a_quads, panel, kq: _dot4_accumulate_typer(
-    typingctx, acc_row, group, a_quads, panel, kq, True))
+    return types.void(acc_row, group, a_quads, panel, kq, types.boolean), codegen

@@ -1,6 +1,6 @@
 """TerViT blocks on byte dot products: 8-bit activations x ternary weights (kernels.ternary_gemm_quads)
-and the 8-bit attention products (kernels.int8.dot4_bmm; both exact on AVX2 too, intrinsics._dot4_step), with the activation quantizers fused into
-the passes that produce or lay out their operands.
+and the 8-bit attention products (kernels.int8.dot4_bmm; both exact on AVX2 too, intrinsics._dot4_step),
+with the activation quantizers fused into the passes that produce or lay out their operands.
 
 Every 8-bit activation of TerViT takes a per-tensor min-max scale over the whole batch tensor
 (quant.minmax_codes). A scale needs the whole tensor, so each quantizer is: the producing pass

@@ -7,7 +7,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ..intrinsics import _V16I32, _V64I8, DOT4_LANES, _dot4_instruction, _dot4_step, dot4_accumulate, dot4_accumulate_small
+from ..intrinsics import _V16I32, _V64I8, DOT4_LANES, _dot4_instruction, _dot4_step, dot4_accumulate, for_weight_bound
 from .binary import (aligned_empty, column_blocks, epilogue_args, popcount_matmul,
                      popcount_sum_reference, row_tasks, store_row)
 from .pack import check_k, check_words, row_popcount, threads_for, unpack_ternary
@@ -115,18 +115,12 @@ def quad_row(arow, panel, n_groups, acc, small_weights):
         quads = (arow[kq], arow[kq + 1], arow[kq + 2], arow[kq + 3], arow[kq + 4], arow[kq + 5], arow[kq + 6],
                  arow[kq + 7])
         for g in range(n_groups):
-            if small_weights:
-                dot4_accumulate_small(acc, g, quads, panel, kq)
-            else:
-                dot4_accumulate(acc, g, quads, panel, kq)
+            dot4_accumulate(acc, g, quads, panel, kq, small_weights)
         kq += _QUAD_JAM
     while kq < n_quads:
         quads = (arow[kq],)
         for g in range(n_groups):
-            if small_weights:
-                dot4_accumulate_small(acc, g, quads, panel, kq)
-            else:
-                dot4_accumulate(acc, g, quads, panel, kq)
+            dot4_accumulate(acc, g, quads, panel, kq, small_weights)
         kq += 1
 
 
@@ -136,13 +130,13 @@ overload(quad_row, inline="always")(lambda arow, panel, n_groups, acc, small_wei
 _QUAD_ROWS = 4       # activation rows per weight load in quad_rows
 
 
-def _make_dot4_rows(n_rows, n_quads, small_weights):
+def _make_dot4_rows(n_rows, n_quads):
     """The intrinsic dot4_rows_<n_rows>x<n_quads> (see _dot4_rows_typer)."""
-    return intrinsic(lambda typingctx, acc, group, a_quads, m, kq, panel: _dot4_rows_typer(
-        typingctx, acc, group, a_quads, m, kq, panel, n_rows, n_quads, small_weights))
+    return intrinsic(lambda typingctx, acc, group, a_quads, m, kq, panel, small_weights: _dot4_rows_typer(
+        typingctx, acc, group, a_quads, m, kq, panel, n_rows, n_quads))
 
 
-def _dot4_rows_typer(typingctx, acc, group, a_quads, m, kq, panel, n_rows, n_quads, small_weights):
+def _dot4_rows_typer(typingctx, acc, group, a_quads, m, kq, panel, n_rows, n_quads):
     """acc[r, 16g:16g+16] += sum_{i<n_quads} dot4(a_quads[m + r, kq + i], panel[kq + i, 64g:64g+64])
     for r < n_rows: each weight vector is loaded once and used for n_rows rows, whose accumulators
     stay in registers (n_rows x 16 int32 lanes). acc: int32 2-D C [>= n_rows, width]; a_quads:
@@ -152,7 +146,7 @@ def _dot4_rows_typer(typingctx, acc, group, a_quads, m, kq, panel, n_rows, n_qua
         return None
 
     def codegen(context, builder, signature, args):
-        acc_arg, group_v, a_arg, m_v, kq_v, panel_arg = args
+        acc_arg, group_v, a_arg, m_v, kq_v, panel_arg, small_v = args
         kind = _dot4_instruction(context)
         index_t = group_v.type
         acc_arr = context.make_array(signature.args[0])(context, builder, acc_arg)
@@ -166,29 +160,31 @@ def _dot4_rows_typer(typingctx, acc, group, a_quads, m, kq, panel, n_rows, n_qua
         acc_ptrs = [builder.bitcast(builder.gep(acc_arr.data, [builder.add(builder.mul(ir.Constant(index_t, r), acc_cols),
                                                                            lane0)]), _V16I32.as_pointer())
                     for r in range(n_rows)]
-        accs = [builder.load(ptr, align=4) for ptr in acc_ptrs]
         i32 = ir.IntType(32)
-        for i in range(n_quads):
-            row = builder.add(kq_v, ir.Constant(index_t, i))
-            offset = builder.add(builder.mul(row, row_bytes), builder.mul(group_v, ir.Constant(index_t, 64)))
-            w = builder.load(builder.bitcast(builder.gep(panel_bytes, [offset]), _V64I8.as_pointer()), align=1)
-            for r in range(n_rows):
-                a_index = builder.add(builder.mul(builder.add(m_v, ir.Constant(index_t, r)), a_cols), row)
-                quad = builder.load(builder.bitcast(builder.gep(a_arr.data, [a_index]), i32.as_pointer()), align=4)
-                splat = builder.insert_element(ir.Constant(_V16I32, ir.Undefined), quad, ir.Constant(i32, 0))
-                splat = builder.shuffle_vector(splat, splat, ir.Constant(_V16I32, [0] * 16))
-                accs[r] = _dot4_step(builder, kind, accs[r], builder.bitcast(splat, _V64I8), w, small_weights)
-        for ptr, value in zip(acc_ptrs, accs):
-            builder.store(value, ptr, align=4)
+
+        def emit(small):
+            accs = [builder.load(ptr, align=4) for ptr in acc_ptrs]
+            for i in range(n_quads):
+                row = builder.add(kq_v, ir.Constant(index_t, i))
+                offset = builder.add(builder.mul(row, row_bytes), builder.mul(group_v, ir.Constant(index_t, 64)))
+                w = builder.load(builder.bitcast(builder.gep(panel_bytes, [offset]), _V64I8.as_pointer()), align=1)
+                for r in range(n_rows):
+                    a_index = builder.add(builder.mul(builder.add(m_v, ir.Constant(index_t, r)), a_cols), row)
+                    quad = builder.load(builder.bitcast(builder.gep(a_arr.data, [a_index]), i32.as_pointer()), align=4)
+                    splat = builder.insert_element(ir.Constant(_V16I32, ir.Undefined), quad, ir.Constant(i32, 0))
+                    splat = builder.shuffle_vector(splat, splat, ir.Constant(_V16I32, [0] * 16))
+                    accs[r] = _dot4_step(builder, kind, accs[r], builder.bitcast(splat, _V64I8), w, small)
+            for ptr, value in zip(acc_ptrs, accs):
+                builder.store(value, ptr, align=4)
+
+        for_weight_bound(builder, kind, small_v, emit)
         return context.get_dummy_value()
 
-    return types.void(acc, group, a_quads, m, kq, panel), codegen
+    return types.void(acc, group, a_quads, m, kq, panel, types.boolean), codegen
 
 
-_dot4_rows_jam = _make_dot4_rows(_QUAD_ROWS, _QUAD_JAM, False)
-_dot4_rows_one = _make_dot4_rows(_QUAD_ROWS, 1, False)
-_dot4_rows_jam_small = _make_dot4_rows(_QUAD_ROWS, _QUAD_JAM, True)
-_dot4_rows_one_small = _make_dot4_rows(_QUAD_ROWS, 1, True)
+_dot4_rows_jam = _make_dot4_rows(_QUAD_ROWS, _QUAD_JAM)
+_dot4_rows_one = _make_dot4_rows(_QUAD_ROWS, 1)
 
 
 def quad_rows(a_quads, m, panel, n_groups, acc, small_weights):
@@ -200,17 +196,11 @@ def quad_rows(a_quads, m, panel, n_groups, acc, small_weights):
     kq = 0
     while kq + _QUAD_JAM <= n_quads:
         for g in range(n_groups):
-            if small_weights:
-                _dot4_rows_jam_small(acc, g, a_quads, m, kq, panel)
-            else:
-                _dot4_rows_jam(acc, g, a_quads, m, kq, panel)
+            _dot4_rows_jam(acc, g, a_quads, m, kq, panel, small_weights)
         kq += _QUAD_JAM
     while kq < n_quads:
         for g in range(n_groups):
-            if small_weights:
-                _dot4_rows_one_small(acc, g, a_quads, m, kq, panel)
-            else:
-                _dot4_rows_one(acc, g, a_quads, m, kq, panel)
+            _dot4_rows_one(acc, g, a_quads, m, kq, panel, small_weights)
         kq += 1
 
 

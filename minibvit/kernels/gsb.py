@@ -83,7 +83,7 @@ def gsb_combine(products, a_scales, v_scales):
     out = 0.0
     for i in range(len(products)):
         for j in range(len(products[i])):
-            weight = np.float64(a_scales[..., i]) * np.float64(v_scales[..., j])
+            weight = np.asarray(a_scales[..., i], np.float64) * np.asarray(v_scales[..., j], np.float64)
             product = products[i][j]
             if weight.ndim:  # one scale per batch entry
                 weight = weight.reshape(weight.shape + (1,) * (np.ndim(product) - weight.ndim))

@@ -69,37 +69,42 @@ def _kind_terms(kind, xb, gb, a, one, db, terms):
 
 
 @njit(inline="always")
-def _leaf_terms(kind, x, g, a, one, dx, dx_rows, k, start, n, terms, staged):
-    """dx of elements start .. start + n - 1 written, their terms into terms[:n]. dx: the flat output,
-    or with dx_rows (non-empty) the flat buffer of a view whose row r (of k) starts at dx[dx_rows[r]]
-    (row_table): dx is then computed into staged and stored a row segment at a time."""
-    xb, gb = x[start:start + n], g[start:start + n]
-    db = dx[start:start + n] if dx_rows.size == 0 else staged[:n]
+def _segment_terms(kind, xb, gb, a, one, db, terms):
+    """_kind_terms for the kind of the call (a constant in each branch, so each loop is compiled for it)."""
     if kind == UNSIGNED:
         _kind_terms(UNSIGNED, xb, gb, a, one, db, terms)
     elif kind == SIGNED_LSQ:
         _kind_terms(SIGNED_LSQ, xb, gb, a, one, db, terms)
     else:
         _kind_terms(SIGNED_GSB, xb, gb, a, one, db, terms)
-    if dx_rows.size:
-        r = start // k
-        j = start - r * k
-        t = 0
-        while t < n:
-            seg = min(k - j, n - t)
-            row = dx[dx_rows[r] + j:dx_rows[r] + j + seg]
-            for u in range(seg):
-                row[u] = db[t + u]
-            t += seg
-            r += 1
-            j = 0
 
 
 @njit(inline="always")
-def _leaf(kind, x, g, a, one, dx, dx_rows, k, start, n, terms, staged):
+def _leaf_terms(kind, x, g, a, one, dx, dx_rows, k, start, n, terms):
+    """dx of elements start .. start + n - 1 written, their terms into terms[:n]. dx: the flat output,
+    or with dx_rows (non-empty) the flat buffer of a view whose row r (of k) starts at dx[dx_rows[r]]
+    (row_table): dx is then computed straight into each row segment the elements span."""
+    if dx_rows.size == 0:
+        _segment_terms(kind, x[start:start + n], g[start:start + n], a, one, dx[start:start + n], terms)
+        return
+    r = start // k
+    j = start - r * k
+    t = 0
+    while t < n:
+        seg = min(k - j, n - t)
+        lo = dx_rows[r] + j
+        _segment_terms(kind, x[start + t:start + t + seg], g[start + t:start + t + seg], a, one, dx[lo:lo + seg],
+                       terms[t:t + seg])
+        t += seg
+        r += 1
+        j = 0
+
+
+@njit(inline="always")
+def _leaf(kind, x, g, a, one, dx, dx_rows, k, start, n, terms):
     """NumPy's pairwise sum of the terms of elements start .. start + n - 1 for n <= 128
     (quantize_int's leaf sum over the terms, computed into the scratch terms), writing their dx."""
-    _leaf_terms(kind, x, g, a, one, dx, dx_rows, k, start, n, terms, staged)
+    _leaf_terms(kind, x, g, a, one, dx, dx_rows, k, start, n, terms)
     return _pairwise_leaf(terms, 0, n, one - one)
 
 
@@ -113,13 +118,12 @@ def _subtree(kind, x, g, a, one, dx, dx_rows, k, start, n):
     expanded = np.zeros(128, np.bool_)
     values = np.empty(128, x.dtype)
     terms = np.empty(_PW_BLOCK, x.dtype)
-    staged = np.empty(_PW_BLOCK, x.dtype)
     top, n_values = 0, 0
     starts[0], lengths[0] = start, n
     while top >= 0:
         s, m = starts[top], lengths[top]
         if m <= _PW_BLOCK:
-            values[n_values] = _leaf(kind, x, g, a, one, dx, dx_rows, k, s, m, terms, staged)
+            values[n_values] = _leaf(kind, x, g, a, one, dx, dx_rows, k, s, m, terms)
             n_values += 1
             top -= 1
         elif not expanded[top]:

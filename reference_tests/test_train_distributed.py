@@ -98,8 +98,8 @@ def test_a_raising_rank_ends_the_job_with_its_traceback(tmp_path):
     assert "injected failure at step 1" in failed.stderr and "[rank 1/2]" in failed.stderr
 
 
-# TINY at an odd width (15 = 3 heads of 5): every +-1 dot product of a binary layer or of the binary
-# Q K^T has an odd number of terms, so no integer sum is 0. At an even width some keys are 0 * alpha plus
+# TINY at an odd width (15 = 3 heads of 5): the qkv layer's +-1 dot products have 15 terms and those of
+# the binary Q K^T 5, so none sums to 0 and no key is 0 * alpha. At an even width some keys are 0 * alpha plus
 # the key bias, and the key bias's gradient is 0 up to rounding (softmax ignores what a key bias adds to
 # a whole row of scores), so its rounding noise, which 1 process and 2 ranks sum in different orders,
 # decides the sign of those keys: 1e-5 apart after 3 steps on an AMD EPYC Zen 4, a discrete flip, not

@@ -12,7 +12,8 @@ anything on import; each intrinsic is compiled into the kernel that calls it.
     packing            bits64 (sign / nonzero bits of 64 elements) and its inverse select64,
                        below_bits64, at_least_bits64,
                        interval_bits64 (the engine's packed binarizer decisions)
-    byte dot products  dot4_accumulate (VPDPBUSD / VPMADDUBSW / portable, chosen at compile time),
+    byte dot products  dot4_tile (register tiles of VPDPBUSD / VPMADDUBSW / portable steps, chosen at
+                       compile time),
                        for_weight_bound
 """
 from llvmlite import ir
@@ -263,7 +264,7 @@ def select64(typingctx, word, if_set, if_clear, row, start):
 # ---------------------------------------------------------------------------------------------
 # byte dot products (8-bit activations x ternary weights, minibvit.kernels.ternary)
 
-DOT4_LANES = 16      # int32 lanes (output columns) of one dot4_accumulate step
+DOT4_LANES = 16      # int32 lanes (output columns) of one byte dot-product step
 _I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 _V64I8, _V16I32 = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16)
 
@@ -342,43 +343,89 @@ def for_weight_bound(builder, kind, small_weights, emit):
             emit(False)
 
 
-@intrinsic
-def dot4_accumulate(typingctx, acc_row, group, a_quads, panel, kq, small_weights):
-    """acc_row[16g:16g+16] += sum_i sum_q u8(a_quads[i] byte q) * panel[kq+i, 64g + 4l + q] (l < 16)
+def dot4_tile(n_rows, n_groups):
+    """The intrinsic dot4_tile(acc, group, a_quads, m, panel, small_weights) of an n_rows x n_groups
+    register tile (see _dot4_tile_typer); small_weights: every |panel| <= 64 (ternary weights:
+    _dot4_step's one-instruction AVX2 step)."""
+    return intrinsic(lambda typingctx, acc, group, a_quads, m, panel, small_weights: _dot4_tile_typer(
+        typingctx, acc, group, a_quads, m, panel, n_rows, n_groups))
 
-    acc_row int32 1-D; a_quads: tuple of uint32 (4 activation bytes each, one per K-quad);
-    panel: int8 2-D [K-quads, 4 * columns] with a contiguous last axis; rows kq .. kq+len-1;
-    small_weights: every |panel| <= 64 (ternary weights: _dot4_step's faster AVX2 step)."""
-    if not (isinstance(acc_row, types.Array) and isinstance(panel, types.Array)
-            and isinstance(a_quads, types.UniTuple)):
+
+def _dot4_tile_typer(typingctx, acc, group, a_quads, m, panel, n_rows, n_groups):
+    """acc[r, 16(group + g) + l] = sum_kq dot4(a_quads[m + r, kq], panel[kq, 64(group + g) + 4l : +4])
+    for r < n_rows, g < n_groups, l < 16, over every K-quad kq < a_quads.shape[1] (= panel's rows): a
+    register tile, its n_rows x n_groups accumulators kept in registers for the whole K loop (an LLVM
+    loop whose phi nodes are the accumulators), each weight vector loaded once for the n_rows rows and
+    each activation quad broadcast once for the n_groups groups. acc: int32 2-D C [>= n_rows, width]
+    (overwritten); a_quads: uint32 2-D C; panel: int8 2-D with a contiguous last axis. The
+    instruction is chosen at compile time (_dot4_step)."""
+    if not all(isinstance(t, types.Array) and t.ndim == 2 for t in (acc, a_quads, panel)):
         return None
-    n_quads = a_quads.count
 
     def codegen(context, builder, signature, args):
-        acc_arg, group_v, quads_v, panel_arg, kq_v, small_v = args
-        acc_arr = context.make_array(signature.args[0])(context, builder, acc_arg)
-        panel_arr = context.make_array(signature.args[3])(context, builder, panel_arg)
+        acc_arg, group_v, a_arg, m_v, panel_arg, small_v = args
         kind = _dot4_instruction(context)
-        row_bytes = cgutils.unpack_tuple(builder, panel_arr.strides, 2)[0]
         index_t = group_v.type
-        acc_ptr = builder.bitcast(builder.gep(acc_arr.data, [builder.mul(group_v, ir.Constant(index_t, 16))]),
-                                  _V16I32.as_pointer())
+        acc_arr = context.make_array(signature.args[0])(context, builder, acc_arg)
+        a_arr = context.make_array(signature.args[2])(context, builder, a_arg)
+        panel_arr = context.make_array(signature.args[4])(context, builder, panel_arg)
+        acc_cols = cgutils.unpack_tuple(builder, acc_arr.shape, 2)[1]
+        n_quads = cgutils.unpack_tuple(builder, a_arr.shape, 2)[1]
+        row_bytes = cgutils.unpack_tuple(builder, panel_arr.strides, 2)[0]
         panel_bytes = builder.bitcast(panel_arr.data, _I8.as_pointer())
+        i32, zero = _I32, ir.Constant(index_t, 0)
+        # 512-bit registers (32 of them) hold the whole tile; AVX2's 16 256-bit ones hold one column group
+        # of it (2 registers per accumulator), so there the tile is one K loop per group
+        column_sets = [range(n_groups)] if kind == "vnni" else [[g] for g in range(n_groups)]
+
+        def const(v):
+            return ir.Constant(index_t, v)
+
+        def k_loop(groups, small):
+            tile = [(r, g) for r in range(n_rows) for g in groups]
+            entry = builder.block
+            loop, done = builder.append_basic_block("dot4_tile.loop"), builder.append_basic_block("dot4_tile.done")
+            builder.cbranch(builder.icmp_signed(">", n_quads, zero), loop, done)
+            builder.position_at_end(loop)
+            kq = builder.phi(index_t)
+            accs = [builder.phi(_V16I32) for _ in tile]
+            weights = {}
+            for g in groups:
+                offset = builder.add(builder.mul(kq, row_bytes), builder.mul(builder.add(group_v, const(g)), const(64)))
+                weights[g] = builder.load(builder.bitcast(builder.gep(panel_bytes, [offset]), _V64I8.as_pointer()),
+                                          align=1)
+            new = list(accs)
+            for r in range(n_rows):
+                a_index = builder.add(builder.mul(builder.add(m_v, const(r)), n_quads), kq)
+                quad = builder.load(builder.gep(a_arr.data, [a_index]), align=4)
+                splat = builder.insert_element(ir.Constant(_V16I32, ir.Undefined), quad, ir.Constant(i32, 0))
+                splat = builder.bitcast(builder.shuffle_vector(splat, splat, ir.Constant(_V16I32, [0] * 16)), _V64I8)
+                for i, (r_i, g) in enumerate(tile):
+                    if r_i == r:
+                        new[i] = _dot4_step(builder, kind, accs[i], splat, weights[g], small)
+            kq_next = builder.add(kq, const(1))
+            body_end = builder.block
+            kq.add_incoming(zero, entry)
+            kq.add_incoming(kq_next, body_end)
+            for phi, value in zip(accs, new):
+                phi.add_incoming(ir.Constant(_V16I32, None), entry)
+                phi.add_incoming(value, body_end)
+            builder.cbranch(builder.icmp_signed("<", kq_next, n_quads), loop, done)
+            builder.position_at_end(done)
+            finals = []
+            for value in new:
+                finals.append(builder.phi(_V16I32))
+                finals[-1].add_incoming(ir.Constant(_V16I32, None), entry)
+                finals[-1].add_incoming(value, body_end)
+            for (r, g), final in zip(tile, finals):
+                lane0 = builder.add(builder.mul(const(r), acc_cols), builder.mul(builder.add(group_v, const(g)), const(16)))
+                builder.store(final, builder.bitcast(builder.gep(acc_arr.data, [lane0]), _V16I32.as_pointer()), align=4)
 
         def emit(small):
-            acc = builder.load(acc_ptr, align=4)
-            for i in range(n_quads):
-                quad = builder.trunc(builder.extract_value(quads_v, i), _I32)
-                splat = builder.insert_element(ir.Constant(_V16I32, ir.Undefined), quad, ir.Constant(_I32, 0))
-                splat = builder.shuffle_vector(splat, splat, ir.Constant(_V16I32, [0] * 16))
-                row = builder.add(kq_v, ir.Constant(index_t, i))
-                offset = builder.add(builder.mul(row, row_bytes), builder.mul(group_v, ir.Constant(index_t, 64)))
-                w_ptr = builder.bitcast(builder.gep(panel_bytes, [offset]), _V64I8.as_pointer())
-                acc = _dot4_step(builder, kind, acc, builder.bitcast(splat, _V64I8), builder.load(w_ptr, align=1),
-                                 small)
-            builder.store(acc, acc_ptr, align=4)
+            for groups in column_sets:
+                k_loop(groups, small)
 
         for_weight_bound(builder, kind, small_v, emit)
         return context.get_dummy_value()
 
-    return types.void(acc_row, group, a_quads, panel, kq, types.boolean), codegen
+    return types.void(acc, group, a_quads, m, panel, types.boolean), codegen

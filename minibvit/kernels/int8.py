@@ -14,7 +14,7 @@ arrays):
     a_quads  uint32 [B, M, ceil(K/4)]        4 consecutive K of one row per word (bytes of u)
     b_panels int8 [B, ceil(K/4), 4 * Npad]   [b, kq, 4n + q] = s[b, n, 4kq + q], Npad = N rounded up
                                              to 16, zero-padded along K and N
-The inner step is kernels.ternary's quad row (VPDPBUSD on AVX512-VNNI, 16 columns x 4 K per
+The inner step is kernels.ternary's register tile (VPDPBUSD on AVX512-VNNI, 16 columns x 4 K per
 instruction; on AVX2, VPMADDUBSW on the activation bytes' nibbles, exact for every u8 x s8).
 """
 import numpy as np
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 from ..intrinsics import DOT4_LANES
 from .binary import aligned_empty
-from .ternary import quad_row
+from .ternary import TILE_ROWS, dot4_rows
 
 _GROUP = DOT4_LANES
 
@@ -37,26 +37,28 @@ def dot4_bmm_rows(a_quads, b_panels, col_offset, s1, s2, t, out):
     """out[t] of dot4_bmm, one thread."""
     n_rows, n_cols = out.shape[1], out.shape[2]
     groups = b_panels.shape[2] // (4 * _GROUP)
-    acc = aligned_empty(1, _GROUP * groups, np.int32)[0]
-    panel = b_panels[t]
-    for m in range(n_rows):
-        quad_row(a_quads[t, m], panel, groups, acc, False)
-        orow = out[t, m]
-        if col_offset is None:
-            if s1 is None:
-                for j in range(n_cols):
-                    orow[j] = acc[j]
+    accs = aligned_empty(TILE_ROWS, _GROUP * groups, np.int32)
+    a, panel = a_quads[t], b_panels[t]
+    for m in range(0, n_rows, TILE_ROWS):
+        rows = min(TILE_ROWS, n_rows - m)
+        dot4_rows(a, m, rows, panel, groups, accs, False)
+        for r in range(rows):
+            acc, orow = accs[r], out[t, m + r]
+            if col_offset is None:
+                if s1 is None:
+                    for j in range(n_cols):
+                        orow[j] = acc[j]
+                else:
+                    for j in range(n_cols):
+                        orow[j] = np.float32(acc[j]) * s1 * s2
             else:
-                for j in range(n_cols):
-                    orow[j] = np.float32(acc[j]) * s1 * s2
-        else:
-            coff = col_offset[t]
-            if s1 is None:
-                for j in range(n_cols):
-                    orow[j] = coff[j] + acc[j]
-            else:
-                for j in range(n_cols):
-                    orow[j] = np.float32(coff[j] + acc[j]) * s1 * s2
+                coff = col_offset[t]
+                if s1 is None:
+                    for j in range(n_cols):
+                        orow[j] = coff[j] + acc[j]
+                else:
+                    for j in range(n_cols):
+                        orow[j] = np.float32(coff[j] + acc[j]) * s1 * s2
 
 
 @njit(parallel=True, cache=True, boundscheck=False)

@@ -2,12 +2,10 @@
 core, and 8-bit activations x ternary weights on byte dot products. Each with a NumPy reference.
 """
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba import njit, prange
+from numba.extending import overload
 
-from ..intrinsics import _V16I32, _V64I8, DOT4_LANES, _dot4_instruction, _dot4_step, dot4_accumulate, for_weight_bound
+from ..intrinsics import DOT4_LANES, dot4_tile
 from .binary import (aligned_empty, column_blocks, epilogue_args, popcount_matmul,
                      popcount_sum_reference, row_tasks, store_row)
 from .pack import check_k, check_words, row_popcount, threads_for, unpack_ternary
@@ -79,7 +77,6 @@ def ternary_gemm_binary_reference(a_packed, w_nonzero, w_sign, K, row_scale=None
 # ---------------------------------------------------------------------------------------------
 
 _QUAD_GROUP = DOT4_LANES  # int32 lanes (output columns) per 512-bit step
-_QUAD_JAM = 8        # K-quads summed per accumulator update
 
 
 @njit(parallel=True, cache=True)
@@ -105,130 +102,56 @@ def _expand_ternary_quads(w_nonzero, w_sign, k, n_cols_padded):
     return out
 
 
-def quad_row(arow, panel, n_groups, acc, small_weights):
-    """acc[:16 * n_groups] = sum_kq dot4(arow[kq], panel[kq]), _QUAD_JAM quads per accumulator update.
-    small_weights: every |panel| <= 64 (ternary), the one-instruction step on AVX2 (intrinsics._dot4_step)."""
-    n_quads = arow.shape[0]
-    acc[:] = 0
-    kq = 0
-    while kq + _QUAD_JAM <= n_quads:
-        quads = (arow[kq], arow[kq + 1], arow[kq + 2], arow[kq + 3], arow[kq + 4], arow[kq + 5], arow[kq + 6],
-                 arow[kq + 7])
-        for g in range(n_groups):
-            dot4_accumulate(acc, g, quads, panel, kq, small_weights)
-        kq += _QUAD_JAM
-    while kq < n_quads:
-        quads = (arow[kq],)
-        for g in range(n_groups):
-            dot4_accumulate(acc, g, quads, panel, kq, small_weights)
-        kq += 1
+TILE_ROWS = 6        # activation rows of a register tile (each weight vector loaded once for them)
+_TILE_GROUPS = 4     # column groups of 16 of a register tile: 6 x 4 int32 accumulators of 16 lanes
+_tile_full, _tile_rows = dot4_tile(TILE_ROWS, _TILE_GROUPS), dot4_tile(TILE_ROWS, 1)
+_tile_groups, _tile_one = dot4_tile(1, _TILE_GROUPS), dot4_tile(1, 1)
 
 
-overload(quad_row, inline="always")(lambda arow, panel, n_groups, acc, small_weights: quad_row)
+def _tile_columns(a_quads, m, panel, n_groups, accs, small_weights, tile, last_groups):
+    g = 0
+    while g + _TILE_GROUPS <= n_groups:
+        tile(accs, g, a_quads, m, panel, small_weights)
+        g += _TILE_GROUPS
+    while g < n_groups:
+        last_groups(accs, g, a_quads, m, panel, small_weights)
+        g += 1
 
 
-_QUAD_ROWS = 4       # activation rows per weight load in quad_rows
+overload(_tile_columns, inline="always")(
+    lambda a_quads, m, panel, n_groups, accs, small_weights, tile, last_groups: _tile_columns)
 
 
-def _make_dot4_rows(n_rows, n_quads):
-    """The intrinsic dot4_rows_<n_rows>x<n_quads> (see _dot4_rows_typer)."""
-    return intrinsic(lambda typingctx, acc, group, a_quads, m, kq, panel, small_weights: _dot4_rows_typer(
-        typingctx, acc, group, a_quads, m, kq, panel, n_rows, n_quads))
+def dot4_rows(a_quads, m, rows, panel, n_groups, accs, small_weights):
+    """accs[r, :16 n_groups] = sum_kq dot4(a_quads[m + r, kq], panel[kq, :64 n_groups]) for r < rows
+    (<= TILE_ROWS): register tiles of TILE_ROWS rows x 4 column groups (intrinsics.dot4_tile), one
+    row at a time when rows < TILE_ROWS. a_quads uint32 [M, Kq]; panel int8 [Kq, >= 64 n_groups];
+    accs int32 [TILE_ROWS, >= 16 n_groups]; small_weights: every |panel| <= 64."""
+    if rows == TILE_ROWS:
+        _tile_columns(a_quads, m, panel, n_groups, accs, small_weights, _tile_full, _tile_rows)
+    else:
+        for r in range(rows):
+            _tile_columns(a_quads, m + r, panel, n_groups, accs[r:], small_weights, _tile_groups, _tile_one)
 
 
-def _dot4_rows_typer(typingctx, acc, group, a_quads, m, kq, panel, n_rows, n_quads):
-    """acc[r, 16g:16g+16] += sum_{i<n_quads} dot4(a_quads[m + r, kq + i], panel[kq + i, 64g:64g+64])
-    for r < n_rows: each weight vector is loaded once and used for n_rows rows, whose accumulators
-    stay in registers (n_rows x 16 int32 lanes). acc: int32 2-D C [>= n_rows, width]; a_quads:
-    uint32 2-D C; panel: int8 2-D with a contiguous last axis. The instruction is dot4_accumulate's.
-    (An intrinsic: it belongs with the others in minibvit/intrinsics.py.)"""
-    if not all(isinstance(t, types.Array) and t.ndim == 2 for t in (acc, a_quads, panel)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        acc_arg, group_v, a_arg, m_v, kq_v, panel_arg, small_v = args
-        kind = _dot4_instruction(context)
-        index_t = group_v.type
-        acc_arr = context.make_array(signature.args[0])(context, builder, acc_arg)
-        a_arr = context.make_array(signature.args[2])(context, builder, a_arg)
-        panel_arr = context.make_array(signature.args[5])(context, builder, panel_arg)
-        acc_cols = cgutils.unpack_tuple(builder, acc_arr.shape, 2)[1]
-        a_cols = cgutils.unpack_tuple(builder, a_arr.shape, 2)[1]
-        row_bytes = cgutils.unpack_tuple(builder, panel_arr.strides, 2)[0]
-        panel_bytes = builder.bitcast(panel_arr.data, ir.IntType(8).as_pointer())
-        lane0 = builder.mul(group_v, ir.Constant(index_t, 16))
-        acc_ptrs = [builder.bitcast(builder.gep(acc_arr.data, [builder.add(builder.mul(ir.Constant(index_t, r), acc_cols),
-                                                                           lane0)]), _V16I32.as_pointer())
-                    for r in range(n_rows)]
-        i32 = ir.IntType(32)
-
-        def emit(small):
-            accs = [builder.load(ptr, align=4) for ptr in acc_ptrs]
-            for i in range(n_quads):
-                row = builder.add(kq_v, ir.Constant(index_t, i))
-                offset = builder.add(builder.mul(row, row_bytes), builder.mul(group_v, ir.Constant(index_t, 64)))
-                w = builder.load(builder.bitcast(builder.gep(panel_bytes, [offset]), _V64I8.as_pointer()), align=1)
-                for r in range(n_rows):
-                    a_index = builder.add(builder.mul(builder.add(m_v, ir.Constant(index_t, r)), a_cols), row)
-                    quad = builder.load(builder.bitcast(builder.gep(a_arr.data, [a_index]), i32.as_pointer()), align=4)
-                    splat = builder.insert_element(ir.Constant(_V16I32, ir.Undefined), quad, ir.Constant(i32, 0))
-                    splat = builder.shuffle_vector(splat, splat, ir.Constant(_V16I32, [0] * 16))
-                    accs[r] = _dot4_step(builder, kind, accs[r], builder.bitcast(splat, _V64I8), w, small)
-            for ptr, value in zip(acc_ptrs, accs):
-                builder.store(value, ptr, align=4)
-
-        for_weight_bound(builder, kind, small_v, emit)
-        return context.get_dummy_value()
-
-    return types.void(acc, group, a_quads, m, kq, panel, types.boolean), codegen
-
-
-_dot4_rows_jam = _make_dot4_rows(_QUAD_ROWS, _QUAD_JAM)
-_dot4_rows_one = _make_dot4_rows(_QUAD_ROWS, 1)
-
-
-def quad_rows(a_quads, m, panel, n_groups, acc, small_weights):
-    """acc[r, :16 * n_groups] = sum_kq dot4(a_quads[m + r, kq], panel[kq]) for r < _QUAD_ROWS (one
-    weight load per _QUAD_ROWS rows; the accumulators of a column group stay in registers for
-    _QUAD_JAM quads). small_weights: as in quad_row."""
-    n_quads = a_quads.shape[1]
-    acc[:] = 0
-    kq = 0
-    while kq + _QUAD_JAM <= n_quads:
-        for g in range(n_groups):
-            _dot4_rows_jam(acc, g, a_quads, m, kq, panel, small_weights)
-        kq += _QUAD_JAM
-    while kq < n_quads:
-        for g in range(n_groups):
-            _dot4_rows_one(acc, g, a_quads, m, kq, panel, small_weights)
-        kq += 1
-
-
-overload(quad_rows, inline="always")(lambda a_quads, m, panel, n_groups, acc, small_weights: quad_rows)
+overload(dot4_rows, inline="always")(lambda a_quads, m, rows, panel, n_groups, accs, small_weights: dot4_rows)
 
 
 @njit(cache=True, boundscheck=False)
 def _quad_panel_rows(a_quads, m0, m1, panel, n0, nb, row_offset, col_offset, row_scale, col_scale, bias, out,
                      small_weights):
     """Rows m0..m1-1 against the weight quads of columns n0..n0+nb-1, epilogue included."""
-    accs = aligned_empty(_QUAD_ROWS, _QUAD_GROUP * ((nb + _QUAD_GROUP - 1) // _QUAD_GROUP), np.int32)
+    accs = aligned_empty(TILE_ROWS, _QUAD_GROUP * ((nb + _QUAD_GROUP - 1) // _QUAD_GROUP), np.int32)
     n_groups = accs.shape[1] // _QUAD_GROUP
     coff = col_offset[0, n0:n0 + nb]
     cs = None if col_scale is None else col_scale[n0:n0 + nb]
     bi = None if bias is None else bias[n0:n0 + nb]
-    m = m0
-    while m + _QUAD_ROWS <= m1:
-        quad_rows(a_quads, m, panel, n_groups, accs, small_weights)
-        for r in range(_QUAD_ROWS):
+    for m in range(m0, m1, TILE_ROWS):
+        rows = min(TILE_ROWS, m1 - m)
+        dot4_rows(a_quads, m, rows, panel, n_groups, accs, small_weights)
+        for r in range(rows):
             rs = None if row_scale is None else row_scale[m + r]
             store_row(accs[r], 1, out[0, m + r, n0:n0 + nb], row_offset[0, m + r], coff, rs, cs, bi)
-        m += _QUAD_ROWS
-    acc = accs[0]
-    while m < m1:
-        quad_row(a_quads[m], panel, n_groups, acc, small_weights)
-        rs = None if row_scale is None else row_scale[m]
-        store_row(acc, 1, out[0, m, n0:n0 + nb], row_offset[0, m], coff, rs, cs, bi)
-        m += 1
 
 
 @njit(parallel=True, cache=True, boundscheck=False)

@@ -209,6 +209,15 @@ def pack_interval_rows(acc, lo, span, flip, bits):
         _pack_interval_range(acc[r], lo, span, flip, 0, acc.shape[1], bits[r])
 
 
+@njit(parallel=True, cache=True)
+def pack_interval_tasks(acc, lo, span, flip, bits):
+    """pack_interval_rows in parallel, in tasks of 64 rows (the packed engine's per-kernel path)."""
+    rows = acc.shape[0]
+    for task in prange((rows + 63) // 64):
+        r0, r1 = 64 * task, min(rows, 64 * task + 64)
+        pack_interval_rows(acc[r0:r1], lo, span, flip, bits[r0:r1])
+
+
 def interval_operands(intervals):
     """decision_intervals' (lo, hi, invert) as the int32 (lo, span, flip) of _pack_interval_range;
     an empty interval (lo = K + 1 > hi = K) becomes the single integer K + 1, never reached."""

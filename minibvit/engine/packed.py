@@ -129,6 +129,8 @@ class PackedViT:
             blk["fc1_intervals"] = fused.decision_intervals(fused.decision_table(
                 fused.linear_values(D, fc1["scale"], fc1["bias"]), fc2_input.shift, fc2_input.scale,
                 c.gelu_approximate))
+            if blk["fc1_intervals"] is not None:
+                blk["fc1_operands"] = fused.interval_operands(blk["fc1_intervals"])
         if not gsb and not proj_input.token:
             values = fused.linear_values(c.num_tokens, np.full(D, blk["s_av"], _F32), np.zeros(D, _F32))
             blk["heads_intervals"] = fused.decision_intervals(fused.decision_table(values, proj_input.shift))
@@ -277,9 +279,13 @@ class PackedViT:
                                    add_mode=2, acc=acc, lin=fc2)
 
     def _fc1_bits(self, blk, bits, B):
-        """fc1 then GELU then the fc2 input binarizer: packed bits [M, ceil(Hd / 64)] (+-1 recoding)."""
+        """fc1 then GELU then the fc2 input binarizer: packed bits [M, ceil(Hd / 64)] (+-1 recoding); from
+        the decision intervals on fc1's integer accumulator where they exist (binary_net's way)."""
         c, fc1, binarizer = self.cfg, blk["mlp.fc1"], blk["mlp.fc2"]["input"]
         out = np.empty((bits.shape[0], (c.mlp_hidden + 63) // 64), np.uint64)
+        if "fc1_operands" in blk:  # every decision tabulated on the integer accumulator: no float GELU
+            fused.pack_interval_tasks(kernels.binary_gemm(bits, fc1["bits"], c.embed_dim), *blk["fc1_operands"], out)
+            return out
         f = kernels.binary_gemm(bits, fc1["bits"], c.embed_dim, col_scale=fc1["scale"], bias=fc1["bias"])
         g, _ = ops.gelu_forward(f, c.gelu_approximate)
         centres = np.zeros(g.shape[0], _F32)

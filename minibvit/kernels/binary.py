@@ -86,7 +86,7 @@ def _copy_panel_overload(planes, b, n0, nb, width):
 _POP_JAM = 3          # words summed in registers per accumulator update (unroll-and-jam)
 
 
-def _accumulate_row(arow, xp, yp, acc):
+def accumulate_row(arow, xp, yp, acc):
     """acc[j] = sum_w popcount(combine(arow[w], panel[w, j])) for every panel column j < len(acc).
 
     _POP_JAM words are summed in registers per accumulator update, so the accumulator is loaded
@@ -126,7 +126,7 @@ def store_row(acc, acc_weight, orow, base, coff, rs, cs, bias):
 # Per-row helpers are inlined into the row loop (Numba-level inlining, variants picked by argument
 # types): a real call per row, with its array reference counting, costs as much as a whole row
 # when K is small. acc_weight is a literal, so no 64-bit multiply is emitted.
-overload(_accumulate_row, inline="always")(lambda arow, xp, yp, acc: _accumulate_row)
+overload(accumulate_row, inline="always")(lambda arow, xp, yp, acc: accumulate_row)
 
 
 @overload(store_row, inline="always", prefer_literal=True)
@@ -161,7 +161,7 @@ def panel_rows(a, b, m0, m1, xp, yp, n0, nb, width, row_offset, col_offset, row_
     cs = None if col_scale is None else col_scale[n0:n0 + nb]
     bi = None if bias is None else bias[n0:n0 + nb]
     for m in range(m0, m1):
-        _accumulate_row(a[b, m], xp, yp, acc)
+        accumulate_row(a[b, m], xp, yp, acc)
         rs = None if row_scale is None else row_scale[m]
         store_row(acc, -2, out[b, m, n0:n0 + nb], row_offset[b, m], coff, rs, cs, bi)
 

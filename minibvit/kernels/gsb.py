@@ -5,7 +5,7 @@ engine and gsb_attention_product. Each with a NumPy reference.
 import numpy as np
 from numba import njit, prange
 
-from .binary import column_blocks, copy_panel, panel_rows, popcount_matmul, transpose_words
+from .binary import accumulate_row, aligned_empty, column_blocks, copy_panel, panel_rows, popcount_matmul, transpose_words
 from .pack import check_k, check_words, row_popcount, unpack_bits, unpack_signs
 
 # ---------------------------------------------------------------------------------------------
@@ -99,33 +99,33 @@ def combined_products(bases, row_pop, planes, weights, out):
     [B*H, Wn, 5d] (the bits of S, T1v & S, T2v & S, T1v, T2v packed along the keys, word-major, in
     column blocks of d); row_pop [B*H, 3, N] int64: the row popcounts of the bases; weights float64
     [3, 3] = float64(a_i) * float64(b_j). The fused form of gsb_combine(gsb_partial_products(...)),
-    one task per (image, head): the packed engine and the training forward (ops.packed_basis_matmul)."""
+    one task per (image, head): the packed engine and the training forward (ops.packed_basis_matmul).
+    Each query row's 15 counts (3 bases x 5 planes) are taken into an L1 buffer and combined at once."""
     n_bh, _, n_rows, n_words = bases.shape
     d = out.shape[2]
-    n_cols = 5 * d
-    blocks, width = column_blocks(n_cols)
+    width = -(-5 * d // 8) * 8
     for t in prange(n_bh):
-        a = bases[t].reshape((1, 3 * n_rows, n_words))
-        counts = np.empty((1, 3 * n_rows, n_cols), np.int32)    # -2 popcount(P_i & plane)
-        zeros = np.zeros((1, 3 * n_rows), np.int64)
-        for cb in range(blocks):
-            n0 = cb * width
-            nb = min(width, n_cols - n0)
-            panel = copy_panel(planes[t:t + 1], 0, n0, nb, width)
-            panel_rows(a, 0, 0, 3 * n_rows, None, panel, n0, nb, width, zeros, None, None, None, None, counts)
+        panel = copy_panel(planes[t:t + 1], 0, 0, 5 * d, width)     # aligned [Wn, width], L1-resident
+        counts = aligned_empty(3, width, np.uint64)                  # popcount(P_i[m] & plane), per m
+        c0, c1, c2 = counts[0], counts[1], counts[2]
         for m in range(n_rows):
+            accumulate_row(bases[t, 0, m], None, panel, c0)
+            accumulate_row(bases[t, 1, m], None, panel, c1)
+            accumulate_row(bases[t, 2, m], None, panel, c2)
+            r0, r1, r2 = row_pop[t, 0, m], row_pop[t, 1, m], row_pop[t, 2, m]
             orow = out[t, m]
             for j in range(d):
+                # planes (s, T1v & s, T2v & s, T1v, T2v): P_i @ (U_j o S) = popcount(P_i & U_j) - 2 popcount(P_i & U_j & s)
                 total = 0.0
-                for i in range(3):
-                    c = counts[0, i * n_rows + m]
-                    # popcount(P & s) = -c[j] / 2, popcount(P & Tv & s) = -c[(1 + v) d + j] / 2, ...
-                    c00 = row_pop[t, i, m] + c[j]                       # P_i @ S
-                    c01 = -c[3 * d + j] // 2 + c[d + j]                 # P_i @ (T1v o S)
-                    c02 = -c[4 * d + j] // 2 + c[2 * d + j]             # P_i @ (T2v o S)
-                    total = total + weights[i, 0] * np.float64(c00)
-                    total = total + weights[i, 1] * np.float64(c01)
-                    total = total + weights[i, 2] * np.float64(c02)
+                total = total + weights[0, 0] * np.float64(r0 - 2 * np.int64(c0[j]))
+                total = total + weights[0, 1] * np.float64(np.int64(c0[3 * d + j]) - 2 * np.int64(c0[d + j]))
+                total = total + weights[0, 2] * np.float64(np.int64(c0[4 * d + j]) - 2 * np.int64(c0[2 * d + j]))
+                total = total + weights[1, 0] * np.float64(r1 - 2 * np.int64(c1[j]))
+                total = total + weights[1, 1] * np.float64(np.int64(c1[3 * d + j]) - 2 * np.int64(c1[d + j]))
+                total = total + weights[1, 2] * np.float64(np.int64(c1[4 * d + j]) - 2 * np.int64(c1[2 * d + j]))
+                total = total + weights[2, 0] * np.float64(r2 - 2 * np.int64(c2[j]))
+                total = total + weights[2, 1] * np.float64(np.int64(c2[3 * d + j]) - 2 * np.int64(c2[d + j]))
+                total = total + weights[2, 2] * np.float64(np.int64(c2[4 * d + j]) - 2 * np.int64(c2[2 * d + j]))
                 orow[j] = total  # one rounding to out's dtype, as .astype does
 
 

@@ -14,14 +14,15 @@ probabilities' codes: softmax_exp, probability_codes) and GELU (with its output'
 min_max), the levels' float32 product then the
 scales, in ops' order; so the logits have the bits of ViT.forward(training=False).
 """
+import numba
 import numpy as np
 from numba import njit, prange
 
 from .. import ops
 from ..numerics import EXACT_FASTMATH, gelu_f32, softmax_exp_rows
-from ..kernels.binary import aligned_empty
+from ..kernels.binary import aligned_empty, column_blocks, row_tasks
 from ..kernels.int8 import dot4_bmm_rows, padded_columns
-from ..kernels.ternary import ternary_gemm_quads, ternary_weight_quads, ternary_weight_sums
+from ..kernels.ternary import TILE_ROWS, dot4_rows, ternary_gemm_quads, ternary_weight_quads, ternary_weight_sums
 from . import fused
 
 _F32 = np.float32
@@ -225,6 +226,83 @@ def attention_values(a_quads, v_panels, s_av, n_tokens, n_heads, out):
             out[b * n_tokens + n, hd:hd + d] = o[0, n]
 
 
+LINEAR_QKV_ABSMAX, LINEAR_GELU_MIN_MAX = 1, 2  # the statistic linear_with_stats takes
+
+
+@njit(cache=True)
+def _abs_max_bits(bits):
+    """max over the int32 bits of float32 values of bits & 0x7FFFFFFF (the largest |x|'s bits), 0 if
+    empty. (A function of its own: three such loops written in one function did not all vectorize.)"""
+    m = np.int32(0)
+    for j in range(bits.shape[0]):
+        m = max(m, bits[j] & np.int32(0x7FFFFFFF))
+    return m
+
+
+@njit(cache=True, fastmath=EXACT_FASTMATH, error_model="numpy", boundscheck=False)
+def _stats_task(a_quads, w_quads, col_offset, scale, bias, mode, out, n0, nb, m0, m1, keys):
+    """Rows m0 .. m1 - 1, columns n0 .. n0 + nb - 1 of linear_with_stats; keys [3] int32: the task's
+    statistic. (A function of its own: written inside the parallel loop, the same code ran 3-4x slower.)"""
+    third = out.shape[1] // 3
+    bits = out.view(np.int32)
+    one = np.float32(1.0)
+    padded = 16 * ((nb + 15) // 16)
+    panel = w_quads[:, 4 * n0:4 * (n0 + padded)]
+    accs = aligned_empty(TILE_ROWS, padded, np.int32)
+    lo, hi = np.int32(0x7FFFFFFF), np.int32(-0x80000000)
+    m_q, m_k, m_v = np.int32(0), np.int32(0), np.int32(0)
+    coff, cs, bi = col_offset[n0:n0 + nb], scale[n0:n0 + nb], bias[n0:n0 + nb]
+    q_end, k_end = max(0, min(nb, third - n0)), max(0, min(nb, 2 * third - n0))  # the thirds in the segment
+    for m in range(m0, m1, TILE_ROWS):
+        rows = min(TILE_ROWS, m1 - m)
+        dot4_rows(a_quads, m, rows, panel, padded // 16, accs, True)
+        for r in range(rows):
+            acc, orow, brow = accs[r], out[m + r, n0:n0 + nb], bits[m + r, n0:n0 + nb]
+            for j in range(nb):
+                orow[j] = np.float32(coff[j] + np.int64(acc[j])) * one * cs[j] + bi[j]
+            if mode == LINEAR_GELU_MIN_MAX:
+                for j in range(nb):
+                    v = orow[j]
+                    orow[j] = gelu_f32(v)
+                for j in range(nb):
+                    key = fused.order_key(brow[j])
+                    lo = min(lo, key)
+                    hi = max(hi, key)
+            else:
+                m_q = max(m_q, _abs_max_bits(brow[:q_end]))
+                m_k = max(m_k, _abs_max_bits(brow[q_end:k_end]))
+                m_v = max(m_v, _abs_max_bits(brow[k_end:]))
+    if mode == LINEAR_GELU_MIN_MAX:
+        keys[0], keys[1], keys[2] = lo, hi, 0
+    else:
+        keys[0], keys[1], keys[2] = m_q, m_k, m_v
+
+
+@njit(parallel=True, cache=True)
+def linear_with_stats(a_quads, w_quads, col_offset, scale, bias, mode, out, threads):
+    """TernaryLinear's product and epilogue into out [M, N] (kernels.ternary_gemm_quads' task grid,
+    register tiles and float32 operations: float32(levels product) * 1 * scale[n] + bias[n]) with the
+    statistic the next 8-bit quantizer needs, taken while each row segment is in L1, as a float32 [3]:
+      LINEAR_QKV_ABSMAX:   max |out| over each third of the columns (q, k, v: qkv_absmax);
+      LINEAR_GELU_MIN_MAX: out = GELU(...) (gelu_f32, min_max's bits), returns (min, max, 0) of it.
+    Exact: maxima and minima are compared as int32 keys (fused.order_key), in any order."""
+    n_rows, n_cols = out.shape
+    col_blocks, width = column_blocks(n_cols)
+    row_blocks, height = row_tasks(n_rows, col_blocks, threads)
+    keys = np.empty((row_blocks * col_blocks, 3), np.int32)
+    for task in prange(row_blocks * col_blocks):
+        n0, m0 = (task % col_blocks) * width, (task // col_blocks) * height
+        _stats_task(a_quads, w_quads, col_offset, scale, bias, mode, out, n0, min(width, n_cols - n0), m0,
+                    min(m0 + height, n_rows), keys[task])
+    result = np.empty(3, np.int32)
+    if mode == LINEAR_GELU_MIN_MAX:
+        result[0], result[1], result[2] = fused.order_key(keys[:, 0].min()), fused.order_key(keys[:, 1].max()), 0
+    else:
+        for i in range(3):
+            result[i] = keys[:, i].max()
+    return result.view(np.float32)
+
+
 def _quads(rows, k):
     """uint8 [rows, 4 ceil(K/4)] and its uint32 view [rows, ceil(K/4)]."""
     raw = np.empty((rows, 4 * -(-k // 4)), np.uint8)
@@ -248,6 +326,13 @@ class TernaryLinear:
         scale = x_scale * self.w_scale          # = the simulated forward's s_x * s_w (float32)
         return ternary_gemm_quads(a_quads, self.quads, self.n, offset, np.ones(a_quads.shape[0], _F32), scale,
                                   self.bias, w_max=1)
+
+    def with_stats(self, a_quads, x_scale, mode):
+        """(out, statistic): __call__'s output with linear_with_stats' statistic (signed codes)."""
+        out = np.empty((a_quads.shape[0], self.n), _F32)
+        stats = linear_with_stats(a_quads, self.quads, -128 * self.colsum, x_scale * self.w_scale, self.bias, mode,
+                                  out, numba.get_num_threads())
+        return out, stats
 
 
 def tervit_blocks(stream, blocks, cfg, n_images, inv_sqrt_d):
@@ -284,8 +369,8 @@ def tervit_blocks(stream, blocks, cfg, n_images, inv_sqrt_d):
 
     norm(None, blocks[0]["norm1"], 2)
     for i, blk in enumerate(blocks):
-        qkv = blk["attn.qkv"](x_quads, signed_codes(h, x_raw))
-        s_q, s_k, s_v = (minmax_scale(m, True)[0] for m in qkv_absmax(qkv))
+        qkv, absmax = blk["attn.qkv"].with_stats(x_quads, signed_codes(h, x_raw), LINEAR_QKV_ABSMAX)
+        s_q, s_k, s_v = (minmax_scale(m, True)[0] for m in absmax)
         qkv_operands(qkv, N, H, np.array([s_q, s_k, s_v], _F32), q_raw, k_panels, k_offset, v_panels)
         attention_products(q_raw.view(np.uint32), k_panels, k_offset, s_q * s_k, inv_sqrt_d, scores)
         softmax_exp(scores.reshape(BH * N, N), exps, inv_sums)                 # ops.softmax_forward, fused
@@ -294,12 +379,10 @@ def tervit_blocks(stream, blocks, cfg, n_images, inv_sqrt_d):
         attention_values(a_raw.view(np.uint32).reshape(BH, N, -1), v_panels, s_a * s_v, N, H, o)
         proj = blk["attn.proj"](x_quads, signed_codes(o, x_raw))
         norm(proj, blk["norm2"], 2)
-        f = blk["mlp.fc1"](x_quads, signed_codes(h, x_raw))
         if cfg.gelu_approximate == "none":
-            g = np.empty_like(f)
-            g_min_max = min_max(f, g)
+            g, g_min_max = blk["mlp.fc1"].with_stats(x_quads, signed_codes(h, x_raw), LINEAR_GELU_MIN_MAX)
         else:
-            g, _ = ops.gelu_forward(f, cfg.gelu_approximate)
+            g, _ = ops.gelu_forward(blk["mlp.fc1"](x_quads, signed_codes(h, x_raw)), cfg.gelu_approximate)
             g_min_max = min_max(g)
         s_g, zp = minmax_scale(g_min_max, False)
         unsigned_quads(g, s_g, zp, h_raw)

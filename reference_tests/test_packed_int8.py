@@ -125,21 +125,33 @@ def test_fused_softmax_codes_equal_softmax_then_minmax_codes(rows, n):
     assert (out[:, n:] == 0).all()
 
 
-def test_gelu_and_its_min_max_in_one_pass():
+@pytest.mark.parametrize("m, k, n", [(1, 5, 3), (45, 77, 96), (200, 192, 576), (131, 64, 600)])
+def test_linear_with_stats_equals_the_linear_then_its_statistic(m, k, n):
+    """The ternary linear with fc1's GELU and its min / max, or qkv's per-third max |x|, in the GEMM's
+    epilogue: the outputs and statistics of the linear (ternary_gemm_quads) then ops.gelu_forward and
+    NumPy's min / max, bit for bit (row counts off the 6-row tile, column counts off the 4-group tile)."""
     from minibvit import ops
-    rng = np.random.default_rng(5)
-    x = _tensor(rng, (45, 77)) * 4
-    g = np.empty_like(x)
-    lo, hi = ternary_net.min_max(x, g)
-    expected, _ = ops.gelu_forward(x)
-    np.testing.assert_array_equal(g, expected)
+    from minibvit.kernels.ternary import ternary_gemm_quads, weight_level_quads
+    rng = np.random.default_rng(m + k + n)
+    w_quads, sums = weight_level_quads(rng.integers(-1, 2, (n, k)).astype(np.float32))
+    a_quads = rng.integers(0, 256, (m, 4 * -(-k // 4)), dtype=np.uint8)
+    a_quads[:, k:] = 128                                  # the signed codes' K padding
+    a_quads = a_quads.view(np.uint32)
+    offset = -128 * sums
+    scale = (rng.random(n) * 0.02 + 1e-3).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    linear = ternary_gemm_quads(a_quads, w_quads, n, offset, np.ones(m, np.float32), scale, bias, w_max=1)
+    out = np.empty((m, n), np.float32)
+    lo, hi, _ = ternary_net.linear_with_stats(a_quads, w_quads, offset, scale, bias, ternary_net.LINEAR_GELU_MIN_MAX,
+                                              out, 2)
+    expected, _ = ops.gelu_forward(linear)
+    np.testing.assert_array_equal(out, expected)
     assert lo == expected.min() and hi == expected.max()
-
-
-def test_qkv_absmax():
-    rng = np.random.default_rng(4)
-    qkv = _tensor(rng, (50, 3 * 24))
-    np.testing.assert_array_equal(ternary_net.qkv_absmax(qkv), np.abs(qkv.reshape(50, 3, 24)).max(axis=(0, 2)))
+    if n % 3 == 0:
+        stats = ternary_net.linear_with_stats(a_quads, w_quads, offset, scale, bias, ternary_net.LINEAR_QKV_ABSMAX,
+                                              out, 2)
+        np.testing.assert_array_equal(out, linear)
+        np.testing.assert_array_equal(stats, np.abs(linear.reshape(m, 3, n // 3)).max(axis=(0, 2)))
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 70, 33), (300, 192, 384), (130, 1536, 192)])

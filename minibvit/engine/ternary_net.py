@@ -4,15 +4,16 @@ with the activation quantizers fused into the passes that produce or lay out the
 
 Every 8-bit activation of TerViT takes a per-tensor min-max scale over the whole batch tensor
 (quant.minmax_codes). A scale needs the whole tensor, so each quantizer is: the producing pass
-(LayerNorm, GELU, the attention epilogues) or one reduction pass gives max |x| (or min and max),
+(the qkv and fc1 GEMMs' epilogues, linear_with_stats; the softmax) or one reduction pass gives
+max |x| (or min and max),
 the scale is computed in NumPy float32 exactly as minmax_codes does (minmax_scale), and one pass
 writes the codes straight into the layout the next product reads: the unsigned bytes of the
 activation quads (signed codes + 128, whose -128 sum t correction is a column offset of the
 product) or, for K and V, the int8 panels of the attention products. The float operations are the
 model's: ops' LayerNorm (engine.fused.residual_norm_pack), softmax (its second pass fused with the
-probabilities' codes: softmax_exp, probability_codes) and GELU (with its output's min and max:
-min_max), the levels' float32 product then the
-scales, in ops' order; so the logits have the bits of ViT.forward(training=False).
+probabilities' codes: softmax_exp, probability_codes) and GELU (in fc1's epilogue, with its output's
+min and max), the levels' float32 product then the scales, in ops' order; so the logits have the
+bits of ViT.forward(training=False).
 """
 import numba
 import numpy as np
@@ -78,13 +79,10 @@ def unsigned_quads(x, scale, zero_point, out):
             o[j] = 0
 
 
-@njit(parallel=True, cache=True, fastmath=EXACT_FASTMATH, error_model="numpy")
-def min_max(x, gelu_out=None):
+@njit(parallel=True, cache=True)
+def min_max(x):
     """(min, max) of a C-contiguous float32 array [M, K] as a float32 [2] (order keys: exact in any
-    order; no NaN expected). With gelu_out [M, K]: gelu_out = ops.gelu_forward(x) (approximate "none";
-    numerics' _gelu_erf_f32: numerics.gelu_f32, compiled with the same flags, so the same bits) and the
-    (min, max) of that instead, in the same pass. (Numba's cache of this module does not see a change
-    of numerics: a change of gelu_f32 comes with an edit here.)"""
+    order; no NaN expected)."""
     rows = x.shape[0]
     tasks = (rows + _ROWS - 1) // _ROWS
     keys = np.empty((tasks, 2), np.int32)
@@ -93,12 +91,6 @@ def min_max(x, gelu_out=None):
         lo, hi = np.int32(0x7FFFFFFF), np.int32(-0x80000000)
         for r in range(t * _ROWS, min(rows, (t + 1) * _ROWS)):
             br = bits[r]
-            if gelu_out is not None:
-                xr, orow = x[r], gelu_out[r]
-                for j in range(x.shape[1]):
-                    v = xr[j]
-                    orow[j] = gelu_f32(v)
-                br = orow.view(np.int32)
             for j in range(x.shape[1]):
                 key = fused.order_key(br[j])
                 lo = min(lo, key)
@@ -106,29 +98,6 @@ def min_max(x, gelu_out=None):
         keys[t, 0], keys[t, 1] = lo, hi
     lo, hi = keys[:, 0].min(), keys[:, 1].max()
     return np.array([fused.order_key(lo), fused.order_key(hi)], np.int32).view(np.float32)
-
-
-@njit(parallel=True, cache=True)
-def qkv_absmax(qkv):
-    """max |x| over the q, k and v thirds of the fused qkv output [M, 3D]: float32 [3]."""
-    rows, dim = qkv.shape[0], qkv.shape[1] // 3
-    tasks = (rows + _ROWS - 1) // _ROWS
-    partial = np.zeros((tasks, 3), np.int32)
-    bits = qkv.view(np.int32)
-    for t in prange(tasks):
-        m0, m1, m2 = np.int32(0), np.int32(0), np.int32(0)
-        for r in range(t * _ROWS, min(rows, (t + 1) * _ROWS)):
-            br = bits[r]
-            for j in range(dim):
-                m0 = max(m0, br[j] & np.int32(0x7FFFFFFF))
-                m1 = max(m1, br[dim + j] & np.int32(0x7FFFFFFF))
-                m2 = max(m2, br[2 * dim + j] & np.int32(0x7FFFFFFF))
-        partial[t, 0], partial[t, 1], partial[t, 2] = m0, m1, m2
-    best = np.zeros(3, np.int32)
-    for t in range(tasks):
-        for i in range(3):
-            best[i] = max(best[i], partial[t, i])
-    return best.view(np.float32)
 
 
 @njit(parallel=True, cache=True)
@@ -283,8 +252,11 @@ def linear_with_stats(a_quads, w_quads, col_offset, scale, bias, mode, out, thre
     """TernaryLinear's product and epilogue into out [M, N] (kernels.ternary_gemm_quads' task grid,
     register tiles and float32 operations: float32(levels product) * 1 * scale[n] + bias[n]) with the
     statistic the next 8-bit quantizer needs, taken while each row segment is in L1, as a float32 [3]:
-      LINEAR_QKV_ABSMAX:   max |out| over each third of the columns (q, k, v: qkv_absmax);
-      LINEAR_GELU_MIN_MAX: out = GELU(...) (gelu_f32, min_max's bits), returns (min, max, 0) of it.
+      LINEAR_QKV_ABSMAX:   max |out| over each third of the columns (the scales of q, k and v);
+      LINEAR_GELU_MIN_MAX: out = GELU(...) (ops.gelu_forward's approximate "none": numerics.gelu_f32,
+                           compiled with its flags, so the same bits), returns (min, max, 0) of it.
+    (Numba's cache of this module does not see a change of numerics: a change of gelu_f32 comes with
+    an edit here.)
     Exact: maxima and minima are compared as int32 keys (fused.order_key), in any order."""
     n_rows, n_cols = out.shape
     col_blocks, width = column_blocks(n_cols)

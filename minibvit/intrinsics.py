@@ -7,7 +7,7 @@ rounding in vector and scalar code alike, a 64-lane vector compare packed to a w
 anything on import; each intrinsic is compiled into the kernel that calls it.
 
     bit casts          as_float32, as_float64
-    arithmetic         fma_f32
+    arithmetic         fma_f32, fma_f64
     popcount           popcount (scalar), popcount_assign / popcount_add (8 lanes, unrolled words)
     packing            bits64 (sign / nonzero bits of 64 elements) and its inverse select64,
                        below_bits64, at_least_bits64,
@@ -42,16 +42,25 @@ def as_float64(typingctx, bits):
     return types.float64(types.int64), codegen
 
 
+def _fma_codegen(float_type):
+    def codegen(context, builder, signature, args):
+        fma = builder.module.declare_intrinsic("llvm.fma", [float_type], ir.FunctionType(float_type, [float_type] * 3))
+        return builder.call(fma, args)
+
+    return codegen
+
+
 @intrinsic
 def fma_f32(typingctx, a, b, c):
     """a * b + c for float32 with a single rounding (LLVM's fma): unlike a "contract" fast-math flag it
     fuses in the vectorized loop body and in its scalar remainder alike."""
-    def codegen(context, builder, signature, args):
-        f32 = ir.FloatType()
-        fma = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
-        return builder.call(fma, args)
+    return types.float32(types.float32, types.float32, types.float32), _fma_codegen(ir.FloatType())
 
-    return types.float32(types.float32, types.float32, types.float32), codegen
+
+@intrinsic
+def fma_f64(typingctx, a, b, c):
+    """a * b + c for float64 with a single rounding (LLVM's fma), as fma_f32."""
+    return types.float64(types.float64, types.float64, types.float64), _fma_codegen(ir.DoubleType())
 
 
 # ---------------------------------------------------------------------------------------------

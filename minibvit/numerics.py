@@ -31,7 +31,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .intrinsics import as_float32, as_float64, fma_f32
+from .intrinsics import as_float32, as_float64, fma_f32, fma_f64
 
 # ----------------------------------------------------------------------------------------------
 # bias and residual adds
@@ -487,16 +487,18 @@ _LN2_LO = 1.90821492927058770002e-10
 @njit(inline="always")
 def exp_f32_rounded(x):
     """float32(exp(x)) for float32 x, evaluated in float64 as 2^n exp(r), n = round(x / ln 2), with a
-    degree-12 polynomial for exp(r): about 3e-16 relative before the one rounding to float32, so the
-    result is the correctly rounded exp(x) unless exp(x) lies that close to a float32 rounding boundary
-    (measured: no difference from float32(numpy.exp(float64(x))) on 10^7 points). Branch-free, so the
+    degree-12 polynomial for exp(r) by Horner's rule with fused multiply-adds (fma_f64: half the
+    operations of separate multiplies and adds, which LLVM does not fuse by itself): about 3e-16
+    relative before the one rounding to float32, so the result is the correctly rounded exp(x) unless
+    exp(x) lies that close to a float32 rounding boundary (measured: no difference from
+    float32(numpy.exp(float64(x))) on 2 x 10^7 points, normal and uniform on [-104, 89]). Branch-free, so the
     loops vectorize (libm's expf does not). exp(-inf) = 0, exp(+inf) = inf, NaN stays NaN."""
     v = min(max(np.float64(x), -104.0), 89.0)  # exp(-104) rounds to 0 and exp(89) to inf in float32
     n = np.floor(v * 1.4426950408889634 + 0.5)
     r = (v - n * _LN2_HI) - n * _LN2_LO
     p = _EXP_TAYLOR[12]
     for k in range(11, -1, -1):
-        p = p * r + _EXP_TAYLOR[k]
+        p = fma_f64(p, r, _EXP_TAYLOR[k])
     y = np.float32(p * as_float64((np.int64(n) + np.int64(1023)) << np.int64(52)))
     return y if x == x else x
 

@@ -19,10 +19,75 @@ from numba import njit, prange
 from ..gsb import GSB_T1_FRACTION, GSB_T2_FRACTION
 from ..intrinsics import as_float32, bits64, popcount
 from ..kernels.gsb import combined_products
-from .fused import order_key
+from .fused import _ROWS_PER_TASK, _pack_signed_row, _softmax_row, _softmax_rows4, order_key
 
 _F32 = np.float32
 _ROWS = 32  # rows per task of the row passes (their scratch is per task)
+
+
+@njit(parallel=True, cache=True)
+def softmax_biased_max(scores, table, bias, n_heads, probs, row_max):
+    """The attention probabilities of the binary scores [B*H*N, N] (int32) into probs (float32; the
+    table and float operations of fused.score_softmax, in its tasks of rows) with biased_max's row
+    maxima of y = probs + bias (bias [H, N, N]) in the same pass, while each row is in L1."""
+    rows, n = scores.shape
+    d = (table.shape[0] - 1) // 2
+    per_head = bias.shape[1]
+    for task in prange((rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        buf = np.empty((4, n), np.float32)
+        y = np.empty(n, np.float32)
+        keys = y.view(np.int32)
+        r, r1 = task * _ROWS_PER_TASK, min(rows, (task + 1) * _ROWS_PER_TASK)
+        while r < r1:
+            count = 4 if r + 4 <= r1 else 1
+            if count == 4:
+                _softmax_rows4(scores[r], scores[r + 1], scores[r + 2], scores[r + 3], table, d, buf)
+            else:
+                _softmax_row(scores[r], table, d, buf[0])
+            for k in range(count):
+                src, p_row = buf[k], probs[r + k]
+                b_row = bias[((r + k) // per_head) % n_heads, (r + k) % per_head]
+                for j in range(n):
+                    p_row[j] = src[j]
+                for j in range(n):
+                    y[j] = src[j] + b_row[j]
+                best = np.int32(-0x80000000)
+                for j in range(n):
+                    best = max(best, order_key(keys[j]))
+                row_max[r + k] = as_float32(order_key(best))
+            r += count
+
+
+@njit(parallel=True, cache=True)
+def pack_qk_value_range(qkv, n_batch, n_tokens, n_heads, centres, shifts, qk_bits, v_shift):
+    """fused.pack_qkv's q and k bits (qk_bits [2, B*H, N, Wd]; thresholds centres[t, row] + shifts[t])
+    and value_min_max's (min, max) of yv = v - v_shift (float32 [2]) in one pass over qkv [B*N, 3D]:
+    GSB's values are quantized by its own bases (value_planes), not by a sign binarizer."""
+    dim = qkv.shape[1] // 3
+    d = dim // n_heads
+    tasks = n_batch * n_heads
+    keys = np.empty((tasks, 2), np.int32)
+    for task in prange(tasks):
+        b, h = task // n_heads, task % n_heads
+        hd = h * d
+        shift = v_shift[h]
+        y = np.empty(d, np.float32)
+        y_keys = y.view(np.int32)
+        lo, hi = np.int32(0x7FFFFFFF), np.int32(-0x80000000)
+        for n in range(n_tokens):
+            row = qkv[b * n_tokens + n]
+            r = task * n_tokens + n
+            for t in range(2):
+                _pack_signed_row(row[t * dim + hd:t * dim + hd + d], centres[t, r], shifts[t], qk_bits[t, task, n])
+            for j in range(d):
+                y[j] = row[2 * dim + hd + j] - shift[j]
+            for j in range(d):
+                key = order_key(y_keys[j])
+                lo = min(lo, key)
+                hi = max(hi, key)
+        keys[task, 0], keys[task, 1] = lo, hi
+    lo, hi = keys[:, 0].min(), keys[:, 1].max()
+    return np.array([order_key(lo), order_key(hi)], np.int32).view(np.float32)
 
 
 @njit(parallel=True, cache=True)
@@ -140,23 +205,25 @@ def value_planes(qkv, n_tokens, n_heads, v_shift, hi1, lo1, hi2, lo2, planes):
                 pw[2 * d + j] = pw[4 * d + j] & pw[j]
 
 
-def gsb_attention(probs, qkv, gsb, n_images, n_tokens, n_heads, max_over):
+def gsb_attention(probs, qkv, gsb, n_images, n_tokens, n_heads, max_over, row_max=None, value_range=None):
     """GSB's A_q V_q [B*H, N, d] float32 from the softmax probabilities probs [B*H*N, N] (float32) and
     the fused qkv output [B*N, 3D] (float32), for one block's GSB tensors gsb (attn_alphas, attn_bias,
-    v_alphas, v_shift)."""
+    v_alphas, v_shift). row_max (biased_max's) and value_range (value_min_max's) when the passes that
+    produced probs and read qkv took them (softmax_biased_max, pack_qk_value_range)."""
     rows = probs.shape[0]
     n_bh, n_words = n_images * n_heads, (n_tokens + 63) // 64
     d = qkv.shape[1] // (3 * n_heads)
     bias, v_shift = gsb["attn_bias"], np.ascontiguousarray(gsb["v_shift"], _F32)
-    row_max = np.empty(rows, _F32)
-    biased_max(probs, bias, n_heads, row_max)
+    if row_max is None:
+        row_max = np.empty(rows, _F32)
+        biased_max(probs, bias, n_heads, row_max)
     amax = row_max.max() if max_over == "tensor" else row_max                 # gsb._attn_max
     thr1 = np.broadcast_to(GSB_T1_FRACTION * amax, (rows,)).astype(_F32)     # gsb_attn_masks' thresholds
     thr2 = np.broadcast_to(GSB_T2_FRACTION * amax, (rows,)).astype(_F32)
     bases = np.empty((n_bh, 3, n_tokens, n_words), np.uint64)
     row_pop = np.empty((n_bh, 3, n_tokens), np.int64)
     attn_bases(probs, bias, n_heads, gsb["attn_alphas"][0], thr1, thr2, bases, row_pop)
-    vmin, vmax = value_min_max(qkv, n_heads, v_shift)
+    vmin, vmax = value_min_max(qkv, n_heads, v_shift) if value_range is None else value_range
     planes = np.empty((n_bh, n_words, 5 * d), np.uint64)
     value_planes(qkv, n_tokens, n_heads, v_shift, GSB_T1_FRACTION * vmax, GSB_T1_FRACTION * vmin,
                  GSB_T2_FRACTION * vmax, GSB_T2_FRACTION * vmin, planes)          # gsb_value_masks' thresholds

@@ -295,13 +295,13 @@ class PackedViT:
         return out
 
     def _qkv_bits(self, blk, bits, B):
-        """qkv linear and the q, k, v binarizers: (qk_bits [2, B*H, N, Wd], vt_bits [B*H, d, Wn],
-        the qkv values [B*N, 3D] float32)."""
+        """qkv linear and the q, k, v binarizers: (qk_bits [2, B*H, N, Wd], vt_bits [B*H, d, Wn] or, for
+        GSB, the (min, max) of its values yv (gsb_net.pack_qk_value_range), the qkv values [B*N, 3D]
+        float32)."""
         c, qkv = self.cfg, blk["attn.qkv"]
         N, H, D = c.num_tokens, c.num_heads, c.embed_dim
         d = D // H
         qk_bits = np.empty((2, B * H, N, (d + 63) // 64), np.uint64)
-        vt_bits = np.zeros((B * H, d, (N + 63) // 64), np.uint64)
         values = kernels.binary_gemm(bits, qkv["bits"], D, col_scale=qkv["scale"], bias=qkv["bias"])
         views = values.reshape(B, N, 3, H, d).transpose(2, 0, 3, 1, 4)   # q, k, v (B, H, N, d), as the model
         centres = np.zeros((3, B * H * N), _F32)
@@ -311,6 +311,10 @@ class PackedViT:
                 shifts[t] = blk[name].shift
                 if blk[name].token:
                     centres[t] = views[t].mean(axis=-1).reshape(-1)                   # as binaryvit.ASM
+        if self.kind == "gsb":
+            v_shift = np.ascontiguousarray(blk["gsb"]["v_shift"], _F32)
+            return qk_bits, gsb_net.pack_qk_value_range(values, B, N, H, centres, shifts, qk_bits, v_shift), values
+        vt_bits = np.zeros((B * H, d, (N + 63) // 64), np.uint64)
         fused.pack_qkv(values, B, N, H, centres, shifts, qk_bits, vt_bits)
         return qk_bits, vt_bits, values
 
@@ -322,7 +326,7 @@ class PackedViT:
         qk_bits, vt_bits, qkv_values = qkv_bits
         scores = kernels.binary_bmm(qk_bits[0], qk_bits[1], d)
         if self.kind == "gsb":
-            o, o_scale = self._gsb_product(blk, scores, qkv_values, B), _F32(1.0)
+            o, o_scale = self._gsb_product(blk, scores, qkv_values, vt_bits, B), _F32(1.0)
         else:
             p_bits = np.empty((B * H * N, (N + 63) // 64), np.uint64)
             fused.score_softmax(scores.reshape(-1, N), blk["exp_table"], blk["exp_monotone"],
@@ -339,12 +343,12 @@ class PackedViT:
         fused.pack_heads(o, o_scale, N, H, centres, binarizer.shift, bits)
         return bits
 
-    def _gsb_product(self, blk, scores, values, B):
+    def _gsb_product(self, blk, scores, values, value_range, B):
         """GSB attention output A_q V_q [B*H, N, d] (float32) from the nine exact integer products
         of the binary bases, combined as kernels.gsb_combine does (engine.gsb_net)."""
         c = self.cfg
         N, H = c.num_tokens, c.num_heads
-        probs = np.empty((scores.size // N, N), _F32)
-        fused.score_softmax(scores.reshape(-1, N), blk["exp_table"], False, probs, _F32(1.0),
-                            np.empty((0, 1), np.uint64))
-        return gsb_net.gsb_attention(probs, values, blk["gsb"], B, N, H, self.options.gsb_max_over)
+        probs, row_max = np.empty((scores.size // N, N), _F32), np.empty(scores.size // N, _F32)
+        gsb_net.softmax_biased_max(scores.reshape(-1, N), blk["exp_table"], blk["gsb"]["attn_bias"], H, probs, row_max)
+        return gsb_net.gsb_attention(probs, values, blk["gsb"], B, N, H, self.options.gsb_max_over, row_max,
+                                     value_range)

@@ -4,7 +4,7 @@ quant.minmax_codes, bit for bit (exact zeros, ties and extremes included)."""
 import numpy as np
 import pytest
 
-from minibvit import kernels, quant
+from minibvit import kernels, numerics, quant
 from minibvit.engine import ternary_net
 from minibvit.kernels import int8
 
@@ -101,7 +101,8 @@ def test_fused_quantizers_equal_minmax_codes(signed):
 
 @pytest.mark.parametrize("rows, n", [(1, 1), (13, 197), (75, 18), (64, 64)])
 def test_fused_softmax_codes_equal_softmax_then_minmax_codes(rows, n):
-    """softmax_exp + probability_codes give the codes quant.minmax_codes makes of ops.softmax_forward's
+    """The softmax's first pass (numerics.softmax_exp_rows, which attention_softmax runs on its score rows)
+    + probability_codes give the codes quant.minmax_codes makes of ops.softmax_forward's
     probabilities, with the scale taken from the row sums alone (ties at the row maximum, uniform and
     one-hot rows included)."""
     from minibvit import ops
@@ -115,7 +116,7 @@ def test_fused_softmax_codes_equal_softmax_then_minmax_codes(rows, n):
     probs, _ = ops.softmax_forward(scores)
     codes, scale, _ = quant.minmax_codes(probs, 8, False, None)
     exps, inv_sums = np.empty_like(scores), np.empty(rows)
-    ternary_net.softmax_exp(scores, exps, inv_sums)
+    numerics.softmax_exp_rows(scores, exps, inv_sums, 0, rows)
     assert np.float32(inv_sums.max()) == probs.max()
     s, zp = ternary_net.minmax_scale((np.float32(0), np.float32(inv_sums.max())), False)
     assert s == scale[0] and zp == 0
@@ -123,6 +124,27 @@ def test_fused_softmax_codes_equal_softmax_then_minmax_codes(rows, n):
     ternary_net.probability_codes(exps, inv_sums, s, out)
     np.testing.assert_array_equal(out[:, :n], codes)
     assert (out[:, n:] == 0).all()
+
+
+@pytest.mark.parametrize("n_heads, n_tokens, d", [(1, 1, 4), (3, 197, 64), (2, 30, 20), (5, 49, 33)])
+def test_attention_softmax_equals_the_products_then_the_softmax_pass(n_heads, n_tokens, d):
+    """attention_softmax (Q K^T on register tiles, its epilogue, the softmax's first pass on each block
+    of rows) gives the bits of kernels.int8.dot4_bmm's scores then numerics.softmax_exp_rows on them."""
+    from minibvit.kernels.int8 import byte_panels, byte_quads, dot4_bmm
+    rng = np.random.default_rng(n_heads * n_tokens + d)
+    u = rng.integers(0, 256, (n_heads, n_tokens, d)).astype(np.uint8)
+    k = rng.integers(-127, 128, (n_heads, n_tokens, d)).astype(np.int8)
+    q_quads, k_panels = byte_quads(u), byte_panels(k)
+    k_offset = -128 * k.astype(np.int64).sum(axis=2)
+    s_qk, inv_sqrt_d = np.float32(3e-4), np.float32(1 / np.sqrt(d))
+    scores = dot4_bmm(q_quads, k_panels, n_tokens, k_offset, (s_qk, inv_sqrt_d)).reshape(-1, n_tokens)
+    rows = n_heads * n_tokens
+    expected_e, expected_inv = np.empty_like(scores), np.empty(rows)
+    numerics.softmax_exp_rows(scores, expected_e, expected_inv, 0, rows)
+    e, inv_sums = np.empty_like(scores), np.empty(rows)
+    ternary_net.attention_softmax(q_quads, k_panels, k_offset, s_qk, inv_sqrt_d, e, inv_sums)
+    np.testing.assert_array_equal(e, expected_e)
+    np.testing.assert_array_equal(inv_sums, expected_inv)
 
 
 @pytest.mark.parametrize("m, k, n", [(1, 5, 3), (45, 77, 96), (200, 192, 576), (131, 64, 600)])

@@ -11,7 +11,7 @@ writes the codes straight into the layout the next product reads: the unsigned b
 activation quads (signed codes + 128, whose -128 sum t correction is a column offset of the
 product) or, for K and V, the int8 panels of the attention products. The float operations are the
 model's: ops' LayerNorm (engine.fused.residual_norm_pack), softmax (its second pass fused with the
-probabilities' codes: softmax_exp, probability_codes) and GELU (in fc1's epilogue, with its output's
+probabilities' codes: attention_softmax, probability_codes) and GELU (in fc1's epilogue, with its output's
 min and max), the levels' float32 product then the scales, in ops' order; so the logits have the
 bits of ViT.forward(training=False).
 """
@@ -151,18 +151,6 @@ def qkv_operands(qkv, n_tokens, n_heads, scales, q_bytes, k_panels, k_offset, v_
 
 
 @njit(parallel=True, cache=True)
-def softmax_exp(scores, e, inv_sums):
-    """The first pass of ops' float32 softmax (numerics.softmax_exp_rows) on the rows of scores [R, N]:
-    e = float32(exp(x - max x)) and inv_sums [R] float64 = 1 / the row's sum. The probabilities are
-    float32(e * inv_sum) (probability_codes); their largest value in a row is float32(inv_sum), since
-    exp(0) = 1 and e <= 1 elsewhere, so the whole tensor's maximum, which the 8-bit scale needs, is
-    float32(max inv_sums) with no pass over the probabilities."""
-    rows = scores.shape[0]
-    for task in prange((rows + _ROWS - 1) // _ROWS):
-        softmax_exp_rows(scores, e, inv_sums, task * _ROWS, min(rows, (task + 1) * _ROWS))
-
-
-@njit(parallel=True, cache=True)
 def probability_codes(e, inv_sums, scale, out):
     """out [R, 4 Kq] uint8 = unsigned 8-bit codes (zero point 0) of the probabilities
     float32(float64(e) * inv_sum), numerics' scaling step, without writing them; pad 0."""
@@ -174,11 +162,41 @@ def probability_codes(e, inv_sums, scale, out):
             o[j] = 0
 
 
+_SOFTMAX_ROWS = 4 * TILE_ROWS  # score rows per softmax call: whole groups of 8 for its eight-row sums
+
+
+@njit(cache=True)
+def _attention_softmax_head(q_quads, k_panels, k_offset, s1, s2, t, e, inv_sums):
+    """attention_softmax for head t (one thread)."""
+    n_tokens = q_quads.shape[1]
+    groups = k_panels.shape[2] // 64
+    accs = aligned_empty(TILE_ROWS, 16 * groups, np.int32)
+    scores = np.empty((_SOFTMAX_ROWS, n_tokens), np.float32)
+    a, panel, coff = q_quads[t], k_panels[t], k_offset[t]
+    for m0 in range(0, n_tokens, _SOFTMAX_ROWS):
+        m1 = min(n_tokens, m0 + _SOFTMAX_ROWS)
+        for m in range(m0, m1, TILE_ROWS):
+            rows = min(TILE_ROWS, m1 - m)
+            dot4_rows(a, m, rows, panel, groups, accs, False)
+            for r in range(rows):
+                acc, srow = accs[r], scores[m - m0 + r]
+                for j in range(n_tokens):
+                    srow[j] = np.float32(coff[j] + acc[j]) * s1 * s2      # kernels.int8.dot4_bmm's epilogue
+        r0 = t * n_tokens + m0
+        softmax_exp_rows(scores, e[r0:r0 + m1 - m0], inv_sums[r0:r0 + m1 - m0], 0, m1 - m0)
+
+
 @njit(parallel=True, cache=True)
-def attention_products(q_quads, k_panels, k_offset, s_qk, inv_sqrt_d, scores):
-    """scores [B*H, N, N] = float32(Q_levels K_levels^T) * s_qk * (1 / sqrt d), one task per head."""
-    for t in prange(scores.shape[0]):
-        dot4_bmm_rows(q_quads, k_panels, k_offset, s_qk, inv_sqrt_d, t, scores)
+def attention_softmax(q_quads, k_panels, k_offset, s_qk, inv_sqrt_d, e, inv_sums):
+    """The first pass of ops' float32 softmax (numerics.softmax_exp_rows) on the scores
+    float32(Q_levels K_levels^T) * s_qk * (1 / sqrt d) (kernels.int8.dot4_bmm's product and epilogue, one
+    task per head), each block of score rows taken into the softmax while in L1; the scores are never
+    stored. e [B*H*N, N] = float32(exp(x - max x)), inv_sums [B*H*N] float64 = 1 / the row's sum. The
+    probabilities are float32(e * inv_sum) (probability_codes); their largest value in a row is
+    float32(inv_sum), since exp(0) = 1 and e <= 1 elsewhere, so the whole tensor's maximum, which the
+    8-bit scale needs, is float32(max inv_sums) with no pass over the probabilities."""
+    for t in prange(q_quads.shape[0]):
+        _attention_softmax_head(q_quads, k_panels, k_offset, s_qk, inv_sqrt_d, t, e, inv_sums)
 
 
 @njit(parallel=True, cache=True)
@@ -324,7 +342,6 @@ def tervit_blocks(stream, blocks, cfg, n_images, inv_sqrt_d):
     k_offset = np.empty((BH, N), np.int64)
     v_panels = aligned_empty(BH * -(-N // 4), 4 * padded_columns(d), np.int8).reshape(BH, -(-N // 4), -1)
     a_raw = np.empty((BH * N, 4 * -(-N // 4)), np.uint8)
-    scores = np.empty((BH, N, N), _F32)
     exps, inv_sums = np.empty((BH * N, N), _F32), np.empty(BH * N)
     o = np.empty((M, D), _F32)
 
@@ -344,8 +361,7 @@ def tervit_blocks(stream, blocks, cfg, n_images, inv_sqrt_d):
         qkv, absmax = blk["attn.qkv"].with_stats(x_quads, signed_codes(h, x_raw), LINEAR_QKV_ABSMAX)
         s_q, s_k, s_v = (minmax_scale(m, True)[0] for m in absmax)
         qkv_operands(qkv, N, H, np.array([s_q, s_k, s_v], _F32), q_raw, k_panels, k_offset, v_panels)
-        attention_products(q_raw.view(np.uint32), k_panels, k_offset, s_q * s_k, inv_sqrt_d, scores)
-        softmax_exp(scores.reshape(BH * N, N), exps, inv_sums)                 # ops.softmax_forward, fused
+        attention_softmax(q_raw.view(np.uint32), k_panels, k_offset, s_q * s_k, inv_sqrt_d, exps, inv_sums)
         s_a, _ = minmax_scale((np.float32(0), np.float32(inv_sums.max())), False)  # with the codes of its
         probability_codes(exps, inv_sums, s_a, a_raw)                              # probabilities (>= 0)
         attention_values(a_raw.view(np.uint32).reshape(BH, N, -1), v_panels, s_a * s_v, N, H, o)

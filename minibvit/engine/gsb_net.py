@@ -25,6 +25,26 @@ _F32 = np.float32
 _ROWS = 32  # rows per task of the row passes (their scratch is per task)
 
 
+@njit(inline="always")
+def _shifted_key_range(src, shift, y, lo, hi):
+    """(lo, hi) widened by the order keys of y = src - shift (float32 differences, y a scratch row)."""
+    n = y.shape[0]
+    for j in range(n):
+        y[j] = src[j] - shift[j]
+    y_keys = y.view(np.int32)
+    for j in range(n):
+        key = order_key(y_keys[j])
+        lo = min(lo, key)
+        hi = max(hi, key)
+    return lo, hi
+
+
+@njit(inline="always")
+def _float_range(keys):
+    """The float32 [2] (min, max) of per-task (lo, hi) order keys [tasks, 2]."""
+    return np.array([order_key(keys[:, 0].min()), order_key(keys[:, 1].max())], np.int32).view(np.float32)
+
+
 @njit(parallel=True, cache=True)
 def softmax_biased_max(scores, table, bias, n_heads, probs, row_max):
     """The attention probabilities of the binary scores [B*H*N, N] (int32) into probs (float32; the
@@ -72,22 +92,15 @@ def pack_qk_value_range(qkv, n_batch, n_tokens, n_heads, centres, shifts, qk_bit
         hd = h * d
         shift = v_shift[h]
         y = np.empty(d, np.float32)
-        y_keys = y.view(np.int32)
         lo, hi = np.int32(0x7FFFFFFF), np.int32(-0x80000000)
         for n in range(n_tokens):
             row = qkv[b * n_tokens + n]
             r = task * n_tokens + n
             for t in range(2):
                 _pack_signed_row(row[t * dim + hd:t * dim + hd + d], centres[t, r], shifts[t], qk_bits[t, task, n])
-            for j in range(d):
-                y[j] = row[2 * dim + hd + j] - shift[j]
-            for j in range(d):
-                key = order_key(y_keys[j])
-                lo = min(lo, key)
-                hi = max(hi, key)
+            lo, hi = _shifted_key_range(row[2 * dim + hd:2 * dim + hd + d], shift, y, lo, hi)
         keys[task, 0], keys[task, 1] = lo, hi
-    lo, hi = keys[:, 0].min(), keys[:, 1].max()
-    return np.array([order_key(lo), order_key(hi)], np.int32).view(np.float32)
+    return _float_range(keys)
 
 
 @njit(parallel=True, cache=True)
@@ -157,18 +170,11 @@ def value_min_max(qkv, n_heads, v_shift):
     for task in prange(tasks):
         lo, hi = np.int32(0x7FFFFFFF), np.int32(-0x80000000)
         y = np.empty(dim, np.float32)
-        y_keys = y.view(np.int32)
         for r in range(task * _ROWS, min(rows, (task + 1) * _ROWS)):
             row = qkv[r]
-            for c in range(dim):
-                y[c] = row[2 * dim + c] - shift[c]
-            for c in range(dim):
-                key = order_key(y_keys[c])
-                lo = min(lo, key)
-                hi = max(hi, key)
+            lo, hi = _shifted_key_range(row[2 * dim:], shift, y, lo, hi)
         keys[task, 0], keys[task, 1] = lo, hi
-    lo, hi = keys[:, 0].min(), keys[:, 1].max()
-    return np.array([order_key(lo), order_key(hi)], np.int32).view(np.float32)
+    return _float_range(keys)
 
 
 @njit(parallel=True, cache=True)
